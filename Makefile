@@ -1,0 +1,27 @@
+# One place for the commands the README quotes.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+export OMP_NUM_THREADS ?= 2
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup test train bench clean
+
+# torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
+# deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
+setup:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+
+test: setup
+	WANDB_MODE=disabled $(PYTHON) -m pytest tests -q
+
+train: setup
+	$(PYTHON) -m longnet_dist.train
+
+bench: setup
+	$(PYTHON) benchmarks/attention.py
+
+clean:
+	rm -rf outputs .pytest_cache build *.egg-info
