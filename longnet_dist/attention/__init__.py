@@ -1,1 +1,11 @@
+"""Floor 2: LongNet dilated attention (kernels, one-device algorithm, sequence-parallel sharding)."""
+from .functional import dilated_attention
+from .kernels import BACKENDS, attention_backward, attention_forward, select_backend
+from .module import DilatedAttention
+from .rotary import apply_rotary
+from .sharding import check_sequence_parallel_config, segment_spans, spanning_ranks
 
+__all__ = [
+    "BACKENDS", "DilatedAttention", "apply_rotary", "attention_backward", "attention_forward",
+    "check_sequence_parallel_config", "dilated_attention", "segment_spans", "select_backend", "spanning_ranks",
+]

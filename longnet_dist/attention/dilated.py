@@ -1,0 +1,140 @@
+"""LongNet dilated attention (paper Eq. 9-15): sparsify -> per-branch flash kernel -> LSE merge.
+
+Forward, per branch (w_i, r_i): gather the branch's rows of q, k, v into a batch of short sequences
+(layout.py), run a kernel that returns output and log-sum-exp (kernels.py), and merge it into the
+running mixture by log-sum-exp (merge.py, Eq. 9-10). Nothing of size N x N or w x w is ever built.
+
+Backward is exact and needs no gradient through the lse: the merged output is one softmax over the
+multiset of all keys the branches give a query, so each branch's gradient is the standard attention
+backward run with the *merged* output and the *merged* lse (the ring-attention identity). Each branch
+re-gathers its rows (cheap, memory-bound) instead of keeping sparse copies alive between passes.
+
+A branch is any object with `prefetch(inputs)`, `forward(inputs, merger)` and
+`backward(inputs, merged, grads)`; `LocalBranch` runs on one device, the sequence-parallel module
+adds one whose segments span several ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .kernels import attention_backward, attention_forward, lse_dtype
+from .layout import BranchLayout, branch_layout, to_rows
+from .merge import BranchMerger
+
+
+@dataclass
+class AttentionInputs:
+    """What every branch sees: this device's q, k, v as rows (B, N * H, D) and the settings."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    batch: int
+    seq_len: int
+    num_heads: int
+    key_padding_mask: Tensor | None  # (B, N) bool, True = real token
+    causal: bool
+    scale: float
+    backend: str | None
+
+
+@dataclass
+class MergedRows:
+    """The merged forward result, as rows, and the gradient arriving at it (backward only)."""
+
+    grad_out: Tensor  # (B, N * H, D) in the input dtype, 0 at padded queries
+    out: Tensor       # (B, N * H, D) merged output in the input dtype
+    lse: Tensor       # (B, N * H) merged lse; +inf where a row carries no gradient
+
+
+class Branch(Protocol):
+    def prefetch(self, inputs: AttentionInputs) -> None: ...
+    def forward(self, inputs: AttentionInputs, merger: BranchMerger) -> None: ...
+    def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None: ...
+
+
+class LocalBranch:
+    """One (segment length, dilation) branch computed entirely on this device."""
+
+    def __init__(self, segment_length: int, dilation: int):
+        self.segment_length, self.dilation = segment_length, dilation
+
+    def layout(self, inputs: AttentionInputs) -> BranchLayout:
+        return branch_layout(inputs.seq_len, inputs.num_heads, self.segment_length, self.dilation, inputs.q.device)
+
+    def prefetch(self, inputs: AttentionInputs) -> None:
+        """Nothing to fetch: every row this branch needs is local."""
+
+    def forward(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
+        layout = self.layout(inputs)
+        q, k, v = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v))  # (B * n_seg, m, H, D)
+        out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
+                                     key_valid=layout.key_valid(inputs.key_padding_mask, inputs.causal, inputs.batch),
+                                     backend=inputs.backend)
+        merger.add(layout.scatter_index, layout.sparse_to_rows(out, inputs.batch),
+                   layout.sparse_to_rows(lse, inputs.batch))
+
+    def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
+        layout = self.layout(inputs)
+        q, k, v, grad_out, out = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v,
+                                                              merged.grad_out, merged.out))
+        lse = layout.gather(merged.lse)                                   # (B * n_seg, m, H)
+        if not layout.all_valid:                                          # invalid query slots: no gradient
+            lse = lse.masked_fill(~layout.slot_valid(inputs.batch), float("inf"))
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, causal=inputs.causal, scale=inputs.scale,
+                                        key_valid=layout.key_valid(inputs.key_padding_mask, inputs.causal, inputs.batch),
+                                        backend=inputs.backend)
+        for total, part in zip(grads, (dq, dk, dv)):
+            total.index_add_(1, layout.scatter_index, layout.sparse_to_rows(part, inputs.batch).to(total.dtype))
+
+
+def run_branches_forward(inputs: AttentionInputs, branches: Sequence[Branch]) -> tuple[Tensor, Tensor]:
+    """Merged output (B, N * H, D) in the input dtype, 0 at padded and uncovered rows, and lse (B, N * H)."""
+    for branch in branches:  # start every communication before any compute (overlap)
+        branch.prefetch(inputs)
+    merger = BranchMerger(inputs.batch, inputs.seq_len * inputs.num_heads, inputs.q.shape[-1],
+                          lse_dtype(inputs.q.dtype), inputs.q.device)
+    for branch in branches:
+        branch.forward(inputs, merger)
+    out, lse = merger.result()
+    if inputs.key_padding_mask is not None:  # padded queries output 0 and carry no gradient
+        real = inputs.key_padding_mask.repeat_interleave(inputs.num_heads, dim=1)  # (B, N * H)
+        out = out * real.unsqueeze(-1)
+        lse = lse.masked_fill(~real, float("inf"))
+    return out.to(inputs.q.dtype), lse
+
+
+def run_branches_backward(inputs: AttentionInputs, branches: Sequence[Branch], merged: MergedRows) -> list[Tensor]:
+    """Gradients (dq, dk, dv) as rows (B, N * H, D) in the input dtype."""
+    acc = lse_dtype(inputs.q.dtype)
+    # one spare row at the end absorbs scatters from invalid slots
+    grads = [torch.zeros(inputs.batch, inputs.q.shape[1] + 1, inputs.q.shape[2], dtype=acc, device=inputs.q.device)
+             for _ in range(3)]
+    for branch in branches:
+        branch.backward(inputs, merged, grads)
+    return [g[:, :-1].to(inputs.q.dtype) for g in grads]
+
+
+class _DilatedAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, branches, causal, scale, backend):
+        B, N, H, D = q.shape
+        inputs = AttentionInputs(to_rows(q), to_rows(k), to_rows(v), B, N, H, key_padding_mask, causal, scale, backend)
+        out, lse = run_branches_forward(inputs, branches)
+        ctx.save_for_backward(inputs.q, inputs.k, inputs.v, out, lse, key_padding_mask)
+        ctx.settings = (branches, B, N, H, causal, scale, backend)
+        return out.view(B, N, H, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        branches, B, N, H, causal, scale, backend = ctx.settings
+        inputs = AttentionInputs(q, k, v, B, N, H, key_padding_mask, causal, scale, backend)
+        merged = MergedRows(to_rows(grad_out.to(q.dtype)), out, lse)
+        dq, dk, dv = run_branches_backward(inputs, branches, merged)
+        shape = (B, N, H, q.shape[-1])
+        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None

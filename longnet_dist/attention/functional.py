@@ -1,0 +1,34 @@
+"""The public function: LongNet dilated attention on one device or sharded over a sequence group."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from .checks import check_branches, check_qkv, check_scale
+from .dilated import LocalBranch, _DilatedAttentionFunction
+from .kernels import select_backend
+
+
+def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                      *, causal: bool = False, key_padding_mask: Tensor | None = None, scale: float | None = None,
+                      sequence_group=None, backend: str | None = None) -> Tensor:
+    """Dilated attention (LongNet, Eq. 9-15) of q, k, v (B, N, H, D); returns (B, N, H, D).
+
+    Branch i keeps, in every segment of `segment_lengths[i]` rows, every `dilation_rates[i]`-th row,
+    starting at offset h mod r for head h; branches are mixed by their softmax denominators.
+    `key_padding_mask` (B, N) bool marks real tokens (True); padded queries output 0. `scale`
+    defaults to head_dim ** -0.5. With `sequence_group` (a `longnet_dist.distributed.SequenceGroup`
+    of size P), q, k, v are this rank's contiguous shard of a sequence of P * N rows and the result
+    is this rank's shard of the single-device result. `backend` forces a kernel (see kernels.py).
+    """
+    segment_lengths, dilation_rates = check_branches(segment_lengths, dilation_rates)
+    check_qkv(q, k, v, key_padding_mask)
+    scale = check_scale(scale, q.shape[-1])
+    select_backend(q, backend)  # validates a forced backend before any work
+    if sequence_group is None or sequence_group.size == 1:
+        branches = [LocalBranch(w, r) for w, r in zip(segment_lengths, dilation_rates)]
+    else:
+        from .sequence_parallel import plan_branches  # floor 2 -> floor 1 only when sharding is asked for
+        branches = plan_branches(q.shape[1], segment_lengths, dilation_rates, sequence_group)
+    return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale, backend)

@@ -1,0 +1,44 @@
+"""Mixing branches by their softmax denominators (paper Eq. 9-10), one branch at a time.
+
+    out(p) = sum_i exp(lse_i(p) - LSE(p)) * o_i(p),    LSE(p) = logsumexp_i lse_i(p)       (Eq. 10)
+
+The running state keeps, per row (position, head), the output normalised over the branches seen so
+far and their joint log-sum-exp; adding a branch is the online-softmax update. Rows no branch
+covers keep lse = -inf and output 0. All in float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class BranchMerger:
+    """Accumulates branch outputs (Eq. 9-10) into dense rows (B, N * H + 1, D); the last row is a spare
+    that swallows invalid slots, so scatters need no masking."""
+
+    def __init__(self, batch: int, rows: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.rows = rows
+        self.out = torch.zeros(batch, rows + 1, head_dim, dtype=dtype, device=device)
+        self.lse = torch.full((batch, rows + 1), float("-inf"), dtype=dtype, device=device)
+        self._empty = True
+
+    def add(self, index: Tensor, out: Tensor, lse: Tensor) -> None:
+        """Merge one branch: `index` (S,) rows, `out` (B, S, D), `lse` (B, S) for those rows."""
+        out, lse = out.to(self.out.dtype), lse.to(self.lse.dtype)
+        if self._empty:  # first branch: nothing to mix with
+            self.out.index_copy_(1, index, out)
+            self.lse.index_copy_(1, index, lse)
+            self._empty = False
+            return
+        prev_lse = self.lse.index_select(1, index)                      # (B, S)
+        new_lse = torch.logaddexp(prev_lse, lse)                         # Eq. 10, LSE over branches so far
+        finite = torch.where(torch.isfinite(new_lse), new_lse, torch.zeros_like(new_lse))
+        keep = torch.exp(prev_lse - finite).unsqueeze(-1)                # weight of the branches merged before
+        take = torch.exp(lse - finite).unsqueeze(-1)                     # Eq. 9: s_i / sum_j s_j
+        mixed = self.out.index_select(1, index) * keep + out * take
+        self.out.index_copy_(1, index, mixed)
+        self.lse.index_copy_(1, index, new_lse)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """(out (B, N * H, D), lse (B, N * H)) without the spare row."""
+        return self.out[:, : self.rows], self.lse[:, : self.rows]
