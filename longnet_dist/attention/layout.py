@@ -79,10 +79,18 @@ class BranchLayout:
         rows = position * self.num_heads + heads
         return torch.where(valid, rows, torch.full_like(rows, self.seq_len * self.num_heads)).reshape(-1)
 
+    @property
+    def is_dense(self) -> bool:
+        """r = 1 and whole segments: the sparse batch is just a reshape of the rows, no copy."""
+        return self.dilation == 1 and self.seq_len % self.effective_segment == 0
+
     def gather(self, rows: Tensor) -> Tensor:
         """(B, N * H [+ 1], ...) rows -> (B * n_seg, m, H, ...) sparse batch of this branch."""
         batch = rows.shape[0]
-        picked = rows.index_select(1, self.gather_index)               # (B, n_seg * m * H, ...)
+        if self.is_dense:
+            picked = rows[:, : self.seq_len * self.num_heads]
+        else:
+            picked = rows.index_select(1, self.gather_index)           # (B, n_seg * m * H, ...)
         return picked.reshape(batch * self.num_segments, self.slots, self.num_heads, *rows.shape[2:])
 
     def sparse_to_rows(self, sparse: Tensor, batch: int) -> Tensor:
