@@ -44,6 +44,13 @@ CASES = {
     "sp4_causal_mask_fp32": dict(FIVE_BRANCHES, causal=True, mask=True, dtype=torch.float32),
     "dp2sp2_noncausal_mask": dict(PAIR_BRANCHES, causal=False, mask=True, dtype=torch.float64),
     "dp2sp2_causal_mask": dict(PAIR_BRANCHES, causal=True, mask=True, dtype=torch.float64),
+    # r = 3 and 6 do not divide l = 16 (nor w = 32, 64): ranks hold ceil(16/r) slots, some of them
+    # empty, whose validity travels with K/V; head offsets continue across rank boundaries.
+    "sp4_rates_not_dividing_shard": dict(sp=4, batch=1, local_len=16, heads=4, head_dim=8, segs=[8, 32, 64],
+                                         rates=[1, 3, 6], causal=True, mask=False, dtype=torch.float64),
+    "sp4_rates_not_dividing_shard_noncausal": dict(sp=4, batch=1, local_len=16, heads=4, head_dim=8,
+                                                   segs=[8, 32, 64], rates=[1, 3, 6], causal=False, mask=True,
+                                                   dtype=torch.float64),
     "doubling_N64_P2": dict(DOUBLING, sp=2),
     "doubling_N128_P4": dict(DOUBLING, sp=4),
 }
@@ -189,10 +196,13 @@ def _expected_volume(case: dict, sp_rank: int):
                        segment_lengths=case["segs"], dilation_rates=case["rates"], key_padding_mask=case["mask"])
 
 
-def _spanning_segments(case: dict, sp_rank: int) -> int:
-    """How many branches put this rank in a segment of >= 2 ranks (= collectives per pass)."""
-    seq_len, sp = case["local_len"] * case["sp"], case["sp"]
-    return sum(1 for w in case["segs"] if sequence_parallel.segment_span(seq_len, sp, sp_rank, w)[1] > 1)
+def _spanning_segments(case: dict, sp_rank: int) -> tuple[int, int]:
+    """(branches that put this rank in a segment of >= 2 ranks = K/V collectives per pass, those of
+    them that also gather key validity: with a mask, or when r does not divide l)."""
+    seq_len, sp, local = case["local_len"] * case["sp"], case["sp"], case["local_len"]
+    spanning = [r for w, r in zip(case["segs"], case["rates"])
+                if sequence_parallel.segment_span(seq_len, sp, sp_rank, w)[1] > 1]
+    return len(spanning), sum(1 for r in spanning if case["mask"] or local % r)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -203,16 +213,16 @@ def test_bytes_per_rank_equal_the_formula(rank_results, name):
     for result in rank_results:
         seen = result[name]
         volume = _expected_volume(case, seen["sp_rank"])
-        spanning = _spanning_segments(case, seen["sp_rank"])
-        gathers = spanning * (2 if case["mask"] else 1)
+        spanning, with_validity = _spanning_segments(case, seen["sp_rank"])
+        gathers = spanning + with_validity
         assert seen["forward"]["total"] == (volume.forward, volume.forward, gathers)
         assert seen["backward"]["total"] == (volume.backward_kv, volume.backward_kv, spanning)
         forward_tags, backward_tags = seen["forward"]["tags"], seen["backward"]["tags"]
         if spanning:
             assert forward_tags[FORWARD_KV_TAG] == (volume.forward_kv, volume.forward_kv, spanning)
             assert backward_tags[BACKWARD_KV_TAG] == (volume.backward_kv, volume.backward_kv, spanning)
-        if spanning and case["mask"]:
-            assert forward_tags[FORWARD_MASK_TAG] == (volume.forward_mask, volume.forward_mask, spanning)
+        if with_validity:
+            assert forward_tags[FORWARD_MASK_TAG] == (volume.forward_mask, volume.forward_mask, with_validity)
 
 
 def test_bytes_by_hand_and_independent_of_n(rank_results):

@@ -61,7 +61,6 @@ def test_causal_key_parts():
 
 
 @pytest.mark.parametrize("local_len, segs, rates, sp, words", [
-    (12, [36], [8], 4, ["dilation rate 8", "per-rank shard of 12", "multiple of 8"]),
     (16, [12], [1], 2, ["segment length 12", "does not tile", "16"]),
     (16, [24], [1], 4, ["segment length 24", "not a multiple of the per-rank shard of 16"]),
     (16, [32, 16], [2], 2, ["same length"]),

@@ -82,9 +82,7 @@ class LocalBranch:
         layout = self.layout(inputs)
         q, k, v, grad_out, out = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v,
                                                               merged.grad_out, merged.out))
-        lse = layout.gather(merged.lse)                                   # (B * n_seg, m, H)
-        if not layout.all_valid:                                          # invalid query slots: no gradient
-            lse = lse.masked_fill(~layout.slot_valid(inputs.batch), float("inf"))
+        lse = layout.gather_lse(merged.lse, inputs.batch)                # (B * n_seg, m, H)
         dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, causal=inputs.causal, scale=inputs.scale,
                                         key_valid=layout.key_valid(inputs.key_padding_mask, inputs.causal, inputs.batch),
                                         backend=inputs.backend)

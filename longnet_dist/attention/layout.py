@@ -29,6 +29,11 @@ class BranchLayout:
     segment_length: int
     dilation: int
     device: torch.device = torch.device("cpu")
+    phase: int = 0  # row 0 lies `phase` rows into its segment (a shard of a longer segment); one segment only
+
+    def __post_init__(self):
+        if self.phase and self.num_segments != 1:
+            raise ValueError(f"phase {self.phase} needs a single segment, got {self.num_segments}")
 
     @property
     def effective_segment(self) -> int:
@@ -48,7 +53,7 @@ class BranchLayout:
         w, r, H = self.effective_segment, self.dilation, self.num_heads
         start = torch.arange(self.num_segments, device=self.device).view(-1, 1, 1) * w  # (n_seg, 1, 1)
         step = torch.arange(self.slots, device=self.device).view(1, -1, 1) * r          # (1, m, 1)
-        offset = torch.arange(H, device=self.device).view(1, 1, -1) % r                 # (1, 1, H): s = h mod r
+        offset = (torch.arange(H, device=self.device).view(1, 1, -1) % r - self.phase) % r  # (1, 1, H): s = h mod r
         in_segment = offset + step                                                       # (1, m, H)
         position = start + in_segment                                                    # (n_seg, m, H)
         valid = (in_segment < w) & (position < self.seq_len)
@@ -97,6 +102,11 @@ class BranchLayout:
         """(B * n_seg, m, H, ...) -> (B, n_seg * m * H, ...), aligned with scatter_index."""
         return sparse.reshape(batch, -1, *sparse.shape[3:])
 
+    def gather_lse(self, lse_rows: Tensor, batch: int) -> Tensor:
+        """(B, N * H) merged lse -> (B * n_seg, m, H), +inf at invalid slots: they carry no gradient."""
+        lse = self.gather(lse_rows)
+        return lse if self.all_valid else lse.masked_fill(~self.slot_valid(batch), float("inf"))
+
     def slot_valid(self, batch: int) -> Tensor:
         """(B * n_seg, m, H) bool: `valid`, repeated for every batch element."""
         return self.valid.unsqueeze(0).expand(batch, -1, -1, -1).reshape(-1, self.slots, self.num_heads)
@@ -122,6 +132,6 @@ def to_rows(x: Tensor) -> Tensor:
 
 @lru_cache(maxsize=256)
 def branch_layout(seq_len: int, num_heads: int, segment_length: int, dilation: int,
-                  device: torch.device) -> BranchLayout:
+                  device: torch.device, phase: int = 0) -> BranchLayout:
     """Layouts are reused across calls and layers (their index tensors are built once)."""
-    return BranchLayout(seq_len, num_heads, segment_length, dilation, device)
+    return BranchLayout(seq_len, num_heads, segment_length, dilation, device, phase)

@@ -6,9 +6,10 @@ w > l (w capped at N) spans G = w/l ranks, and the ranks of one segment, sp rank
 [first, first + count) with first = (j // G) * G and count = min(G, P - first) (the last segment may
 be ragged over ranks), form a subgroup:
 
-- This rank's rows of that branch are exactly a one-segment `BranchLayout(l, H, l, r)` of its shard:
-  the segment starts a multiple of l (so of r) rows earlier, hence head h keeps the local rows
-  s + k*r, s = h mod r (Eq. 13-15), all of them real.
+- This rank's rows of that branch are a one-segment `BranchLayout(l, H, l, r, phase)` of its shard:
+  the segment starts (j - first) * l rows earlier, so head h keeps the local rows p with
+  (p + phase) % r == h mod r (Eq. 13-15), phase = (j - first) * l mod r. Every rank uses
+  ceil(l/r) slots; when r does not divide l some are empty, and their key validity travels with K/V.
 - `prefetch` sparsifies the local K and V FIRST (l/r rows per head), then starts one async
   all-gather of them (and of the sparse key-padding validity, when a mask is given) inside the
   segment subgroup only. Queries never move.
@@ -22,7 +23,8 @@ be ragged over ranks), form a subgroup:
 
 Bytes per rank and spanning branch (count > 1), per call, with el = element size of q:
     forward  K/V : sent = received = (count - 1) * 2 * B * (l/r) * H * D * el   (~ 2 (w/r) H D el)
-    forward mask : sent = received = (count - 1) * B * (l/r) * H                 (uint8; only with a mask)
+    forward mask : sent = received = (count - 1) * B * (l/r) * H    (uint8; with a mask, or when r does not divide l)
+(l/r rounded up when r does not divide l.)
     backward dK/dV (reduce-scatter): the same as forward K/V.
 `comm_volume` computes exactly this; tests compare it with the measured `comm_stats()` by tag.
 """
@@ -66,7 +68,8 @@ class SpanningBranch:
 
     def layout(self, inputs: AttentionInputs) -> BranchLayout:
         """This rank's rows of the branch: one segment of the whole shard, every r-th row per head."""
-        return branch_layout(inputs.seq_len, inputs.num_heads, inputs.seq_len, self.dilation, inputs.q.device)
+        phase = (self.subgroup.rank * inputs.seq_len) % self.dilation  # rows since the segment start, mod r
+        return branch_layout(inputs.seq_len, inputs.num_heads, inputs.seq_len, self.dilation, inputs.q.device, phase)
 
     def key_parts(self, slots: int, causal: bool) -> list[tuple[slice, bool]]:
         """(slice of gathered key slots, causal?) that the local queries attend; `slots` = l/r per rank."""
@@ -83,6 +86,8 @@ class SpanningBranch:
         kv = torch.stack([layout.gather(inputs.k), layout.gather(inputs.v)])  # (2, B, l/r, H, D)
         self._pending_kv = all_gather_tensor_async(kv, 2, self.subgroup, tag=FORWARD_KV_TAG)
         key_valid = layout.key_valid(inputs.key_padding_mask, False, inputs.batch)  # (B, l/r, H) or None
+        if key_valid is None and inputs.seq_len % self.dilation != 0:  # other ranks have empty slots: all send
+            key_valid = layout.slot_valid(inputs.batch)
         self._pending_key_valid = None
         if key_valid is not None:  # gloo has no bool collectives: one byte per flag
             self._pending_key_valid = all_gather_tensor_async(key_valid.to(torch.uint8), 1, self.subgroup,
@@ -107,7 +112,7 @@ class SpanningBranch:
     def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[torch.Tensor]) -> None:
         layout = self.layout(inputs)
         q, grad_out, out = (layout.gather(x) for x in (inputs.q, merged.grad_out, merged.out))  # (B, l/r, H, D)
-        lse = layout.gather(merged.lse)                                       # (B, l/r, H)
+        lse = layout.gather_lse(merged.lse, inputs.batch)                    # (B, l/r, H), +inf at empty slots
         k, v = self.gathered_kv
         d_kv = torch.zeros_like(self.gathered_kv)                            # (2, B, count * l/r, H, D)
         dq = torch.zeros(q.shape, dtype=lse_dtype(q.dtype), device=q.device)
@@ -188,9 +193,9 @@ def comm_volume(*, batch: int, local_len: int, sp_size: int, sp_rank: int, num_h
         if sp_size == 1 or spanning_ranks(seq_len, sp_size, w) == 1:
             continue
         _, count = segment_span(seq_len, sp_size, sp_rank, w)
-        flags = batch * (local_len // r) * num_heads        # sparse rows this rank contributes
+        flags = batch * -(-local_len // r) * num_heads       # sparse slots this rank contributes: ceil(l/r) per head
         kv += (count - 1) * 2 * flags * head_dim * element_size
-        mask += (count - 1) * flags if key_padding_mask else 0
+        mask += (count - 1) * flags if key_padding_mask or local_len % r else 0
     return CommVolume(forward_kv=kv, forward_mask=mask, backward_kv=kv)
 
 

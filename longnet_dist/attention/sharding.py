@@ -31,7 +31,7 @@ def check_sequence_parallel_config(seq_len: int, sp_size: int, segment_lengths: 
     if sp_size == 1:
         return
     local = seq_len // sp_size
-    for w, r in zip(segment_lengths, dilation_rates):
+    for w in segment_lengths:
         w_eff = min(w, seq_len)
         if w_eff <= local and local % w_eff != 0:
             raise ValueError(f"segment length {w} does not tile the per-rank shard of {local} rows "
@@ -40,10 +40,6 @@ def check_sequence_parallel_config(seq_len: int, sp_size: int, segment_lengths: 
         if w_eff > local and w_eff % local != 0:
             raise ValueError(f"segment length {w} spans ranks but is not a multiple of the per-rank shard of {local} "
                              f"rows (seq_len {seq_len} / sp {sp_size}); use a multiple of {local}, or a divisor")
-        if w_eff > local and local % r != 0:
-            raise ValueError(f"dilation rate {r} (segment length {w}) does not divide the per-rank shard of {local} "
-                             f"rows (seq_len {seq_len} / sp {sp_size}): each rank must hold whole groups of r rows; "
-                             f"choose seq_len / sp as a multiple of {r}")
 
 
 def spanning_ranks(seq_len: int, sp_size: int, segment_length: int) -> int:
