@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test train bench clean
+.PHONY: setup test train bench clean slurm-up slurm-down
 
 # torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
@@ -24,4 +24,11 @@ bench: setup
 	$(PYTHON) benchmarks/attention.py
 
 clean:
-	rm -rf outputs .pytest_cache build *.egg-info
+	rm -rf outputs .pytest_cache build *.egg-info slurm-*.out slurm-*.err
+
+# a real one-node SLURM cluster on this machine (root, Debian): what tests/test_slurm.py uses
+slurm-up:
+	scripts/slurm_local.sh start
+
+slurm-down:
+	scripts/slurm_local.sh stop

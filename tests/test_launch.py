@@ -1,0 +1,98 @@
+"""launch/train.sh: the torchrun command it builds and the arguments that reach the trainer.
+
+PYTHON points at a stand-in interpreter that prints its argv as JSON, so these tests check the exact
+argument vector torchrun would receive (quoting included) without starting any training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+LAUNCHER = REPOSITORY / "launch" / "train.sh"
+LAUNCH_ENV_KEYS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "RDZV_ID", "MASTER_ADDR",
+                   "MASTER_PORT", "MAX_RESTARTS", "SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES", "SHUTDOWN_TIMEOUT")
+
+
+@pytest.fixture
+def echo_python(tmp_path) -> Path:
+    """An executable that prints argv[1:], the shutdown timeout and its SIGUSR1 disposition as JSON."""
+    script = tmp_path / "python"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, signal, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'shutdown_timeout': os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT'),\n"
+        "                  'usr1_ignored': signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}))\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def launch(echo_python: Path, *args: str, **env: str) -> tuple[dict, str]:
+    clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV_KEYS}
+    # PATH without nvidia-smi: the GPU count comes only from what each test sets.
+    clean.update(PYTHON=str(echo_python), PATH="/usr/bin:/bin", **env)
+    done = subprocess.run([str(LAUNCHER), *args], env=clean, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), done.stderr
+
+
+def torchrun_options(argv: list[str]) -> list[str]:
+    assert argv[:2] == ["-m", "torch.distributed.run"]
+    return argv[2:argv.index("longnet_dist.train") - 1]
+
+
+def test_overrides_pass_through_untouched_and_command_is_printed(echo_python):
+    overrides = ["model=tiny", "attention.segment_lengths=[64,128]", "trainer.output_dir=/tmp/a dir/with space",
+                 "+note='quoted value'", 'logger.name="x y"', "--cfg", "job"]
+    result, stderr = launch(echo_python, *overrides)
+    argv = result["argv"]
+    assert argv[argv.index("longnet_dist.train") + 1:] == overrides
+    assert torchrun_options(argv) == ["--nnodes", "1", "--nproc-per-node", "1", "--max-restarts", "0", "--standalone"]
+    printed = stderr.strip().splitlines()[-1]
+    assert printed.startswith("+ ") and shlex.split(printed[2:]) == [str(echo_python), *argv]
+    assert result["shutdown_timeout"] == "300" and result["usr1_ignored"]
+
+
+def test_flags_and_environment_choose_processes_and_rendezvous(echo_python):
+    result, _ = launch(echo_python, "--nproc-per-node", "3", "--max-restarts", "2", "--", "--nnodes=7")
+    assert torchrun_options(result["argv"])[:6] == ["--nnodes", "1", "--nproc-per-node", "3", "--max-restarts", "2"]
+    assert result["argv"][-1] == "--nnodes=7"  # after `--` everything belongs to the trainer
+
+    result, _ = launch(echo_python, NNODES="4", RDZV_ENDPOINT="node01:29400", RDZV_ID="job7", SLURM_GPUS_ON_NODE="8")
+    assert torchrun_options(result["argv"]) == [
+        "--nnodes", "4", "--nproc-per-node", "8", "--max-restarts", "0",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node01:29400", "--rdzv-id", "job7"]
+
+    result, _ = launch(echo_python, "--node-rank", "1", NNODES="2", MASTER_ADDR="10.0.0.1", MASTER_PORT="1234",
+                       CUDA_VISIBLE_DEVICES="0,1,2,3")
+    assert torchrun_options(result["argv"]) == [
+        "--nnodes", "2", "--nproc-per-node", "4", "--max-restarts", "0",
+        "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "1234"]
+
+    result, _ = launch(echo_python, NPROC_PER_NODE="2", SLURM_GPUS_ON_NODE="8", SHUTDOWN_TIMEOUT="60")
+    assert torchrun_options(result["argv"])[3] == "2" and result["shutdown_timeout"] == "60"
+
+
+@pytest.mark.parametrize("args,env,message", [
+    ((), {"NNODES": "2"}, "NNODES=2 needs a rendezvous"),
+    (("--nproc-per-node", "two"), {}, "NPROC_PER_NODE must be a non-negative integer, got 'two'"),
+    ((), {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS must be a non-negative integer, got '-1'"),
+])
+def test_bad_launcher_settings_fail_before_starting(echo_python, args, env, message):
+    clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV_KEYS}
+    done = subprocess.run([str(LAUNCHER), *args], env={**clean, "PYTHON": str(echo_python), **env},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and message in done.stderr and done.stdout == ""
+
+
+def test_launcher_is_executable_bash():
+    assert os.access(LAUNCHER, os.X_OK)
+    subprocess.run(["bash", "-n", str(LAUNCHER)], check=True)
