@@ -1,0 +1,53 @@
+"""`python -m longnet_dist.train` / `longnet-train`: Hydra entry point on configs/train.yaml.
+
+Examples (see docs/training.md):
+    python -m longnet_dist.train                                   # the default CPU demo run
+    python -m longnet_dist.train model=tiny data.seq_len=1024 trainer.max_steps=50 logger=none
+    torchrun --nproc_per_node 2 -m longnet_dist.train distributed.sequence_parallel_size=2 deepspeed=zero2
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+# configs/ sits at the repository root, beside the package (editable install or a source checkout).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+# Under torchrun only rank 0 writes Hydra's files (.hydra/, the job log) into the run directory; the
+# other ranks log warnings to the console only, write nothing, and take the run directory from rank 0.
+NON_ZERO_RANK_OVERRIDES = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout",
+                           "hydra.job_logging.root.level=WARNING")
+
+
+def _check_config_dir() -> None:
+    if not (CONFIG_DIR / "train.yaml").is_file():
+        sys.exit(f"longnet-train: no configs/train.yaml at {CONFIG_DIR}; install the package from a source "
+                 f"checkout with `pip install -e .` (configs/ lives at the repository root)")
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    # imported after Hydra has parsed the command line: `--help` stays fast
+    from .config import validate_config
+    from .trainer import train
+
+    try:
+        validate_config(cfg)
+    except ValueError as error:  # one line, no traceback: the message names the key and valid values
+        sys.exit(f"longnet-train: invalid config: {error}")
+    train(cfg)
+
+
+def main() -> None:
+    _check_config_dir()
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.argv.extend(NON_ZERO_RANK_OVERRIDES)  # last override wins over the user's
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The training config: key schema, start-up validation, and what it builds (model config, DeepSpeed dict).
+
+Values live in configs/ (Hydra groups); the dataclasses here only say which keys exist and their
+types, so a misspelt or mistyped key fails at start with a ValueError naming it. Every check here
+runs before any process group, data or model is touched.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from longnet_dist.attention import check_sequence_parallel_config
+from longnet_dist.distributed import valid_sequence_parallel_sizes
+from longnet_dist.model import LongNetConfig
+
+from .faults import check_nonfinite_policy
+
+TOP_LEVEL_KEYS = ("model", "attention", "data", "distributed", "deepspeed", "trainer", "logger", "resume")
+LOGGER_BACKENDS = ("wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+# DeepSpeed entries the trainer fills from trainer.* / data.* (one place for each value)
+TRAINER_OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "data.micro_batch_size x trainer.gradient_accumulation_steps x world size",
+    "train_micro_batch_size_per_gpu": "data.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.gradient_accumulation_steps",
+    "gradient_clipping": "trainer.grad_clip",
+    "optimizer": "trainer.lr / weight_decay / betas / eps / torch_adam",
+    "scheduler": "trainer.warmup_steps / min_lr_ratio / max_steps",
+}
+
+
+@dataclass
+class ModelSchema:
+    name: str = MISSING
+    dim: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    mlp: str = MISSING
+    mlp_hidden_dim: Optional[int] = MISSING
+    norm: str = MISSING
+    tie_embeddings: bool = MISSING
+    rotary_base: float = MISSING
+    activation_checkpointing: bool = MISSING
+    token_chunk_size: int = MISSING
+    init_std: float = MISSING
+
+
+@dataclass
+class AttentionSchema:
+    segment_lengths: list[int] = MISSING
+    dilation_rates: list[int] = MISSING
+    backend: Optional[str] = MISSING
+
+
+@dataclass
+class DataSchema:  # values: configs/data/ (the data package's keys)
+    source: str = MISSING
+    tokenizer: str = MISSING
+    cache_dir: Optional[str] = MISSING
+    val_fraction: float = MISSING
+    split_seed: int = MISSING
+    text_field: str = MISSING
+    seq_len: int = MISSING
+    micro_batch_size: int = MISSING
+    shuffle_seed: int = MISSING
+
+
+@dataclass
+class DistributedSchema:
+    sequence_parallel_size: int = MISSING
+    backend: Optional[str] = MISSING
+
+
+@dataclass
+class TrainerSchema:
+    max_steps: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    lr: float = MISSING
+    min_lr_ratio: float = MISSING
+    warmup_steps: int = MISSING
+    weight_decay: float = MISSING
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    grad_clip: float = MISSING
+    torch_adam: bool = MISSING
+    seed: int = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    eval_batches: int = MISSING
+    eval_position_buckets: int = MISSING
+    save_every: int = MISSING
+    keep_last_checkpoints: Optional[int] = MISSING
+    output_dir: str = MISSING
+    nonfinite_loss: str = MISSING
+    peak_flops: float = MISSING
+    progress_bar: bool = MISSING
+    num_threads: Optional[int] = MISSING
+
+
+@dataclass
+class LoggerSchema:
+    backend: str = MISSING
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    mode: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = MISSING
+
+
+SCHEMAS = {"model": ModelSchema, "attention": AttentionSchema, "data": DataSchema,
+           "distributed": DistributedSchema, "trainer": TrainerSchema, "logger": LoggerSchema}
+
+
+def _check_keys_and_types(cfg: DictConfig) -> None:
+    unknown = sorted(set(cfg.keys()) - set(TOP_LEVEL_KEYS))
+    missing = sorted(set(TOP_LEVEL_KEYS) - set(cfg.keys()))
+    if unknown or missing:
+        raise ValueError(f"config top-level keys: unknown {unknown}, missing {missing}; "
+                         f"expected {list(TOP_LEVEL_KEYS)}")
+    for group, schema in SCHEMAS.items():
+        section = cfg[group]
+        if not isinstance(section, DictConfig):
+            raise ValueError(f"config group {group!r} must be a mapping, got {section!r}")
+        valid = [f.name for f in fields(schema)]
+        extra = sorted(set(section.keys()) - set(valid))
+        if extra:
+            raise ValueError(f"unknown key(s) {[f'{group}.{k}' for k in extra]}; valid keys of {group}: {valid}")
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), section)
+            OmegaConf.to_container(section, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as error:
+            raise ValueError(f"bad value in config group {group!r}: {error}".replace("\n", " ")) from None
+
+
+def _positive(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def model_config(cfg: DictConfig, vocab_size: int) -> LongNetConfig:
+    """The LongNetConfig of `cfg.model` + `cfg.attention` for a vocabulary of `vocab_size` ids."""
+    model = cfg.model
+    return LongNetConfig(
+        vocab_size=vocab_size, dim=model.dim, num_layers=model.num_layers, num_heads=model.num_heads,
+        segment_lengths=list(cfg.attention.segment_lengths), dilation_rates=list(cfg.attention.dilation_rates),
+        mlp=model.mlp, mlp_hidden_dim=model.mlp_hidden_dim, norm=model.norm, tie_embeddings=model.tie_embeddings,
+        rotary_base=float(model.rotary_base), activation_checkpointing=model.activation_checkpointing,
+        attention_backend=cfg.attention.backend, token_chunk_size=model.token_chunk_size,
+        init_std=float(model.init_std),
+    )
+
+
+def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
+    """The dict for deepspeed.initialize: the `deepspeed` group plus the entries owned by trainer/data."""
+    ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    trainer = cfg.trainer
+    # Linear warmup from lr/warmup to lr, then cosine down to min_lr_ratio*lr at max_steps.
+    warmup = max(1, min(trainer.warmup_steps, trainer.max_steps))
+    ds.update({
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": trainer.gradient_accumulation_steps,
+        "gradient_clipping": float(trainer.grad_clip),
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": float(trainer.lr), "betas": [float(b) for b in trainer.betas], "eps": float(trainer.eps),
+            "weight_decay": float(trainer.weight_decay), "torch_adam": bool(trainer.torch_adam)}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": trainer.max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_ratio": 1.0 / warmup, "cos_min_ratio": float(trainer.min_lr_ratio)}},
+    })
+    return ds
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
+    """Raise one ValueError naming the bad key/value when `cfg` cannot run; no compute, no I/O."""
+    _check_keys_and_types(cfg)
+    world_size = world_size_from_env() if world_size is None else world_size
+    data, trainer, dist_cfg, attention = cfg.data, cfg.trainer, cfg.distributed, cfg.attention
+    sp = dist_cfg.sequence_parallel_size
+    _positive("distributed.sequence_parallel_size", sp)
+    if world_size % sp != 0:
+        raise ValueError(f"distributed.sequence_parallel_size={sp} does not divide the world size {world_size} "
+                         f"(processes launched); valid sizes: {valid_sequence_parallel_sizes(world_size)}")
+    check_sequence_parallel_config(data.seq_len, sp, list(attention.segment_lengths), list(attention.dilation_rates))
+    model_config(cfg, vocab_size=2)  # the model's own checks (dim/heads, mlp, norm, ...)
+    _positive("data.micro_batch_size", data.micro_batch_size)
+    for key in ("max_steps", "gradient_accumulation_steps", "warmup_steps", "log_every", "save_every",
+                "eval_batches", "eval_position_buckets"):
+        _positive(f"trainer.{key}", trainer[key])
+    _positive("trainer.eval_every", trainer.eval_every, minimum=0)
+    if trainer.keep_last_checkpoints is not None:
+        _positive("trainer.keep_last_checkpoints", trainer.keep_last_checkpoints)
+    if trainer.num_threads is not None:
+        _positive("trainer.num_threads", trainer.num_threads)
+    if not trainer.lr > 0 or not 0 <= trainer.min_lr_ratio <= 1 or trainer.weight_decay < 0 or trainer.grad_clip < 0:
+        raise ValueError(f"trainer.lr={trainer.lr} must be > 0, min_lr_ratio={trainer.min_lr_ratio} in [0, 1], "
+                         f"weight_decay={trainer.weight_decay} and grad_clip={trainer.grad_clip} >= 0")
+    if len(trainer.betas) != 2 or not all(0 <= b < 1 for b in trainer.betas):
+        raise ValueError(f"trainer.betas={list(trainer.betas)} must be two numbers in [0, 1)")
+    if not trainer.peak_flops > 0:
+        raise ValueError(f"trainer.peak_flops={trainer.peak_flops} must be > 0 (FLOP/s of one device, for MFU)")
+    check_nonfinite_policy(trainer.nonfinite_loss)
+    _validate_deepspeed(cfg.deepspeed)
+    _validate_logger(cfg.logger)
+    resume = cfg.resume
+    if resume is not None and resume != "auto" and not Path(str(resume)).exists():
+        raise ValueError(f"resume={resume!r}: no such path; use null (fresh start), 'auto' (latest complete "
+                         f"checkpoint of trainer.output_dir) or a checkpoint/run directory")
+
+
+def _validate_deepspeed(ds_cfg: DictConfig) -> None:
+    if not isinstance(ds_cfg, DictConfig):
+        raise ValueError(f"config group 'deepspeed' must be a mapping of DeepSpeed config entries, got {ds_cfg!r}")
+    clash = sorted(set(ds_cfg.keys()) & set(TRAINER_OWNED_DEEPSPEED_KEYS))
+    if clash:
+        where = "; ".join(f"deepspeed.{key} -> set {TRAINER_OWNED_DEEPSPEED_KEYS[key]}" for key in clash)
+        raise ValueError(f"the trainer fills these DeepSpeed entries itself: {where}")
+    stage = OmegaConf.select(ds_cfg, "zero_optimization.stage", default=0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+
+
+def _validate_logger(logger_cfg: DictConfig) -> None:
+    if logger_cfg.backend not in LOGGER_BACKENDS:
+        raise ValueError(f"logger.backend={logger_cfg.backend!r} is not one of {list(LOGGER_BACKENDS)}")
+    if logger_cfg.backend == "wandb" and logger_cfg.mode not in WANDB_MODES:
+        raise ValueError(f"logger.mode={logger_cfg.mode!r} is not one of {list(WANDB_MODES)}")

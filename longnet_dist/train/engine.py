@@ -1,0 +1,87 @@
+"""Process group and DeepSpeed engine set-up (every run uses DeepSpeed, a single process included)."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from longnet_dist.distributed import init_distributed
+
+
+def ensure_process_group(backend: str | None = None) -> None:
+    """Init the torchrun process group, or a world-1 group for a plain `python` run.
+
+    DeepSpeed needs an initialised group and LOCAL_RANK even for one process; without torchrun's
+    environment it would look for MPI instead.
+    """
+    init_distributed(backend)
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed's INFO lines and torch's collective deprecation warnings drown the training log."""
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(logging.WARNING)
+    deepspeed_logger.addFilter(lambda record: "before it has started" not in record.getMessage())  # see build_engine
+    logging.getLogger("compilers.C.base").setLevel(logging.WARNING)  # DeepSpeed's op probes compile test programs
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def _skip_shared_memory_allreduce_build() -> None:
+    """On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (about a minute) that only its
+    inference path uses; training reduces through torch.distributed (gloo), so mark it unavailable."""
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: matrices (matmul weights, embeddings) decay; norms and biases do not."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, ds_config: dict[str, Any]):
+    """deepspeed.initialize over the whole world as data-parallel group (see loss.py for why)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would detect, minus its warning
+    import deepspeed
+
+    _quiet_deepspeed()
+    _skip_shared_memory_allreduce_build()
+    weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config,
+                                                   model_parameters=parameter_groups(model, weight_decay))
+    # WarmupCosineLR starts at iteration -1, whose lr is 0: the first step would not move the weights.
+    # Start at iteration 0 (lr = lr / warmup_steps); checkpoints save and restore the iteration.
+    scheduler.step(0)
+    return engine
+
+
+def stage0_grad_norm(engine) -> float | None:
+    """Gradient 2-norm from .grad for ZeRO stage 0, whose plain torch optimizer does not report one.
+
+    Call after the backward of the accumulation boundary (DeepSpeed has averaged .grad) and before
+    engine.step(), which zeroes it. ZeRO stages report `engine.get_global_grad_norm()` after step.
+    """
+    if engine.zero_optimization_stage() != 0:
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))

@@ -1,0 +1,90 @@
+"""What a checkpoint carries besides DeepSpeed's own state, and which checkpoint a run resumes from."""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import MANIFEST_NAME, find_latest_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """`obj` of every rank in rank order ([obj] without a process group)."""
+    world = _world()[1]
+    if world == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (collective)."""
+    return all_gather_object(obj)[0]
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's python, numpy, torch (and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def client_state(step: int, loader_state: dict[str, Any], config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The client_state of a checkpoint (collective: gathers every rank's RNG states)."""
+    return {"step": step, "data": loader_state, "rng": all_gather_object(rng_states()), "config": config,
+            "world_size": _world()[1], **extra}
+
+
+def restore_rng(saved: list[dict[str, Any]]) -> None:
+    """Each rank takes its own saved RNG state; with another world size all take rank 0's."""
+    rank, world = _world()
+    if len(saved) != world:
+        logger.warning("checkpoint has RNG states of %d ranks, this run has %d: every rank takes rank 0's",
+                       len(saved), world)
+        rank = 0
+    set_rng_states(saved[rank])
+
+
+def resolve_resume(resume: str | None, checkpoint_root: Path) -> Path | None:
+    """The checkpoint folder to load, or None for a fresh start.
+
+    resume: None -> fresh; "auto" -> newest complete checkpoint under `checkpoint_root` (None if
+    there is none yet); a checkpoint folder (has a manifest); a checkpoints root or a run directory
+    (its checkpoints/) -> the newest complete one there (ValueError if none).
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        return find_latest_checkpoint(checkpoint_root) if checkpoint_root.is_dir() else None
+    path = Path(resume)
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = find_latest_checkpoint(root) if root.is_dir() else None
+    if latest is None:
+        raise ValueError(f"resume={resume!r}: no complete checkpoint in {root} (expected step_XXXXXXXX folders "
+                         f"with a manifest)")
+    return latest

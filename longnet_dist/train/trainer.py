@@ -1,0 +1,229 @@
+"""The training run: config -> mesh -> data -> model -> DeepSpeed engine -> steps, eval, checkpoints.
+
+Reads top to bottom like the data path: every rank builds the same things, holds its own slice of
+each sample, computes the loss of its own tokens (scaled as in loss.py), and DeepSpeed reduces the
+gradients over the whole world. Only rank 0 writes the run directory (checkpoint shards aside).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from longnet_dist.attention import segment_spans
+from longnet_dist.data import PAD_ID, SequenceShardLoader, prepare_corpus
+from longnet_dist.distributed import build_mesh, comm_stats
+from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import deepspeed_config, model_config, validate_config
+from .engine import build_engine, ensure_process_group, stage0_grad_norm
+from .evaluate import bits_per_byte, evaluate
+from .faults import StopSignal, check_finite_loss
+from .loss import sequence_parallel_loss
+from .metrics import MetricsLogger, peak_memory_bytes
+from .state import broadcast_from_rank0, client_state, resolve_resume, restore_rng
+
+IGNORE_INDEX = PAD_ID  # labels equal to the pad id carry no loss
+MAX_CONSECUTIVE_SKIPS = 100  # nonfinite_loss=skip gives up after this many bad micro-batches in a row
+
+
+@dataclass
+class Interval:
+    """Sums over the optimizer steps since the last log line."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    loss_sum: float = 0.0
+    comm_bytes_at_start: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+
+
+def _comm_bytes() -> int:
+    stats = comm_stats()
+    return stats.sent_bytes + stats.received_bytes
+
+
+def _tokens_per_byte(token_file) -> float:
+    """Tokens per UTF-8 byte of the split's text (for bits per byte); 1.0 when the metadata lacks bytes."""
+    num_bytes = token_file.meta.get("num_bytes")
+    return token_file.num_tokens / num_bytes if num_bytes else 1.0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int, step: int, policy: str,
+                diagnostics_dir: Path) -> tuple[float, float | None, float]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches -> (global mean loss, grad norm, lr)."""
+    losses, skipped, grad_norm, lr = [], 0, None, float(engine.get_lr()[0])
+    while len(losses) < gradient_accumulation_steps:
+        batch = next(loader)
+        labels = batch["labels"].to(engine.device)
+        token_losses = engine(batch["input_ids"].to(engine.device), labels=labels,
+                              positions=batch["positions"].to(engine.device), sequence_group=sequence_group,
+                              ignore_index=IGNORE_INDEX)  # (B, l) this rank's tokens
+        loss = sequence_parallel_loss(token_losses, labels, IGNORE_INDEX)
+        if not check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr,
+                                 extra={"micro_batch": len(losses)}):
+            skipped += 1
+            if skipped >= MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(f"{skipped} non-finite micro-batches in a row at step {step}; giving up")
+            continue
+        skipped = 0
+        engine.backward(loss.backward_loss)
+        if engine.is_gradient_accumulation_boundary():
+            grad_norm = stage0_grad_norm(engine)
+        engine.step()
+        losses.append(loss.mean)
+    if grad_norm is None and engine.get_global_grad_norm() is not None:
+        grad_norm = float(engine.get_global_grad_norm())
+    return sum(losses) / len(losses), grad_norm, lr
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run training as configured; returns a summary dict (final step, last loss, run directory)."""
+    validate_config(cfg)  # before any compute: one clear ValueError for a bad config
+    trainer, data_cfg = cfg.trainer, cfg.data
+    if trainer.num_threads is not None:
+        torch.set_num_threads(trainer.num_threads)
+
+    # ---- mesh: world = dp x sp; segment subgroups for the branches that span ranks
+    ensure_process_group(cfg.distributed.backend)
+    sp_size = cfg.distributed.sequence_parallel_size
+    mesh = build_mesh(sp_size)
+    if mesh.sequence_group is not None:
+        mesh.sequence_group.prepare_segment_subgroups(
+            segment_spans(data_cfg.seq_len, sp_size, list(cfg.attention.segment_lengths)))
+    is_main = mesh.rank == 0
+
+    # ---- run directory (rank 0 decides it: ranks may resolve a timestamp differently)
+    output_dir = Path(broadcast_from_rank0(str(Path(trainer.output_dir).resolve())))
+    checkpoint_root, diagnostics_dir = output_dir / "checkpoints", output_dir / "diagnostics"
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config["trainer"]["output_dir"] = str(output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(run_config), output_dir / "config.yaml")
+
+    # ---- data: every rank reads only its slice of each sample
+    corpus = prepare_corpus(data_cfg.source, cache_dir=data_cfg.cache_dir, tokenizer=data_cfg.tokenizer,
+                            val_fraction=data_cfg.val_fraction, seed=data_cfg.split_seed,
+                            text_field=data_cfg.text_field)
+    shard = dict(seq_len=data_cfg.seq_len, micro_batch_size=data_cfg.micro_batch_size, dp_rank=mesh.dp_rank,
+                 dp_size=mesh.dp_size, sp_rank=mesh.sp_rank, sp_size=mesh.sp_size, seed=data_cfg.shuffle_seed)
+    train_loader = SequenceShardLoader(corpus["train"], shuffle=True, **shard)
+    val_loader = SequenceShardLoader(corpus["validation"], shuffle=False, **shard)
+    train_tokens_per_byte = _tokens_per_byte(corpus["train"])
+    val_tokens_per_byte = _tokens_per_byte(corpus["validation"])
+
+    # ---- model and engine
+    _seed_everything(trainer.seed)
+    lm_config = model_config(cfg, vocab_size=corpus["train"].vocab_size)
+    model = LongNetLM(lm_config)
+    num_params, step_flops_per_token = count_parameters(model), flops_per_token(lm_config, data_cfg.seq_len)
+    engine = build_engine(model, deepspeed_config(cfg))
+    gas = trainer.gradient_accumulation_steps
+    tokens_per_step = data_cfg.seq_len * data_cfg.micro_batch_size * gas * mesh.dp_size
+
+    # ---- resume
+    step, last_saved, last_eval, checkpoint = 0, None, None, None
+    resume_from = broadcast_from_rank0(resolve_resume(cfg.resume, checkpoint_root) if is_main else None)
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from)
+        step = int(state["step"])
+        train_loader.load_state_dict(state["data"])
+        restore_rng(state["rng"])
+        last_saved = last_eval = step  # nothing new to save or evaluate until a step runs
+        checkpoint = resume_from
+
+    logger = MetricsLogger(output_dir, run_config["logger"], run_config, enabled=is_main)
+    logger.forget_after(step)
+    logger.write(
+        f"LongNet LM: {num_params / 1e6:.2f}M parameters, {step_flops_per_token / 1e6:.1f} MFLOP/token at seq_len "
+        f"{data_cfg.seq_len} | world {mesh.world_size} = dp {mesh.dp_size} x sp {mesh.sp_size} | "
+        f"ZeRO stage {engine.zero_optimization_stage()}, {'bf16' if engine.bfloat16_enabled() else 'fp32'} | "
+        f"{tokens_per_step:,} tokens/step | train {corpus['train'].num_tokens:,} tokens, "
+        f"validation {corpus['validation'].num_tokens:,} | run dir {output_dir}"
+        + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else ""))
+
+    def save(at_step: int) -> Path:
+        return save_checkpoint(engine, checkpoint_root, at_step, client_state(
+            at_step, train_loader.state_dict(), run_config), keep_last=trainer.keep_last_checkpoints)
+
+    def run_eval(at_step: int) -> dict[str, Any]:
+        result = evaluate(engine, val_loader, num_batches=trainer.eval_batches, seq_len=data_cfg.seq_len,
+                          num_buckets=trainer.eval_position_buckets, sequence_group=mesh.sequence_group,
+                          ignore_index=IGNORE_INDEX, tokens_per_byte=val_tokens_per_byte)
+        logger.log_eval(at_step, result)
+        return result
+
+    # ---- loop
+    started, last_loss, last_eval_loss, stop_reason = time.perf_counter(), float("nan"), float("nan"), None
+    interval = Interval(comm_bytes_at_start=_comm_bytes())
+    hide_progress = None if is_main and trainer.progress_bar else True  # tqdm: None = only on a terminal
+    progress = tqdm(total=trainer.max_steps, initial=step, disable=hide_progress, dynamic_ncols=True, desc="train")
+    with StopSignal() as stop, logging_redirect_tqdm():  # log lines print above the progress bar
+        while step < trainer.max_steps:
+            step_started = time.perf_counter()
+            loss, grad_norm, lr = _train_step(engine, train_loader, mesh.sequence_group, gas, step + 1,
+                                              trainer.nonfinite_loss, diagnostics_dir)
+            step += 1
+            interval.seconds += time.perf_counter() - step_started
+            interval.steps, interval.loss_sum = interval.steps + 1, interval.loss_sum + loss
+            if grad_norm is not None:
+                interval.grad_norms.append(grad_norm)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if step % trainer.log_every == 0 or step == trainer.max_steps:
+                tokens_per_s = interval.steps * tokens_per_step / interval.seconds
+                mean_loss = last_loss = interval.loss_sum / interval.steps
+                logger.log_step({
+                    "step": step, "loss": mean_loss, "bits_per_byte": bits_per_byte(mean_loss, train_tokens_per_byte),
+                    "lr": lr,  # of the last step
+                    "grad_norm": float(np.mean(interval.grad_norms)) if interval.grad_norms else float("nan"),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": step_flops_per_token * tokens_per_s / (trainer.peak_flops * mesh.world_size),
+                    "attn_comm_bytes_per_step": (_comm_bytes() - interval.comm_bytes_at_start) / interval.steps,
+                    "peak_mem_bytes": peak_memory_bytes(engine.device),
+                    "tokens_seen": step * tokens_per_step, "elapsed_s": time.perf_counter() - started,
+                })
+                interval = Interval(comm_bytes_at_start=_comm_bytes())
+            if trainer.eval_every and step % trainer.eval_every == 0:
+                eval_started_bytes = _comm_bytes()
+                last_eval_loss = run_eval(step)["loss"]
+                interval.comm_bytes_at_start += _comm_bytes() - eval_started_bytes  # count training only
+                last_eval = step
+            if step % trainer.save_every == 0:
+                checkpoint, last_saved = save(step), step
+            if stop.sync(mesh):
+                stop_reason = stop.signal_name
+                break
+    progress.close()
+
+    # ---- end: final eval and checkpoint, then say where everything is
+    if trainer.eval_every and last_eval != step and stop_reason is None:
+        last_eval_loss = run_eval(step)["loss"]
+    if last_saved != step:
+        checkpoint = save(step)
+    if stop_reason is not None:
+        logger.write(f"stopped by {stop_reason} after step {step}; checkpoint {checkpoint}. Continue with: "
+                     f"resume=auto trainer.output_dir={output_dir}")
+    validation = "" if math.isnan(last_eval_loss) else f", validation loss {last_eval_loss:.4f}"
+    logger.write(f"done: {step} steps in {time.perf_counter() - started:.1f} s, train loss {last_loss:.4f} "
+                 f"(last log interval){validation}; checkpoint {checkpoint}; metrics {logger.metrics_path}")
+    logger.finish()
+    return {"step": step, "loss": last_loss, "eval_loss": last_eval_loss, "output_dir": str(output_dir),
+            "checkpoint": str(checkpoint), "stopped_by": stop_reason}

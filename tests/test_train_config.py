@@ -1,0 +1,95 @@
+"""Hydra config: overrides reach the model, attention and DeepSpeed; bad configs fail at start, clearly."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from longnet_dist.model import LongNetLM
+from longnet_dist.train.__main__ import CONFIG_DIR
+from longnet_dist.train.config import deepspeed_config, model_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(*overrides: str):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_default_config_is_valid():
+    cfg = make_config()
+    validate_config(cfg, world_size=1)
+    assert cfg.model.name == "small" and cfg.data.seq_len == 4096 and cfg.resume == "auto"
+
+
+def test_overrides_reach_the_built_model_and_its_attention():
+    cfg = make_config("model=tiny", "model.num_layers=3", "model.mlp=gelu", "data.seq_len=512",
+                      "attention.segment_lengths=[32,128,512]", "attention.dilation_rates=[1,2,8]")
+    validate_config(cfg, world_size=1)
+    model = LongNetLM(model_config(cfg, vocab_size=258))
+    assert len(model.blocks) == 3 and model.embed.embedding_dim == 64
+    for block in model.blocks:
+        assert block.attn.segment_lengths == [32, 128, 512] and block.attn.dilation_rates == [1, 2, 8]
+        assert type(block.mlp).__name__ == "GeluMLP"
+
+
+@pytest.mark.parametrize("group,stage", [("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero2_offload", 2)])
+def test_deepspeed_dict_combines_the_group_with_trainer_values(group, stage):
+    cfg = make_config(f"deepspeed={group}", "trainer.lr=0.01", "trainer.max_steps=77", "trainer.warmup_steps=7",
+                      "trainer.gradient_accumulation_steps=3", "data.micro_batch_size=2")
+    validate_config(cfg, world_size=1)
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 0.01
+    assert ds["scheduler"]["params"]["total_num_steps"] == 77 and ds["scheduler"]["params"]["warmup_num_steps"] == 7
+    assert ds["gradient_accumulation_steps"] == 3 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ("offload_optimizer" in ds["zero_optimization"]) == (group == "zero2_offload")
+
+
+def test_unknown_key_override_fails_in_hydra():
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        make_config("trainer.max_stepz=3")
+
+
+@pytest.mark.parametrize("overrides,world_size,message", [
+    (["+trainer.bogus=1"], 1, r"unknown key\(s\) \['trainer.bogus'\]"),
+    (["trainer.max_steps=abc"], 1, "bad value in config group 'trainer'"),
+    (["data.seq_len=1000", "distributed.sequence_parallel_size=3"], 3, "not divisible by sequence_parallel_size 3"),
+    (["distributed.sequence_parallel_size=2"], 3, "does not divide the world size 3"),
+    (["distributed.sequence_parallel_size=2", "attention.segment_lengths=[512,3072]",
+      "attention.dilation_rates=[1,2]"], 2, "segment length 3072 spans ranks but is not a multiple"),
+    (["attention.dilation_rates=[1,2]"], 1, "must have the same length"),
+    (["model.num_heads=3"], 1, "num_heads=3"),
+    (["trainer.nonfinite_loss=ignore"], 1, "'ignore' is not one of"),
+    (["+deepspeed.optimizer.type=Adam"], 1, "deepspeed.optimizer -> set trainer.lr"),
+    (["deepspeed.zero_optimization.stage=4"], 1, "stage=4 must be 0, 1, 2 or 3"),
+    (["logger.backend=tensorboard"], 1, "logger.backend='tensorboard'"),
+    (["resume=/no/such/checkpoint"], 1, "no such path"),
+])
+def test_impossible_configs_raise_one_clear_value_error(overrides, world_size, message):
+    cfg = make_config(*overrides)
+    with pytest.raises(ValueError, match=message):
+        validate_config(cfg, world_size=world_size)
+
+
+def run_cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "longnet_dist.train", f"trainer.output_dir={tmp_path / 'run'}",
+                           "logger=none", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.bogus=1", "Key 'bogus' is not in struct"),
+    ("attention.dilation_rates=[1,2]", "must have the same length"),
+])
+def test_cli_rejects_bad_config_before_any_compute(override, message, tmp_path):
+    result = run_cli(override, tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,0 +1,91 @@
+"""Trainer pieces without a training run: loss scaling for DeepSpeed's averaging, eval buckets, resume paths."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from longnet_dist.distributed.testing import run_multiprocess
+from longnet_dist.train.evaluate import bits_per_byte, position_bucket_edges
+from longnet_dist.train.loss import sequence_parallel_loss
+from longnet_dist.train.state import resolve_resume
+
+IGNORE = -100
+
+
+def _problem():
+    """A linear model theta (4,), 10 tokens with features x (10, 4), targets y (10,); 3 labels ignored."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 4, generator=generator), torch.randn(10, generator=generator)
+    labels = torch.arange(10)
+    labels[[1, 2, 7]] = IGNORE
+    return x, y, labels
+
+
+def _token_losses(theta, x, y, labels):
+    return ((x @ theta - y) ** 2) * (labels != IGNORE)  # (n,), zero where ignored
+
+
+def _rank_gradient(rank: int, world_size: int):
+    """Rank r holds tokens [0, 6) or [6, 10) (unequal counts after ignoring); returns DeepSpeed's average."""
+    x, y, labels = _problem()
+    rows = slice(0, 6) if rank == 0 else slice(6, 10)
+    theta = torch.ones(4, requires_grad=True)
+    token_losses = _token_losses(theta, x[rows], y[rows], labels[rows])
+    loss = sequence_parallel_loss(token_losses[None], labels[rows][None], IGNORE)  # (1, n) like a batch
+    loss.backward_loss.backward()
+    gradient = theta.grad.clone()
+    torch.distributed.all_reduce(gradient)
+    return (gradient / world_size, loss.mean)  # what DeepSpeed's averaging over the world yields
+
+
+def test_scaled_losses_average_to_the_full_sequence_gradient():
+    x, y, labels = _problem()
+    theta = torch.ones(4, requires_grad=True)
+    full = _token_losses(theta, x, y, labels).sum() / (labels != IGNORE).sum()  # the objective: mean over counted
+    full.backward()
+    for gradient, mean in run_multiprocess(_rank_gradient, 2):
+        # float32, 10 terms: summation order only
+        torch.testing.assert_close(gradient, theta.grad, rtol=1e-6, atol=1e-7)
+        assert mean == pytest.approx(full.item(), rel=1e-6)
+
+
+def test_single_process_loss_is_the_mean_over_counted_tokens():
+    losses = torch.tensor([[1.0, 2.0, 0.0, 5.0]])
+    labels = torch.tensor([[3, 4, IGNORE, 6]])
+    result = sequence_parallel_loss(losses, labels, IGNORE)
+    assert result.mean == pytest.approx(8.0 / 3) and result.global_tokens == 3
+    assert result.backward_loss.item() == pytest.approx(8.0 / 3)
+
+
+def test_position_buckets_are_log_spaced_and_cover_the_window():
+    assert position_bucket_edges(4096, 8) == [0, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+    assert position_bucket_edges(8, 8) == [0, 1, 2, 4, 8]  # too short for 8 distinct buckets
+
+
+def test_bits_per_byte():
+    assert bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)
+    assert bits_per_byte(math.log(4), 0.5) == pytest.approx(1.0)  # 2 bits per token, 2 bytes per token
+
+
+def test_resolve_resume(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    assert resolve_resume(None, root) is None
+    assert resolve_resume("auto", root) is None  # fresh run: nothing to resume yet
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        resolve_resume(str(tmp_path / "run"), root)
+    folder = root / "step_00000004"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
+    assert resolve_resume(str(folder), root) == folder  # an explicit checkpoint folder is taken as given
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    from longnet_dist.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, {"backend": "none"}, {}, enabled=True)
+    logger.metrics_path.write_text("".join(f'{{"step": {step}, "loss": 1.0}}\n' for step in range(1, 8)))
+    logger.forget_after(5)  # the interrupted run logged steps 6, 7 after its step-5 checkpoint
+    assert [json.loads(line)["step"] for line in logger.metrics_path.read_text().splitlines()] == [1, 2, 3, 4, 5]
