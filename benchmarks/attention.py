@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--dense-max-n", type=int, default=32768, help="largest N for dense flash attention")
     parser.add_argument("--repeats", type=int, default=1, help="best of this many timed runs per point")
     parser.add_argument("--modes", default="bidirectional,causal")
+    parser.add_argument("--tag", default="", help="results go to attention_<tag>.json/png")
     parser.add_argument("--child", choices=["dilated", "dense"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--causal", action="store_true", help=argparse.SUPPRESS)
@@ -170,12 +171,14 @@ def main() -> None:
     targets = summarize(points)
     for key, value in targets.items():
         print(f"{key}: {value:.3f}")
-    path = save("attention", {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "heads": HEADS,
-                              "head_dim": HEAD_DIM, "dtype": "float32", "points": points, "targets": targets})
-    plot(points, RESULTS / "attention.png",
+    name = f"attention_{args.tag}" if args.tag else "attention"
+    path = save(name, {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "heads": HEADS,
+                              "head_dim": HEAD_DIM, "dtype": "float32", "repeats": args.repeats,
+                              "command": " ".join(sys.argv), "points": points, "targets": targets})
+    plot(points, RESULTS / f"{name}.png",
          f"LongNet dilated vs dense flash attention, one layer, H={HEADS}, D={HEAD_DIM}, fp32 - "
          f"{host['cpu']}, {host['cores']} cores")
-    print(f"wrote {path} and {RESULTS / 'attention.png'}")
+    print(f"wrote {path} and {RESULTS / name}.png")
 
 
 if __name__ == "__main__":

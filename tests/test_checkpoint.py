@@ -9,13 +9,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
+from tmpfs import mounted_tmpfs
 from longnet_dist.distributed.testing import run_multiprocess
 from longnet_dist.train import checkpoint as ckpt
 
@@ -198,19 +197,11 @@ def _save_into(rank: int, world: int, root: str, width: int) -> str:
 
 def test_disk_full_on_a_real_small_filesystem(tmp_path):
     """A 64 KiB tmpfs: the first save of a ~300 KiB checkpoint hits a real ENOSPC."""
-    mount_point = tmp_path / "small_fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", f"tmpfs-{uuid.uuid4().hex[:6]}",
-                              str(mount_point)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); ENOSPC is covered by the test above")
-    try:
+    with mounted_tmpfs(tmp_path / "small_fs", "64k", "ENOSPC is covered by the test above") as mount_point:
         message = run_multiprocess(_save_into, 1, str(mount_point / "ckpt"), 256, timeout=240)[0]
         assert message.startswith("disk full while saving checkpoint step 1"), message
         assert str(mount_point / "ckpt" / "step_00000001.tmp-") in message
         assert list((mount_point / "ckpt").iterdir()) == []  # partial save removed
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_argument_errors(tmp_path):

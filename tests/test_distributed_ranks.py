@@ -16,7 +16,7 @@ from longnet_dist.distributed.collectives import (
     all_gather_tensor_async,
     reduce_scatter_tensor,
 )
-from longnet_dist.distributed.testing import run_multiprocess
+from longnet_dist.distributed.testing import run_multiprocess, value_error_message
 
 WORLD_SIZE = 4
 X_SHAPE = (2, 3, 5)  # gathered along dim -2
@@ -70,14 +70,6 @@ def _exercise_collectives(group, rank: int) -> dict:
     return seen
 
 
-def _errors(call) -> str | None:
-    try:
-        call()
-    except ValueError as error:
-        return str(error)
-    return None
-
-
 def _rank_worker(rank, world_size):
     result = {"mesh": {}, "collectives": {}}
     meshes = {}
@@ -90,7 +82,7 @@ def _rank_worker(rank, world_size):
             "dp_members": _members(mesh.dp_group, rank),
             "sp": None if group is None else (group.global_ranks, group.rank, group.size, _members(group.group, rank)),
         }
-    result["mesh"]["error"] = _errors(lambda: build_mesh(3))
+    result["mesh"]["error"] = value_error_message(lambda: build_mesh(3))
 
     # dp 2 x sp 2: each replica's sp group is its own; spans (0,2) is the group, (i,1) trivial.
     pairs = meshes[2].sequence_group
@@ -108,9 +100,9 @@ def _rank_worker(rank, world_size):
     result["collectives"]["sp4_single"] = _exercise_collectives(quad.segment_subgroup(rank, 1), rank)
     result["quad_full_span_is_group"] = quad.segment_subgroup(0, 4) is quad
     result["half_is_cached"] = quad.segment_subgroup(2 * (rank // 2), 2) is half
-    result["unprepared_error"] = _errors(lambda: quad.segment_subgroup(min(rank, 1), 3))
-    result["not_member_error"] = _errors(lambda: quad.segment_subgroup(2 * (1 - rank // 2), 2))
-    result["bad_span_error"] = _errors(lambda: quad.prepare_segment_subgroups([(3, 2)]))
+    result["unprepared_error"] = value_error_message(lambda: quad.segment_subgroup(min(rank, 1), 3))
+    result["not_member_error"] = value_error_message(lambda: quad.segment_subgroup(2 * (1 - rank // 2), 2))
+    result["bad_span_error"] = value_error_message(lambda: quad.prepare_segment_subgroups([(3, 2)]))
     return result
 
 

@@ -13,12 +13,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tmpfs import mounted_tmpfs
 from longnet_dist.train.checkpoint import checkpoint_step, find_latest_checkpoint, verify_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -203,13 +203,7 @@ def test_nonfinite_loss_stops_with_step_value_and_diagnostics(tmp_path):
 
 
 def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path):
-    mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", f"tmpfs-{uuid.uuid4().hex[:6]}",
-                              str(mount_point)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); test_checkpoint.py covers ENOSPC")
-    try:
+    with mounted_tmpfs(tmp_path / "small_disk", "64m", "test_checkpoint.py covers ENOSPC") as mount_point:
         run_dir = mount_point / "run"
         code, log = run_trainer(run_dir, tmp_path / "a.log", "trainer.max_steps=3", "trainer.save_every=3")
         assert code == 0, log[-4000:]
@@ -226,5 +220,3 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path):
         assert "earlier checkpoints are intact" in log
         assert find_latest_checkpoint(run_dir / "checkpoints", checksums=True) == first
         assert not [path for path in (run_dir / "checkpoints").iterdir() if ".tmp-" in path.name]
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)

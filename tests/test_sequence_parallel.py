@@ -16,7 +16,7 @@ from longnet_dist.attention import dilated_attention, segment_spans
 from longnet_dist.attention.sequence_parallel import (BACKWARD_KV_TAG, FORWARD_KV_TAG, FORWARD_MASK_TAG,
                                                        SpanningBranch, comm_volume)
 from longnet_dist.distributed import build_mesh, comm_stats
-from longnet_dist.distributed.testing import run_multiprocess
+from longnet_dist.distributed.testing import run_multiprocess, value_error_message
 from reference import reference_dilated_attention
 
 WORLD_SIZE = 4
@@ -94,19 +94,11 @@ class DropOwnKeysBranch(SpanningBranch):
         return [(keys, part_causal) for keys, part_causal in super().key_parts(slots, causal) if not part_causal]
 
 
-def _errors(call) -> str | None:
-    try:
-        call()
-    except ValueError as error:
-        return str(error)
-    return None
-
-
 def _worker(rank, world_size):
     meshes = {sp: build_mesh(sp) for sp in (2, 4)}
     results = {}
     # Before setup prepared the segment subgroups: a clear error, raised before any communication.
-    results["unprepared_error"] = _errors(lambda: _run_case(CASES["sp4_causal"], meshes[4]))
+    results["unprepared_error"] = value_error_message(lambda: _run_case(CASES["sp4_causal"], meshes[4]))
     for sp, mesh in meshes.items():
         spans = sorted({span for case in CASES.values() if case["sp"] == sp
                         for span in segment_spans(case["local_len"] * sp, sp, case["segs"])})

@@ -171,3 +171,13 @@ def run_multiprocess(
             if attempt == _PORT_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def value_error_message(call) -> str | None:
+    """The message of the ValueError `call()` raises, or None: lets a worker report an expected error
+    to the parent (exceptions themselves may not pickle)."""
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return None

@@ -96,6 +96,13 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary dict (final step, last loss, run directory)."""
     validate_config(cfg)  # before any compute: one clear ValueError for a bad config
+    # Stop signals are caught from the start: one that arrives during setup (data, engine, resume)
+    # stops the run cleanly at the first step boundary instead of killing the process.
+    with StopSignal() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     trainer, data_cfg = cfg.trainer, cfg.data
     if trainer.num_threads is not None:
         torch.set_num_threads(trainer.num_threads)
@@ -175,7 +182,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     interval = Interval(comm_bytes_at_start=_comm_bytes())
     hide_progress = None if is_main and trainer.progress_bar else True  # tqdm: None = only on a terminal
     progress = tqdm(total=trainer.max_steps, initial=step, disable=hide_progress, dynamic_ncols=True, desc="train")
-    with StopSignal() as stop, logging_redirect_tqdm():  # log lines print above the progress bar
+    with logging_redirect_tqdm():  # log lines print above the progress bar
         while step < trainer.max_steps:
             step_started = time.perf_counter()
             loss, grad_norm, lr = _train_step(engine, train_loader, mesh.sequence_group, gas, step + 1,
