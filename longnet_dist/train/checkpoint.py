@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
+
+from longnet_dist.distributed.objects import all_gather_object, barrier, broadcast_from_rank0, rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -65,32 +66,6 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     if match is None:
         raise ValueError(f"{path!s} is not a checkpoint folder (expected a name like step_00000100)")
     return int(match.group(1))
-
-
-# ----------------------------------------------------------------------------- collectives
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _rank_and_world()[1] > 1:
-        dist.barrier()
-
-
-def _all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (just [obj] without a process group)."""
-    world = _rank_and_world()[1]
-    if world == 1:
-        return [obj]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def _from_rank0(obj: Any) -> Any:
-    return _all_gather_objects(obj)[0]
 
 
 # ----------------------------------------------------------------------------- files
@@ -310,7 +285,7 @@ def save_checkpoint(
     """
     if keep_last is not None and (isinstance(keep_last, bool) or keep_last < 1):
         raise ValueError(f"keep_last={keep_last!r} must be None (keep all) or a positive int")
-    root, (rank, world) = Path(checkpoint_root), _rank_and_world()
+    root, (rank, world) = Path(checkpoint_root), rank_and_world()
     final = root / checkpoint_dir_name(step)
     precheck_error = None
     if rank == 0:
@@ -320,7 +295,7 @@ def save_checkpoint(
             _check_free_space(root, step)
         except CheckpointDiskFullError as exc:
             precheck_error = str(exc)
-    nonce, precheck_error = _from_rank0((secrets.token_hex(4), precheck_error))
+    nonce, precheck_error = broadcast_from_rank0((secrets.token_hex(4), precheck_error))
     if precheck_error:
         raise CheckpointDiskFullError(precheck_error)
     temp = root / f"{final.name}.tmp-{nonce}"
@@ -331,14 +306,14 @@ def save_checkpoint(
         engine.save_checkpoint(str(root), tag=temp.name, client_state=client_state, save_latest=False)
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         failure = (rank, f"{type(exc).__name__}: {exc}", _is_disk_full(exc, temp))
-        _barrier()  # meet DeepSpeed's closing barrier so the other ranks do not hang
+        barrier()  # meet DeepSpeed's closing barrier so the other ranks do not hang
     entries: dict[str, Any] = {}
-    if not any(_all_gather_objects(failure)):
+    if not any(all_gather_object(failure)):
         try:
             entries = _manifest_entries(temp, rank, world, checksum)
         except OSError as exc:
             failure = (rank, f"{type(exc).__name__}: {exc}", _is_disk_full(exc, temp))
-    gathered = _all_gather_objects((failure, entries))
+    gathered = all_gather_object((failure, entries))
     failures = [item for item, _ in gathered if item is not None]
     if not failures and rank == 0:
         manifest = {
@@ -352,11 +327,11 @@ def save_checkpoint(
             _publish(temp, final, manifest, keep_last)
         except OSError as exc:
             failures = [(0, f"{type(exc).__name__}: {exc}", _is_disk_full(exc, temp))]
-    failures = _from_rank0(failures)  # rank 0 alone knows whether publishing worked
+    failures = broadcast_from_rank0(failures)  # rank 0 alone knows whether publishing worked
     if failures:
         if rank == 0:
             shutil.rmtree(temp, ignore_errors=True)
-        _barrier()
+        barrier()
         _raise_save_failure(failures, temp, root, step)
     logger.info("saved checkpoint %s in %.2f s", final, time.perf_counter() - started)
     return final
@@ -377,12 +352,12 @@ def load_checkpoint(
             f"{folder} is a checkpoint root, not a checkpoint; pass one of its step_* folders "
             f"(find_latest_checkpoint({str(folder)!r}) picks the newest complete one)"
         )
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     try:
         manifest, problem = verify_checkpoint(folder, checksums=checksums, share=(rank, world)), None
     except CorruptCheckpointError as exc:
         manifest, problem = None, str(exc)
-    problems = [item for item in _all_gather_objects(problem) if item]
+    problems = [item for item in all_gather_object(problem) if item]
     if problems:
         raise CorruptCheckpointError(f"cannot load checkpoint {folder}: {problems[0]}")
     try:

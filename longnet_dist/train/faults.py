@@ -23,21 +23,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longnet_dist.distributed.objects import rank_and_world
+
 logger = logging.getLogger(__name__)
 
 NONFINITE_LOSS_POLICIES = ("stop", "skip")
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_gather_floats(value: float) -> list[float]:
     """`value` from every rank in rank order (one tiny all-gather; [value] without a group)."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return [value]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
@@ -69,7 +65,7 @@ class StopSignal:
         name = signal.Signals(signum).name
         if not self.requested:
             self.requested, self.signal_name = True, name
-        message = f"[rank {_world()[0]}] received {name}: saving a checkpoint and stopping after this step\n"
+        message = f"[rank {rank_and_world()[0]}] received {name}: saving a checkpoint and stopping after this step\n"
         # os.write, not sys.stderr: the handler may interrupt a write to sys.stderr's buffer (reentrant call).
         os.write(sys.stderr.fileno(), message.encode())
 
@@ -116,7 +112,7 @@ def check_nonfinite_policy(policy: str) -> None:
 
 
 def _write_diagnostics(diagnostics_dir: Path, step: int, rank_losses: list[float], details: dict) -> Path:
-    rank, world = _world()
+    rank, world = rank_and_world()
     diagnostics_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_rank{rank}" if world > 1 else ""
     path = diagnostics_dir / f"nonfinite_loss_step_{step:08d}{suffix}.json"

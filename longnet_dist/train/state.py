@@ -8,32 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from longnet_dist.distributed.objects import all_gather_object, rank_and_world
 
 from .checkpoint import MANIFEST_NAME, find_latest_checkpoint
 
 logger = logging.getLogger(__name__)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """`obj` of every rank in rank order ([obj] without a process group)."""
-    world = _world()[1]
-    if world == 1:
-        return [obj]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast_from_rank0(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (collective)."""
-    return all_gather_object(obj)[0]
 
 
 def rng_states() -> dict[str, Any]:
@@ -55,12 +35,12 @@ def set_rng_states(state: dict[str, Any]) -> None:
 def client_state(step: int, loader_state: dict[str, Any], config: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The client_state of a checkpoint (collective: gathers every rank's RNG states)."""
     return {"step": step, "data": loader_state, "rng": all_gather_object(rng_states()), "config": config,
-            "world_size": _world()[1], **extra}
+            "world_size": rank_and_world()[1], **extra}
 
 
 def restore_rng(saved: list[dict[str, Any]]) -> None:
     """Each rank takes its own saved RNG state; with another world size all take rank 0's."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     if len(saved) != world:
         logger.warning("checkpoint has RNG states of %d ranks, this run has %d: every rank takes rank 0's",
                        len(saved), world)

@@ -22,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from longnet_dist.attention import segment_spans
 from longnet_dist.data import PAD_ID, SequenceShardLoader, prepare_corpus
 from longnet_dist.distributed import build_mesh, comm_stats
+from longnet_dist.distributed.objects import broadcast_from_rank0
 from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -31,7 +32,7 @@ from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
 from .loss import sequence_parallel_loss
 from .metrics import MetricsLogger, peak_memory_bytes
-from .state import broadcast_from_rank0, client_state, resolve_resume, restore_rng
+from .state import client_state, resolve_resume, restore_rng
 
 IGNORE_INDEX = PAD_ID  # labels equal to the pad id carry no loss
 MAX_CONSECUTIVE_SKIPS = 100  # nonfinite_loss=skip gives up after this many bad micro-batches in a row
