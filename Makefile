@@ -6,13 +6,16 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test train bench clean slurm-up slurm-down
+.PHONY: setup test train bench gpu-check clean slurm-up slurm-down
 
 # torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
+# Triton's interpreter runs the fused GPU kernels' tests on a CPU-only torch (triton >= 3.9: older
+# interpreters break on numpy >= 2.4); a CUDA torch brings its own matching triton, left alone.
 setup:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	$(PYTHON) -c "import torch, sys; sys.exit(torch.version.cuda is not None)" && $(PIP) install -q "triton>=3.9" || true
 
 test: setup
 	WANDB_MODE=disabled $(PYTHON) -m pytest tests -q
@@ -22,6 +25,10 @@ train: setup
 
 bench: setup
 	$(PYTHON) benchmarks/attention.py
+
+# on a CUDA machine (needs no `setup`): CUDA tests + GPU benchmarks in under 8 minutes, results in benchmarks/results/
+gpu-check:
+	scripts/gpu_check.sh
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info slurm-*.out slurm-*.err

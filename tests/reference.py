@@ -61,3 +61,25 @@ def reference_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, cau
         weights = covered.to(q.dtype) / covered.sum(0).clamp(min=1)
     out = (weights.unsqueeze(-1) * torch.stack(outs)).sum(0)
     return out * real[:, :, None, None]                               # padded queries output 0
+
+
+def dilated_errors(device, B, N, H, D, segs, rates, causal, pad, dtype, seed=0, backend="triton"):
+    """Errors of `dilated_attention` (out, dq, dk, dv) on `device` in `dtype` against this reference in
+    float64: L2 error over the reference's norm plus 1e-2 per element of the O(1) inputs (a gradient
+    can be exactly 0, e.g. with one key per query). Asserts that every value is finite."""
+    from longnet_dist.attention import dilated_attention
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(B, N, H, D, generator=g, dtype=torch.float64) for _ in range(4))
+    mask = (torch.rand(B, N, generator=g) >= pad) if pad else None
+    ours_in = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+    out = dilated_attention(*ours_in, segs, rates, causal=causal, backend=backend,
+                            key_padding_mask=None if mask is None else mask.to(device))
+    ours = [out, *torch.autograd.grad(out, ours_in, grad.to(device, dtype))]
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = reference_dilated_attention(*ref_in, segs, rates, causal=causal, key_padding_mask=mask)
+    refs = [ref, *torch.autograd.grad(ref, ref_in, grad)]
+    for name, a in zip(("out", "dq", "dk", "dv"), ours):
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+    return {name: ((a.double().cpu() - b).norm() / (b.norm() + 1e-2 * b.numel() ** 0.5)).item()
+            for name, a, b in zip(("out", "dq", "dk", "dv"), ours, refs)}

@@ -34,8 +34,8 @@ def test_shape_dtype_mask_and_backend_errors():
         dilated_attention(q, q, q, [8], [1], key_padding_mask=torch.ones(1, 15, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"bool"):
         dilated_attention(q, q, q, [8], [1], key_padding_mask=torch.ones(1, 16))
-    with pytest.raises(ValueError, match=r"unknown attention backend 'triton'"):
-        dilated_attention(q, q, q, [8], [1], backend="triton")
+    with pytest.raises(ValueError, match=r"unknown attention backend 'tpu_flash'"):
+        dilated_attention(q, q, q, [8], [1], backend="tpu_flash")
     with pytest.raises(ValueError, match=r"cuda_flash' needs CUDA"):
         dilated_attention(q, q, q, [8], [1], backend="cuda_flash")
     with pytest.raises(ValueError, match=r"scale must be a positive"):

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .checks import check_branches, check_qkv, check_scale
 from .dilated import LocalBranch, _DilatedAttentionFunction
-from .kernels import select_backend
+from .kernels import branch_backend, select_backend
 
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
@@ -20,15 +20,22 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
     `key_padding_mask` (B, N) bool marks real tokens (True); padded queries output 0. `scale`
     defaults to head_dim ** -0.5. With `sequence_group` (a `longnet_dist.distributed.SequenceGroup`
     of size P), q, k, v are this rank's contiguous shard of a sequence of P * N rows and the result
-    is this rank's shard of the single-device result. `backend` forces a kernel (see kernels.py).
+    is this rank's shard of the single-device result. `backend` forces a kernel family (see
+    kernels/__init__.py); on CUDA the default is the fused Triton kernel ("triton").
     """
     segment_lengths, dilation_rates = check_branches(segment_lengths, dilation_rates)
     check_qkv(q, k, v, key_padding_mask)
     scale = check_scale(scale, q.shape[-1])
-    select_backend(q, backend)  # validates a forced backend before any work
-    if sequence_group is None or sequence_group.size == 1:
+    kind = select_backend(q, backend)  # validates a forced backend before any work
+    local = sequence_group is None or sequence_group.size == 1
+    if local and kind == "triton":  # every branch in one fused kernel family, rows read in place
+        from .fused import fused_dilated_attention  # imports triton: only when it runs
+        return fused_dilated_attention(q, k, v, list(zip(segment_lengths, dilation_rates)), bool(causal), scale,
+                                       key_padding_mask)
+    if local:
         branches = [LocalBranch(w, r) for w, r in zip(segment_lengths, dilation_rates)]
     else:
         from .sequence_parallel import plan_branches  # floor 2 -> floor 1 only when sharding is asked for
         branches = plan_branches(q.shape[1], segment_lengths, dilation_rates, sequence_group)
-    return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale, backend)
+    return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale,
+                                           branch_backend(kind, q))

@@ -1,0 +1,250 @@
+"""Dilated attention (fused Triton kernels) vs dense flash attention on one CUDA GPU.
+
+    python3 benchmarks/gpu_attention.py           # the sweep below, about 3 minutes on an H200
+    python3 benchmarks/gpu_attention.py --quick   # 32K and 1M only
+
+One layer's attention, bf16, batch 1, H = 12, D = 64, the paper's branches w = 2048..32768,
+r = 1, 2, 4, 6, 12. Kernels: "dilated" (the fused kernels, the default on CUDA), "gather" (the
+previous path: gather rows, aten's flash kernel per branch, merge in PyTorch; backend="cuda_flash")
+and "dense" (SDPA's flash kernel over the whole sequence). FLOPs count only the multiply-adds each
+algorithm needs (LONGNET.md "Cost"; causal about half; backward = 2.5x forward). Times are medians
+of CUDA-event timings after a warm-up; peak memory is torch.cuda.max_memory_allocated over one
+forward+backward, inputs and the incoming gradient included, divided by N.
+`--tune` first sweeps a few block shapes per kernel at N = 256K and keeps the fastest (recorded in
+the JSON). Writes benchmarks/results/gpu_attention.json and .png (the JSON after every point).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
+from common import RESULTS, machine, save  # noqa: E402
+
+from longnet_dist.attention import dilated_attention  # noqa: E402
+from longnet_dist.attention.kernels import dense_flops  # noqa: E402
+from longnet_dist.attention.layout import BranchLayout  # noqa: E402
+
+SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
+HEADS, HEAD_DIM, DTYPE = 12, 64, torch.bfloat16
+BACKWARD_FACTOR = 2.5
+K, M = 1024, 1024 * 1024
+# (kernel, N, causal, repeats); dense at 1M takes ~12 s per forward+backward, so one repeat
+FULL = ([("dilated", n, True, 5) for n in (32 * K, 128 * K, M)] + [("dilated", 4 * M, True, 2)]
+        + [("dilated", n, False, 5) for n in (32 * K, M)]
+        + [("gather", 32 * K, True, 3), ("gather", M, True, 2)]
+        + [("dense", 32 * K, True, 5), ("dense", 32 * K, False, 5), ("dense", M, True, 1)])
+QUICK = [p for p in FULL if p[1] in (32 * K, M)]
+CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune
+    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 4, 4)],
+    "dkdv": [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
+    "dq": [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 16, 4, 4)],
+}
+
+
+def attention_flops(kind: str, n: int, causal: bool) -> float:
+    if kind == "dense":
+        return dense_flops(n, n, HEADS, HEAD_DIM, causal)
+    return sum(BranchLayout(n, HEADS, w, r).num_segments * dense_flops(-(-min(w, n) // r), -(-min(w, n) // r),
+                                                                        HEADS, HEAD_DIM, causal)
+               for w, r in zip(SEGMENTS, DILATIONS))
+
+
+def make_inputs(n: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(1, n, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g) for _ in range(4)]
+
+
+def forward(kind: str, q, k, v, causal: bool):
+    if kind == "dense":  # SDPA's flash kernel over (B, H, N, D) views
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    return dilated_attention(q, k, v, SEGMENTS, DILATIONS, causal=causal,
+                             backend="triton" if kind == "dilated" else "cuda_flash")
+
+
+def cuda_time(fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs, by CUDA events, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1000)
+    return statistics.median(times)
+
+
+def measure(kind: str, n: int, causal: bool, repeats: int) -> dict:
+    q, k, v, grad = make_inputs(n)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def fwd_bwd():
+        torch.autograd.grad(forward(kind, q, k, v, causal), (q, k, v), grad)
+
+    def fwd():
+        with torch.no_grad():
+            forward(kind, q, k, v, causal)
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()  # first run: compiles, and its peak is the one reported
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    inputs = 4 * q.numel() * q.element_size()
+    point = {"kind": kind, "n": n, "causal": causal, "peak_bytes": peak, "peak_bytes_per_token": peak / n,
+             "peak_above_inputs_per_token": (peak - inputs) / n}
+    point["forward_s"] = cuda_time(fwd, repeats)
+    point["forward_backward_s"] = cuda_time(fwd_bwd, repeats)
+    flops = attention_flops(kind, n, causal)
+    point.update(forward_flops=flops, forward_tflops=flops / point["forward_s"] / 1e12,
+                 forward_backward_tflops=flops * (1 + BACKWARD_FACTOR) / point["forward_backward_s"] / 1e12)
+    if kind == "dilated" and n >= 4 * M:
+        point["tail_max_abs_diff"] = tail_check(q, k, v, causal)
+    return point
+
+
+def tail_check(q, k, v, causal: bool) -> float:
+    """The last 32K rows depend only on themselves (every w divides 32K): recomputing them alone
+    must give the same output. At 4M rows a tensor has > 2^31 elements: this checks 64-bit offsets."""
+    with torch.no_grad():
+        whole = forward("dilated", q, k, v, causal)[:, -SEGMENTS[-1]:]
+        alone = forward("dilated", *(x[:, -SEGMENTS[-1]:] for x in (q, k, v)), causal)
+    return (whole.float() - alone.float()).abs().max().item()
+
+
+def tune(n: int = 256 * K) -> dict:
+    """Fastest block shapes per kernel at N = n (causal): forward first, then dK/dV, then dQ."""
+    from longnet_dist.attention import fused
+
+    q, k, v, grad = make_inputs(n)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    chosen = {}
+    for kernel in ("fwd", "dkdv", "dq"):
+        timings = {}
+        for shape in CANDIDATES[kernel]:
+            fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*shape)
+            try:
+                if kernel == "fwd":
+                    timings[shape] = cuda_time(lambda: forward("dilated", q.detach(), k.detach(), v.detach(), True), 3)
+                else:
+                    timings[shape] = cuda_time(lambda: torch.autograd.grad(
+                        forward("dilated", q, k, v, True), (q, k, v), grad), 3)
+            except Exception as error:  # a shape that does not fit (shared memory): skip it
+                print(f"tune {kernel} {shape}: {type(error).__name__}: {str(error)[:120]}")
+        best = min(timings, key=timings.get)
+        fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*best)
+        chosen[kernel] = {"best": best, "seconds": {str(s): t for s, t in timings.items()}}
+        print(f"tune {kernel}: best {best} ({timings[best] * 1e3:.2f} ms); "
+              + ", ".join(f"{s}: {t * 1e3:.2f}" for s, t in timings.items()), flush=True)
+    return chosen
+
+
+def summarize(points: list[dict]) -> dict:
+    def get(kind, n, causal=True):
+        return next((p for p in points if (p["kind"], p["n"], p["causal"]) == (kind, n, causal) and "error" not in p),
+                    None)
+
+    targets = {}
+    for n, tag in ((32 * K, "32k"), (M, "1m")):
+        for causal in (True, False):
+            dil, den = get("dilated", n, causal), get("dense", n, causal)
+            if dil and den:
+                mode = "causal" if causal else "bidirectional"
+                targets[f"flops_ratio_{tag}_{mode}"] = dil["forward_backward_tflops"] / den["forward_backward_tflops"]
+        dil, old = get("dilated", n), get("gather", n)
+        if dil and old:
+            targets[f"speedup_over_gather_{tag}"] = old["forward_backward_s"] / dil["forward_backward_s"]
+    if get("dilated", M):
+        targets["million_forward_backward_s"] = get("dilated", M)["forward_backward_s"]
+    for n, tag in ((M, "1m"), (4 * M, "4m")):
+        if get("dilated", n):
+            targets[f"peak_kb_per_token_{tag}"] = get("dilated", n)["peak_bytes_per_token"] / 1024
+    return targets
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rate, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for kind, causal in sorted({(p["kind"], p["causal"]) for p in points if "error" not in p}):
+        rows = sorted((p for p in points if (p["kind"], p["causal"]) == (kind, causal) and "error" not in p),
+                      key=lambda p: p["n"])
+        label = f"{kind} ({'causal' if causal else 'bidirectional'})"
+        ax_rate.plot([p["n"] for p in rows], [p["forward_backward_tflops"] for p in rows], marker="o", label=label)
+        ax_mem.plot([p["n"] for p in rows], [p["peak_bytes_per_token"] / 1024 for p in rows], marker="o", label=label)
+    for ax, ylabel in ((ax_rate, "fwd+bwd TFLOP/s (needed FLOPs)"), (ax_mem, "peak memory per token (KiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length N (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N = 32K and 1M only")
+    parser.add_argument("--tune", action="store_true", help="sweep block shapes first (about 1 minute)")
+    parser.add_argument("--tag", default="", help="results go to gpu_attention_<tag>.json/png")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_attention.py needs a CUDA GPU")
+    host = machine()
+    name = f"gpu_attention_{args.tag}" if args.tag else "gpu_attention"
+    payload = {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "heads": HEADS, "head_dim": HEAD_DIM,
+               "dtype": "bfloat16", "batch": 1, "command": " ".join(sys.argv), "points": []}
+    print(f"GPU: {host['gpu']}, torch {host['torch']}; H={HEADS}, D={HEAD_DIM}, bf16, paper branches", flush=True)
+    if args.tune:
+        payload["tuning"] = tune()
+    from longnet_dist.attention import fused
+
+    payload["blocks"] = {f"{k[0]}{'_fp32' if k[1] else ''}": vars(b) for k, b in fused.DEFAULT_BLOCKS.items()}
+    payload["blocks"].update({f"tuned_{k[0]}": vars(b) for k, b in fused.TUNED.items()})
+    print(f"{'kernel':8} {'mode':7} {'N':>8} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} "
+          f"{'KiB/token':>9}", flush=True)
+    for kind, n, causal, repeats in (QUICK if args.quick else FULL):
+        started = time.time()
+        try:
+            point = measure(kind, n, causal, repeats)
+        except Exception as error:  # out of memory, or a kernel failure: recorded, the sweep goes on
+            point = {"kind": kind, "n": n, "causal": causal, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        torch.cuda.empty_cache()
+        point["wall_s"] = time.time() - started
+        payload["points"].append(point)
+        mode = "causal" if causal else "bidir"
+        if "error" in point:
+            print(f"{kind:8} {mode:7} {n:>8} failed: {point['error']}", flush=True)
+        else:
+            print(f"{kind:8} {mode:7} {n:>8} {point['forward_s'] * 1e3:9.2f} {point['forward_backward_s'] * 1e3:9.2f} "
+                  f"{point['forward_tflops']:9.1f} {point['forward_backward_tflops']:9.1f} "
+                  f"{point['peak_bytes_per_token'] / 1024:9.2f}" + (f"  tail diff {point['tail_max_abs_diff']:.2e}"
+                                                                    if "tail_max_abs_diff" in point else ""),
+                  flush=True)
+        payload["targets"] = summarize(payload["points"])
+        save(name, payload)
+    for key, value in payload["targets"].items():
+        print(f"{key}: {value:.3f}")
+    plot(payload["points"], RESULTS / f"{name}.png",
+         f"LongNet dilated (fused Triton) vs dense flash attention, bf16, H={HEADS}, D={HEAD_DIM} - {host['gpu']}")
+    print(f"wrote {RESULTS / name}.json and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""One-device dilated attention through the fused Triton kernels (kernels/triton_dilated.py).
+
+Forward: the merged output starts at 0 and its lse at -inf; each branch's launch reads its rows of
+q, k, v in place and folds its (o_i, lse_i) into the fp32 mixture at the same rows (Eq. 9-10).
+Backward: delta = rowsum(dO * O) once, then per branch one dK/dV and one dQ launch that add into
+fp32 gradient accumulators in place (the merged-softmax identity of dilated.py).
+
+Memory: the fp32 accumulators are the only buffers of size N beyond inputs and outputs. For long
+sequences they cover a group of heads at a time (`head_group`), so one layer's forward+backward
+holds about as much as dense flash attention: q, k, v, out, dO, dq, dk, dv in the input dtype plus
+fp32 accumulators no larger than one of those tensors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .kernels import triton_dilated as kern
+
+ACCUMULATOR_BUDGET_BYTES = 512 * 2**20  # below this the accumulators cover all heads at once
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Meta-parameters of one kernel launch."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (kernel, fp32?) -> blocks. Hopper defaults after the Triton fused-attention tutorial's choices for
+# head_dim 64; benchmarks/gpu_attention.py sweeps alternatives and can install the best in TUNED.
+DEFAULT_BLOCKS = {
+    ("fwd", False): Blocks(128, 64, 4, 3),
+    ("dkdv", False): Blocks(32, 128, 4, 4),
+    ("dq", False): Blocks(128, 32, 4, 4),
+    ("fwd", True): Blocks(64, 32, 4, 2),
+    ("dkdv", True): Blocks(32, 64, 4, 2),
+    ("dq", True): Blocks(64, 32, 4, 2),
+}
+INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
+TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
+
+
+def blocks_for(kernel: str, dtype: torch.dtype, head_dim: int) -> Blocks:
+    if kern.interpreted():
+        return INTERPRETER_BLOCKS
+    fp32 = dtype == torch.float32
+    return TUNED.get((kernel, fp32, head_dim), DEFAULT_BLOCKS[(kernel, fp32)])
+
+
+def head_group(batch: int, seq_len: int, heads: int, head_dim: int, element_size: int, buffers: int) -> int:
+    """Heads per pass: all when `buffers` fp32 accumulators fit the budget, else as many as keep them
+    within the size of one input tensor (B, N, H, D)."""
+    per_head = buffers * batch * seq_len * head_dim * 4
+    allowed = max(ACCUMULATOR_BUDGET_BYTES, batch * seq_len * heads * head_dim * element_size)
+    return max(1, min(heads, allowed // per_head))
+
+
+def _strides3(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _branch_grid(seq_len: int, w: int, r: int, heads: int, block: int, batch: int) -> tuple[tuple[int, int], int]:
+    """Grid (blocks * segments * heads, batch) and blocks per (segment, head) of branch (w, r)."""
+    w = min(w, seq_len)                           # w > N: one segment of length N
+    num_blocks = triton_cdiv(math.ceil(w / r), block)
+    return (num_blocks * math.ceil(seq_len / w) * heads, batch), num_blocks
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16-bit inputs
+
+
+def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int, int]], causal: bool, scale: float,
+                  keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """q, k, v (B, N, H, D), last dim contiguous; keep (B, N) uint8 or None.
+    -> out (B, N, H, D) in q.dtype (0 where no branch covers a row), lse (B, N, H) float32 (-inf there)."""
+    B, N, H, D = q.shape
+    blocks = blocks_for("fwd", q.dtype, D)
+    lse = torch.full((B, N, H), float("-inf"), dtype=torch.float32, device=q.device)
+    direct = q.dtype == torch.float32  # accumulate straight into the output
+    out = torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device) if direct else torch.empty_like(q, memory_format=torch.contiguous_format)
+    group = H if direct else head_group(B, N, H, D, q.element_size(), buffers=1)
+    acc = out if direct else torch.empty(B, N, group, D, dtype=torch.float32, device=q.device)
+    keep_arg = keep if keep is not None else lse  # any pointer: unused without HAS_KEEP
+    keep_stride = N                                # keep is (B, N) contiguous
+    for h0 in range(0, H, group):
+        heads = min(group, H - h0)
+        acc_g = out[:, :, h0:h0 + heads] if direct else acc[:, :, :heads].zero_()
+        lse_g = lse[:, :, h0:h0 + heads]
+        qg, kg, vg = (x[:, :, h0:h0 + heads] for x in (q, k, v))
+        for w, r in branches:
+            grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
+            kern._fwd[grid](
+                qg, kg, vg, keep_arg, acc_g, lse_g, *_strides3(qg), *_strides3(kg), *_strides3(vg),
+                *_strides3(acc_g), *_strides3(lse_g), keep_stride, N, min(w, N), r, h0, heads, num_blocks,
+                scale * kern.LOG2E, CAUSAL=causal, HAS_KEEP=keep is not None, D=D, BLOCK_M=blocks.block_m,
+                BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
+                num_stages=blocks.num_stages)
+        if not direct:
+            out[:, :, h0:h0 + heads].copy_(acc_g)
+    return out, lse
+
+
+def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   branches: Sequence[tuple[int, int]], causal: bool, scale: float,
+                   keep: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) (B, N, H, D) in q.dtype. `out`, `grad_out` contiguous; `lse` (B, N, H)
+    float32 with +inf (or -inf) at rows that carry no gradient."""
+    B, N, H, D = q.shape
+    delta = torch.empty(B, N, H, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    rows, prep_rows = B * N * H, 16 if kern.interpreted() else 64
+    kern._bwd_prep[(triton_cdiv(rows, prep_rows),)](out, grad_out, lse, delta, lse2, rows, D=D, BLOCK=prep_rows)
+    direct = q.dtype == torch.float32
+    grads = [torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device) if direct else
+             torch.empty(B, N, H, D, dtype=q.dtype, device=q.device) for _ in range(3)]
+    group = H if direct else head_group(B, N, H, D, q.element_size(), buffers=3)
+    acc = None if direct else torch.empty(3, B, N, group, D, dtype=torch.float32, device=q.device)
+    keep_arg = keep if keep is not None else delta
+    dkdv, dq_blocks = blocks_for("dkdv", q.dtype, D), blocks_for("dq", q.dtype, D)
+    for h0 in range(0, H, group):
+        heads = min(group, H - h0)
+        hs = slice(h0, h0 + heads)
+        if direct:
+            dq_g, dk_g, dv_g = (g[:, :, hs] for g in grads)
+        else:
+            dq_g, dk_g, dv_g = acc[:, :, :, :heads].zero_().unbind(0)
+        qg, kg, vg, dog = (x[:, :, hs] for x in (q, k, v, grad_out))
+        lse_g, delta_g = lse2[:, :, hs], delta[:, :, hs]
+        common = (*_strides3(qg), *_strides3(kg), *_strides3(vg), *_strides3(dog), *_strides3(lse_g),
+                  *_strides3(dq_g), N, N)  # ..., keep's batch stride, sequence length
+        for w, r in branches:
+            w_eff = min(w, N)
+            grid, num_blocks = _branch_grid(N, w, r, heads, dkdv.block_n, B)
+            kern._bwd_dkdv[grid](
+                qg, kg, vg, dog, lse_g, delta_g, keep_arg, dk_g, dv_g, *common, w_eff, r, h0, heads, num_blocks,
+                scale * kern.LOG2E, scale, CAUSAL=causal, HAS_KEEP=keep is not None, D=D, BLOCK_M=dkdv.block_m,
+                BLOCK_N=dkdv.block_n, PRECISION=_precision(q.dtype), num_warps=dkdv.num_warps,
+                num_stages=dkdv.num_stages)
+            grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
+            kern._bwd_dq[grid](
+                qg, kg, vg, dog, lse_g, delta_g, keep_arg, dq_g, *common, w_eff, r, h0, heads, num_blocks,
+                scale * kern.LOG2E, scale, CAUSAL=causal, HAS_KEEP=keep is not None, D=D, BLOCK_M=dq_blocks.block_m,
+                BLOCK_N=dq_blocks.block_n, PRECISION=_precision(q.dtype), num_warps=dq_blocks.num_warps,
+                num_stages=dq_blocks.num_stages)
+        if not direct:
+            for total, part in zip(grads, (dq_g, dk_g, dv_g)):
+                total[:, :, hs].copy_(part)
+    return tuple(grads)
+
+
+class FusedDilatedFunction(torch.autograd.Function):
+    """Autograd over the fused kernels; q, k, v (B, N, H, D) with a contiguous last dimension."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, branches, causal, scale):
+        keep = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+        out, lse = fused_forward(q, k, v, branches, causal, scale, keep)
+        if keep is not None:  # padded queries output 0 and carry no gradient
+            out.mul_(key_padding_mask[:, :, None, None])
+            lse.masked_fill_(~key_padding_mask[:, :, None], float("inf"))
+        ctx.save_for_backward(q, k, v, out, lse, keep)
+        ctx.settings = (branches, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, keep = ctx.saved_tensors
+        branches, causal, scale = ctx.settings
+        dq, dk, dv = fused_backward(grad_out.to(q.dtype).contiguous(), q, k, v, out, lse, branches, causal, scale,
+                                    keep)
+        return dq, dk, dv, None, None, None, None
+
+
+def fused_dilated_attention(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int, int]], causal: bool,
+                            scale: float, key_padding_mask: Tensor | None) -> Tensor:
+    """(B, N, H, D) -> (B, N, H, D); inputs already checked by `dilated_attention`."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return FusedDilatedFunction.apply(q, k, v, key_padding_mask, tuple(branches), causal, scale)

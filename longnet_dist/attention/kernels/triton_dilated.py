@@ -1,0 +1,299 @@
+"""The fused LongNet kernels (Triton): every branch's rows read in place, Eq. 9-10 merged in-kernel.
+
+Branch (w, r) on a sequence of N rows: segment j covers positions [j*w, min((j+1)*w, N)); head h
+keeps slots k = 0, 1, ... at positions p = j*w + s + k*r with s = h mod r (Eq. 13-15), while
+p lies inside the segment. A program of the forward kernel owns BLOCK_M consecutive slots of one
+(batch, segment, head): it loads their q rows straight from the (B, N, H, D) tensor through strides
+(row stride r * stride_n, each row's D values contiguous), streams the key slots of the same segment
+through an online softmax (the flash-attention recurrence, in base 2), and merges its result into
+the running fp32 mixture of the branches already done (Eq. 9-10) at the same rows. A branch touches
+each (position, head) row at most once and branches run one launch after another, so the merge
+needs no atomics. Ragged tails, r not dividing w and H not a multiple of r are all "slot k exists
+iff s + k*r < segment length": per-(segment, head) slot counts, never copies or padding.
+
+Backward (the merged softmax identity, see dilated.py): `_bwd_prep` computes delta = rowsum(dO * O)
+and lse*log2(e) once for all branches; per branch `_bwd_dkdv` (a program per key block, looping
+over query blocks) and `_bwd_dq` (a program per query block, looping over key blocks) recompute
+P = exp2(q.k*scale*log2e - lse2) and add their gradients into fp32 accumulators in place.
+
+Masks are computed, never materialised: slot validity and causality from slot indices, key padding
+from one (B, N) byte per position. Blocks that need no mask skip it (MASKED is a constexpr).
+All row offsets are int64: at N = 4M, H = 12, D = 64 a tensor has more than 2^31 elements.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _slots(N, w, r, seg, h):
+    """(position of slot 0, number of slots) of head h in segment `seg` (Eq. 13-15)."""
+    seg_start = seg * w
+    seg_len = tl.minimum(w, N - seg_start)
+    s = h % r
+    return seg_start + s, (seg_len - s + r - 1) // r
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
+               n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_KEEP: tl.constexpr,
+               BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        pos_n = (row0 + offs_n * r).to(tl.int64)
+        n_ok = offs_n < n_slots
+        if MASKED:
+            k = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None])
+        qk = tl.dot(q, k, input_precision=PRECISION) * scale2                     # (BM, BN), log2 units
+        if MASKED:
+            allowed = n_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+            qk = tl.where(allowed, qk, float("-inf"))
+        if HAS_KEEP:
+            real = tl.load(keep_base + pos_n, mask=n_ok, other=0)
+            qk = tl.where(real[None, :] != 0, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED or HAS_KEEP:
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf) = 0
+        else:
+            m_new_safe = m_new
+        alpha = tl.exp2(m_i - m_new_safe)
+        p = tl.exp2(qk - m_new_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_base + pos_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + pos_n[:, None] * stride_vn + offs_d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd(Q, K, V, KEEP, OA, LA,
+         stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+         stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_lh, stride_keep,
+         N, w, r, head0, heads, num_m_blocks, scale2,
+         CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, D: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    pid, b = tl.program_id(0), tl.program_id(1)
+    pid_m = num_m_blocks - 1 - pid % num_m_blocks  # the longest causal rows first
+    seg_head = pid // num_m_blocks
+    seg, hh = seg_head // heads, seg_head % heads
+    row0, n_slots = _slots(N, w, r, seg, head0 + hh)
+    if pid_m * BLOCK_M >= n_slots:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    m_ok = offs_m < n_slots
+    pos_m = (row0 + offs_m * r).to(tl.int64)
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + hh * stride_qh + pos_m[:, None] * stride_qn + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    k_base = K + b64 * stride_kb + hh * stride_kh
+    v_base = V + b64 * stride_vb + hh * stride_vh
+    keep_base = KEEP + b64 * stride_keep
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if CAUSAL:  # keys before the block's first query need no causal mask
+        hi = tl.minimum(n_slots, (pid_m + 1) * BLOCK_M)
+        full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_slots
+        full = n_slots // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m,
+                               0, full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m,
+                               full, hi, n_slots, scale2, CAUSAL, True, HAS_KEEP, BLOCK_N, D, PRECISION)
+    # this branch: o_i = acc / l, lse_i = ln(sum exp) (-inf and o_i = 0 where no key was left)
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    o_i = acc / l_safe[:, None]
+    lse_i = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    # Eq. 10: LSE = logsumexp(lse_prev, lse_i); Eq. 9: out = sum_i exp(lse_i - LSE) * o_i
+    l_ptrs = LA + b64 * stride_lb + hh * stride_lh + pos_m * stride_ln
+    o_ptrs = OA + b64 * stride_ob + hh * stride_oh + pos_m[:, None] * stride_on + offs_d[None, :]
+    lse_prev = tl.load(l_ptrs, mask=m_ok, other=float("-inf"))
+    top = tl.maximum(lse_prev, lse_i)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    e_prev, e_i = tl.exp(lse_prev - top), tl.exp(lse_i - top)
+    total = e_prev + e_i
+    covered = total > 0.0
+    total_safe = tl.where(covered, total, 1.0)
+    o_prev = tl.load(o_ptrs, mask=m_ok[:, None], other=0.0)
+    merged = o_prev * (e_prev / total_safe)[:, None] + o_i * (e_i / total_safe)[:, None]
+    tl.store(o_ptrs, merged, mask=m_ok[:, None])
+    tl.store(l_ptrs, tl.where(covered, top + tl.log(total_safe), float("-inf")), mask=m_ok)
+
+
+@triton.jit
+def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row of the merged output: delta = rowsum(dO * O); lse2 = lse * log2(e), +inf if not finite."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < rows
+    offs_d = tl.arange(0, D)
+    o = tl.load(O + offs[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + offs[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + offs, tl.sum(o * do, 1), mask=ok)
+    lse = tl.load(LSE + offs, mask=ok, other=0.0)
+    finite = (lse == lse) & (lse < float("inf")) & (lse > float("-inf"))
+    tl.store(LSE2 + offs, tl.where(finite, lse * 1.4426950408889634, float("inf")), mask=ok)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, stride_ln,
+                row0, r, offs_n, lo, hi, n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                BLOCK_M: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for start in range(lo, hi, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < n_slots
+        pos_m = (row0 + offs_m * r).to(tl.int64)
+        q = tl.load(q_base + pos_m[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        do = tl.load(do_base + pos_m[:, None] * stride_don + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_base + pos_m * stride_ln, mask=m_ok, other=float("inf"))  # missing rows: P = 0
+        delta = tl.load(delta_base + pos_m * stride_ln, mask=m_ok, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale2 - lse2[None, :])  # (BN, BM)
+        if MASKED:  # causal diagonal blocks only; invalid or padded keys are dropped at the store
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)                                 # (BN, BM)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA,
+              stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+              stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
+              stride_gb, stride_gn, stride_gh, stride_keep,
+              N, w, r, head0, heads, num_n_blocks, scale2, scale,
+              CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    pid, b = tl.program_id(0), tl.program_id(1)
+    pid_n = pid % num_n_blocks
+    seg_head = pid // num_n_blocks
+    seg, hh = seg_head // heads, seg_head % heads
+    row0, n_slots = _slots(N, w, r, seg, head0 + hh)
+    if pid_n * BLOCK_N >= n_slots:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    n_ok = offs_n < n_slots
+    pos_n = (row0 + offs_n * r).to(tl.int64)
+    b64 = b.to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + hh * stride_kh + pos_n[:, None] * stride_kn + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + b64 * stride_vb + hh * stride_vh + pos_n[:, None] * stride_vn + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)
+    q_base = Q + b64 * stride_qb + hh * stride_qh
+    do_base = DO + b64 * stride_dob + hh * stride_doh
+    lse_base = LSE2 + b64 * stride_lb + hh * stride_lh
+    delta_base = DELTA + b64 * stride_lb + hh * stride_lh
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    if CAUSAL:  # queries from the block's first key on; past its last key no causal mask is needed
+        lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+        diag = tl.minimum(((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, n_slots)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, stride_ln,
+                             row0, r, offs_n, lo, diag, n_slots, scale2, True, True, BLOCK_M, D, PRECISION)
+    else:
+        diag = 0
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, stride_ln,
+                         row0, r, offs_n, diag, n_slots, n_slots, scale2, CAUSAL, False, BLOCK_M, D, PRECISION)
+    keep = n_ok
+    if HAS_KEEP:  # a padded key is attended by no query: its gradient is 0
+        keep = keep & (tl.load(KEEP + b64 * stride_keep + pos_n, mask=n_ok, other=0) != 0)
+    g_off = b64 * stride_gb + hh * stride_gh + pos_n[:, None] * stride_gn + offs_d[None, :]
+    store = n_ok[:, None]
+    dk = tl.where(keep[:, None], dk * scale, 0.0)
+    dv = tl.where(keep[:, None], dv, 0.0)
+    tl.store(DKA + g_off, tl.load(DKA + g_off, mask=store, other=0.0) + dk, mask=store)
+    tl.store(DVA + g_off, tl.load(DVA + g_off, mask=store, other=0.0) + dv, mask=store)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
+              n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_KEEP: tl.constexpr,
+              BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_slots
+        pos_n = (row0 + offs_n * r).to(tl.int64)
+        k_t = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        v_t = tl.load(v_base + pos_n[None, :] * stride_vn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        p = tl.exp2(tl.dot(q, k_t, input_precision=PRECISION) * scale2 - lse2[:, None])     # (BM, BN)
+        if MASKED:
+            allowed = n_ok[None, :]
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(allowed, p, 0.0)
+        if HAS_KEEP:
+            real = tl.load(keep_base + pos_n, mask=n_ok, other=0)
+            p = tl.where(real[None, :] != 0, p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
+            stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+            stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
+            stride_gb, stride_gn, stride_gh, stride_keep,
+            N, w, r, head0, heads, num_m_blocks, scale2, scale,
+            CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, D: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    pid, b = tl.program_id(0), tl.program_id(1)
+    pid_m = num_m_blocks - 1 - pid % num_m_blocks
+    seg_head = pid // num_m_blocks
+    seg, hh = seg_head // heads, seg_head % heads
+    row0, n_slots = _slots(N, w, r, seg, head0 + hh)
+    if pid_m * BLOCK_M >= n_slots:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    m_ok = offs_m < n_slots
+    pos_m = (row0 + offs_m * r).to(tl.int64)
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + hh * stride_qh + pos_m[:, None] * stride_qn + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b64 * stride_dob + hh * stride_doh + pos_m[:, None] * stride_don + offs_d[None, :],
+                 mask=m_ok[:, None], other=0.0)
+    l_off = b64 * stride_lb + hh * stride_lh + pos_m * stride_ln
+    lse2 = tl.load(LSE2 + l_off, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + l_off, mask=m_ok, other=0.0)
+    k_base = K + b64 * stride_kb + hh * stride_kh
+    v_base = V + b64 * stride_vb + hh * stride_vh
+    keep_base = KEEP + b64 * stride_keep
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(n_slots, (pid_m + 1) * BLOCK_M)
+        full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_slots
+        full = n_slots // BLOCK_N * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0,
+                   full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, full,
+                   hi, n_slots, scale2, CAUSAL, True, HAS_KEEP, BLOCK_N, D, PRECISION)
+    g_ptrs = DQA + b64 * stride_gb + hh * stride_gh + pos_m[:, None] * stride_gn + offs_d[None, :]
+    tl.store(g_ptrs, tl.load(g_ptrs, mask=m_ok[:, None], other=0.0) + dq * scale, mask=m_ok[:, None])
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, for a short lease on a CUDA machine (`make gpu-check`):
+#   1. the CUDA tests (both kernel families vs the float64 reference; the fused kernels' logic),
+#   2. the attention benchmark (dilated vs dense flash, N = 32K .. 4M) -> benchmarks/results/gpu_attention.*,
+#   3. the training benchmark on the GPU when its packages are importable -> benchmarks/results/train_cuda.*
+# Each stage has its own time limit so that a hang cannot eat the lease; results are written as they
+# come. Logs and results are also copied to $OUT when that is set (a device runner's output folder).
+# Stages to run: GPU_CHECK_STAGES="tests attention train" (default all); GPU_CHECK_ATTENTION_ARGS,
+# GPU_CHECK_TRAIN_ARGS pass options to the benchmarks.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+results=benchmarks/results
+mkdir -p "$results"
+stages=${GPU_CHECK_STAGES:-tests attention train}
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+run() {  # run LIMIT_SECONDS NAME COMMAND...: one stage, its log in results/NAME.log
+    local limit=$1 name=$2; shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$results/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name exit $rc"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+for stage in $stages; do
+    case $stage in
+        tests) run 240 gpu_tests python3 -m pytest tests/test_cuda_attention.py tests/test_triton_kernels.py -q \
+                   -p no:cacheprovider --junitxml="$results/gpu_tests.xml" ;;
+        attention) run 300 gpu_attention python3 benchmarks/gpu_attention.py ${GPU_CHECK_ATTENTION_ARGS:---tune} ;;
+        train) if python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
+                   run 240 train_cuda python3 benchmarks/train.py --device cuda ${GPU_CHECK_TRAIN_ARGS:---quick}
+               else
+                   echo "== train skipped: hydra/omegaconf/deepspeed not importable (carry wheels: ../shared/offline_wheels.sh)"
+               fi ;;
+        *) echo "unknown stage $stage"; status=1 ;;
+    esac
+done
+if [ -n "${OUT:-}" ]; then
+    cp -f "$results"/gpu_* "$results"/train_cuda* "$OUT"/ 2>/dev/null || true
+fi
+exit $status

@@ -1,0 +1,105 @@
+"""The fused Triton kernels' logic, on CPU through Triton's interpreter (and on CUDA when present).
+
+Forward and gradients against the dense float64 reference, and against the gather path (the fused
+kernels' plain-torch twin). Tolerances: float32 runs exact IEEE dot products, so only summation
+order differs (observed ~2e-7 relative), except where a gradient cancels to ~0 (dP - rowsum(dO * O)
+with a single key: a few 1e-5 of the per-element floor), hence 1e-4; float16 rounds its inputs and P to 11-bit
+mantissas (observed ~5e-4 relative norm; 4e-3 allowed). bfloat16 is not tested here: the
+interpreter's bf16 dot is wrong (tests/test_cuda_attention.py covers bf16 on a GPU).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from longnet_dist.attention import dilated_attention
+from reference import dilated_errors
+
+triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@st.composite
+def configs(draw):
+    branches = draw(st.integers(1, 3))
+    segs = sorted(draw(st.lists(st.integers(1, 80), min_size=branches, max_size=branches)))
+    return dict(B=draw(st.integers(1, 2)), N=draw(st.integers(1, 70)), H=draw(st.integers(1, 5)),
+                D=draw(st.sampled_from([16, 32])), segs=segs, rates=[draw(st.integers(1, min(w, 6))) for w in segs],
+                causal=draw(st.booleans()), pad=draw(st.sampled_from([0.0, 0.0, 0.3, 0.9])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs())
+def test_fused_float32_matches_dense_reference(cfg):
+    """Ragged tails, w > N, r not dividing w, H not a multiple of r, uncovered rows, key padding
+    (up to 90%: rows with no key left), causal or not, batch 2."""
+    errors = dilated_errors(DEVICE, cfg["B"], cfg["N"], cfg["H"], cfg["D"], cfg["segs"], cfg["rates"], cfg["causal"],
+                             cfg["pad"], torch.float32, cfg["seed"])
+    assert max(errors.values()) < 1e-4, errors
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pad", [0.0, 0.3])
+def test_fused_float16_matches_dense_reference(causal, pad):
+    errors = dilated_errors(DEVICE, 2, 100, 5, 16, [12, 32, 128], [1, 3, 6], causal, pad, torch.float16)
+    assert max(errors.values()) < 4e-3, errors
+
+
+def test_head_groups_give_the_same_result(monkeypatch):
+    """Long sequences accumulate a group of heads at a time (16-bit inputs): forcing one head per
+    group must not change anything."""
+    from longnet_dist.attention import fused
+
+    whole = dilated_errors(DEVICE, 1, 64, 3, 16, [16, 64], [1, 4], True, 0.2, torch.float16, seed=3)
+    monkeypatch.setattr(fused, "ACCUMULATOR_BUDGET_BYTES", 0)
+    assert fused.head_group(1, 64, 3, 16, 2, buffers=3) == 1
+    grouped = dilated_errors(DEVICE, 1, 64, 3, 16, [16, 64], [1, 4], True, 0.2, torch.float16, seed=3)
+    assert grouped == pytest.approx(whole, rel=1e-6, abs=1e-9)
+
+
+def test_fused_matches_gather_path_float32():
+    """The fused kernels against their plain-torch twin (gather -> per-branch kernel -> merge)."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 90, 4, 32, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    mask = (torch.rand(2, 90, generator=g) > 0.2).to(DEVICE)
+    segs, rates = [16, 40, 200], [1, 3, 8]
+    outs = []
+    for backend in ("triton", "chunked"):
+        out = dilated_attention(q, k, v, segs, rates, causal=True, key_padding_mask=mask, backend=backend)
+        outs.append([out, *torch.autograd.grad(out.square().sum(), (q, k, v))])
+    for name, fused_t, twin in zip(("out", "dq", "dk", "dv"), *outs):
+        torch.testing.assert_close(fused_t, twin, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_padded_queries_output_zero_and_pass_no_gradient():
+    q, k, v = (torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    mask = torch.ones(1, 40, dtype=torch.bool, device=DEVICE)
+    mask[0, 30:] = False
+    out = dilated_attention(q, k, v, [16], [1], causal=False, key_padding_mask=mask, backend="triton")
+    assert out[0, 30:].abs().max() == 0
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert dq[0, 30:].abs().max() == 0 and dk[0, 30:].abs().max() == 0 and dv[0, 30:].abs().max() == 0
+
+
+def test_default_backend_on_cpu_is_not_triton():
+    """The interpreter is for tests: CPU tensors keep aten's CPU flash kernel unless asked."""
+    from longnet_dist.attention import select_backend
+
+    assert select_backend(torch.zeros(1, 4, 1, 16)) == "cpu_flash"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dtype=torch.float64), "float16, bfloat16 and float32"),
+    (dict(head_dim=24), "head_dim in"),
+])
+def test_triton_backend_rejects_what_it_cannot_run(bad, message):
+    x = torch.zeros(1, 8, 2, bad.get("head_dim", 16), dtype=bad.get("dtype", torch.float32), device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        dilated_attention(x, x, x, [4], [1], backend="triton")
