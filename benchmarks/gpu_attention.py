@@ -16,6 +16,7 @@ the JSON). Writes benchmarks/results/gpu_attention.json and .png (the JSON after
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
-from common import RESULTS, machine, save  # noqa: E402
+from common import RESULTS, machine  # noqa: E402
 
 from longnet_dist.attention import dilated_attention  # noqa: E402
 from longnet_dist.attention.kernels import dense_flops  # noqa: E402
@@ -203,10 +204,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 32K and 1M only")
     parser.add_argument("--tune", action="store_true", help="sweep block shapes first (about 1 minute)")
     parser.add_argument("--tag", default="", help="results go to gpu_attention_<tag>.json/png")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_attention.py needs a CUDA GPU")
     host = machine()
+    args.results.mkdir(parents=True, exist_ok=True)
     name = f"gpu_attention_{args.tag}" if args.tag else "gpu_attention"
     payload = {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "heads": HEADS, "head_dim": HEAD_DIM,
                "dtype": "bfloat16", "batch": 1, "command": " ".join(sys.argv), "points": []}
@@ -238,12 +241,12 @@ def main() -> None:
                                                                     if "tail_max_abs_diff" in point else ""),
                   flush=True)
         payload["targets"] = summarize(payload["points"])
-        save(name, payload)
+        (args.results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     for key, value in payload["targets"].items():
         print(f"{key}: {value:.3f}")
-    plot(payload["points"], RESULTS / f"{name}.png",
+    plot(payload["points"], args.results / f"{name}.png",
          f"LongNet dilated (fused Triton) vs dense flash attention, bf16, H={HEADS}, D={HEAD_DIM} - {host['gpu']}")
-    print(f"wrote {RESULTS / name}.json and .png")
+    print(f"wrote {args.results / name}.json and .png")
 
 
 if __name__ == "__main__":

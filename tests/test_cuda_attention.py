@@ -69,7 +69,8 @@ def test_aten_calls_are_split_below_32_bit_indexing(monkeypatch):
 
 def test_paper_branches_fused_agree_with_aten_path():
     """H = 12, D = 64, the paper's branches (r = 6, 12 do not divide w), N = 64K, causal, bf16:
-    the fused kernels and the gather + aten path agree to bf16 rounding against an fp32 run."""
+    the fused kernels and the gather + aten path agree to bf16 rounding against an fp32 run of the
+    aten path (the memory-efficient kernel, fp32 math)."""
     segs, rates = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
     torch.manual_seed(0)
     base = [torch.randn(1, 65536, 12, 64, device="cuda") for _ in range(4)]
@@ -79,7 +80,7 @@ def test_paper_branches_fused_agree_with_aten_path():
         out = dilated_attention(q, k, v, segs, rates, causal=True, backend=backend)
         return [out.float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), base[3].to(dtype)))]
 
-    ref = run(torch.float32, "triton")
+    ref = run(torch.float32, "cuda_flash")
     for backend in ("triton", "cuda_flash"):
         for name, a, b in zip(("out", "dq", "dk", "dv"), run(torch.bfloat16, backend), ref):
             error = ((a - b).norm() / b.norm()).item()

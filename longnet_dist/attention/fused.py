@@ -34,12 +34,13 @@ class Blocks:
     num_stages: int
 
 
-# (kernel, fp32?) -> blocks. Hopper defaults after the Triton fused-attention tutorial's choices for
-# head_dim 64; benchmarks/gpu_attention.py sweeps alternatives and can install the best in TUNED.
+# (kernel, fp32?) -> blocks. 16-bit: the fastest of `benchmarks/gpu_attention.py --tune` on an H200
+# (head_dim 64, paper branches, N = 256K, causal; benchmarks/results/gpu_attention.json keeps the
+# sweep): forward 64x64 6.79 ms vs 7.19 for the tutorial's 128x64. The sweep can install others in TUNED.
 DEFAULT_BLOCKS = {
-    ("fwd", False): Blocks(128, 64, 4, 3),
+    ("fwd", False): Blocks(64, 64, 4, 4),
     ("dkdv", False): Blocks(32, 128, 4, 4),
-    ("dq", False): Blocks(128, 32, 4, 4),
+    ("dq", False): Blocks(64, 64, 4, 3),
     ("fwd", True): Blocks(64, 32, 4, 2),
     ("dkdv", True): Blocks(32, 64, 4, 2),
     ("dq", True): Blocks(64, 32, 4, 2),

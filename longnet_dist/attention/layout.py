@@ -89,6 +89,35 @@ class BranchLayout:
         """r = 1 and whole segments: the sparse batch is just a reshape of the rows, no copy."""
         return self.dilation == 1 and self.seq_len % self.effective_segment == 0
 
+    @property
+    def viewable(self) -> bool:
+        """Whole segments and r dividing w: each head offset's rows are a strided view, no copy needed."""
+        return (self.phase == 0 and self.seq_len % self.effective_segment == 0
+                and self.effective_segment % self.dilation == 0)
+
+    @property
+    def offsets(self) -> range:
+        """The head offsets s in use: heads h = s, s + r, ... keep rows a + s + k*r (Eq. 13-15)."""
+        return range(min(self.dilation, self.num_heads))
+
+    def offset_view(self, rows: Tensor, offset: int, flat: bool = True) -> Tensor:
+        """(B, N * H [+ 1], ...) rows -> the rows that heads h = offset (mod r) keep, without copying:
+        (B * n_seg, w/r, H_s, ...) (`flat`; a copy only when the batch cannot merge with the segments,
+        e.g. rows with a spare row), or the writable view (B, n_seg, w/r, H_s, ...). Needs `viewable`."""
+        w, r, H = self.effective_segment, self.dilation, self.num_heads
+        grid = rows[:, : self.seq_len * H].view(rows.shape[0], self.seq_len // w, w // r, r, H, *rows.shape[2:])
+        picked = grid[:, :, :, offset, offset::r]                      # (B, n_seg, w/r, H_s, ...)
+        return picked.flatten(0, 1) if flat else picked
+
+    def offset_key_valid(self, key_padding_mask: Tensor | None, offset: int) -> Tensor | None:
+        """(B * n_seg, w/r, H_s) keys of heads h = offset (mod r) that may be attended, or None (no padding)."""
+        if key_padding_mask is None:
+            return None
+        w, r = self.effective_segment, self.dilation
+        real = key_padding_mask.view(-1, self.seq_len // w, w // r, r)[:, :, :, offset].flatten(0, 1)  # (B*n_seg, w/r)
+        heads = len(range(offset, self.num_heads, r))
+        return real.unsqueeze(-1).expand(-1, -1, heads)
+
     def gather(self, rows: Tensor) -> Tensor:
         """(B, N * H [+ 1], ...) rows -> (B * n_seg, m, H, ...) sparse batch of this branch."""
         batch = rows.shape[0]

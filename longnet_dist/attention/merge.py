@@ -39,6 +39,21 @@ class BranchMerger:
         self.out.index_copy_(1, index, mixed)
         self.lse.index_copy_(1, index, new_lse)
 
+    def add_into(self, out_view: Tensor, lse_view: Tensor, out: Tensor, lse: Tensor) -> None:
+        """Merge one branch into rows given as writable views of `self.out` (..., D) and `self.lse` (...)
+        (layout.offset_view), with `out`, `lse` of the same shapes: the same update, no index copies."""
+        out, lse = out.to(self.out.dtype), lse.to(self.lse.dtype)
+        if self._empty:
+            out_view.copy_(out)
+            lse_view.copy_(lse)
+            self._empty = False
+            return
+        new_lse = torch.logaddexp(lse_view, lse)                         # Eq. 10
+        finite = torch.where(torch.isfinite(new_lse), new_lse, torch.zeros_like(new_lse))
+        out_view.mul_(torch.exp(lse_view - finite).unsqueeze(-1))       # weight of the branches merged before
+        out_view.add_(out * torch.exp(lse - finite).unsqueeze(-1))      # Eq. 9
+        lse_view.copy_(new_lse)
+
     def result(self) -> tuple[Tensor, Tensor]:
         """(out (B, N * H, D), lse (B, N * H)) without the spare row."""
         return self.out[:, : self.rows], self.lse[:, : self.rows]
