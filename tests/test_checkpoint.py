@@ -21,6 +21,14 @@ from longnet_dist.train import checkpoint as ckpt
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def ranks_on_cpu(monkeypatch):
+    """The spawned ranks talk gloo, so their engines must live on the CPU: with a GPU visible DeepSpeed
+    would put the model on it. run_multiprocess hands this environment to every rank."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
 def make_engine(seed: int, zero_stage: int = 0, width: int = 16):
     """A DeepSpeed engine around a tiny MLP, after one AdamW step (so optimizer state exists)."""
     import deepspeed
