@@ -212,6 +212,17 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
         assert list((mount_point / "ckpt").iterdir()) == []  # partial save removed
 
 
+def _devices(rank: int, world: int) -> tuple:
+    from deepspeed.accelerator import get_accelerator
+
+    return os.environ["CUDA_VISIBLE_DEVICES"], get_accelerator().device_name(), str(make_engine(seed=1).device)
+
+
+def test_ranks_run_deepspeed_on_the_cpu():
+    """What ranks_on_cpu guarantees on a GPU machine too: no GPU visible, DeepSpeed's CPU accelerator."""
+    assert run_multiprocess(_devices, 1, timeout=240) == [("", "cpu", "cpu")]
+
+
 def test_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="keep_last=0"):
         ckpt.save_checkpoint(object(), tmp_path, 1, {}, keep_last=0)
