@@ -38,6 +38,8 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
         from .sequence_parallel import plan_branches  # floor 2 -> floor 1 only when sharding is asked for
         seq_len, sp_size = q.shape[1] * sequence_group.size, sequence_group.size
         check_sequence_parallel_config(seq_len, sp_size, segment_lengths, dilation_rates)  # before any communication
-        sequence_group.prepare_at_first_use(segment_spans(seq_len, sp_size, segment_lengths))
+        prepare = getattr(sequence_group, "prepare_at_first_use", None)  # duck-typed stand-ins have none
+        if prepare is not None:
+            prepare(segment_spans(seq_len, sp_size, segment_lengths))  # a torch group's subgroups, split now
         branches = plan_branches(q.shape[1], segment_lengths, dilation_rates, sequence_group)
     return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale, backend)

@@ -2,8 +2,9 @@
 
 Accepted: None (one device), a `SequenceGroup` (from `build_mesh` / `init_sequence_parallel`), a
 `torch.distributed.ProcessGroup`, or a 1-D `torch.distributed.device_mesh.DeviceMesh` (its group).
-A torch group becomes a `SequenceGroup` that splits its segment subgroups off that group, among its
-own ranks, at first use (sequence_group.py). Conversions are cached per ProcessGroup, for the life
+Objects with SequenceGroup's interface (test stand-ins) pass unchanged. A torch group becomes a
+`SequenceGroup` that splits its segment subgroups off that group, among its own ranks, at first use
+(sequence_group.py). Conversions are cached per ProcessGroup, for the life
 of the process (like torch's own group registry), so each subgroup is created once.
 """
 
@@ -57,9 +58,17 @@ def _from_process_group(group: dist.ProcessGroup) -> SequenceGroup:
     return SequenceGroup(group, global_ranks, global_rank=rank, split_from_group=can_split(group))
 
 
+def _has_sequence_group_interface(obj) -> bool:
+    """Duck-typed stand-ins (tests): int `size` and `rank`, and `segment_subgroup`; not torch's groups,
+    whose size and rank are methods."""
+    size, rank = getattr(obj, "size", None), getattr(obj, "rank", None)
+    int_fields = all(isinstance(value, int) and not isinstance(value, bool) for value in (size, rank))
+    return int_fields and callable(getattr(obj, "segment_subgroup", None))
+
+
 def as_sequence_group(obj) -> SequenceGroup | None:
     """`obj` as a SequenceGroup (None stays None); TypeError/ValueError naming what is accepted."""
-    if obj is None or isinstance(obj, SequenceGroup):
+    if obj is None or isinstance(obj, SequenceGroup) or _has_sequence_group_interface(obj):
         return obj
     device_mesh = _device_mesh_type()
     if device_mesh is not None and isinstance(obj, device_mesh):
