@@ -21,6 +21,14 @@ from longnet_dist.train import checkpoint as ckpt
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def ranks_on_cpu(monkeypatch):
+    """The spawned ranks talk gloo, so their engines must live on the CPU: with a GPU visible DeepSpeed
+    would put the model on it. run_multiprocess hands this environment to every rank."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
 def make_engine(seed: int, zero_stage: int = 0, width: int = 16):
     """A DeepSpeed engine around a tiny MLP, after one AdamW step (so optimizer state exists)."""
     import deepspeed
@@ -202,6 +210,17 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
         assert message.startswith("disk full while saving checkpoint step 1"), message
         assert str(mount_point / "ckpt" / "step_00000001.tmp-") in message
         assert list((mount_point / "ckpt").iterdir()) == []  # partial save removed
+
+
+def _devices(rank: int, world: int) -> tuple:
+    from deepspeed.accelerator import get_accelerator
+
+    return os.environ["CUDA_VISIBLE_DEVICES"], get_accelerator().device_name(), str(make_engine(seed=1).device)
+
+
+def test_ranks_run_deepspeed_on_the_cpu():
+    """What ranks_on_cpu guarantees on a GPU machine too: no GPU visible, DeepSpeed's CPU accelerator."""
+    assert run_multiprocess(_devices, 1, timeout=240) == [("", "cpu", "cpu")]
 
 
 def test_argument_errors(tmp_path):

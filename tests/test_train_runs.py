@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from longnet_dist.distributed.testing import free_port
+from subprocess_env import REPO, repo_first_on_pythonpath
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
 # Branch 256 spans both ranks of sp=2 (128 rows each), so the sharded attention path runs.
 TINY = ["model=tiny", "data.seq_len=256", "attention.segment_lengths=[64,128,256]", "attention.dilation_rates=[1,2,4]",
@@ -32,7 +32,7 @@ PARAM_RTOL = 1e-4  # relative to each tensor's largest entry
 
 
 def launch(output_dir: Path, *overrides: str, nproc: int = 1, wait: bool = True):
-    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
     module = ["-m", "longnet_dist.train", f"trainer.output_dir={output_dir}", *TINY, *overrides]
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

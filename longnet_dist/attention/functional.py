@@ -8,6 +8,7 @@ from torch import Tensor
 from .checks import check_branches, check_qkv, check_scale
 from .dilated import LocalBranch, _DilatedAttentionFunction
 from .kernels import branch_backend, select_backend
+from .sharding import check_sequence_parallel_config, segment_spans
 
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
@@ -18,11 +19,16 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
     Branch i keeps, in every segment of `segment_lengths[i]` rows, every `dilation_rates[i]`-th row,
     starting at offset h mod r for head h; branches are mixed by their softmax denominators.
     `key_padding_mask` (B, N) bool marks real tokens (True); padded queries output 0. `scale`
-    defaults to head_dim ** -0.5. With `sequence_group` (a `longnet_dist.distributed.SequenceGroup`
-    of size P), q, k, v are this rank's contiguous shard of a sequence of P * N rows and the result
-    is this rank's shard of the single-device result. `backend` forces a kernel family (see
-    kernels/__init__.py); on CUDA the default is the fused Triton kernel ("triton").
+    defaults to head_dim ** -0.5. With `sequence_group` of P ranks (a `longnet_dist.distributed.SequenceGroup`,
+    a `torch.distributed.ProcessGroup` or a 1-D `DeviceMesh`), q, k, v are this rank's contiguous shard
+    of a sequence of P * N rows and the result is this rank's shard of the single-device result; a
+    torch group's segment subgroups are split off it at first use (docs/sequence_parallel.md).
+    `backend` forces a kernel family (see kernels/__init__.py); on CUDA the default is the fused
+    Triton kernel ("triton") on one device, aten's flash kernels per branch when sharded.
     """
+    if sequence_group is not None:  # floor 2 -> floor 1 only when sharding is asked for
+        from longnet_dist.distributed.group_types import as_sequence_group
+        sequence_group = as_sequence_group(sequence_group)  # TypeError/ValueError for anything else
     segment_lengths, dilation_rates = check_branches(segment_lengths, dilation_rates)
     check_qkv(q, k, v, key_padding_mask)
     scale = check_scale(scale, q.shape[-1])
@@ -36,6 +42,11 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
         branches = [LocalBranch(w, r) for w, r in zip(segment_lengths, dilation_rates)]
     else:
         from .sequence_parallel import plan_branches  # floor 2 -> floor 1 only when sharding is asked for
+        seq_len, sp_size = q.shape[1] * sequence_group.size, sequence_group.size
+        check_sequence_parallel_config(seq_len, sp_size, segment_lengths, dilation_rates)  # before any communication
+        prepare = getattr(sequence_group, "prepare_at_first_use", None)  # duck-typed stand-ins have none
+        if prepare is not None:
+            prepare(segment_spans(seq_len, sp_size, segment_lengths))  # a torch group's subgroups, split now
         branches = plan_branches(q.shape[1], segment_lengths, dilation_rates, sequence_group)
     return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale,
                                            branch_backend(kind, q))

@@ -1,4 +1,19 @@
-"""A rank's sequence-parallel group and the segment subgroups that sharded attention branches use."""
+"""A rank's sequence-parallel group and the segment subgroups that sharded attention branches use.
+
+A segment subgroup is the sp ranks [first, first + count) of the group (a "span"). It is made in
+one of two ways; either way every rank that takes part creates the same spans in one sorted order,
+which is what keeps group creation from deadlocking:
+
+- world: a group from `build_mesh` knows the sp ranks of every dp replica and makes each subgroup
+  with `dist.new_group`, which is collective over the WHOLE world. So `prepare_segment_subgroups`
+  runs at setup on every world rank, with the same spans (the trainer and `init_sequence_parallel`
+  do this); a span missing later is an error (`segment_subgroup` names the call).
+- split: a group made from a torch ProcessGroup (`as_sequence_group`) splits each subgroup off that
+  group with `ProcessGroup.split_group`: every rank of the group (members of the span or not, as
+  torch's split contract asks) enters each split; no rank outside the group takes part. So
+  `dilated_attention` can create the spans at first use (`prepare_at_first_use`), where every rank
+  of the group is anyway.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +39,41 @@ def subgroup_rank_lists(replica_rank_lists: list[list[int]], spans: list[Span]) 
     return to_create
 
 
+def _one_device_per_backend(parent) -> list:
+    """A device type for each distinct backend of `parent`, cpu first.
+
+    A gloo group serves cpu and cuda with one backend; torch 2.13 would split it once per device
+    type, and the two children would rendezvous on one store prefix and hang.
+    """
+    devices, backends = [], []
+    for device in sorted(parent._device_types, key=lambda device: device.type != "cpu"):
+        backend = parent._get_backend(device)
+        if not any(backend is seen for seen in backends):
+            devices.append(device)
+            backends.append(backend)
+    return devices
+
+
+def split_segment_group(parent, first: int, count: int):
+    """The ProcessGroup of ranks [first, first + count) of `parent`, or None on its other ranks.
+
+    Collective over `parent`: all its ranks call it with the same span. (torch's `dist.split_group`
+    refuses a CPU-only gloo world; the `ProcessGroup.split_group` method it wraps works on gloo.)
+    The name, equal on every rank because the parent's is, keys the new group's store entries.
+    """
+    return parent.split_group(list(range(first, first + count)),
+                              group_name=f"{parent.group_name}:longnet_segment:{first}+{count}",
+                              device_types=_one_device_per_backend(parent))
+
+
 class SequenceGroup:
     """The sequence-parallel group of this rank, or a segment subgroup of it.
 
     Attributes: `group` (ProcessGroup; None for a group of one rank, whose collectives are
     local copies), `rank` (this process's rank inside the group), `size`, `global_ranks`.
+    Subgroups: with `replica_rank_lists` (the sp ranks of every dp replica) they are made over the
+    world at setup; with `split_from_group` they are split off `group` (see the module doc); with
+    neither this group cannot make any (a segment subgroup, or a backend that cannot split).
     """
 
     def __init__(
@@ -38,6 +83,7 @@ class SequenceGroup:
         *,
         global_rank: int,
         replica_rank_lists: list[list[int]] | None = None,
+        split_from_group: bool = False,
     ) -> None:
         if global_rank not in global_ranks:
             raise ValueError(f"global rank {global_rank} is not a member of ranks {global_ranks}")
@@ -48,9 +94,8 @@ class SequenceGroup:
         self.size = len(global_ranks)
         self.rank = global_ranks.index(global_rank)
         self._global_rank = global_rank
-        # Rank lists of the sp groups of every dp replica (same order on every rank); None for a
-        # subgroup, which cannot be split further.
         self._replica_rank_lists = replica_rank_lists
+        self._split_from_group = split_from_group
         self._prepared_spans: set[Span] = set()
         self._subgroups: dict[Span, SequenceGroup] = {}
 
@@ -66,22 +111,55 @@ class SequenceGroup:
             )
 
     def prepare_segment_subgroups(self, spans: list[Span]) -> None:
-        """Create the subgroups of all `spans` once, at setup.
+        """Create the subgroups of all `spans` once; spans already prepared create nothing new.
 
-        Collective over the WHOLE world: every rank calls it with the same spans, because torch's
-        new_group must be called by every rank for every group (other dp replicas' ones included).
-        Calling again with spans already prepared creates nothing new.
+        Collective, with the same spans on every rank: over the WHOLE world for a mesh group
+        (torch's new_group needs every rank for every group, other dp replicas' ones included),
+        over this group's ranks only for a group split from a torch ProcessGroup.
         """
-        if self._replica_rank_lists is None:
-            raise ValueError(f"{self!r} is a segment subgroup; prepare spans on the full sequence group")
+        if self._replica_rank_lists is None and not self._split_from_group:
+            raise ValueError(
+                f"{self!r} cannot create segment subgroups: it is a segment subgroup itself (prepare spans "
+                f"on the full sequence group), or its backend cannot split a group (at setup, on every "
+                f"rank, use longnet_dist.distributed.init_sequence_parallel and pass the group it returns)"
+            )
         for first, count in spans:
             self._check_span(first, count)
-        new_spans = [tuple(span) for span in spans if tuple(span) not in self._prepared_spans]
-        for span, ranks in subgroup_rank_lists(self._replica_rank_lists, new_spans):
-            process_group = dist.new_group(ranks)
-            if self._global_rank in ranks:
-                self._subgroups[span] = SequenceGroup(process_group, ranks, global_rank=self._global_rank)
+        new_spans = sorted({tuple(span) for span in spans} - self._prepared_spans)
+        if self._replica_rank_lists is not None:
+            for span, ranks in subgroup_rank_lists(self._replica_rank_lists, new_spans):
+                self._add_subgroup(span, dist.new_group(ranks), ranks)
+        else:
+            for first, count in new_spans:
+                if 1 < count < self.size:
+                    ranks = self.global_ranks[first : first + count]
+                    self._add_subgroup((first, count), split_segment_group(self.group, first, count), ranks)
         self._prepared_spans.update(new_spans)
+
+    def prepare_at_first_use(self, spans: list[Span]) -> None:
+        """What `dilated_attention` calls on every rank of this group before its collectives.
+
+        A group split from a torch ProcessGroup creates the spans it lacks now (collective over
+        this group, whose ranks are all in that call); a mesh group does nothing, since its
+        subgroups need the whole world (`segment_subgroup` names the setup call if one is missing);
+        a group that can make none raises ValueError if `spans` need any.
+        """
+        if self._split_from_group:
+            self.prepare_segment_subgroups(spans)
+        elif self._replica_rank_lists is None:
+            missing = sorted({tuple(span) for span in spans if 1 < span[1] < self.size} - self._prepared_spans)
+            if missing:
+                raise ValueError(
+                    f"sequence group {self!r} needs segment subgroups (first sp rank, count) {missing} but cannot "
+                    f"create them among its own ranks (its ProcessGroup's backend cannot split, or it is a "
+                    f"segment subgroup itself), and torch's new_group would need every rank of the world. At "
+                    f"setup, on every rank, call longnet_dist.distributed.init_sequence_parallel("
+                    f"sequence_parallel_size, seq_len, segment_lengths) and pass the group it returns"
+                )
+
+    def _add_subgroup(self, span: Span, process_group, ranks: list[int]) -> None:
+        if self._global_rank in ranks:
+            self._subgroups[span] = SequenceGroup(process_group, ranks, global_rank=self._global_rank)
 
     def segment_subgroup(self, first: int, count: int) -> SequenceGroup:
         """The subgroup of sp ranks [first, first + count), which must include this rank.

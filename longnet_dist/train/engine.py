@@ -38,12 +38,18 @@ def _quiet_deepspeed() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
+def _engine_on_cpu() -> bool:
+    """DeepSpeed (and the model) on the CPU: without CUDA, or when the ranks talk gloo, which moves CPU
+    tensors (with a GPU visible DeepSpeed would otherwise pick it). DS_ACCELERATOR, if set, still wins."""
+    return not torch.cuda.is_available() or dist.get_backend() == "gloo"
+
+
 def _skip_shared_memory_allreduce_build() -> None:
     """On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (about a minute) that only its
     inference path uses; training reduces through torch.distributed (gloo), so mark it unavailable."""
     import deepspeed.ops
 
-    if not torch.cuda.is_available():
+    if _engine_on_cpu():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
@@ -58,8 +64,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 def build_engine(model: nn.Module, ds_config: dict[str, Any]):
     """deepspeed.initialize over the whole world as data-parallel group (see loss.py for why)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would detect, minus its warning
+    if _engine_on_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # set before DeepSpeed is first imported
     import deepspeed
 
     _quiet_deepspeed()
