@@ -26,7 +26,7 @@ from longnet_dist.distributed.objects import broadcast_from_rank0
 from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import deepspeed_config, model_config, validate_config
+from .config import deepspeed_config, describe_branches, model_config, validate_config
 from .engine import build_engine, ensure_process_group, stage0_grad_norm
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
@@ -166,6 +166,7 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         f"{tokens_per_step:,} tokens/step | train {corpus['train'].num_tokens:,} tokens, "
         f"validation {corpus['validation'].num_tokens:,} | run dir {output_dir}"
         + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else ""))
+    logger.write(describe_branches(cfg))
 
     def save(at_step: int) -> Path:
         return save_checkpoint(engine, checkpoint_root, at_step, client_state(
