@@ -204,6 +204,25 @@ def find_latest_checkpoint(checkpoint_root: str | os.PathLike, *, checksums: boo
     return None
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder `path` names: a step_XXXXXXXX folder (verified), or the newest complete one
+    under a checkpoints root or a run directory (its checkpoints/). CheckpointError naming what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; expected a run directory, its checkpoints/ folder or a "
+                              f"checkpoint folder (step_XXXXXXXX)")
+    if (path / MANIFEST_NAME).exists() or (path / COMPLETE_NAME).exists() or _STEP_DIR.match(path.name):
+        verify_checkpoint(path)  # CorruptCheckpointError: unfinished, truncated, missing files
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = find_latest_checkpoint(root)
+    if latest is None:
+        found = [folder.name for folder in list_checkpoints(root)]
+        raise CheckpointError(f"no complete checkpoint in {root} (step_XXXXXXXX folders with a COMPLETE marker; "
+                              f"found {found or 'none'})")
+    return latest
+
+
 # ----------------------------------------------------------------------------- save
 def _check_free_space(root: Path, step: int) -> None:
     """Refuse to start a save that cannot fit: needs about as much as the newest checkpoint."""
