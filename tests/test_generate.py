@@ -86,7 +86,7 @@ def test_export_loads_without_deepspeed_and_gives_identical_logits(run_dirs, tmp
         f"ids = torch.arange(40).remainder(200).view(1, 40) + 30\n"
         f"torch.save(model(ids).detach(), {str(tmp_path / 'logits.pt')!r})\n"
         "assert not any(name.startswith('deepspeed') for name in sys.modules if sys.modules[name] is not None)\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-6)
@@ -95,7 +95,16 @@ def test_export_loads_without_deepspeed_and_gives_identical_logits(run_dirs, tmp
     assert torch.equal(torch.load(tmp_path / "logits.pt"), exact)  # export is lossless
 
 
-def test_each_generated_step_has_the_logits_of_a_full_forward_pass():
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread is ~50x faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_each_generated_step_has_the_logits_of_a_full_forward_pass(one_thread):
     torch.manual_seed(0)
     config = LongNetConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4, segment_lengths=[4, 8, 16],
                            dilation_rates=[1, 2, 4])  # ragged segments and every head offset get exercised
@@ -118,7 +127,7 @@ def test_each_generated_step_has_the_logits_of_a_full_forward_pass():
 
 
 def cli(*overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "longnet_dist.generate", *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
