@@ -92,6 +92,13 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temp file and a rename: readers see the old content or the new, never half."""
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
 def _data_files(folder: Path) -> list[str]:
     """Relative paths of every file under `folder` except our own markers, sorted."""
     names = (path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
@@ -261,9 +268,7 @@ def _publish(temp: Path, final: Path, manifest: dict[str, Any], keep_last: int |
     _fsync_dir(final.parent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
-    latest_temp = final.parent / f".{LATEST_NAME}.tmp"
-    latest_temp.write_text(final.name)
-    os.replace(latest_temp, final.parent / LATEST_NAME)
+    write_text_atomically(final.parent / LATEST_NAME, final.name)
     if keep_last is not None:
         for old in list_checkpoints(final.parent)[:-keep_last]:
             if old != final:

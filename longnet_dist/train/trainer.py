@@ -157,7 +157,8 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         last_saved = last_eval = step  # nothing new to save or evaluate until a step runs
         checkpoint = resume_from
 
-    logger = MetricsLogger(output_dir, run_config["logger"], run_config, enabled=is_main)
+    logger = MetricsLogger(output_dir, run_config["logger"], run_config, enabled=is_main,
+                           resumed=resume_from is not None)
     logger.forget_after(step)
     logger.write(
         f"LongNet LM: {num_params / 1e6:.2f}M parameters, {step_flops_per_token / 1e6:.1f} MFLOP/token at seq_len "
