@@ -1,8 +1,8 @@
 """Inference from training checkpoints: from_checkpoint, longnet-export, exact decoding, the generate CLI.
 
 Checkpoints are written by the trainer's own engine and checkpoint code (train/engine.py,
-train/checkpoint.py) around a tiny LongNetLM after one optimizer step: ZeRO-0 in one process and
-ZeRO-3 in two gloo processes (its model-state files then hold placeholders only).
+train/checkpoint.py) around a tiny LongNetLM after one optimizer step: ZeRO-0 and ZeRO-2 in one process, ZeRO-3 in two
+gloo processes (its model-state files then hold placeholders only).
 """
 from __future__ import annotations
 
@@ -58,14 +58,14 @@ def _train_one_step_and_save(rank: int, world: int, run_dir: str, config: dict) 
 def run_dirs(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
     """{zero: (run directory with checkpoints/step_00000001, logits of IDS of the trained model)}."""
     runs = {}
-    for zero, world in (("zero0", 1), ("zero3", 2)):
+    for zero, world in (("zero0", 1), ("zero2", 1), ("zero3", 2)):
         run_dir = tmp_path_factory.mktemp(zero)
         logits = run_multiprocess(_train_one_step_and_save, world, str(run_dir), run_config(zero), timeout=120)
         runs[zero] = (run_dir, logits[0])
     return runs
 
 
-@pytest.mark.parametrize("zero", ["zero0", "zero3"])
+@pytest.mark.parametrize("zero", ["zero0", "zero2", "zero3"])
 def test_from_checkpoint_gives_the_trained_models_logits(run_dirs, zero):
     run_dir, expected = run_dirs[zero]
     for path in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "step_00000001"):
