@@ -56,7 +56,8 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -
                                 f"(written by `longnet-export CHECKPOINT OUT_DIR`)")
     meta = json.loads((path / CONFIG_NAME).read_text())
     if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path / CONFIG_NAME} has format {meta.get('format')!r}; this version reads {EXPORT_FORMAT!r}")
+        raise ValueError(f"{path / CONFIG_NAME} has format {meta.get('format')!r}; this version reads "
+                         f"{EXPORT_FORMAT!r}")
     model = LongNetLM(LongNetConfig(**meta.pop("model")))
     load_model(model, str(path / WEIGHTS_NAME), strict=True, device=str(device))
     return model.to(device).eval(), meta
