@@ -137,7 +137,7 @@ def test_cli_prints_text(run_dirs, zero):
     result = cli(f"checkpoint={run_dirs[zero][0]}", "prompt=def main(", "max_new_tokens=12", "top_k=50")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("def main(") and len(result.stdout) > len("def main(\n")
-    assert not (REPO / ".hydra").exists()  # no output folder: the text goes to stdout
+    assert not (REPO / ".hydra").exists() and not (REPO / "generate.log").exists()  # stdout only
 
 
 def test_bad_inputs_give_clear_errors(run_dirs, tmp_path):
