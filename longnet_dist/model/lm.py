@@ -157,3 +157,11 @@ class LongNetLM(nn.Module):
             return F.cross_entropy(logits.transpose(1, 2), label_rows, ignore_index=ignore_index, reduction="none")
 
         return chunked_recompute(cross_entropy, self.config.token_chunk_size, hidden, labels)  # (B, N)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "LongNetLM":
+        """The model (fp32, eval mode) of a run directory, a checkpoint folder (any ZeRO stage) or an
+        exported folder; see longnet_dist/train/export.py (imported here: reading checkpoints is train's job)."""
+        from longnet_dist.train.export import load_model
+
+        return load_model(path, device=device)[0]

@@ -92,6 +92,13 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temp file and a rename: readers see the old content or the new, never half."""
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
 def _data_files(folder: Path) -> list[str]:
     """Relative paths of every file under `folder` except our own markers, sorted."""
     names = (path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
@@ -204,6 +211,25 @@ def find_latest_checkpoint(checkpoint_root: str | os.PathLike, *, checksums: boo
     return None
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder `path` names: a step_XXXXXXXX folder (verified), or the newest complete one
+    under a checkpoints root or a run directory (its checkpoints/). CheckpointError naming what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; expected a run directory, its checkpoints/ folder or a "
+                              f"checkpoint folder (step_XXXXXXXX)")
+    if (path / MANIFEST_NAME).exists() or (path / COMPLETE_NAME).exists() or _STEP_DIR.match(path.name):
+        verify_checkpoint(path)  # CorruptCheckpointError: unfinished, truncated, missing files
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = find_latest_checkpoint(root)
+    if latest is None:
+        found = [folder.name for folder in list_checkpoints(root)]
+        raise CheckpointError(f"no complete checkpoint in {root} (step_XXXXXXXX folders with a COMPLETE marker; "
+                              f"found {found or 'none'})")
+    return latest
+
+
 # ----------------------------------------------------------------------------- save
 def _check_free_space(root: Path, step: int) -> None:
     """Refuse to start a save that cannot fit: needs about as much as the newest checkpoint."""
@@ -242,9 +268,7 @@ def _publish(temp: Path, final: Path, manifest: dict[str, Any], keep_last: int |
     _fsync_dir(final.parent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
-    latest_temp = final.parent / f".{LATEST_NAME}.tmp"
-    latest_temp.write_text(final.name)
-    os.replace(latest_temp, final.parent / LATEST_NAME)
+    write_text_atomically(final.parent / LATEST_NAME, final.name)
     if keep_last is not None:
         for old in list_checkpoints(final.parent)[:-keep_last]:
             if old != final:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from longnet_dist.attention import check_sequence_parallel_config
+from longnet_dist.attention import check_sequence_parallel_config, geometric_branches
 from longnet_dist.distributed import valid_sequence_parallel_sizes
 from longnet_dist.model import LongNetConfig
 
@@ -55,6 +55,28 @@ class AttentionSchema:
     segment_lengths: list[int] = MISSING
     dilation_rates: list[int] = MISSING
     backend: Optional[str] = MISSING
+    base_segment_length: Any = None  # attention=geometric: w0 (checked by geometric_branches, not here)
+    growth: Any = None  # attention=geometric: a
+
+
+# attention=geometric: `segment_lengths: ${geometric_segment_lengths:${data.seq_len},${.base_segment_length},
+# ${.growth}}` (and dilation_rates alike) resolve to the paper's rule; the saved config.yaml holds the lists.
+GEOMETRIC_RESOLVERS = {"geometric_segment_lengths": 0, "geometric_dilation_rates": 1}
+for _name, _index in GEOMETRIC_RESOLVERS.items():
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(
+            _name, lambda seq_len, w0, a, _index=_index: geometric_branches(seq_len, w0, a)[_index])
+
+
+def describe_branches(cfg: DictConfig) -> str:
+    """One line naming the attention branches this config uses (and the rule that made them)."""
+    attention = cfg.attention
+    line = f"attention branches: segment_lengths {list(attention.segment_lengths)}, " \
+           f"dilation_rates {list(attention.dilation_rates)}"
+    if OmegaConf.is_interpolation(attention, "segment_lengths") and attention.base_segment_length is not None:
+        line += (f" (geometric: w_i = {attention.base_segment_length} * {attention.growth}^i up to "
+                 f"data.seq_len={cfg.data.seq_len}, r_i = {attention.growth}^i)")
+    return line
 
 
 @dataclass
@@ -135,7 +157,8 @@ def _check_keys_and_types(cfg: DictConfig) -> None:
             OmegaConf.merge(OmegaConf.structured(schema), section)
             OmegaConf.to_container(section, resolve=True, throw_on_missing=True)
         except OmegaConfBaseException as error:
-            raise ValueError(f"bad value in config group {group!r}: {error}".replace("\n", " ")) from None
+            detail = str(error).split("\n")[0].replace("ValueError raised while resolving interpolation: ", "")
+            raise ValueError(f"bad value in config group {group!r} ({error.full_key}): {detail}") from None
 
 
 def _positive(name: str, value: Any, minimum: int = 1) -> None:

@@ -1,6 +1,7 @@
 """Rank 0's outputs: metrics.jsonl, eval tables (JSON + CSV), W&B (offline by default), log lines.
 
-Other ranks get a logger that does nothing, so call sites need no rank checks.
+Other ranks get a logger that does nothing, so call sites need no rank checks. One run directory is
+one W&B run: its id is kept in <run dir>/wandb_run_id, and a resumed run continues that id.
 """
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import csv
 import json
 import logging
 import math
+import os
 import resource
+import secrets
+import string
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,28 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .checkpoint import write_text_atomically
+
 log = logging.getLogger("longnet_dist.train")
+RUN_ID_NAME = "wandb_run_id"
+
+
+def wandb_run_id(output_dir: Path, resumed: bool) -> str:
+    """The W&B run id of this run directory, saved (atomically) in <output_dir>/wandb_run_id.
+
+    A run resumed from a checkpoint continues the id saved there. A fresh start takes WANDB_RUN_ID
+    (slurm/train.sbatch sets <cluster>-<job id>, so a requeue before the first checkpoint continues
+    too) or a new random id, and saves it.
+    """
+    path, requested = output_dir / RUN_ID_NAME, os.environ.get("WANDB_RUN_ID")
+    saved = path.read_text().strip() if path.is_file() else None
+    if resumed and saved:
+        if requested and requested != saved:
+            log.warning("WANDB_RUN_ID=%s ignored: resuming %s continues its W&B run %s", requested, output_dir, saved)
+        return saved
+    run_id = requested or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    write_text_atomically(path, run_id + "\n")
+    return run_id
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -47,7 +72,8 @@ def format_log_line(record: dict[str, Any]) -> str:
 class MetricsLogger:
     """Writes metrics on rank 0 only; `enabled=False` makes every method a no-op."""
 
-    def __init__(self, output_dir: Path, logger_cfg: dict[str, Any], run_config: dict[str, Any], enabled: bool):
+    def __init__(self, output_dir: Path, logger_cfg: dict[str, Any], run_config: dict[str, Any], enabled: bool,
+                 resumed: bool = False):
         self.enabled = enabled
         self.output_dir = output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
@@ -61,7 +87,7 @@ class MetricsLogger:
             self.wandb_run = wandb.init(
                 project=logger_cfg["project"], entity=logger_cfg["entity"], name=logger_cfg["name"],
                 group=logger_cfg["group"], tags=list(logger_cfg["tags"]), mode=logger_cfg["mode"],
-                dir=str(output_dir), config=run_config, resume="allow",
+                dir=str(output_dir), config=run_config, id=wandb_run_id(output_dir, resumed), resume="allow",
             )
 
     def forget_after(self, step: int) -> None:
@@ -124,9 +150,13 @@ class MetricsLogger:
         if not self.enabled or self.wandb_run is None:
             return
         run_dir = Path(self.wandb_run.dir).parent  # .../wandb/offline-run-<date>-<id>
-        mode = self.wandb_run.settings.mode
+        mode, run_id = self.wandb_run.settings.mode, self.wandb_run.id
         self.wandb_run.finish()
-        if mode == "offline":
+        parts = sorted(run_dir.parent.glob(f"offline-run-*-{run_id}"))
+        if mode == "offline" and len(parts) > 1:  # one folder per start; `wandb sync` joins them in start order
+            self.write(f"W&B offline run {run_id}: {len(parts)} parts (resumed), the last {run_dir}\n"
+                       f"  upload it with: wandb sync {run_dir.parent}/offline-run-*-{run_id}")
+        elif mode == "offline":
             self.write(f"W&B offline run: {run_dir}\n  upload it with: wandb sync {run_dir}")
         else:
             self.write(f"W&B run: {run_dir}")

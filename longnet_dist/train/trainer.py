@@ -26,7 +26,7 @@ from longnet_dist.distributed.objects import broadcast_from_rank0
 from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import deepspeed_config, model_config, validate_config
+from .config import deepspeed_config, describe_branches, model_config, validate_config
 from .engine import build_engine, ensure_process_group, stage0_grad_norm
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
@@ -157,7 +157,8 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         last_saved = last_eval = step  # nothing new to save or evaluate until a step runs
         checkpoint = resume_from
 
-    logger = MetricsLogger(output_dir, run_config["logger"], run_config, enabled=is_main)
+    logger = MetricsLogger(output_dir, run_config["logger"], run_config, enabled=is_main,
+                           resumed=resume_from is not None)
     logger.forget_after(step)
     logger.write(
         f"LongNet LM: {num_params / 1e6:.2f}M parameters, {step_flops_per_token / 1e6:.1f} MFLOP/token at seq_len "
@@ -166,6 +167,7 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         f"{tokens_per_step:,} tokens/step | train {corpus['train'].num_tokens:,} tokens, "
         f"validation {corpus['validation'].num_tokens:,} | run dir {output_dir}"
         + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else ""))
+    logger.write(describe_branches(cfg))
 
     def save(at_step: int) -> Path:
         return save_checkpoint(engine, checkpoint_root, at_step, client_state(

@@ -1,0 +1,156 @@
+"""`python -m longnet_dist.generate checkpoint=<run dir | checkpoint | exported folder> prompt="def "`:
+sample text from a trained model (Hydra on configs/generate.yaml).
+
+Decoding recomputes everything: each new token costs one full forward pass over the whole prefix,
+so T new tokens after a P-token prompt cost T passes of lengths P..P+T-1 (O(T) passes, O(T·(P+T))
+token work; fine for hundreds of tokens, slow for very long outputs). There is no key/value cache;
+in exchange each step's logits are exactly those of a forward pass over that prefix (the model is
+causal: rotary positions 0..n-1, dilated segments that start at position 0).
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def check_sampling(temperature, top_k, max_new_tokens) -> None:
+    """ValueError naming the bad value: temperature >= 0 (0 = greedy), top_k null/0 or >= 1, max_new_tokens >= 1."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy, 1: the model's "
+                         f"distribution, e.g. 0.8)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r} must be null or 0 (no cut) or a positive integer (e.g. 50)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+
+
+def next_token(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> int:
+    """One token id from `logits` (V,): argmax when temperature is 0, else a sample of softmax(logits /
+    temperature) restricted to the top_k most likely ids."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth_largest = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = 0, stop_id: int | None = None,
+                 banned_ids: tuple[int, ...] = (), step_logits: list[Tensor] | None = None) -> list[int]:
+    """The new token ids after `prompt_ids` (stops early after `stop_id`, which is not returned).
+
+    Every step runs the model over the whole prefix (see the module docstring for the cost);
+    `banned_ids` (e.g. the pad id) are never sampled. When `step_logits` is a list, each step's raw
+    last-position logits (V,) are appended to it.
+    """
+    check_sampling(temperature, top_k, max_new_tokens)
+    vocab_size = model.config.vocab_size
+    bad = [token for token in prompt_ids if not 0 <= token < vocab_size]
+    if not prompt_ids or bad:
+        raise ValueError(f"prompt token ids {bad or prompt_ids} must be a non-empty list of ids in 0..{vocab_size - 1} "
+                         f"(the model's vocabulary)")
+    device = next(model.parameters()).device
+    generator = None
+    if temperature > 0 and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ids, new = torch.tensor([prompt_ids], device=device), []  # (1, n)
+    for _ in range(max_new_tokens):
+        logits = model(ids)[0, -1]  # (V,) last position of a full forward pass over the prefix
+        if step_logits is not None:
+            step_logits.append(logits.clone())
+        if banned_ids:
+            logits = logits.clone()
+            logits[list(banned_ids)] = -math.inf
+        token = next_token(logits, temperature, top_k, generator)
+        if token == stop_id:
+            break
+        new.append(token)
+        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+    return new
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; otherwise the named device (ValueError if unusable)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use device=cpu or auto")
+    return resolved
+
+
+def generate_text(cfg: DictConfig) -> str:
+    """The prompt followed by the sampled continuation, as configured by configs/generate.yaml."""
+    from longnet_dist.data.tokenizer import load_tokenizer
+    from longnet_dist.train.export import load_model
+
+    check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
+    device = resolve_device(str(cfg.device))
+    if cfg.checkpoint is None:
+        raise ValueError("checkpoint is required: a run directory, a checkpoint folder or an exported folder")
+    model, meta = load_model(str(cfg.checkpoint), device=device)
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    # an empty prompt starts a new document: the context is the end-of-document id alone
+    prompt_ids = [int(i) for i in tokenizer.encode(cfg.prompt)] if cfg.prompt else [tokenizer.eod_id]
+    bad = sorted({i for i in prompt_ids if i >= model.config.vocab_size})
+    if bad:
+        raise ValueError(f"prompt {cfg.prompt!r} has token ids {bad} outside the model's vocabulary "
+                         f"0..{model.config.vocab_size - 1}: tokenizer {meta['tokenizer']!r} does not match the model")
+    max_length = cfg.max_length if cfg.max_length is not None else meta["seq_len"]
+    if len(prompt_ids) + cfg.max_new_tokens > max_length:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens={cfg.max_new_tokens} = "
+                         f"{len(prompt_ids) + cfg.max_new_tokens} tokens exceeds max_length={max_length} (the training "
+                         f"sequence length unless set); shorten them or set max_length (the model has no hard limit, "
+                         f"but positions past the trained length are untrained)")
+    new = generate_ids(model, prompt_ids, cfg.max_new_tokens, temperature=float(cfg.temperature), top_k=cfg.top_k,
+                       seed=cfg.seed, stop_id=tokenizer.eod_id if cfg.stop_at_eod else None,
+                       banned_ids=(tokenizer.pad_id,))
+    return cfg.prompt + tokenizer.decode(new)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="generate", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    from longnet_dist.train.checkpoint import CheckpointError
+
+    try:
+        text = generate_text(cfg)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        sys.exit(f"longnet-generate: {error}")
+    print(text)
+
+
+def quote_prompt(argument: str) -> str:
+    """`prompt=def main(` -> `prompt='def main('`: any text reaches the model as it is, without Hydra's
+    override grammar (parentheses, commas, quotes). An already quoted value is left alone."""
+    key, _, value = argument.partition("=")
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return argument
+    value = re.sub(r"(\\*)'", lambda match: match.group(1) * 2 + "\\'", value)  # backslashes before a quote double
+    value = re.sub(r"(\\+)$", lambda match: match.group(1) * 2, value)  # and at the end (before the closing quote)
+    return f"{key}='{value}'"
+
+
+def main() -> None:
+    sys.argv = [quote_prompt(arg) if arg.startswith("prompt=") else arg for arg in sys.argv]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
