@@ -1,7 +1,7 @@
 """Dilated attention (fused Triton kernels) vs dense flash attention on one CUDA GPU.
 
     python3 benchmarks/gpu_attention.py           # the sweep below, about 3 minutes on an H200
-    python3 benchmarks/gpu_attention.py --quick   # 32K and 1M only
+    python3 benchmarks/gpu_attention.py --quick   # causal 32K and 1M only, under a minute
 
 One layer's attention, bf16, batch 1, H = 12, D = 64, the paper's branches w = 2048..32768,
 r = 1, 2, 4, 6, 12. Kernels: "dilated" (the fused kernels, the default on CUDA), "gather" (the
@@ -10,7 +10,8 @@ and "dense" (SDPA's flash kernel over the whole sequence). FLOPs count only the 
 algorithm needs (LONGNET.md "Cost"; causal about half; backward = 2.5x forward). Times are medians
 of CUDA-event timings after a warm-up; peak memory is torch.cuda.max_memory_allocated over one
 forward+backward, inputs and the incoming gradient included, divided by N.
-`--tune` first sweeps a few block shapes per kernel at N = 256K and keeps the fastest (recorded in
+It first checks both ways of computing dQ (atomically in the dK/dV kernel, or a kernel of its own)
+against an fp32 run at N = 64K and keeps the faster correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K and keeps the fastest (recorded in
 the JSON). Writes benchmarks/results/gpu_attention.json and .png (the JSON after every point).
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ FULL = ([("dilated", n, True, 5) for n in (32 * K, 128 * K, M)] + [("dilated", 4
         + [("dilated", n, False, 5) for n in (32 * K, M)]
         + [("gather", 32 * K, True, 3), ("gather", M, True, 2)]
         + [("dense", 32 * K, True, 5), ("dense", 32 * K, False, 5), ("dense", M, True, 1)])
-QUICK = [p for p in FULL if p[1] in (32 * K, M)]
+QUICK = [("dilated", 32 * K, True, 5), ("dense", 32 * K, True, 5), ("dilated", M, True, 3), ("gather", M, True, 1)]
 CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune
     "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 4, 4)],
     "dkdv": [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
@@ -152,6 +153,36 @@ def tune(n: int = 256 * K) -> dict:
     return chosen
 
 
+def choose_dq_variant() -> dict:
+    """Both dQ variants against an fp32 run of the aten path (N = 64K, causal), then timed at 256K;
+    the faster of those within bf16 tolerance (2e-2 relative) is kept for the sweep."""
+    from longnet_dist.attention import fused
+
+    q, k, v, grad = make_inputs(64 * K, seed=1)
+
+    def grads(dtype, backend):
+        inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = dilated_attention(*inputs, SEGMENTS, DILATIONS, causal=True, backend=backend)
+        return [out.float(), *(g.float() for g in torch.autograd.grad(out, inputs, grad.to(dtype)))]
+
+    ref = grads(torch.float32, "cuda_flash")
+    big = [x.requires_grad_() if i < 3 else x for i, x in enumerate(make_inputs(256 * K))]
+    report = {}
+    for fuse in (True, False):
+        fused.FUSE_DQ = fuse
+        errors = [((a - b).norm() / b.norm()).item() for a, b in zip(grads(DTYPE, "triton"), ref)]
+        seconds = cuda_time(lambda: torch.autograd.grad(forward("dilated", *big[:3], True), big[:3], big[3]), 3)
+        report["atomic" if fuse else "kernel"] = {"errors_out_dq_dk_dv": errors, "fwd_bwd_256k_s": seconds,
+                                                  "correct": max(errors) < 2e-2}
+        print(f"dQ {'atomic' if fuse else 'kernel'}: errors {['%.1e' % e for e in errors]}, "
+              f"fwd+bwd 256K {seconds * 1e3:.2f} ms", flush=True)
+    correct = [name for name, r in report.items() if r["correct"]] or ["kernel"]
+    best = min(correct, key=lambda name: report[name]["fwd_bwd_256k_s"])
+    fused.FUSE_DQ = best == "atomic"
+    report["chosen"] = best
+    return report
+
+
 def summarize(points: list[dict]) -> dict:
     def get(kind, n, causal=True):
         return next((p for p in points if (p["kind"], p["n"], p["causal"]) == (kind, n, causal) and "error" not in p),
@@ -214,6 +245,7 @@ def main() -> None:
     payload = {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "heads": HEADS, "head_dim": HEAD_DIM,
                "dtype": "bfloat16", "batch": 1, "command": " ".join(sys.argv), "points": []}
     print(f"GPU: {host['gpu']}, torch {host['torch']}; H={HEADS}, D={HEAD_DIM}, bf16, paper branches", flush=True)
+    payload["dq_variants"] = choose_dq_variant()
     if args.tune:
         payload["tuning"] = tune()
     from longnet_dist.attention import fused

@@ -30,7 +30,7 @@ for stage in $stages; do
     case $stage in
         tests) run 240 gpu_tests python3 -m pytest tests/test_cuda_attention.py -q --timeout 120 \
                    -p no:cacheprovider --junitxml="$results/gpu_tests.xml" ;;
-        attention) run 300 gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
+        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-300}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
                        ${GPU_CHECK_ATTENTION_ARGS:---tune} ;;
         train) if python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    run 240 train_cuda python3 benchmarks/train.py --device cuda ${GPU_CHECK_TRAIN_ARGS:---quick}

@@ -47,7 +47,12 @@ def test_fused_float32_matches_dense_reference(cfg):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("pad", [0.0, 0.3])
-def test_fused_float16_matches_dense_reference(causal, pad):
+@pytest.mark.parametrize("fuse_dq", [True, False], ids=["dq_atomic", "dq_kernel"])
+def test_fused_float16_matches_dense_reference(causal, pad, fuse_dq, monkeypatch):
+    """Both ways to get dQ: atomically from the dK/dV loop, or from its own kernel."""
+    from longnet_dist.attention import fused
+
+    monkeypatch.setattr(fused, "FUSE_DQ", fuse_dq)
     errors = dilated_errors(DEVICE, 2, 100, 5, 16, [12, 32, 128], [1, 3, 6], causal, pad, torch.float16)
     assert max(errors.values()) < 4e-3, errors
 
@@ -64,8 +69,12 @@ def test_head_groups_give_the_same_result(monkeypatch):
     assert grouped == pytest.approx(whole, rel=1e-6, abs=1e-9)
 
 
-def test_fused_matches_gather_path_float32():
+@pytest.mark.parametrize("fuse_dq", [True, False], ids=["dq_atomic", "dq_kernel"])
+def test_fused_matches_gather_path_float32(fuse_dq, monkeypatch):
     """The fused kernels against their plain-torch twin (gather -> per-branch kernel -> merge)."""
+    from longnet_dist.attention import fused
+
+    monkeypatch.setattr(fused, "FUSE_DQ", fuse_dq)
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 90, 4, 32, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
     mask = (torch.rand(2, 90, generator=g) > 0.2).to(DEVICE)

@@ -46,6 +46,9 @@ DEFAULT_BLOCKS = {
     ("dq", True): Blocks(64, 32, 4, 2),
 }
 INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
+# dQ from the dK/dV loop with atomic adds (5 matrix products per block pair) instead of a second
+# kernel (7); benchmarks/gpu_attention.py measures both and checks them against an fp32 run.
+FUSE_DQ = True
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 
 
@@ -146,10 +149,12 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
             w_eff = min(w, N)
             grid, num_blocks = _branch_grid(N, w, r, heads, dkdv.block_n, B)
             kern._bwd_dkdv[grid](
-                qg, kg, vg, dog, lse_g, delta_g, keep_arg, dk_g, dv_g, *common, w_eff, r, h0, heads, num_blocks,
-                scale * kern.LOG2E, scale, CAUSAL=causal, HAS_KEEP=keep is not None, D=D, BLOCK_M=dkdv.block_m,
-                BLOCK_N=dkdv.block_n, PRECISION=_precision(q.dtype), num_warps=dkdv.num_warps,
-                num_stages=dkdv.num_stages)
+                qg, kg, vg, dog, lse_g, delta_g, keep_arg, dk_g, dv_g, dq_g, *common, w_eff, r, h0, heads,
+                num_blocks, scale * kern.LOG2E, scale, CAUSAL=causal, HAS_KEEP=keep is not None, FUSE_DQ=FUSE_DQ,
+                D=D, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, PRECISION=_precision(q.dtype),
+                num_warps=dkdv.num_warps, num_stages=dkdv.num_stages)
+            if FUSE_DQ:
+                continue
             grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
             kern._bwd_dq[grid](
                 qg, kg, vg, dog, lse_g, delta_g, keep_arg, dq_g, *common, w_eff, r, h0, heads, num_blocks,

@@ -13,8 +13,10 @@ iff s + k*r < segment length": per-(segment, head) slot counts, never copies or 
 
 Backward (the merged softmax identity, see dilated.py): `_bwd_prep` computes delta = rowsum(dO * O)
 and lse*log2(e) once for all branches; per branch `_bwd_dkdv` (a program per key block, looping
-over query blocks) and `_bwd_dq` (a program per query block, looping over key blocks) recompute
-P = exp2(q.k*scale*log2e - lse2) and add their gradients into fp32 accumulators in place.
+over query blocks) recomputes P = exp2(q.k*scale*log2e - lse2) and adds dK, dV into fp32
+accumulators in place. dQ either comes from the same loop (FUSE_DQ: dS K added atomically to the
+query rows, as flash-attention 2 does: 5 matrix products per block pair) or from `_bwd_dq` (a
+program per query block, looping over key blocks: 7 products, no atomics).
 
 Masks are computed, never materialised: slot validity and causality from slot indices, key padding
 from one (B, N) byte per position. Blocks that need no mask skip it (MASKED is a constexpr).
@@ -152,9 +154,10 @@ def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, D: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, stride_ln,
-                row0, r, offs_n, lo, hi, n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-                BLOCK_M: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_ln,
+                stride_gn, row0, r, offs_n, key_ok, lo, hi, n_slots, scale2, scale, CAUSAL: tl.constexpr,
+                MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+                D: tl.constexpr, PRECISION: tl.constexpr):
     offs_d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
@@ -171,16 +174,22 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, 
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)                                 # (BN, BM)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        if FUSE_DQ:  # dQ += dS K for these queries, added atomically (other key blocks add to the same rows)
+            if HAS_KEEP:  # padded keys must not reach dQ (invalid slots loaded k = 0: they add nothing)
+                ds_t = tl.where(key_ok[:, None], ds_t, 0.0)
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale       # (BM, D)
+            tl.atomic_add(dq_base + pos_m[:, None] * stride_gn + offs_d[None, :], dq, mask=m_ok[:, None],
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA,
+def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
               stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
               stride_gb, stride_gn, stride_gh, stride_keep,
               N, w, r, head0, heads, num_n_blocks, scale2, scale,
-              CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, D: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FUSE_DQ: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_n = pid % num_n_blocks
@@ -202,20 +211,23 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA,
     do_base = DO + b64 * stride_dob + hh * stride_doh
     lse_base = LSE2 + b64 * stride_lb + hh * stride_lh
     delta_base = DELTA + b64 * stride_lb + hh * stride_lh
+    dq_base = DQA + b64 * stride_gb + hh * stride_gh
+    keep = n_ok
+    if HAS_KEEP:  # a padded key is attended by no query: its gradient is 0
+        keep = keep & (tl.load(KEEP + b64 * stride_keep + pos_n, mask=n_ok, other=0) != 0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     if CAUSAL:  # queries from the block's first key on; past its last key no causal mask is needed
         lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
         diag = tl.minimum(((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, n_slots)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, stride_ln,
-                             row0, r, offs_n, lo, diag, n_slots, scale2, True, True, BLOCK_M, D, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+                             stride_ln, stride_gn, row0, r, offs_n, keep, lo, diag, n_slots, scale2, scale, True,
+                             True, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION)
     else:
         diag = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, stride_ln,
-                         row0, r, offs_n, diag, n_slots, n_slots, scale2, CAUSAL, False, BLOCK_M, D, PRECISION)
-    keep = n_ok
-    if HAS_KEEP:  # a padded key is attended by no query: its gradient is 0
-        keep = keep & (tl.load(KEEP + b64 * stride_keep + pos_n, mask=n_ok, other=0) != 0)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+                         stride_ln, stride_gn, row0, r, offs_n, keep, diag, n_slots, n_slots, scale2, scale, CAUSAL,
+                         False, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION)
     g_off = b64 * stride_gb + hh * stride_gh + pos_n[:, None] * stride_gn + offs_d[None, :]
     store = n_ok[:, None]
     dk = tl.where(keep[:, None], dk * scale, 0.0)
