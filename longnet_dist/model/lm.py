@@ -158,8 +158,9 @@ class LongNetLM(nn.Module):
             self.loss_rows = compile_region(self._loss_rows, backend)
 
     def _loss_rows(self, hidden_rows: Tensor, label_rows: Tensor, ignore_index: int) -> Tensor:
-        """Cross-entropy (B, n) float32 of final norm -> LM head on hidden rows (B, n, E)."""
-        logits = self.head(self.norm(hidden_rows)).float()  # (B, n, V)
+        """Cross-entropy (B, n) float32 (float64 for a float64 model) of norm -> LM head on rows (B, n, E)."""
+        logits = self.head(self.norm(hidden_rows))  # (B, n, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits.transpose(1, 2), label_rows, ignore_index=ignore_index, reduction="none")
 
     def _init_weights(self, module: nn.Module) -> None:
