@@ -9,7 +9,7 @@ of the same shapes. The difference is the engine's overhead per step.
     python3 benchmarks/optimizer_step.py                 # CPU fp32 (about a minute on 2 cores)
     python3 benchmarks/optimizer_step.py --device cuda   # one GPU, bf16, a few seconds
 
-Writes benchmarks/results/optimizer_step_<device>.json and prints the times.
+Writes benchmarks/results/optimizer_step_<device>_zero<stage>[_bf16].json and prints the times.
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from common import machine, save  # noqa: E402
 
 
-def compose(device: str):
+def compose(device: str, zero_stage: int, bf16: bool):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    overrides = ["model=base", "attention=paper", "deepspeed=zero0", f"deepspeed.bf16.enabled={device == 'cuda'}",
+    overrides = ["model=base", "attention=paper", f"deepspeed=zero{zero_stage}", f"deepspeed.bf16.enabled={bf16}",
                  "trainer.torch_adam=true", "logger=none", "data.seq_len=32768", "model.compile=false"]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides), overrides
@@ -49,6 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto", help="auto: on CUDA only")
     parser.add_argument("--tokens", type=int, default=256, help="sequence of the backward before each step")
     args = parser.parse_args()
 
@@ -58,7 +60,8 @@ def main() -> None:
     from longnet_dist.train.config import deepspeed_config, model_config
     from longnet_dist.train.engine import build_engine, ensure_process_group
 
-    cfg, overrides = compose(args.device)
+    bf16 = args.device == "cuda" if args.bf16 == "auto" else args.bf16 == "true"
+    cfg, overrides = compose(args.device, args.zero_stage, bf16)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     ensure_process_group(None)
     torch.manual_seed(0)
@@ -74,6 +77,7 @@ def main() -> None:
     for _ in range(args.repeats + 1):  # the first step allocates optimizer state
         backward()
         engine_times += timed_steps(engine.step, sync, 1)
+    print("engine step times (s):", [round(t, 3) for t in engine_times])
     engine_times = engine_times[1:]
 
     for p in bare_params:
@@ -95,7 +99,7 @@ def main() -> None:
               "bare_adamw": "fused" if fused else "foreach", "repeats": args.repeats,
               "overrides": overrides, "machine": machine()}
     result["engine_overhead_ms"] = result["engine_step_ms"] - result["bare_adamw_step_ms"]
-    path = save(f"optimizer_step_{args.device}", result)
+    path = save(f"optimizer_step_{args.device}_zero{args.zero_stage}{'_bf16' if bf16 else ''}", result)
     print(f"{result['parameters'] / 1e6:.1f}M parameters on {args.device}: engine.step() "
           f"{result['engine_step_ms']:.1f} ms ({result['engine']}), bare AdamW + clip "
           f"{result['bare_adamw_step_ms']:.1f} ms ({result['bare_adamw']}); engine overhead "

@@ -10,7 +10,8 @@ length that fails ends the climb for that process count. Each process's data seg
 90% of the available memory / processes, so an allocation fails cleanly instead of waking the OOM
 killer. MFU is against the fp32 matmul peak of the whole machine, measured here first.
 
-CUDA (--device cuda): `model=base attention=paper`, bf16 (DeepSpeed bf16, ZeRO stage 0), batch 1,
+CUDA (--device cuda): `model=base attention=paper`, bf16 (DeepSpeed bf16, ZeRO stage 0 unless
+--zero-stage; experiment=gpu_base uses 2, which costs more per step on one device), batch 1,
 compiled token-wise regions (model.compile=auto), dilated attention against the same model with
 dense causal flash attention (model.attention_impl=dense). Tokens/s and MFU are the median over the
 steps after the first (which carries the compile warm-up); peak memory is
@@ -172,7 +173,7 @@ def cuda_point(seq_len: int, impl: str, steps: int, args, peak_flops: float, tim
     """One trainer run of `model=base attention=paper` in bf16 on GPU 0; medians over steps 2.."""
     policy = checkpointing_for(seq_len, args.checkpointing)
     overrides = [
-        "model=base", "attention=paper", "deepspeed=zero0", "deepspeed.bf16.enabled=true",
+        "model=base", "attention=paper", f"deepspeed=zero{args.zero_stage}", "deepspeed.bf16.enabled=true",
         f"model.attention_impl={impl}", f"model.activation_checkpointing={policy}", f"model.compile={args.compile}",
         f"data.seq_len={seq_len}", "data.micro_batch_size=1", "data.val_fraction=0.2",  # validation >= 4M tokens
         f"trainer.max_steps={steps}", f"trainer.warmup_steps={steps}", "trainer.log_every=1", "trainer.eval_every=0",
@@ -214,7 +215,8 @@ def cuda_sweep(args) -> None:
     name = f"train_{args.tag}" if args.tag else f"train_cuda_{slug}{'_quick' if args.quick else ''}"
     budget = args.budget or (180.0 if args.quick else 3600.0)
     deadline = time.perf_counter() + budget
-    payload = {"benchmark": "trainer throughput, model=base attention=paper, bf16, batch 1, one GPU",
+    payload = {"benchmark": f"trainer throughput, model=base attention=paper, bf16, ZeRO {args.zero_stage}, batch 1, "
+                            "one GPU",
                "machine": host, "peak_flops": peak, "budget_s": budget, "command": " ".join(sys.argv), "rows": []}
     failed_impls: set[str] = set()
     for seq_len, impl, steps in cuda_points(args):
@@ -306,6 +308,8 @@ def main() -> None:
                         help="cuda: model.activation_checkpointing (auto: none up to 64K tokens, full beyond)")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="cuda: model.compile")
     parser.add_argument("--peak-flops", type=float, help="cuda: FLOP/s of the GPU for MFU (default by its name)")
+    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+                        help="cuda: DeepSpeed ZeRO stage (0: least engine overhead on one GPU)")
     parser.add_argument("--override", nargs="*", default=[], help="cuda: extra trainer overrides (key=value)")
     args = parser.parse_args()
     (cuda_sweep if args.device == "cuda" else cpu_sweep)(args)

@@ -99,7 +99,7 @@ def test_compiled_regions_give_the_eager_loss_and_gradients(policy):
     ids = tokens()
     reference = loss_and_grads(build(activation_checkpointing=policy), ids)
     compiled = build(activation_checkpointing=policy, compile=True)
-    compiled._compile_once(torch.device("cpu"), backend="aot_eager")
+    compiled._compile_once(torch.device("cpu"), backend="aot_eager", fullgraph=True)
     assert compiled.compiled
     assert_same(loss_and_grads(compiled, ids), reference, F64)
 

@@ -96,10 +96,10 @@ class Block(nn.Module):
         self.mlp = make_mlp(config.mlp, config.dim, config.mlp_hidden_dim)
         self.before_attention, self.after_attention = self._before_attention, self._after_attention
 
-    def compile_regions(self, backend: str = "inductor") -> None:
+    def compile_regions(self, backend: str = "inductor", fullgraph: bool = False) -> None:
         """Compile both token-wise regions (the attention call between them stays eager)."""
-        self.before_attention = compile_region(self._before_attention, backend)
-        self.after_attention = compile_region(self._after_attention, backend)
+        self.before_attention = compile_region(self._before_attention, backend, fullgraph)
+        self.after_attention = compile_region(self._after_attention, backend, fullgraph)
 
     def forward(self, x: Tensor, positions: Tensor | None, sequence_group=None,
                 rotary_tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -147,15 +147,15 @@ class LongNetLM(nn.Module):
             nn.init.normal_(block.attn.out.weight, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, std=residual_std)
 
-    def _compile_once(self, device: torch.device, backend: str = "inductor") -> None:
+    def _compile_once(self, device: torch.device, backend: str = "inductor", fullgraph: bool = False) -> None:
         """On the first forward: compile the regions when `config.compile` asks for it on `device`."""
         if self.compiled is not None:
             return
         self.compiled = compile_enabled(self.config.compile, device)
         if self.compiled:
             for block in self.blocks:
-                block.compile_regions(backend)
-            self.loss_rows = compile_region(self._loss_rows, backend)
+                block.compile_regions(backend, fullgraph)
+            self.loss_rows = compile_region(self._loss_rows, backend, fullgraph)
 
     def _loss_rows(self, hidden_rows: Tensor, label_rows: Tensor, ignore_index: int) -> Tensor:
         """Cross-entropy (B, n) float32 (float64 for a float64 model) of norm -> LM head on rows (B, n, E)."""
