@@ -157,42 +157,50 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 # dense bf16 tensor-core FLOP/s per GPU (SXM parts), the MFU denominator; --peak-flops for others
 PEAK_FLOPS_BY_GPU = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-QUICK_POINTS = [(32768, "dilated", 6), (32768, "dense", 6), (1048576, "dilated", 2), (4194304, "dilated", 2)]
+# (tokens, attention, steps): one 4M step shows that it runs and its memory (its time includes compiling)
+QUICK_POINTS = [(32768, "dilated", 5), (32768, "dense", 5), (1048576, "dilated", 2), (4194304, "dilated", 1)]
 CUDA_SEQ_LENS = [32768, 131072, 524288, 1048576, 2097152, 4194304]
 DENSE_MAX_SEQ_LEN = 262144  # dense attention's cost grows with N^2: beyond this a step takes minutes
 
 
-def checkpointing_for(seq_len: int, choice: str) -> str:
-    """auto: nothing recomputed up to 64K tokens (activations fit; fastest), whole blocks beyond."""
+def checkpointing_for(seq_len: int, choice: str) -> tuple[str, int]:
+    """(activation_checkpointing, checkpoint_group_size). auto: nothing recomputed up to 64K tokens
+    (activations fit; fastest), whole blocks up to 2M, groups of 2 blocks beyond (a bf16 block input
+    is 1.5 KiB per token: 12 of them at 4M tokens are 72 GiB)."""
     if choice != "auto":
-        return choice
-    return "none" if seq_len <= 65536 else "full"
+        return choice, 1
+    if seq_len <= 65536:
+        return "none", 1
+    return "full", 1 if seq_len <= 2097152 else 2
 
 
 def cuda_point(seq_len: int, impl: str, steps: int, args, peak_flops: float, timeout: float) -> dict:
     """One trainer run of `model=base attention=paper` in bf16 on GPU 0; medians over steps 2.."""
-    policy = checkpointing_for(seq_len, args.checkpointing)
+    policy, group = checkpointing_for(seq_len, args.checkpointing)
     overrides = [
         "model=base", "attention=paper", f"deepspeed=zero{args.zero_stage}", "deepspeed.bf16.enabled=true",
-        f"model.attention_impl={impl}", f"model.activation_checkpointing={policy}", f"model.compile={args.compile}",
+        f"model.attention_impl={impl}", f"model.activation_checkpointing={policy}", f"model.checkpoint_group_size={group}",
+        f"model.compile={args.compile}",
         f"data.seq_len={seq_len}", "data.micro_batch_size=1", "data.val_fraction=0.2",  # validation >= 4M tokens
         f"trainer.max_steps={steps}", f"trainer.warmup_steps={steps}", "trainer.log_every=1", "trainer.eval_every=0",
         "trainer.keep_last_checkpoints=1", f"trainer.save_every={steps}", f"trainer.peak_flops={peak_flops}",
         "trainer.torch_adam=true", "trainer.progress_bar=false", *args.override,
     ]
     os.environ.setdefault("DS_ACCELERATOR", "cuda")
-    row = {"seq_len": seq_len, "attention_impl": impl, "activation_checkpointing": policy, "steps": steps,
+    row = {"seq_len": seq_len, "attention_impl": impl, "activation_checkpointing": policy,
+           "checkpoint_group_size": group, "steps": steps,
            "series": f"{impl} attention"}
     result = run_trainer(overrides, 1, os.cpu_count() or 1, timeout, None)
     records = result.pop("records", None)
     row.update(result)
     if records:
-        timed = records[1:] or records  # the first step compiles
+        timed = records[1:] or records  # the first step compiles (a one-step run reports it anyway)
         step_s = sorted(seq_len / r["tokens_per_s"] for r in timed)
         median_s = step_s[len(step_s) // 2]
         row.update(tokens_per_s=seq_len / median_s, step_s=median_s, first_step_s=seq_len / records[0]["tokens_per_s"],
                    mfu=sorted(r["mfu"] for r in timed)[len(timed) // 2],
-                   peak_mem_bytes=max(r["peak_mem_bytes"] for r in records), loss=records[-1]["loss"])
+                   peak_mem_bytes=max(r["peak_mem_bytes"] for r in records), loss=records[-1]["loss"],
+                   timed_steps=len(timed), includes_compile=len(records) == 1)
         row["peak_mem_bytes_per_token"] = row["peak_mem_bytes"] / seq_len
     return row
 
@@ -207,7 +215,9 @@ def cuda_points(args) -> list[tuple[int, str, int]]:
 
 def cuda_sweep(args) -> None:
     host = machine()
-    gpu = host.get("gpu", "no GPU")
+    if "gpu" not in host:
+        sys.exit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    gpu = host["gpu"]
     peak = args.peak_flops or next((v for k, v in PEAK_FLOPS_BY_GPU.items() if k in gpu), None)
     if peak is None:
         sys.exit(f"no peak FLOP/s known for {gpu!r} (known: {list(PEAK_FLOPS_BY_GPU)}); pass --peak-flops")

@@ -43,11 +43,12 @@ def assert_same(result, reference, tol) -> None:
         torch.testing.assert_close(grads[name], grad, **tol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
-def test_checkpointing_policies_give_the_loss_and_gradients_of_none(policy):
+@pytest.mark.parametrize("policy,group", [("full", 1), ("selective", 1), ("full", 2), ("full", 3)])
+def test_checkpointing_policies_give_the_loss_and_gradients_of_none(policy, group):
     ids = tokens()
-    reference = loss_and_grads(build(activation_checkpointing="none"), ids)
-    assert_same(loss_and_grads(build(activation_checkpointing=policy), ids), reference, F64)
+    reference = loss_and_grads(build(activation_checkpointing="none", num_layers=3), ids)
+    saver = build(activation_checkpointing=policy, checkpoint_group_size=group, num_layers=3)
+    assert_same(loss_and_grads(saver, ids), reference, F64)
 
 
 class LiveTensors(TorchDispatchMode):
@@ -74,9 +75,11 @@ class LiveTensors(TorchDispatchMode):
         return sum(storages.values())
 
 
-def activation_bytes(policy: str) -> int:
+def activation_bytes(policy: str, group: int = 1) -> int:
     """Bytes created by the forward and still alive, held for backward, just before backward."""
-    model, ids = build(torch.float32, activation_checkpointing=policy, token_chunk_size=64), tokens(1, 256)
+    model = build(torch.float32, activation_checkpointing=policy, token_chunk_size=64, checkpoint_group_size=group,
+                  num_layers=4)
+    ids = tokens(1, 256)
     with LiveTensors() as probe:
         loss = model(ids[:, :-1], labels=ids[:, 1:]).mean()
     held = probe.live_bytes()
@@ -90,6 +93,9 @@ def test_selective_and_full_checkpointing_hold_less_activation_memory():
     # the MLP hidden layers (the largest); full keeps only each block's input
     assert held["selective"] < 0.7 * held["none"], held
     assert held["full"] < 0.7 * held["selective"], held
+    block_input = 256 * 32 * 4  # float32 (1, N, E)
+    # groups of 2 blocks keep 2 block inputs instead of 4
+    assert activation_bytes("full", group=2) <= held["full"] - 2 * block_input, held
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -156,6 +162,7 @@ def test_dense_model_trains_and_counts_full_causal_attention():
     ({"activation_checkpointing": "some"}, r"activation_checkpointing='some' is not one of \['none', 'full'"),
     ({"compile": "yes"}, r"compile='yes' is not one of \['auto', true, false\]"),
     ({"attention_impl": "flash"}, r"attention_impl='flash' is not one of \['dilated', 'dense'\]"),
+    ({"checkpoint_group_size": 0}, r"checkpoint_group_size=0 must be a positive integer"),
 ])
 def test_bad_speed_options_raise_value_error_naming_the_valid_values(bad, message):
     with pytest.raises(ValueError, match=message):

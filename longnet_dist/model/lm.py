@@ -41,6 +41,7 @@ class LongNetConfig:
     tie_embeddings: bool = True
     rotary_base: float = 10000.0
     activation_checkpointing: str | bool = "none"  # none | full (each block) | selective (token-wise parts)
+    checkpoint_group_size: int = 1  # "full": blocks recomputed as one group (keeps every k-th block input)
     attention_backend: str | None = None  # None: fastest kernel available
     token_chunk_size: int = 8192  # rows at once in the recomputed token-wise regions (loss; with checkpointing)
     init_std: float = 0.02
@@ -48,7 +49,7 @@ class LongNetConfig:
     attention_impl: str = "dilated"  # dilated | dense (full causal attention: a baseline, one device)
 
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "num_layers", "num_heads", "token_chunk_size"):
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "token_chunk_size", "checkpoint_group_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model {name}={value!r} must be a positive integer")
@@ -77,16 +78,18 @@ class Block(nn.Module):
 
     Activation checkpointing ("none" | "full" | "selective"): "full" is applied around the whole
     block by LongNetLM (only its input is kept); "selective" keeps the attention's inputs and output
-    and recomputes both token-wise regions; with either, the region after attention (whose MLP
-    hidden layer is the block's largest activation) runs in recomputed `token_chunk_size`-row chunks.
+    and recomputes both token-wise regions; with either, both regions run in `token_chunk_size`-row
+    chunks, and those of the region after attention (whose MLP hidden layer is the block's largest
+    activation) are recomputed.
     """
 
     def __init__(self, config: LongNetConfig):
         super().__init__()
         policy = config.activation_checkpointing
         self.recompute_before, self.recompute_after = policy == "selective", policy != "none"
-        self.chunk_before = config.token_chunk_size if self.recompute_before else None
-        self.chunk_after = config.token_chunk_size if self.recompute_after else None
+        # with checkpointing both regions run in chunks: the one before attention needs no nested
+        # recomputation under "full" (its intermediates are small next to the MLP's)
+        self.chunk_before = self.chunk_after = config.token_chunk_size if policy != "none" else None
         self.rotary_base = config.rotary_base
         self.attn_norm = make_norm(config.norm, config.dim)
         self.attn = attention_class(config.attention_impl)(
@@ -163,6 +166,18 @@ class LongNetLM(nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits.transpose(1, 2), label_rows, ignore_index=ignore_index, reduction="none")
 
+    def _run_blocks(self, x: Tensor, positions: Tensor | None, sequence_group, tables: tuple[Tensor, Tensor],
+                    start: int, count: int) -> Tensor:
+        """Blocks start .. start + count - 1. In a checkpointed group of several blocks each block is
+        checkpointed too: recomputing the group keeps only its blocks' inputs, one block's intermediates."""
+        nested = count > 1 and self.config.activation_checkpointing == "full" and torch.is_grad_enabled()
+        for block in self.blocks[start:start + count]:
+            if nested:
+                x = checkpoint(block, x, positions, sequence_group, tables, use_reentrant=False)
+            else:
+                x = block(x, positions, sequence_group, tables)
+        return x
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)
@@ -179,12 +194,12 @@ class LongNetLM(nn.Module):
         x = self.embed(input_ids)  # (B, N, E)
         self._compile_once(x.device)
         tables = rotary_tables_of(positions, x, self.config.head_dim, self.config.rotary_base)  # once for all layers
-        recompute = self.config.activation_checkpointing == "full" and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:
-                x = checkpoint(block, x, positions, sequence_group, tables, use_reentrant=False)
-            else:
-                x = block(x, positions, sequence_group, tables)
+        if self.config.activation_checkpointing == "full" and torch.is_grad_enabled():
+            size = self.config.checkpoint_group_size
+            for start in range(0, len(self.blocks), size):
+                x = checkpoint(self._run_blocks, x, positions, sequence_group, tables, start, size, use_reentrant=False)
+        else:
+            x = self._run_blocks(x, positions, sequence_group, tables, 0, len(self.blocks))
         if labels is None:
             return self.head(self.norm(x))
         return self.token_losses(x, labels, ignore_index)

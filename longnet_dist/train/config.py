@@ -50,6 +50,7 @@ class ModelSchema:
     init_std: float = MISSING
     compile: Any = "auto"  # auto | true | false
     attention_impl: str = "dilated"  # dilated | dense
+    checkpoint_group_size: int = 1  # with activation_checkpointing=full: blocks per recomputed group
 
 
 @dataclass
@@ -156,6 +157,7 @@ def model_config(cfg: DictConfig, vocab_size: int) -> LongNetConfig:
         attention_backend=cfg.attention.backend, token_chunk_size=model.token_chunk_size,
         init_std=float(model.init_std), compile=model.get("compile", "auto"),
         attention_impl=model.get("attention_impl", "dilated"),
+        checkpoint_group_size=model.get("checkpoint_group_size", 1),
     )
 
 
