@@ -5,6 +5,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    """What ran the benchmark: CPU model, cores, memory, torch version."""
+    """What ran the benchmark: CPU model, cores, memory, torch version; the GPUs when CUDA is there."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -25,8 +27,22 @@ def machine() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "platform": platform.platform()}
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+        info.update(gpu_info())
     return info
+
+
+GPU_QUERY = ("import json, torch; p = torch.cuda.get_device_properties(0); print(json.dumps({'gpu': p.name, "
+             "'gpu_count': torch.cuda.device_count(), 'gpu_memory_gib': round(p.total_memory / 2**30, 1), "
+             "'compute_capability': f'{p.major}.{p.minor}', 'cuda': torch.version.cuda}))")
+
+
+def gpu_info() -> dict:
+    """Name, count, memory and CUDA version of the GPUs, asked in a child process so that this one
+    creates no CUDA context (it would hold GPU memory while benchmark children run)."""
+    result = subprocess.run([sys.executable, "-c", GPU_QUERY], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        return {"gpu": f"unknown ({result.stderr.strip()[-200:]})"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def timed(fn, repeats: int = 1) -> float:

@@ -1,20 +1,30 @@
-"""Training throughput of the `small` model at long sequence lengths, and the longest step that fits.
+"""Training throughput of the real trainer at long sequence lengths, on the CPU or on one GPU.
 
-Runs the real trainer (`python -m longnet_dist.train`, DeepSpeed engine, activation checkpointing,
-the `long` branches: segments up to the whole sequence) for each sequence length, with 1 process
-(all cores) and with 2 processes splitting the sequence (sp=2, one thread each). A length that fails
-ends the climb for that process count; the last one that ran is the longest sequence one training
-step handles on this machine. Failures: out of memory (each process's data segment is capped at 90%
-of the available memory / processes, so an allocation fails cleanly instead of waking the OOM
-killer), or past --timeout.
-Tokens/s and MFU are those of the last step (the first carries one-time warm-up costs when
---steps > 1). MFU uses the model FLOPs of longnet_dist.model.flops_per_token against the fp32
-matmul peak of the whole machine, measured here first (so 2 processes share that peak).
+Runs `python -m longnet_dist.train` (DeepSpeed engine, activation checkpointing) once per point, as a
+child process in its own process group: a point that fails (out of memory, error, past its time) is
+recorded as such and the sweep goes on; the JSON is rewritten after every point.
 
-    python3 benchmarks/train.py                                   # full: 16K, 64K, 256K, 512K, 1M tokens
-    python3 benchmarks/train.py --seq-lens 4096 8192 --tag smoke  # a quick check
+CPU (default): the `small` model with the `long` branches (segments up to the whole sequence), fp32,
+with 1 process (all cores) and with 2 processes splitting the sequence (sp=2, one thread each). A
+length that fails ends the climb for that process count. Each process's data segment is capped at
+90% of the available memory / processes, so an allocation fails cleanly instead of waking the OOM
+killer. MFU is against the fp32 matmul peak of the whole machine, measured here first.
 
-Writes benchmarks/results/train{_tag}.json and .png and prints a table.
+CUDA (--device cuda): `model=base attention=paper`, bf16 (DeepSpeed bf16, ZeRO stage 0 unless
+--zero-stage; experiment=gpu_base uses 2, which costs more per step on one device), batch 1,
+compiled token-wise regions (model.compile=auto), dilated attention against the same model with
+dense causal flash attention (model.attention_impl=dense). Tokens/s and MFU are the median over the
+steps after the first (which carries the compile warm-up); peak memory is
+torch.cuda.max_memory_allocated. --quick: 32K dilated + dense, 1M and 4M dilated, within --budget
+seconds (default 180) including start-up and compilation; points that do not fit are recorded as
+skipped.
+
+    python3 benchmarks/train.py --seq-lens 16384 --processes 1 --tag cpu_check     # one CPU point
+    python3 benchmarks/train.py                                   # CPU: 16K, 64K, 256K, 512K, 1M tokens
+    python3 benchmarks/train.py --device cuda --quick             # one GPU, ~3 minutes
+    python3 benchmarks/train.py --device cuda --budget 1800       # one GPU: 32K .. 4M, dense to 256K
+
+Writes benchmarks/results/train{_tag}.json and .png (CUDA default tag: cuda_<gpu>[_quick]) and prints a table.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -66,59 +77,73 @@ def measure_matmul_peak(threads: int, seconds: float = 3.0) -> float:
     return best
 
 
-def run_trainer(seq_len: int, nproc: int, steps: int, peak_flops: float, timeout: float) -> dict:
-    """One trainer run; returns its last metrics record (+ status) or the failure."""
-    cores = os.cpu_count() or 1
+def run_trainer(overrides: list[str], nproc: int, threads: int, timeout: float, memory_limit: int | None) -> dict:
+    """One trainer run (`python -m longnet_dist.train`, torchrun for nproc > 1) in its own process
+    group, killed whole past `timeout`; returns its metrics records (+ status) or the failure."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as output_dir:
-        overrides = [
-            "model=small", "attention=long", "model.activation_checkpointing=true", f"data.seq_len={seq_len}",
-            f"trainer.max_steps={steps}", f"trainer.warmup_steps={steps}", "trainer.log_every=1",
-            "trainer.eval_every=0", "trainer.keep_last_checkpoints=1", f"trainer.save_every={steps}",
-            f"trainer.num_threads={max(1, cores // nproc)}", f"trainer.peak_flops={peak_flops / nproc}",
-            f"distributed.sequence_parallel_size={nproc}", "logger=none", "resume=null",
-            f"trainer.output_dir={output_dir}",
-        ]
         launcher = [sys.executable]
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                          "--master_port", str(free_port())]
-        env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(max(1, cores // nproc)),
-                   PYTHONPATH=str(REPO))
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep carried wheels
+        env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
+        command = [*launcher, "-m", "longnet_dist.train", *overrides, "logger=none", "resume=null",
+                   f"trainer.output_dir={output_dir}"]
         started = time.perf_counter()
-        limit = int(0.9 * available_memory_bytes() / nproc)  # per process (torchrun's children inherit it)
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True,
+                                   preexec_fn=memory_limiter(memory_limit) if memory_limit else None)
         try:
-            result = subprocess.run([*launcher, "-m", "longnet_dist.train", *overrides], cwd=REPO, env=env,
-                                    capture_output=True, text=True, timeout=timeout,
-                                    preexec_fn=memory_limiter(limit))
+            log, _ = process.communicate(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the trainer and any torchrun children
+            process.communicate()
             return {"status": f"timeout after {timeout:.0f} s"}
         wall = time.perf_counter() - started
         metrics = Path(output_dir) / "metrics.jsonl"
-        if result.returncode != 0 or not metrics.exists():
-            log = result.stdout + result.stderr
-            out_of_memory = result.returncode in (-9, 137) or "can't allocate memory" in log or "out of memory" in log
-            return {"status": "out of memory" if out_of_memory else f"failed (exit {result.returncode})",
-                    "memory_limit_per_process": limit, "log_tail": log[-1500:]}
-        last = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line][-1]
-        return {"status": "ok", "wall_s": wall, "memory_limit_per_process": limit, **last}
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line] \
+            if metrics.exists() else []
+        if process.returncode != 0 or not records:
+            out_of_memory = process.returncode in (-9, 137) or any(
+                text in log for text in ("can't allocate memory", "out of memory", "OutOfMemoryError"))
+            return {"status": "out of memory" if out_of_memory else f"failed (exit {process.returncode})",
+                    "log_tail": log[-1500:]}
+        return {"status": "ok", "wall_s": wall, "records": records}
+
+
+def cpu_point(seq_len: int, nproc: int, steps: int, peak_flops: float, timeout: float) -> dict:
+    """The `small` model with the `long` branches and full checkpointing, fp32, sp = nproc."""
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // nproc)
+    overrides = [
+        "model=small", "attention=long", "model.activation_checkpointing=full", f"data.seq_len={seq_len}",
+        f"trainer.max_steps={steps}", f"trainer.warmup_steps={steps}", "trainer.log_every=1",
+        "trainer.eval_every=0", "trainer.keep_last_checkpoints=1", f"trainer.save_every={steps}",
+        f"trainer.num_threads={threads}", f"trainer.peak_flops={peak_flops / nproc}",
+        f"distributed.sequence_parallel_size={nproc}",
+    ]
+    limit = int(0.9 * available_memory_bytes() / nproc)  # per process (torchrun's children inherit it)
+    result = run_trainer(overrides, nproc, threads, timeout, limit)
+    records = result.pop("records", None)
+    return {**result, "memory_limit_per_process": limit, **(records[-1] if records else {})}
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
+    """Tokens/s, MFU and peak memory against sequence length, one line per row["series"]."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for nproc in sorted({row["processes"] for row in rows}):
-        done = [row for row in rows if row["processes"] == nproc and row["status"] == "ok"]
+    for series in sorted({row["series"] for row in rows}):
+        done = [row for row in rows if row["series"] == series and row["status"] == "ok"]
         if not done:
             continue
         lengths = [row["seq_len"] for row in done]
-        label = "1 process" if nproc == 1 else f"{nproc} processes (sp={nproc})"
-        axes[0].plot(lengths, [row["tokens_per_s"] for row in done], "o-", label=label)
-        axes[1].plot(lengths, [100 * row["mfu"] for row in done], "o-", label=label)
-        axes[2].plot(lengths, [row["peak_mem_bytes"] / 2 ** 30 for row in done], "o-", label=label)
+        axes[0].plot(lengths, [row["tokens_per_s"] for row in done], "o-", label=series)
+        axes[1].plot(lengths, [100 * row["mfu"] for row in done], "o-", label=series)
+        axes[2].plot(lengths, [row["peak_mem_bytes"] / 2 ** 30 for row in done], "o-", label=series)
     for axis, ylabel in zip(axes, ("tokens / s", "MFU (%)", "peak memory per process (GiB)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("sequence length (tokens)")
@@ -130,23 +155,124 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=DEFAULT_SEQ_LENS)
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per run (the last is reported)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
-    parser.add_argument("--tag", default="", help="suffix of the result files (e.g. smoke)")
-    args = parser.parse_args()
+# dense bf16 tensor-core FLOP/s per GPU (SXM parts), the MFU denominator; --peak-flops for others
+PEAK_FLOPS_BY_GPU = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# (tokens, attention, steps): one 4M step shows that it runs and its memory (its time includes compiling)
+QUICK_POINTS = [(32768, "dilated", 5), (32768, "dense", 5), (1048576, "dilated", 2), (4194304, "dilated", 1)]
+CUDA_SEQ_LENS = [32768, 131072, 524288, 1048576, 2097152, 4194304]
+DENSE_MAX_SEQ_LEN = 262144  # dense attention's cost grows with N^2: beyond this a step takes minutes
 
+
+def checkpointing_for(seq_len: int, choice: str) -> tuple[str, int]:
+    """(activation_checkpointing, checkpoint_group_size). auto: nothing recomputed up to 64K tokens
+    (activations fit; fastest), whole blocks up to 2M, groups of 2 blocks beyond (a bf16 block input
+    is 1.5 KiB per token: 12 of them at 4M tokens are 72 GiB)."""
+    if choice != "auto":
+        return choice, 1
+    if seq_len <= 65536:
+        return "none", 1
+    return "full", 1 if seq_len <= 2097152 else 2
+
+
+def cuda_point(seq_len: int, impl: str, steps: int, args, peak_flops: float, timeout: float) -> dict:
+    """One trainer run of `model=base attention=paper` in bf16 on GPU 0; medians over steps 2.."""
+    policy, group = checkpointing_for(seq_len, args.checkpointing)
+    overrides = [
+        "model=base", "attention=paper", f"deepspeed=zero{args.zero_stage}", "deepspeed.bf16.enabled=true",
+        f"model.attention_impl={impl}", f"model.activation_checkpointing={policy}", f"model.checkpoint_group_size={group}",
+        f"model.compile={args.compile}",
+        f"data.seq_len={seq_len}", "data.micro_batch_size=1", "data.val_fraction=0.2",  # validation >= 4M tokens
+        f"trainer.max_steps={steps}", f"trainer.warmup_steps={steps}", "trainer.log_every=1", "trainer.eval_every=0",
+        "trainer.keep_last_checkpoints=1", f"trainer.save_every={steps}", f"trainer.peak_flops={peak_flops}",
+        "trainer.torch_adam=true", "trainer.progress_bar=false", *args.override,
+    ]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda")
+    row = {"seq_len": seq_len, "attention_impl": impl, "activation_checkpointing": policy,
+           "checkpoint_group_size": group, "steps": steps,
+           "series": f"{impl} attention"}
+    result = run_trainer(overrides, 1, os.cpu_count() or 1, timeout, None)
+    records = result.pop("records", None)
+    row.update(result)
+    if records:
+        timed = records[1:] or records  # the first step compiles (a one-step run reports it anyway)
+        step_s = sorted(seq_len / r["tokens_per_s"] for r in timed)
+        median_s = step_s[len(step_s) // 2]
+        row.update(tokens_per_s=seq_len / median_s, step_s=median_s, first_step_s=seq_len / records[0]["tokens_per_s"],
+                   mfu=sorted(r["mfu"] for r in timed)[len(timed) // 2],
+                   peak_mem_bytes=max(r["peak_mem_bytes"] for r in records), loss=records[-1]["loss"],
+                   timed_steps=len(timed), includes_compile=len(records) == 1)
+        row["peak_mem_bytes_per_token"] = row["peak_mem_bytes"] / seq_len
+    return row
+
+
+def cuda_points(args) -> list[tuple[int, str, int]]:
+    if args.quick:
+        return QUICK_POINTS
+    lengths = args.seq_lens or CUDA_SEQ_LENS
+    return [(n, impl, args.steps or (4 if n <= 1048576 else 2)) for impl in args.impls for n in sorted(lengths)
+            if impl == "dilated" or n <= DENSE_MAX_SEQ_LEN]
+
+
+def cuda_sweep(args) -> None:
+    host = machine()
+    if "gpu" not in host:
+        sys.exit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    gpu = host["gpu"]
+    peak = args.peak_flops or next((v for k, v in PEAK_FLOPS_BY_GPU.items() if k in gpu), None)
+    if peak is None:
+        sys.exit(f"no peak FLOP/s known for {gpu!r} (known: {list(PEAK_FLOPS_BY_GPU)}); pass --peak-flops")
+    slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "_")
+    name = f"train_{args.tag}" if args.tag else f"train_cuda_{slug}{'_quick' if args.quick else ''}"
+    budget = args.budget or (180.0 if args.quick else 3600.0)
+    deadline = time.perf_counter() + budget
+    payload = {"benchmark": f"trainer throughput, model=base attention=paper, bf16, ZeRO {args.zero_stage}, batch 1, "
+                            "one GPU",
+               "machine": host, "peak_flops": peak, "budget_s": budget, "command": " ".join(sys.argv), "rows": []}
+    failed_impls: set[str] = set()
+    for seq_len, impl, steps in cuda_points(args):
+        left = deadline - time.perf_counter()
+        print(f"seq_len {seq_len:>8}, {impl} ({left:.0f} s of the budget left) ...", flush=True)
+        if impl in failed_impls:
+            row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
+                   "status": "skipped: a shorter sequence failed"}
+        elif left < 20:
+            row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
+                   "status": f"skipped: time budget ({budget:.0f} s) spent"}
+        else:
+            row = cuda_point(seq_len, impl, steps, args, peak, timeout=min(args.timeout, left))
+        if row["status"] not in ("ok",) and not row["status"].startswith("skipped"):
+            failed_impls.add(impl)
+        print(f"  {row['status']}" + (f": {row['tokens_per_s']:,.0f} tokens/s, MFU {100 * row['mfu']:.1f}%, "
+                                       f"{row['peak_mem_bytes'] / 2 ** 30:.1f} GiB" if row["status"] == "ok" else ""),
+              flush=True)
+        if "log_tail" in row:
+            print("  " + row["log_tail"][-800:].replace("\n", "\n  "), flush=True)
+        payload["rows"].append(row)
+        json_path = save(name, payload)  # after every point: a later hang or kill keeps what ran
+    plot(payload["rows"], f"LongNet base (85M), bf16, one {gpu}", RESULTS / f"{name}.png")
+    print(f"\n{gpu}; peak {human(peak, 'FLOP/s')}")
+    print(f"{'seq_len':>9} {'attention':>9} {'ckpt':>9} {'status':>10} {'tokens/s':>10} {'MFU':>7} {'step s':>8} "
+          f"{'peak GiB':>9} {'KiB/token':>9}")
+    for row in payload["rows"]:
+        if row["status"] == "ok":
+            print(f"{row['seq_len']:>9} {row['attention_impl']:>9} {row['activation_checkpointing']:>9} {'ok':>10} "
+                  f"{row['tokens_per_s']:>10.0f} {100 * row['mfu']:>6.1f}% {row['step_s']:>8.2f} "
+                  f"{row['peak_mem_bytes'] / 2 ** 30:>9.1f} {row['peak_mem_bytes_per_token'] / 1024:>9.1f}")
+        else:
+            print(f"{row['seq_len']:>9} {row['attention_impl']:>9} {'':>9} {row['status']}")
+    print(f"wrote {json_path} and {RESULTS / (name + '.png')}")
+
+
+def cpu_sweep(args) -> None:
     host = machine()
     peak = measure_matmul_peak(threads=os.cpu_count() or 1)
     rows = []
     for nproc in args.processes:
-        for seq_len in sorted(args.seq_lens):
+        for seq_len in sorted(args.seq_lens or DEFAULT_SEQ_LENS):
             print(f"seq_len {seq_len:>8}, {nproc} process(es) ...", flush=True)
-            measured = run_trainer(seq_len, nproc, args.steps, peak, args.timeout)
-            row = {"seq_len": seq_len, "processes": nproc, **measured}
+            measured = cpu_point(seq_len, nproc, args.steps or 1, peak, args.timeout)
+            series = "1 process" if nproc == 1 else f"{nproc} processes (sp={nproc})"
+            row = {"seq_len": seq_len, "processes": nproc, "series": series, **measured}
             rows.append(row)
             if row["status"] != "ok":
                 print(f"  {row['status']}; not trying longer sequences with {nproc} process(es)")
@@ -157,7 +283,7 @@ def main() -> None:
     name = f"train_{args.tag}" if args.tag else "train"
     machine_line = f"{host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB ({host['platform']})"
     payload = {"benchmark": "trainer throughput, model=small attention=long, activation checkpointing",
-               "machine": host, "peak_flops_measured": peak, "steps_per_run": args.steps, "rows": rows,
+               "machine": host, "peak_flops_measured": peak, "steps_per_run": args.steps or 1, "rows": rows,
                "longest_seq_len_by_processes": longest}
     json_path = save(name, payload)
     plot(rows, f"LongNet small, training step throughput - {machine_line}", RESULTS / f"{name}.png")
@@ -174,6 +300,29 @@ def main() -> None:
     for nproc, length in longest.items():
         print(f"longest training step with {nproc} process(es): {length:,} tokens")
     print(f"wrote {json_path} and {RESULTS / (name + '.png')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--seq-lens", type=int, nargs="+", help="default: 16K..1M (cpu), 32K..4M (cuda)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="cpu: process counts (sp)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (cpu: 1, the last is reported; "
+                                                  "cuda: 4 up to 1M tokens, 2 beyond)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--tag", default="", help="suffix of the result files (e.g. smoke)")
+    parser.add_argument("--quick", action="store_true", help="cuda: 32K dilated + dense, 1M and 4M dilated")
+    parser.add_argument("--budget", type=float, help="cuda: seconds for the whole sweep (default 180 quick, 3600)")
+    parser.add_argument("--impls", nargs="+", default=["dilated", "dense"], choices=["dilated", "dense"])
+    parser.add_argument("--checkpointing", default="auto", choices=["auto", "none", "full", "selective"],
+                        help="cuda: model.activation_checkpointing (auto: none up to 64K tokens, full beyond)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="cuda: model.compile")
+    parser.add_argument("--peak-flops", type=float, help="cuda: FLOP/s of the GPU for MFU (default by its name)")
+    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
+                        help="cuda: DeepSpeed ZeRO stage (0: least engine overhead on one GPU)")
+    parser.add_argument("--override", nargs="*", default=[], help="cuda: extra trainer overrides (key=value)")
+    args = parser.parse_args()
+    (cuda_sweep if args.device == "cuda" else cpu_sweep)(args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .checks import check_branches
 from .functional import dilated_attention
-from .rotary import apply_rotary
+from .rotary import apply_rotary, rotary_angles
 
 
 class DilatedAttention(nn.Module):
@@ -27,18 +27,36 @@ class DilatedAttention(nn.Module):
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
 
     def forward(self, x: Tensor, *, positions: Tensor | None = None, key_padding_mask: Tensor | None = None,
-                sequence_group=None) -> Tensor:
-        """x (B, N, E) -> (B, N, E); `positions` (N,) are the global positions of x's rows (rotary)."""
+                sequence_group=None, rotary_tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, N, E) -> (B, N, E); `positions` (N,) are the global positions of x's rows (rotary).
+
+        `rotary_tables` (cos, sin from `rotary_angles`, shared by all layers) replace `positions`.
+        """
+        q, k, v = self.project(x, positions=positions, rotary_tables=rotary_tables)
+        attn = self.attend(q, k, v, key_padding_mask=key_padding_mask, sequence_group=sequence_group)
+        return self.out(attn.flatten(2))
+
+    def project(self, x: Tensor, *, positions: Tensor | None = None,
+                rotary_tables: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, E) -> q, k, v (B, N, H, D), q and k rotated: the token-wise part before attention."""
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, D) each
-        if self.rotary:
-            if positions is None:
-                positions = torch.arange(N, device=x.device)
-            q, k = apply_rotary(q, positions, self.rotary_base), apply_rotary(k, positions, self.rotary_base)
-        attn = dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, causal=self.causal,
+        H, D = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(B, N, 3, H, D)
+        if not self.rotary:
+            return qkv.unbind(2)
+        if rotary_tables is None:
+            positions = torch.arange(N, device=x.device) if positions is None else positions
+            rotary_tables = rotary_angles(positions, D, self.rotary_base)
+        qk = apply_rotary(qkv[:, :, :2].reshape(B, N, 2 * H, D), tables=rotary_tables)  # q and k heads at once
+        q, k = qk.view(B, N, 2, H, D).unbind(2)
+        return q, k, qkv[:, :, 2]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
+               sequence_group=None) -> Tensor:
+        """Dilated attention (B, N, H, D) of projected q, k, v (B, N, H, D)."""
+        return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, causal=self.causal,
                                  key_padding_mask=key_padding_mask, sequence_group=sequence_group,
                                  backend=self.backend)
-        return self.out(attn.reshape(B, N, self.embed_dim))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, segment_lengths={self.segment_lengths}, "

@@ -4,7 +4,8 @@ Dense part: 6 FLOPs per matmul weight per token (2 forward, 4 backward; Kaplan e
 every matmul including the LM head (it runs even when tied to the embedding).
 Attention part (../shared/LONGNET.md "Cost"): per layer, head and branch (w, r) a sequence of N
 tokens scores N*w/r^2 query-key pairs, 4*D FLOPs each forward (two matmuls), so 4*(w/r^2)*D per
-token; causal halves it; backward costs 2.5x forward, so training is 3.5x forward.
+token; causal halves it; backward costs 2.5x forward, so training is 3.5x forward. Dense
+attention (attention_impl="dense") is the one branch w = N, r = 1.
 Recomputation by activation checkpointing is not counted (model FLOPs, as MFU usually is).
 """
 from __future__ import annotations
@@ -30,8 +31,10 @@ def matmul_weights(config: LongNetConfig) -> int:
 
 
 def attention_flops_per_token(config: LongNetConfig, seq_len: int, *, causal: bool = True) -> float:
-    """Training FLOPs per token of the dilated attention scores and weighted sums (all layers)."""
-    pairs_per_query = sum(min(w, seq_len) / (r * r) for w, r in zip(config.segment_lengths, config.dilation_rates))
+    """Training FLOPs per token of the attention scores and weighted sums (all layers)."""
+    branches = [(seq_len, 1)] if config.attention_impl == "dense" else zip(config.segment_lengths,
+                                                                          config.dilation_rates)
+    pairs_per_query = sum(min(w, seq_len) / (r * r) for w, r in branches)
     forward = 4.0 * pairs_per_query * config.head_dim * config.num_heads * config.num_layers
     return ATTENTION_TRAIN_FACTOR * forward * (0.5 if causal else 1.0)
 

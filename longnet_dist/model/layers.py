@@ -10,7 +10,7 @@ MLPS = ("swiglu", "gelu")
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (Zhang & Sennrich 2019)."""
+    """x / rms(x) * weight, computed in float32 or wider (Zhang & Sennrich 2019)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -18,9 +18,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        compute = torch.promote_types(x.dtype, torch.float32)  # bf16 -> float32; float64 stays
+        wide = x.to(compute)
+        normed = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(compute)).to(x.dtype)
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:

@@ -3,9 +3,13 @@
 Each block is x + DilatedAttention(norm(x)) followed by x + MLP(norm(x)). The model knows nothing
 about ranks: it gets `positions` (global positions of the rows it holds, for rotary) and an opaque
 `sequence_group` that it hands to attention, which shards the long branches over it.
+Around the attention call a block has two token-wise regions (regions.py): norm -> q/k/v ->
+rotary before it, output projection -> residual -> norm -> MLP -> residual after it; they are what
+activation checkpointing recomputes and what `compile` compiles.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -14,9 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from longnet_dist.attention import DilatedAttention
+from longnet_dist.attention.rotary import rotary_angles
 
+from .dense import ATTENTION_IMPLS, attention_class
 from .layers import MLPS, NORMS, default_mlp_hidden_dim, make_mlp, make_norm
+from .regions import checkpointing_policy, compile_enabled, compile_region, compile_setting, token_wise
 
 
 @dataclass
@@ -34,13 +40,16 @@ class LongNetConfig:
     norm: str = "rmsnorm"
     tie_embeddings: bool = True
     rotary_base: float = 10000.0
-    activation_checkpointing: bool = False
+    activation_checkpointing: str | bool = "none"  # none | full (each block) | selective (token-wise parts)
+    checkpoint_group_size: int = 1  # "full": blocks recomputed as one group (keeps every k-th block input)
     attention_backend: str | None = None  # None: fastest kernel available
-    token_chunk_size: int = 8192  # rows at once in the recomputed token-wise layers (loss; MLP when checkpointing)
+    token_chunk_size: int = 8192  # rows at once in the recomputed token-wise regions (loss; with checkpointing)
     init_std: float = 0.02
+    compile: str | bool = "auto"  # torch.compile the token-wise regions: auto (CUDA only) | true | false
+    attention_impl: str = "dilated"  # dilated | dense (full causal attention: a baseline, one device)
 
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "num_layers", "num_heads", "token_chunk_size"):
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "token_chunk_size", "checkpoint_group_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model {name}={value!r} must be a positive integer")
@@ -51,6 +60,10 @@ class LongNetConfig:
             raise ValueError(f"model mlp={self.mlp!r} is not one of {list(MLPS)}")
         if self.norm not in NORMS:
             raise ValueError(f"model norm={self.norm!r} is not one of {list(NORMS)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"model attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}")
+        self.activation_checkpointing = checkpointing_policy(self.activation_checkpointing)
+        self.compile = compile_setting(self.compile)
         self.segment_lengths, self.dilation_rates = list(self.segment_lengths), list(self.dilation_rates)
         if self.mlp_hidden_dim is None:
             self.mlp_hidden_dim = default_mlp_hidden_dim(self.mlp, self.dim)
@@ -60,44 +73,60 @@ class LongNetConfig:
         return self.dim // self.num_heads
 
 
-def chunked_recompute(fn, chunk_size: int | None, *tensors: Tensor) -> Tensor:
-    """fn applied to `chunk_size`-row slices along dim 1 of `tensors` (a token-wise fn), concatenated.
-
-    With grad enabled each slice is checkpointed: its intermediates are recomputed in backward, so
-    at most one slice's intermediates are alive at once. chunk_size None, or inputs no longer than
-    it, run fn in one piece (intermediates stored).
-    """
-    length = tensors[0].shape[1]
-    if chunk_size is None or length <= chunk_size:
-        return fn(*tensors)
-    pieces = []
-    for start in range(0, length, chunk_size):
-        rows = [t[:, start:start + chunk_size] for t in tensors]
-        pieces.append(checkpoint(fn, *rows, use_reentrant=False) if torch.is_grad_enabled() else fn(*rows))
-    return torch.cat(pieces, dim=1)
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block with dilated self-attention."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + MLP(norm(x)).
+
+    Activation checkpointing ("none" | "full" | "selective"): "full" is applied around the whole
+    block by LongNetLM (only its input is kept); "selective" keeps the attention's inputs and output
+    and recomputes both token-wise regions; with either, both regions run in `token_chunk_size`-row
+    chunks, and those of the region after attention (whose MLP hidden layer is the block's largest
+    activation) are recomputed.
+    """
 
     def __init__(self, config: LongNetConfig):
         super().__init__()
-        # with activation checkpointing the MLP also runs in recomputed chunks: its hidden layer is the
-        # largest activation of the block, and it is token-wise
-        self.mlp_chunk_size = config.token_chunk_size if config.activation_checkpointing else None
+        policy = config.activation_checkpointing
+        self.recompute_before, self.recompute_after = policy == "selective", policy != "none"
+        # with checkpointing both regions run in chunks: the one before attention needs no nested
+        # recomputation under "full" (its intermediates are small next to the MLP's)
+        self.chunk_before = self.chunk_after = config.token_chunk_size if policy != "none" else None
+        self.rotary_base = config.rotary_base
         self.attn_norm = make_norm(config.norm, config.dim)
-        self.attn = DilatedAttention(config.dim, config.num_heads, config.segment_lengths, config.dilation_rates,
-                                     causal=True, rotary=True, rotary_base=config.rotary_base,
-                                     backend=config.attention_backend)
+        self.attn = attention_class(config.attention_impl)(
+            config.dim, config.num_heads, config.segment_lengths, config.dilation_rates, causal=True, rotary=True,
+            rotary_base=config.rotary_base, backend=config.attention_backend)
         self.mlp_norm = make_norm(config.norm, config.dim)
         self.mlp = make_mlp(config.mlp, config.dim, config.mlp_hidden_dim)
+        self.before_attention, self.after_attention = self._before_attention, self._after_attention
 
-    def forward(self, x: Tensor, positions: Tensor | None, sequence_group=None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions=positions, sequence_group=sequence_group)
-        return x + chunked_recompute(self._norm_mlp, self.mlp_chunk_size, x)
+    def compile_regions(self, backend: str = "inductor", fullgraph: bool = False) -> None:
+        """Compile both token-wise regions (the attention call between them stays eager)."""
+        self.before_attention = compile_region(self._before_attention, backend, fullgraph)
+        self.after_attention = compile_region(self._after_attention, backend, fullgraph)
 
-    def _norm_mlp(self, x: Tensor) -> Tensor:
-        return self.mlp(self.mlp_norm(x))
+    def forward(self, x: Tensor, positions: Tensor | None, sequence_group=None,
+                rotary_tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, N, E) -> (B, N, E); `rotary_tables` (cos, sin), each (1, N, 1, D/2), default from positions."""
+        if rotary_tables is None:
+            rotary_tables = rotary_tables_of(positions, x, self.attn.head_dim, self.rotary_base)
+        q, k, v = token_wise(self.before_attention, x, *rotary_tables, chunk_size=self.chunk_before,
+                             recompute=self.recompute_before)  # (B, N, H, D) each
+        attn = self.attn.attend(q, k, v, sequence_group=sequence_group)  # (B, N, H, D)
+        return token_wise(self.after_attention, x, attn, chunk_size=self.chunk_after, recompute=self.recompute_after)
+
+    def _before_attention(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.attn.project(self.attn_norm(x), rotary_tables=(cos, sin))
+
+    def _after_attention(self, x: Tensor, attn: Tensor) -> Tensor:
+        x = x + self.attn.out(attn.flatten(2))  # (B, N, E)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def rotary_tables_of(positions: Tensor | None, x: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin (1, N, 1, D/2) for the rows of x (B, N, E) at `positions` (default arange(N)), in x's dtype."""
+    if positions is None:
+        positions = torch.arange(x.shape[1], device=x.device)
+    return rotary_angles(positions, head_dim, base, dtype=x.dtype)
 
 
 class LongNetLM(nn.Module):
@@ -113,11 +142,41 @@ class LongNetLM(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.apply(self._init_weights)
+        self.compiled: bool | None = None  # decided on the first forward (the device is known then)
+        self.loss_rows = self._loss_rows
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * layers)
         residual_std = config.init_std / math.sqrt(2 * config.num_layers)
         for block in self.blocks:
             nn.init.normal_(block.attn.out.weight, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, std=residual_std)
+
+    def _compile_once(self, device: torch.device, backend: str = "inductor", fullgraph: bool = False) -> None:
+        """On the first forward: compile the regions when `config.compile` asks for it on `device`."""
+        if self.compiled is not None:
+            return
+        self.compiled = compile_enabled(self.config.compile, device)
+        if self.compiled:
+            for block in self.blocks:
+                block.compile_regions(backend, fullgraph)
+            self.loss_rows = compile_region(self._loss_rows, backend, fullgraph)
+
+    def _loss_rows(self, hidden_rows: Tensor, label_rows: Tensor, ignore_index: int) -> Tensor:
+        """Cross-entropy (B, n) float32 (float64 for a float64 model) of norm -> LM head on rows (B, n, E)."""
+        logits = self.head(self.norm(hidden_rows))  # (B, n, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.transpose(1, 2), label_rows, ignore_index=ignore_index, reduction="none")
+
+    def _run_blocks(self, x: Tensor, positions: Tensor | None, sequence_group, tables: tuple[Tensor, Tensor],
+                    start: int, count: int) -> Tensor:
+        """Blocks start .. start + count - 1. In a checkpointed group of several blocks each block is
+        checkpointed too: recomputing the group keeps only its blocks' inputs, one block's intermediates."""
+        nested = count > 1 and self.config.activation_checkpointing == "full" and torch.is_grad_enabled()
+        for block in self.blocks[start:start + count]:
+            if nested:
+                x = checkpoint(block, x, positions, sequence_group, tables, use_reentrant=False)
+            else:
+                x = block(x, positions, sequence_group, tables)
+        return x
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -133,12 +192,14 @@ class LongNetLM(nn.Module):
         `sequence_group`, input_ids is this rank's shard and attention spans the group.
         """
         x = self.embed(input_ids)  # (B, N, E)
-        recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:
-                x = checkpoint(block, x, positions, sequence_group, use_reentrant=False)
-            else:
-                x = block(x, positions, sequence_group)
+        self._compile_once(x.device)
+        tables = rotary_tables_of(positions, x, self.config.head_dim, self.config.rotary_base)  # once for all layers
+        if self.config.activation_checkpointing == "full" and torch.is_grad_enabled():
+            size = self.config.checkpoint_group_size
+            for start in range(0, len(self.blocks), size):
+                x = checkpoint(self._run_blocks, x, positions, sequence_group, tables, start, size, use_reentrant=False)
+        else:
+            x = self._run_blocks(x, positions, sequence_group, tables, 0, len(self.blocks))
         if labels is None:
             return self.head(self.norm(x))
         return self.token_losses(x, labels, ignore_index)
@@ -152,11 +213,9 @@ class LongNetLM(nn.Module):
         if labels.shape != hidden.shape[:2]:
             raise ValueError(f"labels shape {tuple(labels.shape)} must match input_ids {tuple(hidden.shape[:2])}")
 
-        def cross_entropy(hidden_rows: Tensor, label_rows: Tensor) -> Tensor:
-            logits = self.head(self.norm(hidden_rows)).float()  # (B, n, V)
-            return F.cross_entropy(logits.transpose(1, 2), label_rows, ignore_index=ignore_index, reduction="none")
-
-        return chunked_recompute(cross_entropy, self.config.token_chunk_size, hidden, labels)  # (B, N)
+        chunk_size = self.config.token_chunk_size
+        return token_wise(functools.partial(self.loss_rows, ignore_index=ignore_index), hidden, labels,
+                          chunk_size=chunk_size, recompute=hidden.shape[1] > chunk_size)  # (B, N)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "LongNetLM":

@@ -45,9 +45,12 @@ class ModelSchema:
     norm: str = MISSING
     tie_embeddings: bool = MISSING
     rotary_base: float = MISSING
-    activation_checkpointing: bool = MISSING
+    activation_checkpointing: Any = MISSING  # none | full | selective (true/false: full/none); LongNetConfig checks
     token_chunk_size: int = MISSING
     init_std: float = MISSING
+    compile: Any = "auto"  # auto | true | false
+    attention_impl: str = "dilated"  # dilated | dense
+    checkpoint_group_size: int = 1  # with activation_checkpointing=full: blocks per recomputed group
 
 
 @dataclass
@@ -175,7 +178,9 @@ def model_config(cfg: DictConfig, vocab_size: int) -> LongNetConfig:
         mlp=model.mlp, mlp_hidden_dim=model.mlp_hidden_dim, norm=model.norm, tie_embeddings=model.tie_embeddings,
         rotary_base=float(model.rotary_base), activation_checkpointing=model.activation_checkpointing,
         attention_backend=cfg.attention.backend, token_chunk_size=model.token_chunk_size,
-        init_std=float(model.init_std),
+        init_std=float(model.init_std), compile=model.get("compile", "auto"),
+        attention_impl=model.get("attention_impl", "dilated"),
+        checkpoint_group_size=model.get("checkpoint_group_size", 1),
     )
 
 

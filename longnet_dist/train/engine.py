@@ -62,6 +62,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def with_fused_torch_adam(ds_config: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """The config with torch.optim.AdamW(fused=True) asked for when it runs on CUDA with `torch_adam`
+    (one kernel for all parameters instead of a dozen per tensor); otherwise `ds_config` unchanged.
+    DeepSpeed passes the extra optimizer param through to torch.optim.AdamW."""
+    params = ds_config["optimizer"]["params"]
+    if not (cuda and params.get("torch_adam")) or "fused" in params:
+        return ds_config
+    return {**ds_config, "optimizer": {**ds_config["optimizer"], "params": {**params, "fused": True}}}
+
+
 def build_engine(model: nn.Module, ds_config: dict[str, Any]):
     """deepspeed.initialize over the whole world as data-parallel group (see loss.py for why)."""
     if _engine_on_cpu():
@@ -70,6 +80,7 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any]):
 
     _quiet_deepspeed()
     _skip_shared_memory_allreduce_build()
+    ds_config = with_fused_torch_adam(ds_config, cuda=torch.cuda.is_available())
     weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
     engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config,
                                                    model_parameters=parameter_groups(model, weight_decay))

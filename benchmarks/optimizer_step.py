@@ -1,0 +1,110 @@
+"""What the DeepSpeed engine adds to an optimizer step of `model=base`, against a bare torch AdamW.
+
+Times `engine.step()` of the trainer's own engine (build_engine + deepspeed_config from the composed
+Hydra config: ZeRO stage 0, torch AdamW, gradient clipping 1.0, the LR scheduler; on CUDA bf16 with
+fp32 master weights and the fused AdamW) after a real backward of a short sequence, and a bare
+torch.optim.AdamW step (fused on CUDA, foreach on the CPU) with clip_grad_norm_ over fp32 parameters
+of the same shapes. The difference is the engine's overhead per step.
+
+    python3 benchmarks/optimizer_step.py                 # CPU fp32 (about a minute on 2 cores)
+    python3 benchmarks/optimizer_step.py --device cuda   # one GPU, bf16, a few seconds
+
+Writes benchmarks/results/optimizer_step_<device>_zero<stage>[_bf16].json and prints the times.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
+from common import machine, save  # noqa: E402
+
+
+def compose(device: str, zero_stage: int, bf16: bool):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    overrides = ["model=base", "attention=paper", f"deepspeed=zero{zero_stage}", f"deepspeed.bf16.enabled={bf16}",
+                 "trainer.torch_adam=true", "logger=none", "data.seq_len=32768", "model.compile=false"]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides), overrides
+
+
+def timed_steps(step, sync, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto", help="auto: on CUDA only")
+    parser.add_argument("--tokens", type=int, default=256, help="sequence of the backward before each step")
+    args = parser.parse_args()
+
+    import torch
+
+    from longnet_dist.model import LongNetLM, count_parameters
+    from longnet_dist.train.config import deepspeed_config, model_config
+    from longnet_dist.train.engine import build_engine, ensure_process_group
+
+    bf16 = args.device == "cuda" if args.bf16 == "auto" else args.bf16 == "true"
+    cfg, overrides = compose(args.device, args.zero_stage, bf16)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    ensure_process_group(None)
+    torch.manual_seed(0)
+    model = LongNetLM(model_config(cfg, vocab_size=258))
+    bare_params = [torch.nn.Parameter(p.detach().clone().float().to(args.device)) for p in model.parameters()]
+    engine = build_engine(model, deepspeed_config(cfg))
+    ids = torch.randint(0, 258, (1, args.tokens + 1), device=engine.device)
+
+    def backward() -> None:
+        engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]).mean())
+
+    engine_times = []
+    for _ in range(args.repeats + 1):  # the first step allocates optimizer state
+        backward()
+        engine_times += timed_steps(engine.step, sync, 1)
+    print("engine step times (s):", [round(t, 3) for t in engine_times])
+    engine_times = engine_times[1:]
+
+    for p in bare_params:
+        p.grad = torch.randn_like(p) * 1e-3
+    fused = args.device == "cuda"
+    bare = torch.optim.AdamW(bare_params, lr=1e-4, weight_decay=0.1, fused=fused, foreach=None if fused else True)
+
+    def bare_step() -> None:
+        torch.nn.utils.clip_grad_norm_(bare_params, 1.0, foreach=True)
+        bare.step()
+
+    bare_times = timed_steps(bare_step, sync, args.repeats + 1)[1:]
+    result = {"device": args.device, "parameters": count_parameters(model),
+              "engine": {"optimizer": type(engine.optimizer).__name__,
+                         "inner": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
+                         "bf16": engine.bfloat16_enabled()},
+              "engine_step_ms": 1e3 * statistics.median(engine_times),
+              "bare_adamw_step_ms": 1e3 * statistics.median(bare_times),
+              "bare_adamw": "fused" if fused else "foreach", "repeats": args.repeats,
+              "overrides": overrides, "machine": machine()}
+    result["engine_overhead_ms"] = result["engine_step_ms"] - result["bare_adamw_step_ms"]
+    path = save(f"optimizer_step_{args.device}_zero{args.zero_stage}{'_bf16' if bf16 else ''}", result)
+    print(f"{result['parameters'] / 1e6:.1f}M parameters on {args.device}: engine.step() "
+          f"{result['engine_step_ms']:.1f} ms ({result['engine']}), bare AdamW + clip "
+          f"{result['bare_adamw_step_ms']:.1f} ms ({result['bare_adamw']}); engine overhead "
+          f"{result['engine_overhead_ms']:.1f} ms per step; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""DenseAttention: the DilatedAttention layer with full causal attention, as a baseline to measure against."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from longnet_dist.attention import DilatedAttention
+
+ATTENTION_IMPLS = ("dilated", "dense")
+
+
+class DenseAttention(DilatedAttention):
+    """Same projections, rotary and parameters as DilatedAttention; every query attends to every
+    earlier key through `scaled_dot_product_attention` (flash attention on GPUs). One device only."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
+               sequence_group=None) -> Tensor:
+        if key_padding_mask is not None or (sequence_group is not None and sequence_group.size > 1):
+            raise ValueError("attention_impl='dense' supports neither key_padding_mask nor a sequence group of "
+                             "size > 1; use attention_impl='dilated'")
+        heads_first = [t.transpose(1, 2) for t in (q, k, v)]  # (B, H, N, D) views
+        return F.scaled_dot_product_attention(*heads_first, is_causal=self.causal).transpose(1, 2)  # (B, N, H, D)
+
+
+def attention_class(impl: str) -> type[DilatedAttention]:
+    if impl == "dilated":
+        return DilatedAttention
+    if impl == "dense":
+        return DenseAttention
+    raise ValueError(f"model attention_impl={impl!r} is not one of {list(ATTENTION_IMPLS)}")
