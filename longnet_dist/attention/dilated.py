@@ -72,8 +72,9 @@ class LocalBranch:
     def forward(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
         layout = self.layout(inputs)
         # Whole segments with r | w: read the rows in place, one kernel call per head offset. (The
-        # backward keeps the gather: aten's CPU flash backward ran 1.6x slower on strided views.)
-        if layout.viewable:
+        # backward keeps the gather: aten's CPU flash backward ran 1.6x slower on strided views. On
+        # CUDA the fused kernels read in place; this fallback path keeps the gather there: untested.)
+        if layout.viewable and inputs.q.device.type == "cpu":
             B, n_seg = inputs.batch, layout.num_segments
             for s in layout.offsets:
                 q, k, v = (layout.offset_view(x, s) for x in (inputs.q, inputs.k, inputs.v))  # (B*n_seg, w/r, H_s, D)
