@@ -34,6 +34,8 @@ for stage in $stages; do
                        ${GPU_CHECK_ATTENTION_ARGS:---tune} ;;
         train) if python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    run 240 train_cuda python3 benchmarks/train.py --device cuda ${GPU_CHECK_TRAIN_ARGS:---quick}
+                   [ "$results" = benchmarks/results ] || cp -f "$PWD"/benchmarks/results/train_cuda* "$results"/ \
+                       || echo "no training results to copy"
                else
                    echo "== train skipped: hydra/omegaconf/deepspeed not importable (carry wheels: ../shared/offline_wheels.sh)"
                fi ;;
