@@ -315,7 +315,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="cuda: seconds for the whole sweep (default 180 quick, 3600)")
     parser.add_argument("--impls", nargs="+", default=["dilated", "dense"], choices=["dilated", "dense"])
     parser.add_argument("--checkpointing", default="auto", choices=["auto", "none", "full", "selective"],
-                        help="cuda: model.activation_checkpointing (auto: none up to 64K tokens, full beyond)")
+                        help="cuda: model.activation_checkpointing (auto: none up to 64K tokens, full beyond, "
+                             "in groups of 2 blocks beyond 2M)")
     parser.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="cuda: model.compile")
     parser.add_argument("--peak-flops", type=float, help="cuda: FLOP/s of the GPU for MFU (default by its name)")
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
