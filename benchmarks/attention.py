@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, human, machine, peak_rss_bytes, save, timed  # noqa: E402
+from common import RESULTS, human, machine, peak_rss_bytes, save, style_log2_axis, timed  # noqa: E402
 
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 DILATIONS = [1, 2, 4, 8, 16]
@@ -95,13 +95,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         ns = [p["n"] for p in rows]
         ax_time.plot(ns, [p["forward_backward_s"] for p in rows], marker="o", label=label + " fwd+bwd")
         ax_mem.plot(ns, [p["peak_bytes"] / 2**30 for p in rows], marker="o", label=label)
-    for ax, ylabel in ((ax_time, "seconds"), (ax_mem, "peak memory above baseline (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    style_log2_axis(ax_time, "seconds", log_y=True)
+    style_log2_axis(ax_mem, "peak memory above baseline (GiB)", log_y=True)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -74,3 +74,14 @@ def human(n: float, unit: str = "") -> str:
             return f"{n:.3g}{suffix}{unit}"
         n /= 1000
     return f"{n:.3g}P{unit}"
+
+
+def style_log2_axis(ax, ylabel: str, log_y: bool = False) -> None:
+    """Sequence length on a log2 x axis, grid and legend: the plots of every benchmark here."""
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("sequence length N (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)

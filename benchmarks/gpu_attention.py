@@ -27,7 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, machine, style_log2_axis  # noqa: E402
 
 from longnet_dist.attention import dilated_attention  # noqa: E402
 from longnet_dist.attention.kernels import dense_flops  # noqa: E402
@@ -219,12 +219,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         label = f"{kind} ({'causal' if causal else 'bidirectional'})"
         ax_rate.plot([p["n"] for p in rows], [p["forward_backward_tflops"] for p in rows], marker="o", label=label)
         ax_mem.plot([p["n"] for p in rows], [p["peak_bytes_per_token"] / 1024 for p in rows], marker="o", label=label)
-    for ax, ylabel in ((ax_rate, "fwd+bwd TFLOP/s (needed FLOPs)"), (ax_mem, "peak memory per token (KiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length N (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    style_log2_axis(ax_rate, "fwd+bwd TFLOP/s (needed FLOPs)")
+    style_log2_axis(ax_mem, "peak memory per token (KiB)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

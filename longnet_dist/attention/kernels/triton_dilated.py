@@ -43,6 +43,20 @@ def _slots(N, w, r, seg, h):
 
 
 @triton.jit
+def _program_block(pid, num_blocks, heads, N, w, r, head0, LONGEST_FIRST: tl.constexpr):
+    """Which slot block this program owns: (block, head in the group, position of slot 0, slot count).
+    Programs of one (segment, head) are adjacent, so they share its rows in L2; causal query blocks
+    run the longest first (LONGEST_FIRST)."""
+    block = pid % num_blocks
+    if LONGEST_FIRST:
+        block = num_blocks - 1 - block
+    seg_head = pid // num_blocks
+    hh = seg_head % heads
+    row0, n_slots = _slots(N, w, r, seg_head // heads, head0 + hh)
+    return block, hh, row0, n_slots
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
                n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_KEEP: tl.constexpr,
                BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
@@ -89,10 +103,7 @@ def _fwd(Q, K, V, KEEP, OA, LA,
          CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, D: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
-    pid_m = num_m_blocks - 1 - pid % num_m_blocks  # the longest causal rows first
-    seg_head = pid // num_m_blocks
-    seg, hh = seg_head // heads, seg_head % heads
-    row0, n_slots = _slots(N, w, r, seg, head0 + hh)
+    pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True)
     if pid_m * BLOCK_M >= n_slots:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,10 +203,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
               CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FUSE_DQ: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
-    pid_n = pid % num_n_blocks
-    seg_head = pid // num_n_blocks
-    seg, hh = seg_head // heads, seg_head % heads
-    row0, n_slots = _slots(N, w, r, seg, head0 + hh)
+    pid_n, hh, row0, n_slots = _program_block(pid, num_n_blocks, heads, N, w, r, head0, False)
     if pid_n * BLOCK_N >= n_slots:
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -271,10 +279,7 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
             CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
-    pid_m = num_m_blocks - 1 - pid % num_m_blocks
-    seg_head = pid // num_m_blocks
-    seg, hh = seg_head // heads, seg_head % heads
-    row0, n_slots = _slots(N, w, r, seg, head0 + hh)
+    pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True)
     if pid_m * BLOCK_M >= n_slots:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
