@@ -1,8 +1,12 @@
 """LongNet dilated attention (paper Eq. 9-15): sparsify -> per-branch flash kernel -> LSE merge.
 
 Forward, per branch (w_i, r_i): gather the branch's rows of q, k, v into a batch of short sequences
-(layout.py), run a kernel that returns output and log-sum-exp (kernels.py), and merge it into the
+(layout.py), run a kernel that returns output and log-sum-exp (kernels/), and merge it into the
 running mixture by log-sum-exp (merge.py, Eq. 9-10). Nothing of size N x N or w x w is ever built.
+On the CPU, whole segments with r | w skip the gather in the forward: each head offset's rows are a
+strided view (layout.offset_view) that the kernel reads and the merge updates in place. On CUDA the
+one-device path is fused.py (all of this inside Triton kernels); this module serves the CPU, the
+portable kernel and sequence-parallel branches.
 
 Backward is exact and needs no gradient through the lse: the merged output is one softmax over the
 multiset of all keys the branches give a query, so each branch's gradient is the standard attention
