@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, human, machine, peak_rss_bytes, save, style_log2_axis, timed  # noqa: E402
+from common import RESULTS, human, machine, save, style_log2_axis, timed  # noqa: E402
 
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 DILATIONS = [1, 2, 4, 8, 16]
@@ -43,6 +43,7 @@ def child(kind: str, n: int, causal: bool, repeats: int) -> dict:
     import torch
 
     from longnet_dist.attention import dilated_attention
+    from longnet_dist.train.metrics import peak_rss_bytes
 
     def make(length):
         return [torch.randn(1, length, HEADS, HEAD_DIM, requires_grad=True) for _ in range(3)]

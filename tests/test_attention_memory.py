@@ -1,33 +1,31 @@
 """Peak memory of dilated attention grows linearly with N (no N x N or w x w matrix is built)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
+# peak_rss_bytes reads VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec,
+# so a child of a large parent (pytest after importing triton and the rest of the suite) would start
+# with the parent's peak as its own and under-report its growth.
 MEASURE = """
-import resource, sys, torch
+import sys, torch
 torch.set_num_threads(1)
 from longnet_dist.attention import dilated_attention
+from longnet_dist.train.metrics import peak_rss_bytes as peak_rss
 
 def step(n):
     q, k, v = (torch.randn(1, n, 4, 32, requires_grad=True) for _ in range(3))
     dilated_attention(q, k, v, [512, 2048, 8192], [1, 4, 16], causal=True).sum().backward()
 
 step(2048)  # warm-up: libraries, thread pools and allocator arenas go into the baseline
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_rss()
 step(int(sys.argv[1]))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)  # bytes
+print(peak_rss() - base)  # bytes
 """
 
 
 def peak_growth(n: int) -> int:
-    # Large blocks straight from mmap, returned to the system when freed: the peak RSS then follows the
-    # live tensors instead of what glibc's heap happened to keep from the warm-up (seen once: 32K
-    # reported half its usual growth in a full-suite run).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    result = subprocess.run([sys.executable, "-c", MEASURE, str(n)], capture_output=True, text=True, check=True,
-                            env=env)
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(n)], capture_output=True, text=True, check=True)
     return int(result.stdout.split()[-1])
 
 

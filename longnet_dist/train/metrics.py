@@ -44,12 +44,22 @@ def wandb_run_id(output_dir: Path, resumed: bool) -> str:
     return run_id
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. Linux: VmHWM of /proc/self/status (getrusage's
+    ru_maxrss survives fork + exec, so a child of a larger parent would report the parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: max_memory_allocated; CPU: the process's peak resident set size (ru_maxrss)."""
+    """CUDA: max_memory_allocated; CPU: the process's peak resident set size."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+    return peak_rss_bytes()
 
 
 def _format_bytes(count: float) -> str:
