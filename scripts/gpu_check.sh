@@ -3,8 +3,10 @@
 #   1. the CUDA tests (both kernel families vs the float64 reference),
 #   2. the attention benchmark (dilated vs dense flash, N = 32K .. 4M) -> benchmarks/results/gpu_attention.*,
 #   3. the training benchmark on the GPU when its packages are importable -> benchmarks/results/train_cuda.*
-# Each stage has its own time limit so that a hang cannot eat the lease; results are written as they
-# come, into $OUT when that is set (a device runner's output folder), else benchmarks/results/.
+# Each stage has its own time limit (150 + 180 + 150 s: under 8 minutes in all), so that a hang
+# cannot eat the lease; results are written as they come, into $OUT when that is set (a device
+# runner's output folder), else benchmarks/results/. The training stage needs hydra, omegaconf and
+# deepspeed importable (carry the wheels of ../shared/offline_wheels.sh to an offline machine).
 # Stages to run: GPU_CHECK_STAGES="tests attention train" (default all); GPU_CHECK_ATTENTION_ARGS,
 # GPU_CHECK_TRAIN_ARGS pass options to the benchmarks.
 set -uo pipefail
@@ -28,12 +30,12 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...: one stage, its log in results/NAME
 
 for stage in $stages; do
     case $stage in
-        tests) run 240 gpu_tests python3 -m pytest tests/test_cuda_attention.py -q --timeout 120 \
+        tests) run 150 gpu_tests python3 -m pytest tests/test_cuda_attention.py -q --timeout 120 \
                    -p no:cacheprovider --junitxml="$results/gpu_tests.xml" ;;
-        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-300}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
-                       ${GPU_CHECK_ATTENTION_ARGS:---tune} ;;
+        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-180}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
+                       ${GPU_CHECK_ATTENTION_ARGS:-} ;;
         train) if python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
-                   run 240 train_cuda python3 benchmarks/train.py --device cuda ${GPU_CHECK_TRAIN_ARGS:---quick}
+                   run 150 train_cuda python3 benchmarks/train.py --device cuda ${GPU_CHECK_TRAIN_ARGS:---quick --budget 120}
                    [ "$results" = benchmarks/results ] || cp -f "$PWD"/benchmarks/results/train_cuda* "$results"/ \
                        || echo "no training results to copy"
                else
