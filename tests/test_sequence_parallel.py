@@ -51,6 +51,11 @@ CASES = {
     "sp4_rates_not_dividing_shard_noncausal": dict(sp=4, batch=1, local_len=16, heads=4, head_dim=8,
                                                    segs=[8, 32, 64], rates=[1, 3, 6], causal=False, mask=True,
                                                    dtype=torch.float64),
+    # the fused Triton kernels for the local branches (Triton's interpreter on CPU), aten's beside them
+    "sp4_causal_mask_fp32_triton": dict(FIVE_BRANCHES, head_dim=16, causal=True, mask=True, dtype=torch.float32,
+                                        backend="triton"),
+    "dp2sp2_noncausal_mask_fp32_triton": dict(PAIR_BRANCHES, head_dim=16, causal=False, mask=True,
+                                              dtype=torch.float32, backend="triton"),
     "doubling_N64_P2": dict(DOUBLING, sp=2),
     "doubling_N128_P4": dict(DOUBLING, sp=4),
 }
@@ -78,7 +83,7 @@ def _run_case(case: dict, mesh) -> dict:
     comm_stats().reset()
     out = dilated_attention(*local, case["segs"], case["rates"], causal=case["causal"],
                             key_padding_mask=None if mask is None else mask[:, rows],
-                            sequence_group=mesh.sequence_group)
+                            sequence_group=mesh.sequence_group, backend=case.get("backend"))
     forward = _stats_by_tag(comm_stats().snapshot())
     comm_stats().reset()
     out.backward(grad[:, rows])

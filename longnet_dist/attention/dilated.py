@@ -19,7 +19,7 @@ adds one whose segments span several ranks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -53,6 +53,7 @@ class MergedRows:
     grad_out: Tensor  # (B, N * H, D) in the input dtype, 0 at padded queries
     out: Tensor       # (B, N * H, D) merged output in the input dtype
     lse: Tensor       # (B, N * H) merged lse; +inf where a row carries no gradient
+    shared: dict = field(default_factory=dict)  # what several branches' backwards reuse (fused.py: delta)
 
 
 class Branch(Protocol):
@@ -74,6 +75,9 @@ class LocalBranch:
         """Nothing to fetch: every row this branch needs is local."""
 
     def forward(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
+        if inputs.backend == "triton":  # sharded runs on CUDA: this branch through the fused kernels
+            from .fused import merge_local_branch
+            return merge_local_branch(inputs, merger, self.segment_length, self.dilation)
         layout = self.layout(inputs)
         # Whole segments with r | w: read the rows in place, one kernel call per head offset. (The
         # backward keeps the gather: aten's CPU flash backward ran 1.6x slower on strided views. On
@@ -97,6 +101,9 @@ class LocalBranch:
                    layout.sparse_to_rows(lse, inputs.batch))
 
     def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
+        if inputs.backend == "triton":
+            from .fused import add_local_branch_grads
+            return add_local_branch_grads(inputs, merged, grads, self.segment_length, self.dilation)
         layout = self.layout(inputs)
         q, k, v, grad_out, out = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v,
                                                               merged.grad_out, merged.out))

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .checks import check_branches, check_qkv, check_scale
 from .dilated import LocalBranch, _DilatedAttentionFunction
-from .kernels import branch_backend, select_backend
+from .kernels import select_backend
 from .sharding import check_sequence_parallel_config, segment_spans
 
 
@@ -24,7 +24,7 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
     of a sequence of P * N rows and the result is this rank's shard of the single-device result; a
     torch group's segment subgroups are split off it at first use (docs/sequence_parallel.md).
     `backend` forces a kernel family (see kernels/__init__.py); on CUDA the default is the fused
-    Triton kernel ("triton") on one device, aten's flash kernels per branch when sharded.
+    Triton kernels ("triton"); sharded, the local branches run fused and the spanning ones aten's kernels.
     """
     if sequence_group is not None:  # floor 2 -> floor 1 only when sharding is asked for
         from longnet_dist.distributed.group_types import as_sequence_group
@@ -48,5 +48,5 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
         if prepare is not None:
             prepare(segment_spans(seq_len, sp_size, segment_lengths))  # a torch group's subgroups, split now
         branches = plan_branches(q.shape[1], segment_lengths, dilation_rates, sequence_group)
-    return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale,
-                                           branch_backend(kind, q))
+    # sharded with "triton": local branches run fused, spanning ones aten's kernels (kernels.branch_backend)
+    return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale, kind)

@@ -12,6 +12,7 @@ fp32 accumulators no larger than one of those tensors.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -88,34 +89,72 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16-bit inputs
 
 
+def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Tensor, lse: Tensor, w: int, r: int,
+                   head0: int, causal: bool, scale: float) -> None:
+    """Merge branch (w, r) of heads [head0, head0 + H') into `acc` (B, N, H', D) fp32 and `lse` (B, N, H')
+    (Eq. 9-10), in place. q, k, v: (B, N, H', D) views of those heads; keep (B, N) uint8 or None."""
+    B, N, heads, D = q.shape
+    blocks = blocks_for("fwd", q.dtype, D)
+    grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
+    kern._fwd[grid](
+        q, k, v, lse if keep is None else keep, acc, lse, *_strides3(q), *_strides3(k), *_strides3(v),
+        *_strides3(acc), *_strides3(lse), N, N, min(w, N), r, head0, heads, num_blocks,  # keep's batch stride = N
+        scale * kern.LOG2E, CAUSAL=causal, HAS_KEEP=keep is not None, D=D, BLOCK_M=blocks.block_m,
+        BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages)
+
+
+def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf where lse is not finite), both (B, N, H) fp32,
+    once for all branches. out, grad_out (B, N, H, D) and lse (B, N, H) contiguous."""
+    B, N, H, D = out.shape
+    delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
+    lse2 = torch.empty_like(delta)
+    rows, prep_rows = B * N * H, 16 if kern.interpreted() else 64
+    kern._bwd_prep[(triton_cdiv(rows, prep_rows),)](out, grad_out, lse, delta, lse2, rows, D=D, BLOCK=prep_rows)
+    return delta, lse2
+
+
+def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor, delta: Tensor,
+                    keep: Tensor | None, dq: Tensor, dk: Tensor, dv: Tensor, w: int, r: int, head0: int, causal: bool,
+                    scale: float) -> None:
+    """Add branch (w, r)'s gradients of heads [head0, head0 + H') into the fp32 accumulators dq, dk, dv
+    (B, N, H', D, one layout), in place; the other arguments are (B, N, H', ...) views of those heads."""
+    B, N, heads, D = q.shape
+    dkdv, dq_blocks = blocks_for("dkdv", q.dtype, D), blocks_for("dq", q.dtype, D)
+    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq),
+              N, N)  # ..., keep's batch stride, sequence length
+    meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype))
+    keep_arg = keep if keep is not None else delta
+    grid, num_blocks = _branch_grid(N, w, r, heads, dkdv.block_n, B)
+    kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, dk, dv, dq, *common, min(w, N), r, head0, heads,
+                         num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=FUSE_DQ, BLOCK_M=dkdv.block_m,
+                         BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **meta)
+    if not FUSE_DQ:
+        grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
+        kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, dq, *common, min(w, N), r, head0, heads,
+                           num_blocks, scale * kern.LOG2E, scale, BLOCK_M=dq_blocks.block_m, BLOCK_N=dq_blocks.block_n,
+                           num_warps=dq_blocks.num_warps, num_stages=dq_blocks.num_stages, **meta)
+
+
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int, int]], causal: bool, scale: float,
                   keep: Tensor | None) -> tuple[Tensor, Tensor]:
     """q, k, v (B, N, H, D), last dim contiguous; keep (B, N) uint8 or None.
     -> out (B, N, H, D) in q.dtype (0 where no branch covers a row), lse (B, N, H) float32 (-inf there)."""
     B, N, H, D = q.shape
-    blocks = blocks_for("fwd", q.dtype, D)
     lse = torch.full((B, N, H), float("-inf"), dtype=torch.float32, device=q.device)
     direct = q.dtype == torch.float32  # accumulate straight into the output
-    out = torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device) if direct else torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = (torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device) if direct
+           else torch.empty_like(q, memory_format=torch.contiguous_format))
     group = H if direct else head_group(B, N, H, D, q.element_size(), buffers=1)
     acc = out if direct else torch.empty(B, N, group, D, dtype=torch.float32, device=q.device)
-    keep_arg = keep if keep is not None else lse  # any pointer: unused without HAS_KEEP
-    keep_stride = N                                # keep is (B, N) contiguous
     for h0 in range(0, H, group):
-        heads = min(group, H - h0)
-        acc_g = out[:, :, h0:h0 + heads] if direct else acc[:, :, :heads].zero_()
-        lse_g = lse[:, :, h0:h0 + heads]
-        qg, kg, vg = (x[:, :, h0:h0 + heads] for x in (q, k, v))
+        hs = slice(h0, min(h0 + group, H))
+        acc_g = out[:, :, hs] if direct else acc[:, :, : hs.stop - h0].zero_()
         for w, r in branches:
-            grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
-            kern._fwd[grid](
-                qg, kg, vg, keep_arg, acc_g, lse_g, *_strides3(qg), *_strides3(kg), *_strides3(vg),
-                *_strides3(acc_g), *_strides3(lse_g), keep_stride, N, min(w, N), r, h0, heads, num_blocks,
-                scale * kern.LOG2E, CAUSAL=causal, HAS_KEEP=keep is not None, D=D, BLOCK_M=blocks.block_m,
-                BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
-                num_stages=blocks.num_stages)
+            forward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], keep, acc_g, lse[:, :, hs], w, r, h0, causal, scale)
         if not direct:
-            out[:, :, h0:h0 + heads].copy_(acc_g)
+            out[:, :, hs].copy_(acc_g)
     return out, lse
 
 
@@ -125,46 +164,20 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     """Gradients (dq, dk, dv) (B, N, H, D) in q.dtype. `out`, `grad_out` contiguous; `lse` (B, N, H)
     float32 with +inf (or -inf) at rows that carry no gradient."""
     B, N, H, D = q.shape
-    delta = torch.empty(B, N, H, dtype=torch.float32, device=q.device)
-    lse2 = torch.empty_like(delta)
-    rows, prep_rows = B * N * H, 16 if kern.interpreted() else 64
-    kern._bwd_prep[(triton_cdiv(rows, prep_rows),)](out, grad_out, lse, delta, lse2, rows, D=D, BLOCK=prep_rows)
+    delta, lse2 = backward_prep(out, grad_out, lse)
     direct = q.dtype == torch.float32
     grads = [torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device) if direct else
              torch.empty(B, N, H, D, dtype=q.dtype, device=q.device) for _ in range(3)]
     group = H if direct else head_group(B, N, H, D, q.element_size(), buffers=3)
     acc = None if direct else torch.empty(3, B, N, group, D, dtype=torch.float32, device=q.device)
-    keep_arg = keep if keep is not None else delta
-    dkdv, dq_blocks = blocks_for("dkdv", q.dtype, D), blocks_for("dq", q.dtype, D)
     for h0 in range(0, H, group):
-        heads = min(group, H - h0)
-        hs = slice(h0, h0 + heads)
-        if direct:
-            dq_g, dk_g, dv_g = (g[:, :, hs] for g in grads)
-        else:
-            dq_g, dk_g, dv_g = acc[:, :, :, :heads].zero_().unbind(0)
-        qg, kg, vg, dog = (x[:, :, hs] for x in (q, k, v, grad_out))
-        lse_g, delta_g = lse2[:, :, hs], delta[:, :, hs]
-        common = (*_strides3(qg), *_strides3(kg), *_strides3(vg), *_strides3(dog), *_strides3(lse_g),
-                  *_strides3(dq_g), N, N)  # ..., keep's batch stride, sequence length
+        hs = slice(h0, min(h0 + group, H))
+        parts = [g[:, :, hs] for g in grads] if direct else acc[:, :, :, : hs.stop - h0].zero_().unbind(0)
         for w, r in branches:
-            w_eff = min(w, N)
-            grid, num_blocks = _branch_grid(N, w, r, heads, dkdv.block_n, B)
-            kern._bwd_dkdv[grid](
-                qg, kg, vg, dog, lse_g, delta_g, keep_arg, dk_g, dv_g, dq_g, *common, w_eff, r, h0, heads,
-                num_blocks, scale * kern.LOG2E, scale, CAUSAL=causal, HAS_KEEP=keep is not None, FUSE_DQ=FUSE_DQ,
-                D=D, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, PRECISION=_precision(q.dtype),
-                num_warps=dkdv.num_warps, num_stages=dkdv.num_stages)
-            if FUSE_DQ:
-                continue
-            grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
-            kern._bwd_dq[grid](
-                qg, kg, vg, dog, lse_g, delta_g, keep_arg, dq_g, *common, w_eff, r, h0, heads, num_blocks,
-                scale * kern.LOG2E, scale, CAUSAL=causal, HAS_KEEP=keep is not None, D=D, BLOCK_M=dq_blocks.block_m,
-                BLOCK_N=dq_blocks.block_n, PRECISION=_precision(q.dtype), num_warps=dq_blocks.num_warps,
-                num_stages=dq_blocks.num_stages)
+            backward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], grad_out[:, :, hs], lse2[:, :, hs], delta[:, :, hs],
+                            keep, *parts, w, r, h0, causal, scale)
         if not direct:
-            for total, part in zip(grads, (dq_g, dk_g, dv_g)):
+            for total, part in zip(grads, parts):
                 total[:, :, hs].copy_(part)
     return tuple(grads)
 
@@ -190,6 +203,35 @@ class FusedDilatedFunction(torch.autograd.Function):
         dq, dk, dv = fused_backward(grad_out.to(q.dtype).contiguous(), q, k, v, out, lse, branches, causal, scale,
                                     keep)
         return dq, dk, dv, None, None, None, None
+
+
+def _heads_view(rows: Tensor, seq_len: int, heads: int) -> Tensor:
+    """(B, N * H [+ 1], ...) rows -> (B, N, H, ...) view of the first N * H (spare row left out)."""
+    return rows[:, : seq_len * heads].view(rows.shape[0], seq_len, heads, *rows.shape[2:])
+
+
+def merge_local_branch(inputs, merger, w: int, r: int) -> None:
+    """A sequence-parallel rank's local branch (dilated.LocalBranch with backend "triton"): merged
+    straight into the merger's fp32 rows, which the spanning branches share."""
+    view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
+    mask = inputs.key_padding_mask
+    keep = None if mask is None else mask.to(torch.uint8).contiguous()
+    forward_branch(view(inputs.q), view(inputs.k), view(inputs.v), keep, view(merger.out), view(merger.lse), w, r, 0,
+                   inputs.causal, inputs.scale)
+    merger.mark_merged()
+
+
+def add_local_branch_grads(inputs, merged, grads: list[Tensor], w: int, r: int) -> None:
+    """The backward of `merge_local_branch`: adds into the fp32 gradient rows `grads` (dq, dk, dv)."""
+    view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
+    if "delta" not in merged.shared:  # once for all of this rank's fused branches
+        merged.shared["delta"] = backward_prep(view(merged.out.contiguous()), view(merged.grad_out.contiguous()),
+                                               view(merged.lse.contiguous()))
+    delta, lse2 = merged.shared["delta"]
+    mask = inputs.key_padding_mask
+    keep = None if mask is None else mask.to(torch.uint8).contiguous()
+    backward_branch(view(inputs.q), view(inputs.k), view(inputs.v), view(merged.grad_out), lse2, delta, keep,
+                    *(view(g) for g in grads), w, r, 0, inputs.causal, inputs.scale)
 
 
 def fused_dilated_attention(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int, int]], causal: bool,

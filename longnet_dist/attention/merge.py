@@ -54,6 +54,10 @@ class BranchMerger:
         out_view.add_(out * torch.exp(lse - finite).unsqueeze(-1))      # Eq. 9
         lse_view.copy_(new_lse)
 
+    def mark_merged(self) -> None:
+        """A branch was merged into `out` / `lse` in place (fused.py): later adds must mix, not copy."""
+        self._empty = False
+
     def result(self) -> tuple[Tensor, Tensor]:
         """(out (B, N * H, D), lse (B, N * H)) without the spare row."""
         return self.out[:, : self.rows], self.lse[:, : self.rows]
