@@ -57,6 +57,32 @@ def _program_block(pid, num_blocks, heads, N, w, r, head0, LONGEST_FIRST: tl.con
 
 
 @triton.jit
+def _block_rows(first, BLOCK: tl.constexpr, row0, r, n_slots):
+    """Slots [first, first + BLOCK): (slot indices, which exist, their positions as int64)."""
+    offs = first + tl.arange(0, BLOCK)
+    return offs, offs < n_slots, (row0 + offs * r).to(tl.int64)
+
+
+@triton.jit
+def _key_range(pid_m, n_slots, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key slots a query block attends: [0, full) need no mask, [full, hi) do (the causal diagonal,
+    or the last partial block)."""
+    if CAUSAL:  # keys before the block's first query need no causal mask
+        hi = tl.minimum(n_slots, (pid_m + 1) * BLOCK_M)
+        full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
+    else:
+        hi = n_slots
+        full = n_slots // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
+def _load_rows(base, pos, ok, stride_n, D: tl.constexpr):
+    """(BLOCK, D) rows at positions `pos` of one (batch, head): each row's D values are contiguous."""
+    return tl.load(base + pos[:, None] * stride_n + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
                n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_KEEP: tl.constexpr,
                BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
@@ -106,25 +132,17 @@ def _fwd(Q, K, V, KEEP, OA, LA,
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True)
     if pid_m * BLOCK_M >= n_slots:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, pos_m = _block_rows(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots)
     offs_d = tl.arange(0, D)
-    m_ok = offs_m < n_slots
-    pos_m = (row0 + offs_m * r).to(tl.int64)
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + hh * stride_qh + pos_m[:, None] * stride_qn + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0)
+    q = _load_rows(Q + b64 * stride_qb + hh * stride_qh, pos_m, m_ok, stride_qn, D)
     k_base = K + b64 * stride_kb + hh * stride_kh
     v_base = V + b64 * stride_vb + hh * stride_vh
     keep_base = KEEP + b64 * stride_keep
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if CAUSAL:  # keys before the block's first query need no causal mask
-        hi = tl.minimum(n_slots, (pid_m + 1) * BLOCK_M)
-        full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
-    else:
-        hi = n_slots
-        full = n_slots // BLOCK_N * BLOCK_N
+    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m,
                                0, full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m,
@@ -171,11 +189,9 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
                 D: tl.constexpr, PRECISION: tl.constexpr):
     offs_d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < n_slots
-        pos_m = (row0 + offs_m * r).to(tl.int64)
-        q = tl.load(q_base + pos_m[:, None] * stride_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        do = tl.load(do_base + pos_m[:, None] * stride_don + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        offs_m, m_ok, pos_m = _block_rows(start, BLOCK_M, row0, r, n_slots)
+        q = _load_rows(q_base, pos_m, m_ok, stride_qn, D)
+        do = _load_rows(do_base, pos_m, m_ok, stride_don, D)
         lse2 = tl.load(lse_base + pos_m * stride_ln, mask=m_ok, other=float("inf"))  # missing rows: P = 0
         delta = tl.load(delta_base + pos_m * stride_ln, mask=m_ok, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale2 - lse2[None, :])  # (BN, BM)
@@ -206,15 +222,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
     pid_n, hh, row0, n_slots = _program_block(pid, num_n_blocks, heads, N, w, r, head0, False)
     if pid_n * BLOCK_N >= n_slots:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n, n_ok, pos_n = _block_rows(pid_n * BLOCK_N, BLOCK_N, row0, r, n_slots)
     offs_d = tl.arange(0, D)
-    n_ok = offs_n < n_slots
-    pos_n = (row0 + offs_n * r).to(tl.int64)
     b64 = b.to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + hh * stride_kh + pos_n[:, None] * stride_kn + offs_d[None, :],
-                mask=n_ok[:, None], other=0.0)
-    v = tl.load(V + b64 * stride_vb + hh * stride_vh + pos_n[:, None] * stride_vn + offs_d[None, :],
-                mask=n_ok[:, None], other=0.0)
+    k = _load_rows(K + b64 * stride_kb + hh * stride_kh, pos_n, n_ok, stride_kn, D)
+    v = _load_rows(V + b64 * stride_vb + hh * stride_vh, pos_n, n_ok, stride_vn, D)
     q_base = Q + b64 * stride_qb + hh * stride_qh
     do_base = DO + b64 * stride_dob + hh * stride_doh
     lse_base = LSE2 + b64 * stride_lb + hh * stride_lh
@@ -282,15 +294,11 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True)
     if pid_m * BLOCK_M >= n_slots:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, m_ok, pos_m = _block_rows(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots)
     offs_d = tl.arange(0, D)
-    m_ok = offs_m < n_slots
-    pos_m = (row0 + offs_m * r).to(tl.int64)
     b64 = b.to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + hh * stride_qh + pos_m[:, None] * stride_qn + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0)
-    do = tl.load(DO + b64 * stride_dob + hh * stride_doh + pos_m[:, None] * stride_don + offs_d[None, :],
-                 mask=m_ok[:, None], other=0.0)
+    q = _load_rows(Q + b64 * stride_qb + hh * stride_qh, pos_m, m_ok, stride_qn, D)
+    do = _load_rows(DO + b64 * stride_dob + hh * stride_doh, pos_m, m_ok, stride_don, D)
     l_off = b64 * stride_lb + hh * stride_lh + pos_m * stride_ln
     lse2 = tl.load(LSE2 + l_off, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + l_off, mask=m_ok, other=0.0)
@@ -298,12 +306,7 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
     v_base = V + b64 * stride_vb + hh * stride_vh
     keep_base = KEEP + b64 * stride_keep
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(n_slots, (pid_m + 1) * BLOCK_M)
-        full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
-    else:
-        hi = n_slots
-        full = n_slots // BLOCK_N * BLOCK_N
+    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0,
                    full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, full,
