@@ -1,4 +1,5 @@
-"""One-device dilated attention through the fused Triton kernels (kernels/triton_dilated.py).
+"""Dilated attention through the fused Triton kernels (kernels/triton_dilated.py): the one-device
+path (FusedDilatedFunction) and, for sharded runs, the local branches of dilated.LocalBranch.
 
 Forward: the merged output starts at 0 and its lse at -inf; each branch's launch reads its rows of
 q, k, v in place and folds its (o_i, lse_i) into the fp32 mixture at the same rows (Eq. 9-10).
@@ -36,8 +37,9 @@ class Blocks:
 
 
 # (kernel, fp32?) -> blocks. 16-bit: the fastest of `benchmarks/gpu_attention.py --tune` on an H200
-# (head_dim 64, paper branches, N = 256K, causal; benchmarks/results/gpu_attention.json keeps the
-# sweep): forward 64x64 6.79 ms vs 7.19 for the tutorial's 128x64. The sweep can install others in TUNED.
+# (head_dim 64, paper branches, N = 256K, causal; benchmarks/results/gpu_attention_sweep_h200.log
+# keeps the sweep): forward 64x64 6.79 ms vs 7.19 for the tutorial's 128x64. The sweep can install
+# others in TUNED. fp32 (IEEE dots, no tensor cores) uses smaller tiles; they were not tuned.
 DEFAULT_BLOCKS = {
     ("fwd", False): Blocks(64, 64, 4, 4),
     ("dkdv", False): Blocks(32, 128, 4, 4),
