@@ -26,16 +26,11 @@ BACKWARD_FACTOR = 2.5  # the backward pass runs 5 matmuls to the forward's 2
 
 
 def attention_flops(kind: str, n: int, causal: bool) -> float:
-    from longnet_dist.attention.kernels import dense_flops
-    from longnet_dist.attention.layout import BranchLayout
+    from longnet_dist.attention.kernels import dense_flops, dilated_flops
 
     if kind == "dense":
         return dense_flops(n, n, HEADS, HEAD_DIM, causal)
-    total = 0.0
-    for w, r in zip(SEGMENTS, DILATIONS):
-        layout = BranchLayout(n, HEADS, w, r)
-        total += layout.num_segments * dense_flops(layout.slots, layout.slots, HEADS, HEAD_DIM, causal)
-    return total
+    return dilated_flops(n, HEADS, HEAD_DIM, SEGMENTS, DILATIONS, causal)
 
 
 def child(kind: str, n: int, causal: bool, repeats: int) -> dict:

@@ -30,8 +30,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from common import RESULTS, machine, style_log2_axis  # noqa: E402
 
 from longnet_dist.attention import dilated_attention  # noqa: E402
-from longnet_dist.attention.kernels import dense_flops  # noqa: E402
-from longnet_dist.attention.layout import BranchLayout  # noqa: E402
+from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E402
 
 SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
 HEADS, HEAD_DIM, DTYPE = 12, 64, torch.bfloat16
@@ -53,9 +52,7 @@ CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune
 def attention_flops(kind: str, n: int, causal: bool) -> float:
     if kind == "dense":
         return dense_flops(n, n, HEADS, HEAD_DIM, causal)
-    return sum(BranchLayout(n, HEADS, w, r).num_segments * dense_flops(-(-min(w, n) // r), -(-min(w, n) // r),
-                                                                        HEADS, HEAD_DIM, causal)
-               for w, r in zip(SEGMENTS, DILATIONS))
+    return dilated_flops(n, HEADS, HEAD_DIM, SEGMENTS, DILATIONS, causal)
 
 
 def make_inputs(n: int, seed: int = 0):

@@ -8,7 +8,6 @@ from torch import Tensor
 from .checks import check_branches, check_qkv, check_scale
 from .dilated import LocalBranch, _DilatedAttentionFunction
 from .kernels import select_backend
-from .sharding import check_sequence_parallel_config, segment_spans
 
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
@@ -42,11 +41,6 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
         branches = [LocalBranch(w, r) for w, r in zip(segment_lengths, dilation_rates)]
     else:
         from .sequence_parallel import plan_branches  # floor 2 -> floor 1 only when sharding is asked for
-        seq_len, sp_size = q.shape[1] * sequence_group.size, sequence_group.size
-        check_sequence_parallel_config(seq_len, sp_size, segment_lengths, dilation_rates)  # before any communication
-        prepare = getattr(sequence_group, "prepare_at_first_use", None)  # duck-typed stand-ins have none
-        if prepare is not None:
-            prepare(segment_spans(seq_len, sp_size, segment_lengths))  # a torch group's subgroups, split now
         branches = plan_branches(q.shape[1], segment_lengths, dilation_rates, sequence_group)
     # sharded with "triton": local branches run fused, spanning ones aten's kernels (kernels.branch_backend)
     return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale, kind)

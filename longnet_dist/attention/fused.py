@@ -184,12 +184,17 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     return tuple(grads)
 
 
+def _key_bytes(key_padding_mask: Tensor | None) -> Tensor | None:
+    """The (B, N) bool mask as the contiguous bytes the kernels read (None: no padding)."""
+    return None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+
+
 class FusedDilatedFunction(torch.autograd.Function):
     """Autograd over the fused kernels; q, k, v (B, N, H, D) with a contiguous last dimension."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, branches, causal, scale):
-        keep = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+        keep = _key_bytes(key_padding_mask)
         out, lse = fused_forward(q, k, v, branches, causal, scale, keep)
         if keep is not None:  # padded queries output 0 and carry no gradient
             out.mul_(key_padding_mask[:, :, None, None])
@@ -216,9 +221,7 @@ def merge_local_branch(inputs, merger, w: int, r: int) -> None:
     """A sequence-parallel rank's local branch (dilated.LocalBranch with backend "triton"): merged
     straight into the merger's fp32 rows, which the spanning branches share."""
     view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
-    mask = inputs.key_padding_mask
-    keep = None if mask is None else mask.to(torch.uint8).contiguous()
-    forward_branch(view(inputs.q), view(inputs.k), view(inputs.v), keep, view(merger.out), view(merger.lse), w, r, 0,
+    forward_branch(view(inputs.q), view(inputs.k), view(inputs.v), _key_bytes(inputs.key_padding_mask), view(merger.out), view(merger.lse), w, r, 0,
                    inputs.causal, inputs.scale)
     merger.mark_merged()
 
@@ -230,9 +233,8 @@ def add_local_branch_grads(inputs, merged, grads: list[Tensor], w: int, r: int) 
         merged.shared["delta"] = backward_prep(view(merged.out.contiguous()), view(merged.grad_out.contiguous()),
                                                view(merged.lse.contiguous()))
     delta, lse2 = merged.shared["delta"]
-    mask = inputs.key_padding_mask
-    keep = None if mask is None else mask.to(torch.uint8).contiguous()
-    backward_branch(view(inputs.q), view(inputs.k), view(inputs.v), view(merged.grad_out), lse2, delta, keep,
+    backward_branch(view(inputs.q), view(inputs.k), view(inputs.v), view(merged.grad_out), lse2, delta,
+                    _key_bytes(inputs.key_padding_mask),
                     *(view(g) for g in grads), w, r, 0, inputs.causal, inputs.scale)
 
 

@@ -12,6 +12,15 @@ import torch
 from torch import Tensor
 
 
+def _mix(prev_out: Tensor, prev_lse: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """The online update: (mixture of the branches so far and this one, their joint lse)."""
+    new_lse = torch.logaddexp(prev_lse, lse)                             # Eq. 10, LSE over branches so far
+    finite = torch.where(torch.isfinite(new_lse), new_lse, torch.zeros_like(new_lse))
+    keep = torch.exp(prev_lse - finite).unsqueeze(-1)                    # weight of the branches merged before
+    take = torch.exp(lse - finite).unsqueeze(-1)                         # Eq. 9: s_i / sum_j s_j
+    return prev_out * keep + out * take, new_lse
+
+
 class BranchMerger:
     """Accumulates branch outputs (Eq. 9-10) into dense rows (B, N * H + 1, D); the last row is a spare
     that swallows invalid slots, so scatters need no masking."""
@@ -30,12 +39,7 @@ class BranchMerger:
             self.lse.index_copy_(1, index, lse)
             self._empty = False
             return
-        prev_lse = self.lse.index_select(1, index)                      # (B, S)
-        new_lse = torch.logaddexp(prev_lse, lse)                         # Eq. 10, LSE over branches so far
-        finite = torch.where(torch.isfinite(new_lse), new_lse, torch.zeros_like(new_lse))
-        keep = torch.exp(prev_lse - finite).unsqueeze(-1)                # weight of the branches merged before
-        take = torch.exp(lse - finite).unsqueeze(-1)                     # Eq. 9: s_i / sum_j s_j
-        mixed = self.out.index_select(1, index) * keep + out * take
+        mixed, new_lse = _mix(self.out.index_select(1, index), self.lse.index_select(1, index), out, lse)
         self.out.index_copy_(1, index, mixed)
         self.lse.index_copy_(1, index, new_lse)
 
@@ -48,10 +52,8 @@ class BranchMerger:
             lse_view.copy_(lse)
             self._empty = False
             return
-        new_lse = torch.logaddexp(lse_view, lse)                         # Eq. 10
-        finite = torch.where(torch.isfinite(new_lse), new_lse, torch.zeros_like(new_lse))
-        out_view.mul_(torch.exp(lse_view - finite).unsqueeze(-1))       # weight of the branches merged before
-        out_view.add_(out * torch.exp(lse - finite).unsqueeze(-1))      # Eq. 9
+        mixed, new_lse = _mix(out_view, lse_view, out, lse)
+        out_view.copy_(mixed)
         lse_view.copy_(new_lse)
 
     def mark_merged(self) -> None:

@@ -135,12 +135,16 @@ def plan_branches(local_len: int, segment_lengths: Sequence[int], dilation_rates
                   sequence_group) -> list:
     """The branches this rank runs for a shard of `local_len` rows of a group of `sequence_group.size`.
 
-    Raises ValueError (before any communication) when the sharding is impossible, or when a segment
+    A group split from a torch ProcessGroup creates the segment subgroups it lacks here. Raises
+    ValueError (before any communication) when the sharding is impossible, or when a segment
     subgroup was not prepared at setup."""
     segment_lengths, dilation_rates = check_branches(segment_lengths, dilation_rates)
     sp_size, sp_rank = sequence_group.size, sequence_group.rank
     seq_len = local_len * sp_size
-    check_sequence_parallel_config(seq_len, sp_size, segment_lengths, dilation_rates)
+    check_sequence_parallel_config(seq_len, sp_size, segment_lengths, dilation_rates)  # before any communication
+    prepare = getattr(sequence_group, "prepare_at_first_use", None)  # duck-typed stand-ins have none
+    if prepare is not None:
+        prepare(segment_spans(seq_len, sp_size, segment_lengths))  # a torch group's subgroups, split now
     branches = []
     for w, r in zip(segment_lengths, dilation_rates):
         first, count = segment_span(seq_len, sp_size, sp_rank, w)

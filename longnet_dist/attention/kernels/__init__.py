@@ -135,5 +135,16 @@ def dense_flops(lq: int, lk: int, heads: int, head_dim: int, causal: bool) -> fl
     return 4.0 * pairs * heads * head_dim
 
 
+def dilated_flops(seq_len: int, heads: int, head_dim: int, segment_lengths, dilation_rates, causal: bool) -> float:
+    """Forward FLOPs of dilated attention: per branch, one attention of m = ceil(w/r) slots per segment."""
+    from ..layout import BranchLayout
+
+    total = 0.0
+    for w, r in zip(segment_lengths, dilation_rates):
+        layout = BranchLayout(seq_len, heads, w, r)
+        total += layout.num_segments * dense_flops(layout.slots, layout.slots, heads, head_dim, causal)
+    return total
+
+
 __all__ = ["BACKENDS", "TRITON_HEAD_DIMS", "attention_backward", "attention_forward", "branch_backend", "dense_flops",
-           "lse_dtype", "select_backend", "triton_available"]
+           "dilated_flops", "lse_dtype", "select_backend", "triton_available"]
