@@ -211,6 +211,11 @@ def find_latest_checkpoint(checkpoint_root: str | os.PathLike, *, checksums: boo
     return None
 
 
+def checkpoints_root(path: Path) -> Path:
+    """Where a run's checkpoints are: `path`/checkpoints for a run directory, else `path` itself."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint folder `path` names: a step_XXXXXXXX folder (verified), or the newest complete one
     under a checkpoints root or a run directory (its checkpoints/). CheckpointError naming what is wrong."""
@@ -221,7 +226,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if (path / MANIFEST_NAME).exists() or (path / COMPLETE_NAME).exists() or _STEP_DIR.match(path.name):
         verify_checkpoint(path)  # CorruptCheckpointError: unfinished, truncated, missing files
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = checkpoints_root(path)
     latest = find_latest_checkpoint(root)
     if latest is None:
         found = [folder.name for folder in list_checkpoints(root)]

@@ -11,7 +11,7 @@ import torch
 
 from longnet_dist.distributed.objects import all_gather_object, rank_and_world
 
-from .checkpoint import MANIFEST_NAME, find_latest_checkpoint
+from .checkpoint import MANIFEST_NAME, checkpoints_root, find_latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def resolve_resume(resume: str | None, checkpoint_root: Path) -> Path | None:
     path = Path(resume)
     if (path / MANIFEST_NAME).is_file():
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = checkpoints_root(path)
     latest = find_latest_checkpoint(root) if root.is_dir() else None
     if latest is None:
         raise ValueError(f"resume={resume!r}: no complete checkpoint in {root} (expected step_XXXXXXXX folders "
