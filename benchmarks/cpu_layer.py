@@ -1,18 +1,23 @@
-"""One DilatedAttention layer on the CPU: rows read in place vs gathered, measured side by side.
+"""One DilatedAttention layer on the CPU: rows read in place vs gathered (vs torchscale), side by side.
 
-    python3 benchmarks/cpu_layer.py            # about 4 minutes on 2 cores
+    python3 benchmarks/cpu_layer.py                                  # about 4 minutes on 2 cores
+    python3 benchmarks/cpu_layer.py --torchscale /path/torchscale    # + the official layer, ~7 minutes
 
 E = 256, H = 4 (D = 64), w = 2048, 4096, 8192, r = 1, 2, 4, causal, fp32, batch 1 (aten's CPU flash
-kernel). "in place": whole segments with r | w, so each head offset's rows are a strided view that
+kernel), four biased projections, no positions (the official layer's shape without xPos).
+"in place": whole segments with r | w, so each head offset's rows are a strided view that
 the kernel reads directly and the merge updates in place (the forward; the backward gathers).
 "gather": the same layer with that path switched off (index_select copies, index_copy merge).
-Each point alternates the two paths and keeps the best of `--repeats`, so both see the same noise.
-Also reports forward time(256K) / time(64K) for each path (4.0 would be perfectly linear).
+"torchscale": microsoft/torchscale's DilatedAttention from a source checkout (`--torchscale` or
+TORCHSCALE_SRC; see torchscale_layer.py), its flash call on the same aten kernel.
+Each point alternates the layers and keeps the best of `--repeats`, so all see the same noise.
+Also reports forward time(256K) / time(64K) for each (4.0 would be perfectly linear).
 Writes benchmarks/results/cpu_layer.json and .png.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,47 +39,82 @@ def use_in_place(enabled: bool) -> None:
     layout_module.BranchLayout.viewable = IN_PLACE if enabled else property(lambda self: False)
 
 
-def run_once(layer: DilatedAttention, n: int, backward: bool) -> float:
+def run_once(forward, n: int, backward: bool) -> float:
     x = torch.randn(1, n, EMBED, requires_grad=backward)
     start = time.perf_counter()
     if backward:
-        layer(x).sum().backward()
+        forward(x).sum().backward()
     else:
         with torch.no_grad():
-            layer(x)
+            forward(x)
     return time.perf_counter() - start
+
+
+def layers(torchscale_src: str | None) -> dict:
+    """name -> forward function, each with its own weights (same shapes)."""
+    ours = DilatedAttention(EMBED, HEADS, SEGMENTS, DILATIONS, causal=True, rotary=False, bias=True)
+
+    def path(in_place: bool):
+        def forward(x):
+            use_in_place(in_place)
+            return ours(x)
+        return forward
+
+    found = {"in_place": path(True), "gather": path(False)}
+    if torchscale_src:
+        from torchscale_layer import torchscale_layer
+
+        found["torchscale"] = torchscale_layer(torchscale_src, EMBED, HEADS, SEGMENTS, DILATIONS)[1]
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torchscale", default=os.environ.get("TORCHSCALE_SRC"),
+                        help="root of a microsoft/torchscale checkout (default: $TORCHSCALE_SRC; omitted: not compared)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    layer = DilatedAttention(EMBED, HEADS, SEGMENTS, DILATIONS, causal=True)
-    run_once(layer, 4096, True)  # warm-up
+    compared = layers(args.torchscale)
+    for forward in compared.values():
+        run_once(forward, 4096, True)  # warm-up
     points = []
-    print(f"{'N':>8} {'pass':8} {'in place s':>11} {'gather s':>9} {'ratio':>6}")
+    print(f"{'N':>8} {'pass':8} " + " ".join(f"{name + ' s':>12}" for name in compared)
+          + " in place/gather" + (" in place/torchscale" if "torchscale" in compared else ""))
     for n, backward in POINTS:
-        best = {"in_place": float("inf"), "gather": float("inf")}
+        best = dict.fromkeys(compared, float("inf"))
         for _ in range(args.repeats):
-            for path in best:
-                use_in_place(path == "in_place")
-                best[path] = min(best[path], run_once(layer, n, backward))
+            for name, forward in compared.items():
+                best[name] = min(best[name], run_once(forward, n, backward))
         use_in_place(True)
         point = {"n": n, "pass": "forward+backward" if backward else "forward", **{f"{k}_s": v for k, v in best.items()},
                  "ratio": best["in_place"] / best["gather"]}
+        if "torchscale" in best:
+            point["ratio_vs_torchscale"] = best["in_place"] / best["torchscale"]
         points.append(point)
-        print(f"{n:>8} {point['pass'][:8]:8} {best['in_place']:11.3f} {best['gather']:9.3f} {point['ratio']:6.3f}",
+        print(f"{n:>8} {point['pass'][:8]:8} " + " ".join(f"{v:12.3f}" for v in best.values())
+              + f" {point['ratio']:15.3f}" + (f" {point['ratio_vs_torchscale']:19.3f}" if "torchscale" in best else ""),
               flush=True)
     forward = {p["n"]: p for p in points if p["pass"] == "forward"}
-    growth = {path: forward[262144][f"{path}_s"] / forward[65536][f"{path}_s"] for path in ("in_place", "gather")}
+    growth = {name: forward[262144][f"{name}_s"] / forward[65536][f"{name}_s"] for name in compared}
     print("forward time(256K) / time(64K): " + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()))
     host = machine()
     path = save("cpu_layer", {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "embed_dim": EMBED,
-                              "heads": HEADS, "dtype": "float32", "causal": True, "repeats": args.repeats,
+                              "heads": HEADS, "dtype": "float32", "causal": True, "rotary": False, "bias": True,
+                              "repeats": args.repeats, "torchscale": torchscale_revision(args.torchscale),
                               "command": " ".join(sys.argv), "points": points, "forward_growth_256k_over_64k": growth})
     plot(points, host)
     print(f"wrote {path} and {RESULTS / 'cpu_layer.png'}")
+
+
+def torchscale_revision(src: str | None) -> str | None:
+    """The checkout's commit (or its path when it is not a git work tree)."""
+    if not src:
+        return None
+    import subprocess
+
+    result = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else str(src)
 
 
 def plot(points: list[dict], host: dict) -> None:
@@ -86,8 +126,13 @@ def plot(points: list[dict], host: dict) -> None:
     labels = [f"{p['n'] // 1024}K {p['pass']}" for p in points]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     xs = range(len(points))
-    ax.bar([x - 0.2 for x in xs], [p["in_place_s"] for p in points], 0.4, label="rows read in place")
-    ax.bar([x + 0.2 for x in xs], [p["gather_s"] for p in points], 0.4, label="rows gathered")
+    bars = [("in_place", "ours, rows read in place"), ("gather", "ours, rows gathered"),
+            ("torchscale", "torchscale (same aten kernel)")]
+    bars = [(key, label) for key, label in bars if f"{key}_s" in points[0]]
+    width = 0.8 / len(bars)
+    for i, (key, label) in enumerate(bars):
+        offset = (i - (len(bars) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], [p[f"{key}_s"] for p in points], width, label=label)
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("seconds (best of repeats)")
     ax.set_yscale("log")
