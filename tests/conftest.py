@@ -8,3 +8,21 @@ import torch
 # (the jit decorator reads it). On a machine with CUDA the kernels compile and run for real.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """LONGNET_TEST_SHARD="i/n" keeps every n-th collected test starting at the i-th (0-based), so n
+    processes split a run: scripts/gpu_check.sh runs the CUDA tests as parallel shards, because on a
+    fresh GPU machine most of their time is Triton compiling kernels on one CPU core each."""
+    shard = os.environ.get("LONGNET_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"LONGNET_TEST_SHARD={shard!r} must be 'i/n' with 0 <= i < n, e.g. '0/4'") from None
+    kept = items[index::count]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept

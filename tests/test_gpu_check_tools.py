@@ -1,0 +1,79 @@
+"""The tools a short GPU lease relies on, checked on the CPU: test sharding (LONGNET_TEST_SHARD, used
+by scripts/gpu_test_shards.sh) and the kernel profile script (benchmarks/gpu_profile.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from subprocess_env import REPO, repo_first_on_pythonpath
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from gpu_profile import category  # noqa: E402
+
+
+def collected(shard: str | None) -> subprocess.CompletedProcess:
+    env = repo_first_on_pythonpath(os.environ)
+    env.pop("LONGNET_TEST_SHARD", None)
+    if shard is not None:
+        env["LONGNET_TEST_SHARD"] = shard
+    return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "tests/test_cuda_attention.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_ids(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [line for line in result.stdout.splitlines() if "::" in line]
+
+
+test_ids.__test__ = False  # a helper, not a test
+
+
+def test_shards_split_the_tests_exactly_once():
+    everything = test_ids(collected(None))
+    parts = [test_ids(collected(f"{i}/3")) for i in range(3)]
+    assert len(everything) > 10
+    assert sorted(sum(parts, [])) == sorted(everything)
+    assert all(abs(len(part) - len(everything) / 3) < 1 for part in parts)
+
+
+def test_a_malformed_shard_is_one_clear_error():
+    result = collected("4/4")
+    assert result.returncode != 0
+    assert "LONGNET_TEST_SHARD='4/4' must be 'i/n' with 0 <= i < n" in result.stdout + result.stderr
+
+
+def test_kernel_names_fall_into_their_categories():
+    assert category("_fwd") == "dilated fwd"
+    assert category("_bwd_dkdv") == "dilated dK/dV"
+    assert category("_bwd_dq") == "dilated dQ"
+    assert category("_bwd_prep") == "dilated prep"
+    assert category("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>") \
+        == "flash (dense / aten)"
+    assert category("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT") == "matmul"
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1") == "matmul"
+    assert category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled region"
+    assert category("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") \
+        == "copy / fill"
+    assert category("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>") \
+        == "elementwise"
+    assert category("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>") == "optimizer"
+    assert category("Memset (Device)") == "copy / fill"
+    assert category("some_new_kernel") == "other"
+
+
+def test_profile_script_runs_on_the_cpu(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/gpu_profile.py", "--device", "cpu", "--smoke",
+                             "--results", str(tmp_path)], cwd=REPO, env=repo_first_on_pythonpath(os.environ),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_profile.json").read_text())
+    kinds = [(p["kind"], p["impl"]) for p in report["profiles"]]
+    assert kinds == [("attention", "dilated"), ("attention", "dense"), ("model step", "dilated"),
+                     ("model step", "dense")]
+    for profile in report["profiles"]:
+        assert profile["step_s"] > 0 and profile["total_ms"] > 0
+        assert abs(sum(profile["categories"].values()) - profile["total_ms"]) < 1e-6 * profile["total_ms"] + 1e-9
+        assert "flash (dense / aten)" in profile["categories"]  # every profile runs aten's CPU flash kernel
