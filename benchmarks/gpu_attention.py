@@ -10,8 +10,8 @@ and "dense" (SDPA's flash kernel over the whole sequence). FLOPs count only the 
 algorithm needs (LONGNET.md "Cost"; causal about half; backward = 2.5x forward). Times are medians
 of CUDA-event timings after a warm-up; peak memory is torch.cuda.max_memory_allocated over one
 forward+backward, inputs and the incoming gradient included, divided by N.
-It first checks both ways of computing dQ (atomically in the dK/dV kernel, or a kernel of its own)
-against an fp32 run at N = 64K and keeps the faster correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K and keeps the fastest (recorded in
+It first checks every way of computing dQ (a kernel of its own, the same on a second CUDA stream,
+atomically in the dK/dV kernel) against an fp32 run at N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K and keeps the fastest (recorded in
 the JSON). Writes benchmarks/results/gpu_attention.json and .png (the JSON after every point).
 """
 from __future__ import annotations
@@ -151,8 +151,8 @@ def tune(n: int = 256 * K) -> dict:
 
 
 def choose_dq_variant() -> dict:
-    """Both dQ variants against an fp32 run of the aten path (N = 64K, causal), then timed at 256K;
-    the faster of those within bf16 tolerance (2e-2 relative) is kept for the sweep."""
+    """Every way to compute dQ (fused.DQ_MODES) against an fp32 run of the aten path (N = 64K, causal),
+    then timed at 256K; the fastest of those within bf16 tolerance (2e-2 relative) is kept for the sweep."""
     from longnet_dist.attention import fused
 
     q, k, v, grad = make_inputs(64 * K, seed=1)
@@ -165,18 +165,15 @@ def choose_dq_variant() -> dict:
     ref = grads(torch.float32, "cuda_flash")
     big = [x.requires_grad_() if i < 3 else x for i, x in enumerate(make_inputs(256 * K))]
     report = {}
-    for fuse in (True, False):
-        fused.FUSE_DQ = fuse
+    for mode in fused.DQ_MODES:
+        fused.DQ_MODE = mode
         errors = [((a - b).norm() / b.norm()).item() for a, b in zip(grads(DTYPE, "triton"), ref)]
         seconds = cuda_time(lambda: torch.autograd.grad(forward("dilated", *big[:3], True), big[:3], big[3]), 3)
-        report["atomic" if fuse else "kernel"] = {"errors_out_dq_dk_dv": errors, "fwd_bwd_256k_s": seconds,
-                                                  "correct": max(errors) < 2e-2}
-        print(f"dQ {'atomic' if fuse else 'kernel'}: errors {['%.1e' % e for e in errors]}, "
-              f"fwd+bwd 256K {seconds * 1e3:.2f} ms", flush=True)
-    correct = [name for name, r in report.items() if r["correct"]] or ["kernel"]
-    best = min(correct, key=lambda name: report[name]["fwd_bwd_256k_s"])
-    fused.FUSE_DQ = best == "atomic"
-    report["chosen"] = best
+        report[mode] = {"errors_out_dq_dk_dv": errors, "fwd_bwd_256k_s": seconds, "correct": max(errors) < 2e-2}
+        print(f"dQ {mode}: errors {['%.1e' % e for e in errors]}, fwd+bwd 256K {seconds * 1e3:.2f} ms", flush=True)
+    correct = [mode for mode, r in report.items() if r["correct"]] or ["kernel"]
+    fused.DQ_MODE = min(correct, key=lambda mode: report[mode]["fwd_bwd_256k_s"])
+    report["chosen"] = fused.DQ_MODE
     return report
 
 

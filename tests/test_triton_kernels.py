@@ -21,6 +21,8 @@ from reference import dilated_errors
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the ways to compute dQ (fused.DQ_MODES); "stream" differs from "kernel" only on a CUDA device
+DQ_MODES = ["kernel", "atomic"] + (["stream"] if DEVICE == "cuda" else [])
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
@@ -47,12 +49,13 @@ def test_fused_float32_matches_dense_reference(cfg):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("pad", [0.0, 0.3])
-@pytest.mark.parametrize("fuse_dq", [True, False], ids=["dq_atomic", "dq_kernel"])
-def test_fused_float16_matches_dense_reference(causal, pad, fuse_dq, monkeypatch):
-    """Both ways to get dQ: atomically from the dK/dV loop, or from its own kernel."""
+@pytest.mark.parametrize("dq_mode", DQ_MODES)
+def test_fused_float16_matches_dense_reference(causal, pad, dq_mode, monkeypatch):
+    """Every way to get dQ: its own kernel (on the same or a second stream), or atomically from the
+    dK/dV loop."""
     from longnet_dist.attention import fused
 
-    monkeypatch.setattr(fused, "FUSE_DQ", fuse_dq)
+    monkeypatch.setattr(fused, "DQ_MODE", dq_mode)
     errors = dilated_errors(DEVICE, 2, 100, 5, 16, [12, 32, 128], [1, 3, 6], causal, pad, torch.float16)
     assert max(errors.values()) < 4e-3, errors
 
@@ -69,12 +72,12 @@ def test_head_groups_give_the_same_result(monkeypatch):
     assert grouped == pytest.approx(whole, rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.parametrize("fuse_dq", [True, False], ids=["dq_atomic", "dq_kernel"])
-def test_fused_matches_gather_path_float32(fuse_dq, monkeypatch):
+@pytest.mark.parametrize("dq_mode", DQ_MODES)
+def test_fused_matches_gather_path_float32(dq_mode, monkeypatch):
     """The fused kernels against their plain-torch twin (gather -> per-branch kernel -> merge)."""
     from longnet_dist.attention import fused
 
-    monkeypatch.setattr(fused, "FUSE_DQ", fuse_dq)
+    monkeypatch.setattr(fused, "DQ_MODE", dq_mode)
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 90, 4, 32, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
     mask = (torch.rand(2, 90, generator=g) > 0.2).to(DEVICE)
@@ -85,6 +88,16 @@ def test_fused_matches_gather_path_float32(fuse_dq, monkeypatch):
         outs.append([out, *torch.autograd.grad(out.square().sum(), (q, k, v))])
     for name, fused_t, twin in zip(("out", "dq", "dk", "dv"), *outs):
         torch.testing.assert_close(fused_t, twin, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_an_unknown_dq_mode_is_one_clear_error(monkeypatch):
+    from longnet_dist.attention import fused
+
+    monkeypatch.setattr(fused, "DQ_MODE", "fast")
+    q = torch.randn(1, 16, 1, 16, device=DEVICE, requires_grad=True)
+    out = dilated_attention(q, q, q, [16], [1], backend="triton")
+    with pytest.raises(ValueError, match=r"fused.DQ_MODE='fast' is not one of \['kernel', 'stream', 'atomic'\]"):
+        out.sum().backward()
 
 
 def test_padded_queries_output_zero_and_pass_no_gradient():

@@ -13,6 +13,7 @@ fp32 accumulators no larger than one of those tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -49,11 +50,17 @@ DEFAULT_BLOCKS = {
     ("dq", True): Blocks(64, 32, 4, 2),
 }
 INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
-# dQ from the dK/dV loop with atomic adds (5 matrix products per block pair) instead of a second
-# kernel (7). Measured on an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd): atomic 37.3 ms,
-# separate kernel 31.1 ms (the atomics contend), both within 2.5e-3 of fp32. benchmarks/gpu_attention.py
-# measures both again and keeps the faster correct one for its sweep.
-FUSE_DQ = False
+# How the backward computes dQ:
+#   "kernel": a dQ kernel of its own after each branch's dK/dV kernel (7 matrix products per block pair);
+#   "stream": the same kernels, every dQ launch on a second CUDA stream: dK/dV and dQ write different
+#             accumulators, so the two chains run side by side and fill each other's tail waves
+#             (the same numbers bit for bit; on the CPU / interpreter it is "kernel");
+#   "atomic": dQ from the dK/dV loop, added atomically (5 products; rounding order varies run to run).
+# Measured on an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd): atomic 37.3 ms, kernel 31.1 ms
+# (the atomics contend), both within 2.5e-3 of fp32; "stream" is not measured yet.
+# benchmarks/gpu_attention.py times all three and keeps the fastest correct one for its sweep.
+DQ_MODES = ("kernel", "stream", "atomic")
+DQ_MODE = "kernel"
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 
 
@@ -119,10 +126,12 @@ def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, T
 
 def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor, delta: Tensor,
                     keep: Tensor | None, dq: Tensor, dk: Tensor, dv: Tensor, w: int, r: int, head0: int, causal: bool,
-                    scale: float) -> None:
+                    scale: float, dq_stream: torch.cuda.Stream | None = None) -> None:
     """Add branch (w, r)'s gradients of heads [head0, head0 + H') into the fp32 accumulators dq, dk, dv
-    (B, N, H', D, one layout), in place; the other arguments are (B, N, H', ...) views of those heads."""
+    (B, N, H', D, one layout), in place; the other arguments are (B, N, H', ...) views of those heads.
+    `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream)."""
     B, N, heads, D = q.shape
+    fuse_dq = DQ_MODE == "atomic"
     dkdv, dq_blocks = blocks_for("dkdv", q.dtype, D), blocks_for("dq", q.dtype, D)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq),
               N, N)  # ..., keep's batch stride, sequence length
@@ -130,13 +139,27 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     keep_arg = keep if keep is not None else delta
     grid, num_blocks = _branch_grid(N, w, r, heads, dkdv.block_n, B)
     kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, dk, dv, dq, *common, min(w, N), r, head0, heads,
-                         num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=FUSE_DQ, BLOCK_M=dkdv.block_m,
+                         num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=fuse_dq, BLOCK_M=dkdv.block_m,
                          BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **meta)
-    if not FUSE_DQ:
+    if not fuse_dq:
         grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
-        kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, dq, *common, min(w, N), r, head0, heads,
-                           num_blocks, scale * kern.LOG2E, scale, BLOCK_M=dq_blocks.block_m, BLOCK_N=dq_blocks.block_n,
-                           num_warps=dq_blocks.num_warps, num_stages=dq_blocks.num_stages, **meta)
+        with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
+            kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, dq, *common, min(w, N), r, head0, heads,
+                               num_blocks, scale * kern.LOG2E, scale, BLOCK_M=dq_blocks.block_m,
+                               BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
+                               num_stages=dq_blocks.num_stages, **meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)
+
+
+def _dq_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The second stream for dQ launches when DQ_MODE is "stream" on a CUDA device, else None."""
+    if DQ_MODE not in DQ_MODES:
+        raise ValueError(f"fused.DQ_MODE={DQ_MODE!r} is not one of {list(DQ_MODES)}")
+    return _side_stream(device) if DQ_MODE == "stream" and device.type == "cuda" else None
 
 
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int, int]], causal: bool, scale: float,
@@ -172,12 +195,17 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
              torch.empty(B, N, H, D, dtype=q.dtype, device=q.device) for _ in range(3)]
     group = H if direct else head_group(B, N, H, D, q.element_size(), buffers=3)
     acc = None if direct else torch.empty(3, B, N, group, D, dtype=torch.float32, device=q.device)
+    side = _dq_stream(q.device)
     for h0 in range(0, H, group):
         hs = slice(h0, min(h0 + group, H))
         parts = [g[:, :, hs] for g in grads] if direct else acc[:, :, :, : hs.stop - h0].zero_().unbind(0)
+        if side is not None:  # dQ launches start after everything queued so far (inputs, zeroed parts)
+            side.wait_stream(torch.cuda.current_stream(q.device))
         for w, r in branches:
             backward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], grad_out[:, :, hs], lse2[:, :, hs], delta[:, :, hs],
-                            keep, *parts, w, r, h0, causal, scale)
+                            keep, *parts, w, r, h0, causal, scale, dq_stream=side)
+        if side is not None:  # and end before anything queued later (the copy out, frees, the caller)
+            torch.cuda.current_stream(q.device).wait_stream(side)
         if not direct:
             for total, part in zip(grads, parts):
                 total[:, :, hs].copy_(part)
