@@ -90,6 +90,47 @@ def test_fused_matches_gather_path_float32(dq_mode, monkeypatch):
         torch.testing.assert_close(fused_t, twin, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dq_mode", DQ_MODES)
+def test_r1_branch_writing_first_changes_no_bit(dtype, dq_mode, monkeypatch):
+    """With an r = 1 branch the accumulators are not zero-filled: that branch runs first and writes
+    every row (FIRST). Against the plain path (zeros, every branch adds): identical, bit for bit,
+    padded and causal, one head per group (16-bit) and the r = 1 branch listed last."""
+    from longnet_dist.attention import fused
+
+    assert fused.covering_first([(8, 2), (16, 1), (32, 1)]) == ([(16, 1), (8, 2), (32, 1)], True)
+    assert fused.covering_first([(8, 2), (32, 4)]) == ([(8, 2), (32, 4)], False)
+    monkeypatch.setattr(fused, "DQ_MODE", dq_mode)
+    monkeypatch.setattr(fused, "ACCUMULATOR_BUDGET_BYTES", 0)
+    g = torch.Generator().manual_seed(11)
+    q, k, v, grad = (torch.randn(2, 70, 3, 16, generator=g).to(DEVICE, dtype) for _ in range(4))
+    mask = (torch.rand(2, 70, generator=g) > 0.3).to(DEVICE)
+
+    def run():
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = dilated_attention(*inputs, [12, 32, 40], [2, 3, 1], causal=True, key_padding_mask=mask,
+                                backend="triton")
+        return [out, *torch.autograd.grad(out, inputs, grad)]
+
+    first = run()
+    ordered = fused.covering_first  # the same order (merging in another order rounds differently), no FIRST
+    monkeypatch.setattr(fused, "covering_first", lambda branches: (ordered(branches)[0], False))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, run()):
+        if dq_mode == "atomic" and name == "dq":  # atomic adds: the order of additions varies
+            torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_only_an_r1_branch_may_write_first():
+    from longnet_dist.attention import fused
+
+    x = torch.zeros(1, 8, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"first=True with r=2"):
+        fused.forward_branch(x, x, x, None, x.clone(), torch.zeros(1, 8, 1, device=DEVICE), 8, 2, 0, True, 1.0,
+                             first=True)
+
+
 def test_an_unknown_dq_mode_is_one_clear_error(monkeypatch):
     from longnet_dist.attention import fused
 

@@ -2,7 +2,9 @@
 path (FusedDilatedFunction) and, for sharded runs, the local branches of dilated.LocalBranch.
 
 Forward: the merged output starts at 0 and its lse at -inf; each branch's launch reads its rows of
-q, k, v in place and folds its (o_i, lse_i) into the fp32 mixture at the same rows (Eq. 9-10).
+q, k, v in place and folds its (o_i, lse_i) into the fp32 mixture at the same rows (Eq. 9-10). A
+branch with r = 1 covers every row: it runs first and writes the accumulators, which then need no
+fill (`covering_first`; the same in the backward).
 Backward: delta = rowsum(dO * O) once, then per branch one dK/dV and one dQ launch that add into
 fp32 gradient accumulators in place (the merged-softmax identity of dilated.py).
 
@@ -98,17 +100,31 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16-bit inputs
 
 
+def covering_first(branches: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], bool]:
+    """(the branches with the first r = 1 branch moved to the front, whether there is one). A branch
+    with r = 1 covers every (position, head) row, so run first it can write the accumulators instead
+    of adding to them: they need no zero fill, and its launches read nothing back (FIRST)."""
+    order = list(branches)
+    first = next((i for i, (_, r) in enumerate(order) if r == 1), None)
+    if first is None:
+        return order, False
+    return [order.pop(first)] + order, True
+
+
 def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Tensor, lse: Tensor, w: int, r: int,
-                   head0: int, causal: bool, scale: float) -> None:
+                   head0: int, causal: bool, scale: float, first: bool = False) -> None:
     """Merge branch (w, r) of heads [head0, head0 + H') into `acc` (B, N, H', D) fp32 and `lse` (B, N, H')
-    (Eq. 9-10), in place. q, k, v: (B, N, H', D) views of those heads; keep (B, N) uint8 or None."""
+    (Eq. 9-10), in place. q, k, v: (B, N, H', D) views of those heads; keep (B, N) uint8 or None.
+    `first`: r = 1 and nothing merged yet: write every row (acc and lse may hold garbage)."""
+    if first and r != 1:
+        raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
     B, N, heads, D = q.shape
     blocks = blocks_for("fwd", q.dtype, D)
     grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
     kern._fwd[grid](
         q, k, v, lse if keep is None else keep, acc, lse, *_strides3(q), *_strides3(k), *_strides3(v),
         *_strides3(acc), *_strides3(lse), N, N, min(w, N), r, head0, heads, num_blocks,  # keep's batch stride = N
-        scale * kern.LOG2E, CAUSAL=causal, HAS_KEEP=keep is not None, D=D, BLOCK_M=blocks.block_m,
+        scale * kern.LOG2E, CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, D=D, BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
         num_stages=blocks.num_stages)
 
@@ -126,10 +142,14 @@ def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, T
 
 def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor, delta: Tensor,
                     keep: Tensor | None, dq: Tensor, dk: Tensor, dv: Tensor, w: int, r: int, head0: int, causal: bool,
-                    scale: float, dq_stream: torch.cuda.Stream | None = None) -> None:
+                    scale: float, dq_stream: torch.cuda.Stream | None = None, first: bool = False) -> None:
     """Add branch (w, r)'s gradients of heads [head0, head0 + H') into the fp32 accumulators dq, dk, dv
     (B, N, H', D, one layout), in place; the other arguments are (B, N, H', ...) views of those heads.
-    `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream)."""
+    `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream).
+    `first`: r = 1 and nothing added yet: write dk, dv (and dq unless DQ_MODE is "atomic": dq must then
+    hold zeros) instead of adding."""
+    if first and r != 1:
+        raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
     B, N, heads, D = q.shape
     fuse_dq = DQ_MODE == "atomic"
     dkdv, dq_blocks = blocks_for("dkdv", q.dtype, D), blocks_for("dq", q.dtype, D)
@@ -139,13 +159,13 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     keep_arg = keep if keep is not None else delta
     grid, num_blocks = _branch_grid(N, w, r, heads, dkdv.block_n, B)
     kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, dk, dv, dq, *common, min(w, N), r, head0, heads,
-                         num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=fuse_dq, BLOCK_M=dkdv.block_m,
+                         num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=fuse_dq, FIRST=first, BLOCK_M=dkdv.block_m,
                          BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **meta)
     if not fuse_dq:
         grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
         with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
             kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, dq, *common, min(w, N), r, head0, heads,
-                               num_blocks, scale * kern.LOG2E, scale, BLOCK_M=dq_blocks.block_m,
+                               num_blocks, scale * kern.LOG2E, scale, FIRST=first, BLOCK_M=dq_blocks.block_m,
                                BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
                                num_stages=dq_blocks.num_stages, **meta)
 
@@ -162,22 +182,32 @@ def _dq_stream(device: torch.device) -> torch.cuda.Stream | None:
     return _side_stream(device) if DQ_MODE == "stream" and device.type == "cuda" else None
 
 
+def _accumulator(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, filled: bool) -> Tensor:
+    """A buffer the branches add into: zeros, or uninitialised when the first branch writes every row."""
+    return torch.empty(shape, dtype=dtype, device=device) if filled else torch.zeros(shape, dtype=dtype, device=device)
+
+
 def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int, int]], causal: bool, scale: float,
                   keep: Tensor | None) -> tuple[Tensor, Tensor]:
     """q, k, v (B, N, H, D), last dim contiguous; keep (B, N) uint8 or None.
     -> out (B, N, H, D) in q.dtype (0 where no branch covers a row), lse (B, N, H) float32 (-inf there)."""
     B, N, H, D = q.shape
-    lse = torch.full((B, N, H), float("-inf"), dtype=torch.float32, device=q.device)
+    branches, covering = covering_first(branches)
+    lse = (torch.empty if covering else functools.partial(torch.full, fill_value=float("-inf")))(
+        (B, N, H), dtype=torch.float32, device=q.device)
     direct = q.dtype == torch.float32  # accumulate straight into the output
-    out = (torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device) if direct
+    out = (_accumulator((B, N, H, D), q.dtype, q.device, covering) if direct
            else torch.empty_like(q, memory_format=torch.contiguous_format))
     group = H if direct else head_group(B, N, H, D, q.element_size(), buffers=1)
     acc = out if direct else torch.empty(B, N, group, D, dtype=torch.float32, device=q.device)
     for h0 in range(0, H, group):
         hs = slice(h0, min(h0 + group, H))
-        acc_g = out[:, :, hs] if direct else acc[:, :, : hs.stop - h0].zero_()
-        for w, r in branches:
-            forward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], keep, acc_g, lse[:, :, hs], w, r, h0, causal, scale)
+        acc_g = out[:, :, hs] if direct else acc[:, :, : hs.stop - h0]
+        if not direct and not covering:
+            acc_g.zero_()
+        for i, (w, r) in enumerate(branches):
+            forward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], keep, acc_g, lse[:, :, hs], w, r, h0, causal, scale,
+                           first=covering and i == 0)
         if not direct:
             out[:, :, hs].copy_(acc_g)
     return out, lse
@@ -189,21 +219,27 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     """Gradients (dq, dk, dv) (B, N, H, D) in q.dtype. `out`, `grad_out` contiguous; `lse` (B, N, H)
     float32 with +inf (or -inf) at rows that carry no gradient."""
     B, N, H, D = q.shape
+    branches, covering = covering_first(branches)
     delta, lse2 = backward_prep(out, grad_out, lse)
     direct = q.dtype == torch.float32
-    grads = [torch.zeros(B, N, H, D, dtype=q.dtype, device=q.device) if direct else
+    grads = [_accumulator((B, N, H, D), q.dtype, q.device, covering) if direct else
              torch.empty(B, N, H, D, dtype=q.dtype, device=q.device) for _ in range(3)]
     group = H if direct else head_group(B, N, H, D, q.element_size(), buffers=3)
     acc = None if direct else torch.empty(3, B, N, group, D, dtype=torch.float32, device=q.device)
     side = _dq_stream(q.device)
     for h0 in range(0, H, group):
         hs = slice(h0, min(h0 + group, H))
-        parts = [g[:, :, hs] for g in grads] if direct else acc[:, :, :, : hs.stop - h0].zero_().unbind(0)
+        parts = [g[:, :, hs] for g in grads] if direct else acc[:, :, :, : hs.stop - h0].unbind(0)
+        if not direct and not covering:
+            for part in parts:
+                part.zero_()
+        if covering and DQ_MODE == "atomic":  # dQ arrives by atomic adds: it must start at 0
+            parts[0].zero_()
         if side is not None:  # dQ launches start after everything queued so far (inputs, zeroed parts)
             side.wait_stream(torch.cuda.current_stream(q.device))
-        for w, r in branches:
+        for i, (w, r) in enumerate(branches):
             backward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], grad_out[:, :, hs], lse2[:, :, hs], delta[:, :, hs],
-                            keep, *parts, w, r, h0, causal, scale, dq_stream=side)
+                            keep, *parts, w, r, h0, causal, scale, dq_stream=side, first=covering and i == 0)
         if side is not None:  # and end before anything queued later (the copy out, frees, the caller)
             torch.cuda.current_stream(q.device).wait_stream(side)
         if not direct:

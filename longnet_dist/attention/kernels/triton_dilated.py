@@ -18,6 +18,9 @@ accumulators in place. dQ either comes from the same loop (FUSE_DQ: dS K added a
 query rows, as flash-attention 2 does: 5 matrix products per block pair) or from `_bwd_dq` (a
 program per query block, looping over key blocks: 7 products, no atomics).
 
+When a branch with r = 1 runs first (fused.py orders it so), it covers every row: its launches
+store instead of adding (FIRST), so the accumulators need no zero fill and that pass reads nothing.
+
 Masks are computed, never materialised: slot validity and causality from slot indices, key padding
 from one (B, N) byte per position. Blocks that need no mask skip it (MASKED is a constexpr).
 All row offsets are int64: at N = 4M, H = 12, D = 64 a tensor has more than 2^31 elements.
@@ -126,7 +129,7 @@ def _fwd(Q, K, V, KEEP, OA, LA,
          stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
          stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_lh, stride_keep,
          N, w, r, head0, heads, num_m_blocks, scale2,
-         CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, D: tl.constexpr,
+         CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True)
@@ -155,17 +158,21 @@ def _fwd(Q, K, V, KEEP, OA, LA,
     # Eq. 10: LSE = logsumexp(lse_prev, lse_i); Eq. 9: out = sum_i exp(lse_i - LSE) * o_i
     l_ptrs = LA + b64 * stride_lb + hh * stride_lh + pos_m * stride_ln
     o_ptrs = OA + b64 * stride_ob + hh * stride_oh + pos_m[:, None] * stride_on + offs_d[None, :]
-    lse_prev = tl.load(l_ptrs, mask=m_ok, other=float("-inf"))
-    top = tl.maximum(lse_prev, lse_i)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    e_prev, e_i = tl.exp(lse_prev - top), tl.exp(lse_i - top)
-    total = e_prev + e_i
-    covered = total > 0.0
-    total_safe = tl.where(covered, total, 1.0)
-    o_prev = tl.load(o_ptrs, mask=m_ok[:, None], other=0.0)
-    merged = o_prev * (e_prev / total_safe)[:, None] + o_i * (e_i / total_safe)[:, None]
+    if FIRST:  # the first branch, r = 1, writes every row: nothing to merge with, nothing to read
+        merged, lse_new = o_i, lse_i  # (what the merge below gives with o_prev = 0, lse_prev = -inf)
+    else:
+        lse_prev = tl.load(l_ptrs, mask=m_ok, other=float("-inf"))
+        top = tl.maximum(lse_prev, lse_i)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        e_prev, e_i = tl.exp(lse_prev - top), tl.exp(lse_i - top)
+        total = e_prev + e_i
+        covered = total > 0.0
+        total_safe = tl.where(covered, total, 1.0)
+        o_prev = tl.load(o_ptrs, mask=m_ok[:, None], other=0.0)
+        merged = o_prev * (e_prev / total_safe)[:, None] + o_i * (e_i / total_safe)[:, None]
+        lse_new = tl.where(covered, top + tl.log(total_safe), float("-inf"))
     tl.store(o_ptrs, merged, mask=m_ok[:, None])
-    tl.store(l_ptrs, tl.where(covered, top + tl.log(total_safe), float("-inf")), mask=m_ok)
+    tl.store(l_ptrs, lse_new, mask=m_ok)
 
 
 @triton.jit
@@ -216,8 +223,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
               stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
               stride_gb, stride_gn, stride_gh, stride_keep,
               N, w, r, head0, heads, num_n_blocks, scale2, scale,
-              CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FUSE_DQ: tl.constexpr, D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+              CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FUSE_DQ: tl.constexpr, FIRST: tl.constexpr,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_n, hh, row0, n_slots = _program_block(pid, num_n_blocks, heads, N, w, r, head0, False)
     if pid_n * BLOCK_N >= n_slots:
@@ -252,8 +259,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
     store = n_ok[:, None]
     dk = tl.where(keep[:, None], dk * scale, 0.0)
     dv = tl.where(keep[:, None], dv, 0.0)
-    tl.store(DKA + g_off, tl.load(DKA + g_off, mask=store, other=0.0) + dk, mask=store)
-    tl.store(DVA + g_off, tl.load(DVA + g_off, mask=store, other=0.0) + dv, mask=store)
+    if not FIRST:  # add to the branches before; the first (r = 1) writes every row
+        dk += tl.load(DKA + g_off, mask=store, other=0.0)
+        dv += tl.load(DVA + g_off, mask=store, other=0.0)
+    tl.store(DKA + g_off, dk, mask=store)
+    tl.store(DVA + g_off, dv, mask=store)
 
 
 @triton.jit
@@ -265,8 +275,12 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stri
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_slots
         pos_n = (row0 + offs_n * r).to(tl.int64)
-        k_t = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-        v_t = tl.load(v_base + pos_n[None, :] * stride_vn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        if MASKED:
+            k_t = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+            v_t = tl.load(v_base + pos_n[None, :] * stride_vn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        else:  # [0, full): every key slot exists
+            k_t = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None])
+            v_t = tl.load(v_base + pos_n[None, :] * stride_vn + offs_d[:, None])
         p = tl.exp2(tl.dot(q, k_t, input_precision=PRECISION) * scale2 - lse2[:, None])     # (BM, BN)
         if MASKED:
             allowed = n_ok[None, :]
@@ -288,7 +302,7 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
             stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
             stride_gb, stride_gn, stride_gh, stride_keep,
             N, w, r, head0, heads, num_m_blocks, scale2, scale,
-            CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, D: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True)
@@ -312,7 +326,10 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, full,
                    hi, n_slots, scale2, CAUSAL, True, HAS_KEEP, BLOCK_N, D, PRECISION)
     g_ptrs = DQA + b64 * stride_gb + hh * stride_gh + pos_m[:, None] * stride_gn + offs_d[None, :]
-    tl.store(g_ptrs, tl.load(g_ptrs, mask=m_ok[:, None], other=0.0) + dq * scale, mask=m_ok[:, None])
+    dq = dq * scale
+    if not FIRST:
+        dq += tl.load(g_ptrs, mask=m_ok[:, None], other=0.0)
+    tl.store(g_ptrs, dq, mask=m_ok[:, None])
 
 
 def interpreted() -> bool:
