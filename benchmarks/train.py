@@ -213,6 +213,19 @@ def cuda_points(args) -> list[tuple[int, str, int]]:
             if impl == "dilated" or n <= DENSE_MAX_SEQ_LEN]
 
 
+def print_table(rows: list[dict], keys: list[tuple], values: list[tuple]) -> None:
+    """One line per row: the `keys` columns, then "ok" and the `values` columns for rows that ran, or
+    the row's status. Columns are (header, width, row -> value)."""
+    print(" ".join(f"{header:>{width}}" for header, width, _ in keys + [("status", 10, None)] + values))
+    for row in rows:
+        cells = [f"{get(row)!s:>{width}}" for _, width, get in keys]
+        if row["status"] == "ok":
+            cells += [f"{'ok':>10}"] + [f"{get(row)!s:>{width}}" for _, width, get in values]
+        else:
+            cells.append(row["status"])
+        print(" ".join(cells))
+
+
 def cuda_sweep(args) -> None:
     host = machine()
     if "gpu" not in host:
@@ -251,15 +264,13 @@ def cuda_sweep(args) -> None:
         json_path = save(name, payload)  # after every point: a later hang or kill keeps what ran
     plot(payload["rows"], f"LongNet base (85M), bf16, one {gpu}", RESULTS / f"{name}.png")
     print(f"\n{gpu}; peak {human(peak, 'FLOP/s')}")
-    print(f"{'seq_len':>9} {'attention':>9} {'ckpt':>9} {'status':>10} {'tokens/s':>10} {'MFU':>7} {'step s':>8} "
-          f"{'peak GiB':>9} {'KiB/token':>9}")
-    for row in payload["rows"]:
-        if row["status"] == "ok":
-            print(f"{row['seq_len']:>9} {row['attention_impl']:>9} {row['activation_checkpointing']:>9} {'ok':>10} "
-                  f"{row['tokens_per_s']:>10.0f} {100 * row['mfu']:>6.1f}% {row['step_s']:>8.2f} "
-                  f"{row['peak_mem_bytes'] / 2 ** 30:>9.1f} {row['peak_mem_bytes_per_token'] / 1024:>9.1f}")
-        else:
-            print(f"{row['seq_len']:>9} {row['attention_impl']:>9} {'':>9} {row['status']}")
+    print_table(payload["rows"],
+                [("seq_len", 9, lambda r: r["seq_len"]), ("attention", 9, lambda r: r["attention_impl"]),
+                 ("ckpt", 9, lambda r: r.get("activation_checkpointing", ""))],
+                [("tokens/s", 10, lambda r: f"{r['tokens_per_s']:.0f}"), ("MFU", 7, lambda r: f"{100 * r['mfu']:.1f}%"),
+                 ("step s", 8, lambda r: f"{r['step_s']:.2f}"),
+                 ("peak GiB", 9, lambda r: f"{r['peak_mem_bytes'] / 2 ** 30:.1f}"),
+                 ("KiB/token", 9, lambda r: f"{r['peak_mem_bytes_per_token'] / 1024:.1f}")])
     print(f"wrote {json_path} and {RESULTS / (name + '.png')}")
 
 
@@ -289,14 +300,10 @@ def cpu_sweep(args) -> None:
     plot(rows, f"LongNet small, training step throughput - {machine_line}", RESULTS / f"{name}.png")
 
     print(f"\nmachine: {machine_line}; fp32 matmul peak measured {human(peak, 'FLOP/s')}")
-    print(f"{'seq_len':>9} {'procs':>5} {'status':>14} {'tokens/s':>9} {'MFU':>7} {'step s':>8} {'peak mem/proc':>13}")
-    for row in rows:
-        if row["status"] == "ok":
-            print(f"{row['seq_len']:>9} {row['processes']:>5} {'ok':>14} {row['tokens_per_s']:>9.0f} "
-                  f"{100 * row['mfu']:>6.2f}% {row['seq_len'] / row['tokens_per_s']:>8.1f} "
-                  f"{row['peak_mem_bytes'] / 2 ** 30:>10.2f} GiB")
-        else:
-            print(f"{row['seq_len']:>9} {row['processes']:>5} {row['status']:>14}")
+    print_table(rows, [("seq_len", 9, lambda r: r["seq_len"]), ("procs", 5, lambda r: r["processes"])],
+                [("tokens/s", 9, lambda r: f"{r['tokens_per_s']:.0f}"), ("MFU", 7, lambda r: f"{100 * r['mfu']:.2f}%"),
+                 ("step s", 8, lambda r: f"{r['seq_len'] / r['tokens_per_s']:.1f}"),
+                 ("peak mem/proc", 13, lambda r: f"{r['peak_mem_bytes'] / 2 ** 30:.2f} GiB")])
     for nproc, length in longest.items():
         print(f"longest training step with {nproc} process(es): {length:,} tokens")
     print(f"wrote {json_path} and {RESULTS / (name + '.png')}")
