@@ -12,7 +12,7 @@ of CUDA-event timings after a warm-up; peak memory is torch.cuda.max_memory_allo
 forward+backward, inputs and the incoming gradient included, divided by N.
 It first checks every way of computing dQ (a kernel of its own, the same on a second CUDA stream,
 atomically in the dK/dV kernel) against an fp32 run at N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K and keeps the fastest (recorded in
-the JSON). Writes benchmarks/results/gpu_attention.json and .png (the JSON after every point).
+the JSON; dK/dV with each correct dQ mode). Writes benchmarks/results/gpu_attention.json and .png (the JSON after every point).
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ FULL = ([("dilated", n, True, 5) for n in (32 * K, 128 * K, M)] + [("dilated", 4
 QUICK = [("dilated", 32 * K, True, 5), ("dense", 32 * K, True, 5), ("dilated", M, True, 3), ("gather", M, True, 1)]
 CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune
     "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 4, 4)],
-    "dkdv": [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],
+    "dkdv": [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4),
+             (64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3)],  # the last three: no spills (kernel_resources.py)
     "dq": [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 16, 4, 4)],
 }
 
@@ -123,30 +124,40 @@ def tail_check(q, k, v, causal: bool) -> float:
     return (whole.float() - alone.float()).abs().max().item()
 
 
-def tune(n: int = 256 * K) -> dict:
-    """Fastest block shapes per kernel at N = n (causal): forward first, then dK/dV, then dQ."""
+def tune(correct_modes: list[str], n: int = 256 * K) -> dict:
+    """Fastest block shapes per kernel at N = n (causal): forward first, then dK/dV (with each of the
+    correct dQ modes: the atomic one changes the dK/dV kernel), then dQ unless atomic won."""
     from longnet_dist.attention import fused
 
     q, k, v, grad = make_inputs(n)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
+    separate = fused.DQ_MODE if fused.DQ_MODE != "atomic" else "kernel"  # the separate-kernel mode in use
+    modes = [mode for mode in (separate, "atomic") if mode in correct_modes] or [separate]
     chosen = {}
     for kernel in ("fwd", "dkdv", "dq"):
+        if kernel == "dq" and fused.DQ_MODE == "atomic":
+            break
         timings = {}
         for shape in CANDIDATES[kernel]:
-            fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*shape)
-            try:
-                if kernel == "fwd":
-                    timings[shape] = cuda_time(lambda: forward("dilated", q.detach(), k.detach(), v.detach(), True), 3)
-                else:
-                    timings[shape] = cuda_time(lambda: torch.autograd.grad(
-                        forward("dilated", q, k, v, True), (q, k, v), grad), 3)
-            except Exception as error:  # a shape that does not fit (shared memory): skip it
-                print(f"tune {kernel} {shape}: {type(error).__name__}: {str(error)[:120]}")
-        best = min(timings, key=timings.get)
+            for mode in modes if kernel == "dkdv" else [fused.DQ_MODE]:
+                fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*shape)
+                fused.DQ_MODE = mode
+                try:
+                    if kernel == "fwd":
+                        seconds = cuda_time(lambda: forward("dilated", q.detach(), k.detach(), v.detach(), True), 3)
+                    else:
+                        seconds = cuda_time(lambda: torch.autograd.grad(
+                            forward("dilated", q, k, v, True), (q, k, v), grad), 3)
+                    timings[(shape, mode)] = seconds
+                except Exception as error:  # a shape that does not fit (shared memory): skip it
+                    print(f"tune {kernel} {shape} {mode}: {type(error).__name__}: {str(error)[:120]}")
+        (best, mode) = min(timings, key=timings.get)
         fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*best)
-        chosen[kernel] = {"best": best, "seconds": {str(s): t for s, t in timings.items()}}
-        print(f"tune {kernel}: best {best} ({timings[best] * 1e3:.2f} ms); "
-              + ", ".join(f"{s}: {t * 1e3:.2f}" for s, t in timings.items()), flush=True)
+        fused.DQ_MODE = mode
+        chosen[kernel] = {"best": best, "dq_mode": mode,
+                          "seconds": {f"{shape} {m}": t for (shape, m), t in timings.items()}}
+        print(f"tune {kernel}: best {best} {mode} ({timings[(best, mode)] * 1e3:.2f} ms); "
+              + ", ".join(f"{shape} {m}: {t * 1e3:.2f}" for (shape, m), t in timings.items()), flush=True)
     return chosen
 
 
@@ -235,10 +246,11 @@ def main() -> None:
     payload = {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "heads": HEADS, "head_dim": HEAD_DIM,
                "dtype": "bfloat16", "batch": 1, "command": " ".join(sys.argv), "points": []}
     print(f"GPU: {host['gpu']}, torch {host['torch']}; H={HEADS}, D={HEAD_DIM}, bf16, paper branches", flush=True)
+    from longnet_dist.attention import fused
+
     payload["dq_variants"] = choose_dq_variant()
     if args.tune:
-        payload["tuning"] = tune()
-    from longnet_dist.attention import fused
+        payload["tuning"] = tune([mode for mode in fused.DQ_MODES if payload["dq_variants"][mode]["correct"]])
 
     payload["blocks"] = {f"{k[0]}{'_fp32' if k[1] else ''}": vars(b) for k, b in fused.DEFAULT_BLOCKS.items()}
     payload["blocks"].update({f"tuned_{k[0]}": vars(b) for k, b in fused.TUNED.items()})

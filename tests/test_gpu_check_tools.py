@@ -77,3 +77,23 @@ def test_profile_script_runs_on_the_cpu(tmp_path):
         assert profile["step_s"] > 0 and profile["total_ms"] > 0
         assert abs(sum(profile["categories"].values()) - profile["total_ms"]) < 1e-6 * profile["total_ms"] + 1e-9
         assert "flash (dense / aten)" in profile["categories"]  # every profile runs aten's CPU flash kernel
+
+
+def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
+    """The registers / spills tool compiles the in-use block shapes for an H100/H200 without a GPU."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in repo_first_on_pythonpath(os.environ).items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--defaults", "--results", str(tmp_path)],
+                            cwd=REPO, env={**env, "TRITON_DEFAULT_FP_FUSION": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
+    assert [row["kernel"] for row in rows] == ["fwd", "dkdv", "dkdv+atomic dq", "dq"]
+    for row in rows:
+        assert row["default"] and 32 <= row["registers"] <= 255 and row["stack_bytes"] >= 0, row
+        assert row["dynamic_shared_bytes"] > 0, row
