@@ -10,8 +10,9 @@ and "dense" (SDPA's flash kernel over the whole sequence). FLOPs count only the 
 algorithm needs (LONGNET.md "Cost"; causal about half; backward = 2.5x forward). Times are medians
 of CUDA-event timings after a warm-up; peak memory is torch.cuda.max_memory_allocated over one
 forward+backward, inputs and the incoming gradient included, divided by N.
-It first checks every way of computing dQ (a kernel of its own, the same on a second CUDA stream,
-atomically in the dK/dV kernel) against an fp32 run at N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K and keeps the fastest (recorded in
+It first checks every way of computing dQ (fused.DQ_MODES: a kernel of its own, the same on a second
+CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
+N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K and keeps the fastest (recorded in
 the JSON; dK/dV with each correct dQ mode). Writes benchmarks/results/gpu_attention.json and .png (the JSON after every point).
 """
 from __future__ import annotations
@@ -131,11 +132,11 @@ def tune(correct_modes: list[str], n: int = 256 * K) -> dict:
 
     q, k, v, grad = make_inputs(n)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    separate = fused.DQ_MODE if fused.DQ_MODE != "atomic" else "kernel"  # the separate-kernel mode in use
-    modes = [mode for mode in (separate, "atomic") if mode in correct_modes] or [separate]
+    separate = fused.DQ_MODE if fused.DQ_MODE in ("kernel", "stream") else "kernel"  # with a dQ kernel
+    modes = [mode for mode in (separate, "atomic", "tma") if mode in correct_modes] or [separate]
     chosen = {}
     for kernel in ("fwd", "dkdv", "dq"):
-        if kernel == "dq" and fused.DQ_MODE == "atomic":
+        if kernel == "dq" and fused.DQ_MODE in ("atomic", "tma"):  # no dQ kernel to tune
             break
         timings = {}
         for shape in CANDIDATES[kernel]:
@@ -178,8 +179,13 @@ def choose_dq_variant() -> dict:
     report = {}
     for mode in fused.DQ_MODES:
         fused.DQ_MODE = mode
-        errors = [((a - b).norm() / b.norm()).item() for a, b in zip(grads(DTYPE, "triton"), ref)]
-        seconds = cuda_time(lambda: torch.autograd.grad(forward("dilated", *big[:3], True), big[:3], big[3]), 3)
+        try:
+            errors = [((a - b).norm() / b.norm()).item() for a, b in zip(grads(DTYPE, "triton"), ref)]
+            seconds = cuda_time(lambda: torch.autograd.grad(forward("dilated", *big[:3], True), big[:3], big[3]), 3)
+        except Exception as error:  # a mode this GPU or Triton cannot run (e.g. TMA): recorded, not chosen
+            report[mode] = {"error": f"{type(error).__name__}: {str(error)[:300]}", "correct": False}
+            print(f"dQ {mode}: {report[mode]['error']}", flush=True)
+            continue
         report[mode] = {"errors_out_dq_dk_dv": errors, "fwd_bwd_256k_s": seconds, "correct": max(errors) < 2e-2}
         print(f"dQ {mode}: errors {['%.1e' % e for e in errors]}, fwd+bwd 256K {seconds * 1e3:.2f} ms", flush=True)
     correct = [mode for mode, r in report.items() if r["correct"]] or ["kernel"]

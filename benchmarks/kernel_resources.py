@@ -4,7 +4,8 @@ machine need not have.
     python3 benchmarks/kernel_resources.py               # sm_90 (H100 / H200), bf16, D = 64, ~1 minute
     python3 benchmarks/kernel_resources.py --defaults    # only the block shapes in use (fused.DEFAULT_BLOCKS)
 
-Compiles every kernel (forward; dK/dV with dQ from its own kernel and with atomic dQ; dQ) for the
+Compiles every kernel (forward; dK/dV with dQ from its own kernel, with atomic dQ and with TMA-reduced
+dQ; dQ) for the
 block shapes `benchmarks/gpu_attention.py --tune` tries and the defaults, with Triton's compiler for
 the target architecture (causal, no key padding, not the first branch: the common launch), and
 reads the cubin's resource usage with the cuobjdump that Triton bundles: registers per thread, the
@@ -39,8 +40,9 @@ from longnet_dist.attention.kernels import triton_dilated as kern  # noqa: E402
 # (kernel function, 16-bit pointer arguments, fp32 pointer arguments, extra constexprs)
 KERNELS = {
     "fwd": (kern._fwd, "Q K V", "OA LA", {}),
-    "dkdv": (kern._bwd_dkdv, "Q K V DO", "LSE2 DELTA DKA DVA DQA", {"FUSE_DQ": False}),
-    "dkdv+atomic dq": (kern._bwd_dkdv, "Q K V DO", "LSE2 DELTA DKA DVA DQA", {"FUSE_DQ": True}),
+    "dkdv": (kern._bwd_dkdv, "Q K V DO", "LSE2 DELTA DKA DVA DQA", {"FUSE_DQ": 0}),
+    "dkdv+atomic dq": (kern._bwd_dkdv, "Q K V DO", "LSE2 DELTA DKA DVA DQA", {"FUSE_DQ": 1}),
+    "dkdv+tma dq": (kern._bwd_dkdv, "Q K V DO", "LSE2 DELTA DKA DVA DQA", {"FUSE_DQ": 2}),
     "dq": (kern._bwd_dq, "Q K V DO", "LSE2 DELTA DQA", {}),
 }
 

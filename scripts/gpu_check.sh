@@ -5,13 +5,13 @@
 #   3. the training benchmark on the GPU when its packages are importable -> benchmarks/results/train_cuda.*
 #   4. what DeepSpeed's engine adds to an optimizer step (benchmarks/optimizer_step.py, same packages)
 #   (opt-in) profile: where the time goes, kernel by kernel (benchmarks/gpu_profile.py, ~1 minute)
-# Each stage has its own time limit (120 + 180 + 130 + 45 s: under 8 minutes in all), so that a hang
+# Each stage has its own time limit (100 + 200 + 130 + 45 s: under 8 minutes in all), so that a hang
 # cannot eat the lease; results are written as they come, into $OUT when that is set (a device
 # runner's output folder), else benchmarks/results/. The training stage needs hydra, omegaconf and
 # deepspeed importable (carry the wheels of ../shared/offline_wheels.sh to an offline machine).
 # Stages to run: GPU_CHECK_STAGES="tests attention train optimizer" (the default; add or pick "profile");
 # GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks. The CUDA tests run
-# as GPU_CHECK_TEST_SHARDS (default 4) pytest processes side by side (scripts/gpu_test_shards.sh).
+# as GPU_CHECK_TEST_SHARDS (default 6) pytest processes side by side (scripts/gpu_test_shards.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -34,9 +34,9 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...: one stage, its log in results/NAME
 
 for stage in $stages; do
     case $stage in
-        tests) run 120 gpu_tests scripts/gpu_test_shards.sh "$results" "${GPU_CHECK_TEST_SHARDS:-4}" ;;
+        tests) run 100 gpu_tests scripts/gpu_test_shards.sh "$results" "${GPU_CHECK_TEST_SHARDS:-6}" ;;
         profile) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
-        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-180}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
+        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-200}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
                        ${GPU_CHECK_ATTENTION_ARGS:-} ;;
         train|optimizer)
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then

@@ -93,7 +93,7 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
-    assert [row["kernel"] for row in rows] == ["fwd", "dkdv", "dkdv+atomic dq", "dq"]
+    assert [row["kernel"] for row in rows] == ["fwd", "dkdv", "dkdv+atomic dq", "dkdv+tma dq", "dq"]
     for row in rows:
         assert row["default"] and 32 <= row["registers"] <= 255 and row["stack_bytes"] >= 0, row
         assert row["dynamic_shared_bytes"] > 0, row

@@ -21,8 +21,9 @@ from reference import dilated_errors
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# the ways to compute dQ (fused.DQ_MODES); "stream" differs from "kernel" only on a CUDA device
-DQ_MODES = ["kernel", "atomic"] + (["stream"] if DEVICE == "cuda" else [])
+# the ways to compute dQ (fused.DQ_MODES); "stream" and "tma" differ from "kernel" and "atomic" only on
+# a CUDA device (tma: compute capability 9+)
+DQ_MODES = ["kernel", "atomic"] + (["stream", "tma"] if DEVICE == "cuda" else [])
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
@@ -116,7 +117,7 @@ def test_r1_branch_writing_first_changes_no_bit(dtype, dq_mode, monkeypatch):
     ordered = fused.covering_first  # the same order (merging in another order rounds differently), no FIRST
     monkeypatch.setattr(fused, "covering_first", lambda branches: (ordered(branches)[0], False))
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, run()):
-        if dq_mode == "atomic" and name == "dq":  # atomic adds: the order of additions varies
+        if dq_mode in ("atomic", "tma") and name == "dq":  # atomic adds: the order of additions varies
             torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
         else:
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
@@ -137,7 +138,7 @@ def test_an_unknown_dq_mode_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(fused, "DQ_MODE", "fast")
     q = torch.randn(1, 16, 1, 16, device=DEVICE, requires_grad=True)
     out = dilated_attention(q, q, q, [16], [1], backend="triton")
-    with pytest.raises(ValueError, match=r"fused.DQ_MODE='fast' is not one of \['kernel', 'stream', 'atomic'\]"):
+    with pytest.raises(ValueError, match=r"fused.DQ_MODE='fast' is not one of \['kernel', 'stream', 'atomic', 'tma'\]"):
         out.sum().backward()
 
 

@@ -57,11 +57,14 @@ INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
 #   "stream": the same kernels, every dQ launch on a second CUDA stream: dK/dV and dQ write different
 #             accumulators, so the two chains run side by side and fill each other's tail waves
 #             (the same numbers bit for bit; on the CPU / interpreter it is "kernel");
-#   "atomic": dQ from the dK/dV loop, added atomically (5 products; rounding order varies run to run).
+#   "atomic": dQ from the dK/dV loop, added atomically (5 products; rounding order varies run to run);
+#   "tma":    the same, each (BLOCK_M, D) dQ tile added by one TMA bulk reduction instead of an atomic
+#             per element (compute capability >= 9; elsewhere it is "atomic").
 # Measured on an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd): atomic 37.3 ms, kernel 31.1 ms
-# (the atomics contend), both within 2.5e-3 of fp32; "stream" is not measured yet.
-# benchmarks/gpu_attention.py times all three and keeps the fastest correct one for its sweep.
-DQ_MODES = ("kernel", "stream", "atomic")
+# (with the default dK/dV blocks, which spill: benchmarks/kernel_resources.py), both within 2.5e-3
+# of fp32; "stream" and "tma" are not measured yet. benchmarks/gpu_attention.py times every mode and
+# keeps the fastest correct one for its sweep.
+DQ_MODES = ("kernel", "stream", "atomic", "tma")
 DQ_MODE = "kernel"
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 
@@ -151,7 +154,7 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     if first and r != 1:
         raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
     B, N, heads, D = q.shape
-    fuse_dq = DQ_MODE == "atomic"
+    fuse_dq = _fused_dq(q.device)
     dkdv, dq_blocks = blocks_for("dkdv", q.dtype, D), blocks_for("dq", q.dtype, D)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq),
               N, N)  # ..., keep's batch stride, sequence length
@@ -161,13 +164,43 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, dk, dv, dq, *common, min(w, N), r, head0, heads,
                          num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=fuse_dq, FIRST=first, BLOCK_M=dkdv.block_m,
                          BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **meta)
-    if not fuse_dq:
+    if fuse_dq == 0:
         grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
         with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
             kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, dq, *common, min(w, N), r, head0, heads,
                                num_blocks, scale * kern.LOG2E, scale, FIRST=first, BLOCK_M=dq_blocks.block_m,
                                BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
                                num_stages=dq_blocks.num_stages, **meta)
+
+
+def _fused_dq(device: torch.device) -> int:
+    """The dK/dV kernel's FUSE_DQ for DQ_MODE on `device`: 0 (a dQ kernel), 1 (atomic adds), 2 (TMA)."""
+    if DQ_MODE not in DQ_MODES:
+        raise ValueError(f"fused.DQ_MODE={DQ_MODE!r} is not one of {list(DQ_MODES)}")
+    if DQ_MODE in ("kernel", "stream"):
+        return 0
+    if DQ_MODE == "tma" and device.type == "cuda" and not kern.interpreted() and _tma_ready(device):
+        return 2
+    return 1
+
+
+def _tma_ready(device: torch.device) -> bool:
+    """Hopper or newer; installs the global-memory allocator Triton needs for in-kernel TMA descriptors
+    unless one is installed (Triton keeps it per thread context: the backward may run in autograd's
+    device thread, so this checks on every call)."""
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> Tensor:
+    """Global memory Triton asks for at launch (128 bytes per program for its TMA descriptors)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,8 +210,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 def _dq_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The second stream for dQ launches when DQ_MODE is "stream" on a CUDA device, else None."""
-    if DQ_MODE not in DQ_MODES:
-        raise ValueError(f"fused.DQ_MODE={DQ_MODE!r} is not one of {list(DQ_MODES)}")
+    _fused_dq(device)  # checks DQ_MODE
     return _side_stream(device) if DQ_MODE == "stream" and device.type == "cuda" else None
 
 
@@ -233,7 +265,7 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         if not direct and not covering:
             for part in parts:
                 part.zero_()
-        if covering and DQ_MODE == "atomic":  # dQ arrives by atomic adds: it must start at 0
+        if covering and _fused_dq(q.device):  # dQ arrives by atomic adds: it must start at 0
             parts[0].zero_()
         if side is not None:  # dQ launches start after everything queued so far (inputs, zeroed parts)
             side.wait_stream(torch.cuda.current_stream(q.device))

@@ -15,8 +15,10 @@ Backward (the merged softmax identity, see dilated.py): `_bwd_prep` computes del
 and lse*log2(e) once for all branches; per branch `_bwd_dkdv` (a program per key block, looping
 over query blocks) recomputes P = exp2(q.k*scale*log2e - lse2) and adds dK, dV into fp32
 accumulators in place. dQ either comes from the same loop (FUSE_DQ: dS K added atomically to the
-query rows, as flash-attention 2 does: 5 matrix products per block pair) or from `_bwd_dq` (a
-program per query block, looping over key blocks: 7 products, no atomics).
+query rows, as flash-attention 2 does: 5 matrix products per block pair; FUSE_DQ = 1 one atomic
+per element, 2 one TMA bulk reduction per tile through a per-program tensor descriptor, as
+flash-attention 3 does, Hopper and newer) or from `_bwd_dq` (a program per query block, looping
+over key blocks: 7 products, no atomics).
 
 When a branch with r = 1 runs first (fused.py orders it so), it covers every row: its launches
 store instead of adding (FIRST), so the accumulators need no zero fill and that pass reads nothing.
@@ -190,7 +192,7 @@ def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, D: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don, stride_ln,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_out, stride_qn, stride_don, stride_ln,
                 stride_gn, row0, r, offs_n, key_ok, lo, hi, n_slots, scale2, scale, CAUSAL: tl.constexpr,
                 MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
                 D: tl.constexpr, PRECISION: tl.constexpr):
@@ -208,12 +210,15 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, st
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)                                 # (BN, BM)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-        if FUSE_DQ:  # dQ += dS K for these queries, added atomically (other key blocks add to the same rows)
+        if FUSE_DQ != 0:  # dQ += dS K for these queries, added atomically (other key blocks add to the same rows)
             if HAS_KEEP:  # padded keys must not reach dQ (invalid slots loaded k = 0: they add nothing)
                 ds_t = tl.where(key_ok[:, None], ds_t, 0.0)
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale       # (BM, D)
-            tl.atomic_add(dq_base + pos_m[:, None] * stride_gn + offs_d[None, :], dq, mask=m_ok[:, None],
-                          sem="relaxed")
+            if FUSE_DQ == 2:  # one bulk reduction of the tile (TMA); slots past the end are out of bounds
+                dq_out.atomic_add([start, 0], dq)
+            else:  # an atomic add per element (dq_out: this (batch, head)'s fp32 dQ rows)
+                tl.atomic_add(dq_out + pos_m[:, None] * stride_gn + offs_d[None, :], dq, mask=m_ok[:, None],
+                              sem="relaxed")
     return dk, dv
 
 
@@ -238,7 +243,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
     do_base = DO + b64 * stride_dob + hh * stride_doh
     lse_base = LSE2 + b64 * stride_lb + hh * stride_lh
     delta_base = DELTA + b64 * stride_lb + hh * stride_lh
-    dq_base = DQA + b64 * stride_gb + hh * stride_gh
+    dq_out = DQA + b64 * stride_gb + hh * stride_gh
+    if FUSE_DQ == 2:  # this (segment, head)'s dQ slots as a TMA descriptor: (n_slots, D), row stride r rows
+        dq_out = tl.make_tensor_descriptor(dq_out + row0 * stride_gn, shape=[n_slots, D], strides=[r * stride_gn, 1],
+                                           block_shape=[BLOCK_M, D])
     keep = n_ok
     if HAS_KEEP:  # a padded key is attended by no query: its gradient is 0
         keep = keep & (tl.load(KEEP + b64 * stride_keep + pos_n, mask=n_ok, other=0) != 0)
@@ -247,12 +255,12 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
     if CAUSAL:  # queries from the block's first key on; past its last key no causal mask is needed
         lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
         diag = tl.minimum(((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, n_slots)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_out, stride_qn, stride_don,
                              stride_ln, stride_gn, row0, r, offs_n, keep, lo, diag, n_slots, scale2, scale, True,
                              True, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION)
     else:
         diag = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_don,
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_out, stride_qn, stride_don,
                          stride_ln, stride_gn, row0, r, offs_n, keep, diag, n_slots, n_slots, scale2, scale, CAUSAL,
                          False, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION)
     g_off = b64 * stride_gb + hh * stride_gh + pos_n[:, None] * stride_gn + offs_d[None, :]
