@@ -22,9 +22,10 @@ test: setup
 
 # One run directory per `make train` (named like the trainer's default output_dir, fixed once per make
 # call so both commands see the same one); the run ends by printing a sample from its final checkpoint.
+# tcmalloc when installed (launch/cpu_allocator.sh): faster CPU steps; LONGNET_TCMALLOC=0 turns it off.
 RUN_DIR := $(or $(RUN_DIR),outputs/$(shell date +%Y-%m-%d_%H-%M-%S))
 train: setup
-	$(PYTHON) -m longnet_dist.train trainer.output_dir=$(RUN_DIR)
+	preload="$$(launch/cpu_allocator.sh)" && LD_PRELOAD="$$preload" $(PYTHON) -m longnet_dist.train trainer.output_dir=$(RUN_DIR)
 	$(PYTHON) -m longnet_dist.generate checkpoint=$(RUN_DIR) prompt="def " max_new_tokens=200
 
 bench: setup

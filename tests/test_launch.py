@@ -23,22 +23,34 @@ LAUNCH_ENV_KEYS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "RD
 
 @pytest.fixture
 def echo_python(tmp_path) -> Path:
-    """An executable that prints argv[1:], the shutdown timeout and its SIGUSR1 disposition as JSON."""
+    """An executable that prints argv[1:], the shutdown timeout, its SIGUSR1 disposition and LD_PRELOAD as JSON."""
     script = tmp_path / "python"
     script.write_text(
         f"#!{sys.executable}\n"
         "import json, os, signal, sys\n"
         "print(json.dumps({'argv': sys.argv[1:], 'shutdown_timeout': os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT'),\n"
-        "                  'usr1_ignored': signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}))\n"
+        "                  'usr1_ignored': signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN,\n"
+        "                  'ld_preload': os.environ.get('LD_PRELOAD')}))\n"
     )
     script.chmod(0o755)
     return script
 
 
+def fake_ldconfig(folder: Path, *libraries: str) -> str:
+    """A PATH whose `ldconfig -p` lists exactly `libraries` (full paths), and no nvidia-smi."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "ldconfig"
+    lines = "".join(f"\t{Path(lib).name} (libc6,x86-64) => {lib}\n" for lib in libraries)
+    script.write_text(f"#!/bin/sh\nprintf '%d libs found in cache\\n' {len(libraries)}\nprintf '{lines}'\n")
+    script.chmod(0o755)
+    return f"{folder}:/usr/bin:/bin"
+
+
 def launch(echo_python: Path, *args: str, **env: str) -> tuple[dict, str]:
-    clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV_KEYS}
-    # PATH without nvidia-smi: the GPU count comes only from what each test sets.
-    clean.update(PYTHON=str(echo_python), PATH="/usr/bin:/bin", **env)
+    clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV_KEYS + ("LD_PRELOAD",)}
+    # PATH without nvidia-smi (the GPU count comes only from what each test sets) and with an
+    # ldconfig that lists no tcmalloc, unless a test brings its own.
+    clean.update({"PYTHON": str(echo_python), "PATH": fake_ldconfig(echo_python.parent / "no_tcmalloc"), **env})
     done = subprocess.run([str(LAUNCHER), *args], env=clean, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout), done.stderr
@@ -96,3 +108,29 @@ def test_bad_launcher_settings_fail_before_starting(echo_python, args, env, mess
 def test_launcher_is_executable_bash():
     assert os.access(LAUNCHER, os.X_OK)
     subprocess.run(["bash", "-n", str(LAUNCHER)], check=True)
+
+
+def test_cpu_workers_get_tcmalloc_when_installed(echo_python, tmp_path):
+    """launch/cpu_allocator.sh: on a node without GPUs the workers run on tcmalloc when ldconfig knows
+    it (kept in front of an existing LD_PRELOAD); not with GPUs, not with LONGNET_TCMALLOC=0."""
+    library = tmp_path / "libtcmalloc_minimal.so.4"  # ld.so ignores a file that is no library (warning)
+    library.write_text("")
+    path = fake_ldconfig(tmp_path / "bin", str(library))
+    result, stderr = launch(echo_python, PATH=path)
+    assert result["ld_preload"] == str(library) and f"+ LD_PRELOAD={library}" in stderr
+    result, _ = launch(echo_python, PATH=path, LD_PRELOAD="/opt/other.so")
+    assert result["ld_preload"] == f"{library}:/opt/other.so"
+    assert launch(echo_python, PATH=path, LONGNET_TCMALLOC="0")[0]["ld_preload"] is None
+    assert launch(echo_python, PATH=path, CUDA_VISIBLE_DEVICES="0,1")[0]["ld_preload"] is None
+    assert launch(echo_python)[0]["ld_preload"] is None  # not installed: nothing changes
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("1", "LONGNET_TCMALLOC=1 but no libtcmalloc_minimal.so.4 / libtcmalloc.so.4"),
+    ("yes", "LONGNET_TCMALLOC=yes must be auto, 0 or 1"),
+])
+def test_a_required_or_bad_tcmalloc_setting_fails_before_starting(echo_python, setting, message):
+    clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV_KEYS}
+    clean.update(PYTHON=str(echo_python), PATH=fake_ldconfig(echo_python.parent / "none"), LONGNET_TCMALLOC=setting)
+    done = subprocess.run([str(LAUNCHER)], env=clean, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and message in done.stderr and not done.stdout
