@@ -138,3 +138,21 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_continues(tmp_path):
     assert (tmp_path / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
     launch(tmp_path, f"trainer.max_steps={stopped_at + 2}", "trainer.eval_every=0")  # resume=auto by default
     assert max(records(tmp_path)[0]) == stopped_at + 2
+
+
+def test_a_validation_split_shorter_than_seq_len_only_matters_with_evaluation(tmp_path):
+    """Found by a 1M-token run on the stdlib corpus (validation split: 475K tokens): without
+    evaluation (eval_every=0) the trainer must not need one validation sample of seq_len."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(10):  # 10 documents of ~600 bytes: val_fraction 0.1 puts one of them in validation
+        (texts / f"doc{i}.txt").write_text(f"document {i}: " + "def f(x):\n    return x + 1\n" * 22)
+    data = ["data=local_text", f"data.source={texts}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.1",
+            "data.seq_len=1024", "attention.segment_lengths=[256,512,1024]", "trainer.max_steps=1",
+            "trainer.save_every=1"]
+    launch(tmp_path / "no_eval", *data, "trainer.eval_every=0")
+    assert records(tmp_path / "no_eval")[0].keys() == {1}
+    failed = launch(tmp_path / "eval", *data, "trainer.eval_every=1", wait=False)
+    output, _ = failed.communicate(timeout=300)
+    assert failed.returncode != 0
+    assert "validation.bin has" in output and "one sample of seq_len=1024 needs 1025" in output, output[-2000:]

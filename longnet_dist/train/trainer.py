@@ -133,7 +133,8 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     shard = dict(seq_len=data_cfg.seq_len, micro_batch_size=data_cfg.micro_batch_size, dp_rank=mesh.dp_rank,
                  dp_size=mesh.dp_size, sp_rank=mesh.sp_rank, sp_size=mesh.sp_size, seed=data_cfg.shuffle_seed)
     train_loader = SequenceShardLoader(corpus["train"], shuffle=True, **shard)
-    val_loader = SequenceShardLoader(corpus["validation"], shuffle=False, **shard)
+    # without evaluation (eval_every=0) the validation split need not hold one sample of seq_len
+    val_loader = SequenceShardLoader(corpus["validation"], shuffle=False, **shard) if trainer.eval_every else None
     train_tokens_per_byte = _tokens_per_byte(corpus["train"])
     val_tokens_per_byte = _tokens_per_byte(corpus["validation"])
 
