@@ -10,8 +10,9 @@ N = 32K and 1M (fused Triton kernels) and dense flash (SDPA) at 32K. Model step:
 checkpointing, torch AdamW (fused on CUDA), seq 32K, dilated and `attention_impl=dense`.
 torch.profiler records every kernel of one step after warm-up; kernels are grouped by name
 (`category`): the dilated kernels one by one, dense flash, matmuls, compiled regions, elementwise,
-reductions, copies and fills, the optimizer. Prints per profile the milliseconds per category and
-the top kernels; writes benchmarks/results/gpu_profile.json (or --results/gpu_profile.json).
+reductions, copies and fills, the optimizer; and by branch (the kernels inside each
+`kernels.branch_range`, "dilated fwd w=2048 r=1"). Prints per profile the milliseconds per category,
+per branch and the top kernels; writes benchmarks/results/gpu_profile.json (or --results/gpu_profile.json).
 """
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ def category(name: str) -> str:
 
 def summarize(prof, device: str, top: int = 15) -> dict:
     """Kernel (CUDA) or op (CPU) self times of one profile: per category and the `top` largest."""
-    rows = []
+    rows, branches = [], {}
     for event in prof.key_averages():
+        if event.key.startswith("dilated ") and " w=" in event.key:  # kernels.branch_range: one branch's work
+            branches[event.key] = (event.device_time_total if device == "cuda" else event.cpu_time_total) / 1000
         if device == "cuda":
             if event.device_type != torch.autograd.DeviceType.CUDA:
                 continue
@@ -66,7 +69,7 @@ def summarize(prof, device: str, top: int = 15) -> dict:
         by_category[r["category"]] = by_category.get(r["category"], 0.0) + r["ms"]
     rows.sort(key=lambda r: -r["ms"])
     return {"total_ms": total, "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
-            "top": rows[:top]}
+            "branches_ms": dict(sorted(branches.items())), "top": rows[:top]}
 
 
 def profiled(step, device: str, warmup: int) -> tuple[dict, float]:
@@ -121,6 +124,8 @@ def print_summary(label: str, summary: dict, seconds: float) -> None:
     print(f"\n== {label}: {seconds * 1000:.2f} ms per step (unprofiled), {summary['total_ms']:.2f} ms of kernels")
     for name, ms in summary["categories"].items():
         print(f"   {name:<22} {ms:10.2f} ms {100 * ms / summary['total_ms']:5.1f}%")
+    for name, ms in summary["branches_ms"].items():
+        print(f"   {name:<30} {ms:10.2f} ms")
     for row in summary["top"][:8]:
         print(f"   {row['ms']:10.2f} ms x{row['calls']:<4} {row['name'][:100]}")
 

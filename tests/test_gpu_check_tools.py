@@ -77,6 +77,10 @@ def test_profile_script_runs_on_the_cpu(tmp_path):
         assert profile["step_s"] > 0 and profile["total_ms"] > 0
         assert abs(sum(profile["categories"].values()) - profile["total_ms"]) < 1e-6 * profile["total_ms"] + 1e-9
         assert "flash (dense / aten)" in profile["categories"]  # every profile runs aten's CPU flash kernel
+        # kernels.branch_range: the smoke shape's two branches, forward and backward (dense: none)
+        expected = {f"dilated {d} w={w} r={r}" for d in ("fwd", "bwd") for w, r in ((64, 1), (128, 2))}
+        assert set(profile["branches_ms"]) == (expected if profile["impl"] == "dilated" else set()), profile
+        assert all(ms > 0 for ms in profile["branches_ms"].values())
 
 
 def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):

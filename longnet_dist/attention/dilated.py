@@ -25,7 +25,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .kernels import attention_backward, attention_forward, lse_dtype
+from .kernels import attention_backward, attention_forward, branch_range, lse_dtype
 from .layout import BranchLayout, branch_layout, to_rows
 from .merge import BranchMerger
 
@@ -122,7 +122,8 @@ def run_branches_forward(inputs: AttentionInputs, branches: Sequence[Branch]) ->
     merger = BranchMerger(inputs.batch, inputs.seq_len * inputs.num_heads, inputs.q.shape[-1],
                           lse_dtype(inputs.q.dtype), inputs.q.device)
     for branch in branches:
-        branch.forward(inputs, merger)
+        with branch_range("fwd", branch.segment_length, branch.dilation):
+            branch.forward(inputs, merger)
     out, lse = merger.result()
     if inputs.key_padding_mask is not None:  # padded queries output 0 and carry no gradient
         real = inputs.key_padding_mask.repeat_interleave(inputs.num_heads, dim=1)  # (B, N * H)
@@ -138,7 +139,8 @@ def run_branches_backward(inputs: AttentionInputs, branches: Sequence[Branch], m
     grads = [torch.zeros(inputs.batch, inputs.q.shape[1] + 1, inputs.q.shape[2], dtype=acc, device=inputs.q.device)
              for _ in range(3)]
     for branch in branches:
-        branch.backward(inputs, merged, grads)
+        with branch_range("bwd", branch.segment_length, branch.dilation):
+            branch.backward(inputs, merged, grads)
     return [g[:, :-1].to(inputs.q.dtype) for g in grads]
 
 

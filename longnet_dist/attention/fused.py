@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .kernels import branch_range
 from .kernels import triton_dilated as kern
 
 ACCUMULATOR_BUDGET_BYTES = 512 * 2**20  # below this the accumulators cover all heads at once
@@ -238,8 +239,9 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int,
         if not direct and not covering:
             acc_g.zero_()
         for i, (w, r) in enumerate(branches):
-            forward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], keep, acc_g, lse[:, :, hs], w, r, h0, causal, scale,
-                           first=covering and i == 0)
+            with branch_range("fwd", w, r):
+                forward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], keep, acc_g, lse[:, :, hs], w, r, h0, causal,
+                               scale, first=covering and i == 0)
         if not direct:
             out[:, :, hs].copy_(acc_g)
     return out, lse
@@ -270,8 +272,10 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         if side is not None:  # dQ launches start after everything queued so far (inputs, zeroed parts)
             side.wait_stream(torch.cuda.current_stream(q.device))
         for i, (w, r) in enumerate(branches):
-            backward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], grad_out[:, :, hs], lse2[:, :, hs], delta[:, :, hs],
-                            keep, *parts, w, r, h0, causal, scale, dq_stream=side, first=covering and i == 0)
+            with branch_range("bwd", w, r):
+                backward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], grad_out[:, :, hs], lse2[:, :, hs],
+                                delta[:, :, hs], keep, *parts, w, r, h0, causal, scale, dq_stream=side,
+                                first=covering and i == 0)
         if side is not None:  # and end before anything queued later (the copy out, frees, the caller)
             torch.cuda.current_stream(q.device).wait_stream(side)
         if not direct:

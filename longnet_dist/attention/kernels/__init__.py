@@ -24,6 +24,7 @@ Families (one module each):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -148,3 +149,12 @@ def dilated_flops(seq_len: int, heads: int, head_dim: int, segment_lengths, dila
 
 __all__ = ["BACKENDS", "TRITON_HEAD_DIMS", "attention_backward", "attention_forward", "branch_backend", "dense_flops",
            "dilated_flops", "lse_dtype", "select_backend", "triton_available"]
+
+
+def branch_range(direction: str, segment_length: int, dilation: int):
+    """A torch.profiler range around one branch's work ("dilated fwd w=2048 r=1"; direction fwd or
+    bwd), so a profile (benchmarks/gpu_profile.py) splits the attention time by branch. Nothing at
+    all while no profiler runs (a range costs microseconds of host time)."""
+    if not torch.autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(f"dilated {direction} w={segment_length} r={dilation}")
