@@ -245,8 +245,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
     delta_base = DELTA + b64 * stride_lb + hh * stride_lh
     dq_out = DQA + b64 * stride_gb + hh * stride_gh
     if FUSE_DQ == 2:  # this (segment, head)'s dQ slots as a TMA descriptor: (n_slots, D), row stride r rows
-        dq_out = tl.make_tensor_descriptor(dq_out + row0 * stride_gn, shape=[n_slots, D], strides=[r * stride_gn, 1],
-                                           block_shape=[BLOCK_M, D])
+        dq_out = tl.make_tensor_descriptor(dq_out + row0.to(tl.int64) * stride_gn, shape=[n_slots, D],
+                                           strides=[r * stride_gn, 1], block_shape=[BLOCK_M, D])
     keep = n_ok
     if HAS_KEEP:  # a padded key is attended by no query: its gradient is 0
         keep = keep & (tl.load(KEEP + b64 * stride_keep + pos_n, mask=n_ok, other=0) != 0)
