@@ -150,8 +150,8 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     """Add branch (w, r)'s gradients of heads [head0, head0 + H') into the fp32 accumulators dq, dk, dv
     (B, N, H', D, one layout), in place; the other arguments are (B, N, H', ...) views of those heads.
     `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream).
-    `first`: r = 1 and nothing added yet: write dk, dv (and dq unless DQ_MODE is "atomic": dq must then
-    hold zeros) instead of adding."""
+    `first`: r = 1 and nothing added yet: write dk, dv (and dq unless DQ_MODE adds it atomically,
+    "atomic" or "tma": dq must then hold zeros) instead of adding."""
     if first and r != 1:
         raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
     B, N, heads, D = q.shape
