@@ -104,6 +104,26 @@ class LocalBranch:
         if inputs.backend == "triton":
             from .fused import add_local_branch_grads
             return add_local_branch_grads(inputs, merged, grads, self.segment_length, self.dilation)
+        span = chunk_positions(inputs, self.segment_length)
+        if span >= inputs.seq_len:
+            return self._backward_rows(inputs, merged, grads)
+        # Segments are independent: run whole segments a chunk at a time, so the gathered copies and
+        # the kernel's outputs are chunk-sized, not sequence-sized. Each chunk adds into fresh zeros
+        # (with their own spare row) that are then added into `grads`: bit for bit the same sums.
+        H = inputs.num_heads
+        for start in range(0, inputs.seq_len, span):
+            stop = min(start + span, inputs.seq_len)
+            rows = slice(start * H, stop * H)                             # (B, (stop - start) * H, D) views
+            mask = None if inputs.key_padding_mask is None else inputs.key_padding_mask[:, start:stop]
+            part = AttentionInputs(inputs.q[:, rows], inputs.k[:, rows], inputs.v[:, rows], inputs.batch,
+                                   stop - start, H, mask, inputs.causal, inputs.scale, inputs.backend)
+            sub = [g.new_zeros(g.shape[0], (stop - start) * H + 1, g.shape[2]) for g in grads]
+            self._backward_rows(part, MergedRows(merged.grad_out[:, rows], merged.out[:, rows], merged.lse[:, rows]),
+                                sub)
+            for total, chunk in zip(grads, sub):
+                total[:, rows] += chunk[:, :-1]
+
+    def _backward_rows(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         layout = self.layout(inputs)
         q, k, v, grad_out, out = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v,
                                                               merged.grad_out, merged.out))
@@ -113,6 +133,17 @@ class LocalBranch:
                                         backend=inputs.backend)
         for total, part in zip(grads, (dq, dk, dv)):
             total.index_add_(1, layout.scatter_index, layout.sparse_to_rows(part, inputs.batch).to(total.dtype))
+
+
+BACKWARD_CHUNK_BYTES = 256 * 2**20  # a local branch's backward temporaries, per chunk of whole segments
+
+
+def chunk_positions(inputs: AttentionInputs, segment_length: int) -> int:
+    """Positions per backward chunk: whole segments, about BACKWARD_CHUNK_BYTES of temporaries (five
+    gathered inputs, three kernel outputs and three fp32 accumulators per row), at least one segment."""
+    per_position = 11 * inputs.num_heads * inputs.q.shape[-1] * 4 * inputs.batch
+    segments = max(1, BACKWARD_CHUNK_BYTES // (per_position * segment_length))
+    return segments * segment_length
 
 
 def run_branches_forward(inputs: AttentionInputs, branches: Sequence[Branch]) -> tuple[Tensor, Tensor]:
