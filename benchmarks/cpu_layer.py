@@ -2,6 +2,7 @@
 
     python3 benchmarks/cpu_layer.py                                  # about 4 minutes on 2 cores
     python3 benchmarks/cpu_layer.py --torchscale /path/torchscale    # + the official layer, ~7 minutes
+    python3 benchmarks/cpu_layer.py --torchscale /path/torchscale --profile   # ops of one 16K fwd+bwd each
 
 E = 256, H = 4 (D = 64), w = 2048, 4096, 8192, r = 1, 2, 4, causal, fp32, batch 1 (aten's CPU flash
 kernel), four biased projections, no positions (the official layer's shape without xPos).
@@ -71,6 +72,8 @@ def layers(torchscale_src: str | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="only print a torch.profiler table of one 16K forward+backward per layer (ops by self time)")
     parser.add_argument("--torchscale", default=os.environ.get("TORCHSCALE_SRC"),
                         help="root of a microsoft/torchscale checkout (default: $TORCHSCALE_SRC; omitted: not compared)")
     args = parser.parse_args()
@@ -78,6 +81,8 @@ def main() -> None:
     compared = layers(args.torchscale)
     for forward in compared.values():
         run_once(forward, 4096, True)  # warm-up
+    if args.profile:
+        return profile(compared)
     points = []
     print(f"{'N':>8} {'pass':8} " + " ".join(f"{name + ' s':>12}" for name in compared)
           + " in place/gather" + (" in place/torchscale" if "torchscale" in compared else ""))
@@ -105,6 +110,22 @@ def main() -> None:
                               "command": " ".join(sys.argv), "points": points, "forward_growth_256k_over_64k": growth})
     plot(points, host)
     print(f"wrote {path} and {RESULTS / 'cpu_layer.png'}")
+
+
+def profile(compared: dict, n: int = 16384) -> None:
+    """Where one forward+backward's time goes, per layer: ops by self CPU time (aten's flash kernel
+    forward and backward, the projections' matmuls, gathers, copies)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for name, forward in compared.items():
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_once(forward, n, True)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"\n{name}: {total / 1e6:.3f} s of ops, N = {n}, forward+backward")
+        for event in events[:8]:
+            print(f"  {event.self_cpu_time_total / 1e3:9.1f} ms {100 * event.self_cpu_time_total / total:5.1f}%  "
+                  f"x{event.count:<3} {event.key[:70]}")
 
 
 def torchscale_revision(src: str | None) -> str | None:

@@ -5,9 +5,8 @@
 #
 # glibc serves every tensor above 32 MiB with a fresh mmap and unmaps it on free, so a long-sequence
 # CPU step pays page faults and page zeroing for each large tensor, every step. tcmalloc keeps freed
-# memory for reuse: one DilatedAttention layer's 64K forward+backward took 4.47 s instead of 5.10 s
-# on the 2-core CI VM, with a lower peak (1.19 vs 1.23 GiB; jemalloc was no faster; glibc's own
-# mallopt knobs matched the speed at a 49% higher peak). Install: apt-get install libtcmalloc-minimal4
+# memory for reuse: training steps ran up to 1.27x faster with a lower peak (README, "tcmalloc on CPU
+# runs", measured with benchmarks/train.py). Install: apt-get install libtcmalloc-minimal4
 # (Debian/Ubuntu) or gperftools elsewhere.
 # LONGNET_TCMALLOC: auto (default: use it when found), 0 (never), 1 (required: fail when missing).
 # Whatever LD_PRELOAD already holds is kept after it.
