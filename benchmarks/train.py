@@ -7,7 +7,7 @@ recorded as such and the sweep goes on; the JSON is rewritten after every point.
 CPU (default): the `small` model with the `long` branches (segments up to the whole sequence), fp32,
 with 1 process (all cores) and with 2 processes splitting the sequence (sp=2, one thread each). A
 length that fails ends the climb for that process count. Each process's data segment is capped at
-90% of the available memory / processes, so an allocation fails cleanly instead of waking the OOM
+90% of the available memory / processes (--memory-fraction), so an allocation fails cleanly instead of waking the OOM
 killer. MFU is against the fp32 matmul peak of the whole machine, measured here first.
 
 CUDA (--device cuda): `model=base attention=paper`, bf16 (DeepSpeed bf16, ZeRO stage 0 unless
@@ -111,8 +111,10 @@ def run_trainer(overrides: list[str], nproc: int, threads: int, timeout: float, 
         return {"status": "ok", "wall_s": wall, "records": records}
 
 
-def cpu_point(seq_len: int, nproc: int, steps: int, peak_flops: float, timeout: float) -> dict:
-    """The `small` model with the `long` branches and full checkpointing, fp32, sp = nproc."""
+def cpu_point(seq_len: int, nproc: int, steps: int, peak_flops: float, timeout: float,
+              memory_fraction: float = 0.9) -> dict:
+    """The `small` model with the `long` branches and full checkpointing, fp32, sp = nproc; each
+    process's data segment capped at `memory_fraction` of the available memory / nproc (0: no cap)."""
     cores = os.cpu_count() or 1
     threads = max(1, cores // nproc)
     overrides = [
@@ -122,7 +124,7 @@ def cpu_point(seq_len: int, nproc: int, steps: int, peak_flops: float, timeout: 
         f"trainer.num_threads={threads}", f"trainer.peak_flops={peak_flops / nproc}",
         f"distributed.sequence_parallel_size={nproc}",
     ]
-    limit = int(0.9 * available_memory_bytes() / nproc)  # per process (torchrun's children inherit it)
+    limit = int(memory_fraction * available_memory_bytes() / nproc) or None  # per process (torchrun's children inherit it)
     result = run_trainer(overrides, nproc, threads, timeout, limit)
     records = result.pop("records", None)
     return {**result, "memory_limit_per_process": limit, **(records[-1] if records else {})}
@@ -281,7 +283,7 @@ def cpu_sweep(args) -> None:
     for nproc in args.processes:
         for seq_len in sorted(args.seq_lens or DEFAULT_SEQ_LENS):
             print(f"seq_len {seq_len:>8}, {nproc} process(es) ...", flush=True)
-            measured = cpu_point(seq_len, nproc, args.steps or 1, peak, args.timeout)
+            measured = cpu_point(seq_len, nproc, args.steps or 1, peak, args.timeout, args.memory_fraction)
             series = "1 process" if nproc == 1 else f"{nproc} processes (sp={nproc})"
             row = {"seq_len": seq_len, "processes": nproc, "series": series, **measured}
             rows.append(row)
@@ -317,6 +319,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per run (cpu: 1, the last is reported; "
                                                   "cuda: 4 up to 1M tokens, 2 beyond)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--memory-fraction", type=float, default=0.9,
+                        help="cpu: cap each process's data segment at this fraction of the available memory / "
+                             "processes (0: no cap). The cap counts address space that an allocator keeps "
+                             "after freeing (tcmalloc; glibc's fragmented heap), so it can fail a step "
+                             "whose resident memory fits")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. smoke)")
     parser.add_argument("--quick", action="store_true", help="cuda: 32K dilated + dense, 1M and 4M dilated")
     parser.add_argument("--budget", type=float, help="cuda: seconds for the whole sweep (default 180 quick, 3600)")

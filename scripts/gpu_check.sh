@@ -10,7 +10,10 @@
 # runner's output folder), else benchmarks/results/. The training stage needs hydra, omegaconf and
 # deepspeed importable (carry the wheels of ../shared/offline_wheels.sh to an offline machine).
 # Stages to run: GPU_CHECK_STAGES="tests attention train optimizer" (the default; add or pick "profile");
-# GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks. The CUDA tests run
+# GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks, GPU_CHECK_ATTENTION_LIMIT,
+# GPU_CHECK_TRAIN_LIMIT change those stages' limits (e.g. a second call for the long training steps:
+# GPU_CHECK_STAGES=train GPU_CHECK_TRAIN_LIMIT=300 GPU_CHECK_TRAIN_ARGS="--seq-lens 1048576 4194304
+# --impls dilated --budget 280" make gpu-check). The CUDA tests run
 # as GPU_CHECK_TEST_SHARDS (default 6) pytest processes side by side (scripts/gpu_test_shards.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +45,8 @@ for stage in $stages; do
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry wheels: ../shared/offline_wheels.sh)"
                elif [ "$stage" = train ]; then
-                   run 130 train_cuda python3 benchmarks/train.py --device cuda ${GPU_CHECK_TRAIN_ARGS:---quick --budget 110}
+                   run "${GPU_CHECK_TRAIN_LIMIT:-130}" train_cuda python3 benchmarks/train.py --device cuda \
+                       ${GPU_CHECK_TRAIN_ARGS:---quick --budget 110}
                else
                    run 45 optimizer_step python3 benchmarks/optimizer_step.py --device cuda
                fi

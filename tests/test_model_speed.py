@@ -184,3 +184,91 @@ def test_fused_adamw_is_asked_for_on_cuda_with_torch_adam_only():
     assert with_fused_torch_adam(config, cuda=False) is config
     deepspeed_adam = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": False}}}
     assert with_fused_torch_adam(deepspeed_adam, cuda=True) is deepspeed_adam  # DeepSpeed's FusedAdam
+
+
+class _BytesMade(TorchDispatchMode):
+    """Bytes of every tensor that the ops run under it return."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.total += t.numel() * t.element_size()
+        return out
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_token_wise_backward_costs_the_same_for_any_number_of_chunks(recompute):
+    """Chunks are slices of one split: their gradients are concatenated once. Indexing a slice per
+    chunk made each chunk's backward a gradient of the whole tensor (zeros but for its rows): with
+    64 chunks the backward wrote 64 full-size tensors (66 s instead of 2 s at N = 1M on the CPU)."""
+    from longnet_dist.model.regions import token_wise
+
+    x = torch.randn(1, 4096, 32, dtype=torch.float64, requires_grad=True)
+    scale = torch.linspace(0.5, 2.0, 4096, dtype=torch.float64)[None, :, None]  # a second input, no gradient
+
+    def region(rows, s):
+        return (rows * s).sin(), rows.cos()
+
+    made = {}
+    for chunk in (None, 64):
+        a, b = token_wise(region, x, scale, chunk_size=chunk, recompute=recompute)
+        with _BytesMade() as counter:
+            (grad,) = torch.autograd.grad((a * b).sum(), x)
+        made[chunk] = counter.total
+        torch.testing.assert_close(grad, ((x * scale).cos() * scale * x.cos() - (x * scale).sin() * x.sin()).detach(),
+                                   **F64)
+    whole = x.numel() * x.element_size()
+    assert made[64] < made[None] + 4 * whole, (made, whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_rmsnorm_backward_is_exact_and_keeps_only_its_input(dtype):
+    """The eager RMSNorm's backward recomputes the normalised rows from x and 1/rms(x): exact against
+    autograd through the composition (float64; bf16 up to the float32 rounding both do), and it keeps
+    no activation beside its input."""
+    from longnet_dist.model.layers import RMSNorm, _rms_norm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(16).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 7, 16, dtype=dtype, requires_grad=True)
+    out = norm(x)
+    big = [t for t in out.grad_fn.saved_tensors if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    grad = torch.randn_like(out)
+    reference = _rms_norm(x, norm.weight, norm.eps)[0]
+    assert torch.equal(out, reference)
+    tol = F64 if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+    for got, want in zip(torch.autograd.grad(out, (x, norm.weight), grad),
+                         torch.autograd.grad(reference, (x, norm.weight), grad)):
+        torch.testing.assert_close(got, want, **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda a, w: torch.func.functional_call(norm, {"weight": w}, (a,)),
+                                        (x.detach().requires_grad_(), norm.weight.detach().requires_grad_()))
+
+
+def test_memory_breakdown_accounts_for_the_peak():
+    """benchmarks/memory_breakdown.py: what it lists as alive at the peak sums to the peak, and full
+    checkpointing's peak is lower than none's (the tool sees what the checkpointing tests assert)."""
+    import sys
+
+    from subprocess_env import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from memory_breakdown import breakdown
+
+    peaks = {}
+    for policy in ("none", "full"):
+        config = LongNetConfig(vocab_size=VOCAB, dim=32, num_layers=2, num_heads=2, segment_lengths=[512, 2048],
+                               dilation_rates=[1, 4], activation_checkpointing=policy, token_chunk_size=2048,
+                               compile=False)
+        result = breakdown(config, 8192)  # one (N, E) fp32 activation: 1 MiB, the smallest tracked size
+        assert sum(row["bytes"] for row in result["alive_at_peak"]) == result["peak_bytes"] > 0
+        peaks[policy] = result["peak_activations"]
+    assert peaks["full"] < 0.7 * peaks["none"], peaks

@@ -110,18 +110,22 @@ class LocalBranch:
         # Segments are independent: run whole segments a chunk at a time, so the gathered copies and
         # the kernel's outputs are chunk-sized, not sequence-sized. Each chunk adds into fresh zeros
         # (with their own spare row) that are then added into `grads`: bit for bit the same sums.
-        H = inputs.num_heads
         for start in range(0, inputs.seq_len, span):
-            stop = min(start + span, inputs.seq_len)
-            rows = slice(start * H, stop * H)                             # (B, (stop - start) * H, D) views
-            mask = None if inputs.key_padding_mask is None else inputs.key_padding_mask[:, start:stop]
-            part = AttentionInputs(inputs.q[:, rows], inputs.k[:, rows], inputs.v[:, rows], inputs.batch,
-                                   stop - start, H, mask, inputs.causal, inputs.scale, inputs.backend)
-            sub = [g.new_zeros(g.shape[0], (stop - start) * H + 1, g.shape[2]) for g in grads]
-            self._backward_rows(part, MergedRows(merged.grad_out[:, rows], merged.out[:, rows], merged.lse[:, rows]),
-                                sub)
-            for total, chunk in zip(grads, sub):
-                total[:, rows] += chunk[:, :-1]
+            self._backward_chunk(inputs, merged, grads, start, min(start + span, inputs.seq_len))
+
+    def _backward_chunk(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor], start: int,
+                        stop: int) -> None:
+        """Positions [start, stop) (whole segments) of `backward`; its buffers are freed on return,
+        before the next chunk's are made."""
+        H = inputs.num_heads
+        rows = slice(start * H, stop * H)                                 # (B, (stop - start) * H, D) views
+        mask = None if inputs.key_padding_mask is None else inputs.key_padding_mask[:, start:stop]
+        part = AttentionInputs(inputs.q[:, rows], inputs.k[:, rows], inputs.v[:, rows], inputs.batch,
+                               stop - start, H, mask, inputs.causal, inputs.scale, inputs.backend)
+        sub = [g.new_zeros(g.shape[0], (stop - start) * H + 1, g.shape[2]) for g in grads]
+        self._backward_rows(part, MergedRows(merged.grad_out[:, rows], merged.out[:, rows], merged.lse[:, rows]), sub)
+        for total, chunk in zip(grads, sub):
+            total[:, rows] += chunk[:, :-1]
 
     def _backward_rows(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         layout = self.layout(inputs)

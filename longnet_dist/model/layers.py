@@ -9,6 +9,36 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 
 
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x / rms(x) * weight in x's dtype, 1 / rms(x)) computed in float32 or wider (bf16 -> float32)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    wide = x.to(compute)
+    rstd = torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., 1)
+    return (wide * rstd * weight.to(compute)).to(x.dtype), rstd
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm whose backward keeps only x and 1/rms(x): autograd through the composition would keep
+    the normalised rows as well (and a float32 copy of bf16 rows), one more activation per norm."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        out, rstd = _rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        grad = grad_out.to(rstd.dtype)
+        grad_weight = (grad * normed).flatten(0, -2).sum(0)
+        grad_normed = grad * weight.to(rstd.dtype)
+        # d/dx of x * rstd: rstd * (g - normed * mean(g * normed)) along the normalised dimension
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(dim=-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 or wider (Zhang & Sennrich 2019)."""
 
@@ -18,10 +48,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        compute = torch.promote_types(x.dtype, torch.float32)  # bf16 -> float32; float64 stays
-        wide = x.to(compute)
-        normed = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.to(compute)).to(x.dtype)
+        if torch.compiler.is_compiling():  # inductor fuses the composition and picks what to keep itself
+            return _rms_norm(x, self.weight, self.eps)[0]
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:

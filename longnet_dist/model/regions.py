@@ -53,16 +53,18 @@ def token_wise(fn: Callable, *tensors: Tensor, chunk_size: int | None = None, re
     With `recompute` and grad enabled every slice is checkpointed (non-reentrant): only its inputs
     are kept and its intermediates are rebuilt in backward, one slice at a time. chunk_size None, or
     inputs no longer than it, make one slice. fn returns a tensor or a tuple of tensors.
+    The slices come from one `split` per tensor, not an index per slice: the backward of an indexed
+    slice is a gradient of the whole tensor (zeros but for the slice), so N / chunk_size slices would
+    cost O(N^2 / chunk_size) memory traffic (66 s instead of 2 s at N = 1M on 2 CPU cores); split's
+    backward concatenates the slices' gradients once.
     """
     recompute = recompute and torch.is_grad_enabled()
     length = tensors[0].shape[1]
     size = length if chunk_size is None else chunk_size
-    pieces = []
-    for start in range(0, length, size):
-        rows = [t if length <= size else t[:, start:start + size] for t in tensors]
-        pieces.append(checkpoint(fn, *rows, use_reentrant=False) if recompute else fn(*rows))
-    if len(pieces) == 1:
-        return pieces[0]
+    if length <= size:
+        return checkpoint(fn, *tensors, use_reentrant=False) if recompute else fn(*tensors)
+    pieces = [checkpoint(fn, *rows, use_reentrant=False) if recompute else fn(*rows)
+              for rows in zip(*(t.split(size, dim=1) for t in tensors))]
     if isinstance(pieces[0], tuple):
         return tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))
     return torch.cat(pieces, dim=1)
