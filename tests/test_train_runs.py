@@ -28,7 +28,10 @@ TINY = ["model=tiny", "data.seq_len=256", "attention.segment_lengths=[64,128,256
 # fp32 on CPU: sharded attention and ZeRO's reductions add the same terms in another order, so losses
 # agree to ~1e-7 relative (measured); Adam's division by sqrt(v) can amplify that a little over 12 steps.
 LOSS_RTOL = 1e-5
-PARAM_RTOL = 1e-4  # relative to each tensor's largest entry
+# Weights after 12 steps, per tensor, as ||difference|| / ||weight|| (observed <= 3.5e-6): Adam moves a
+# weight whose gradient is ~0 by its rounding alone, so single entries differ by up to ~1e-4 of the
+# tensor's largest (observed 1.1e-4 in mlp.down), which a per-entry bound would have to allow anyway.
+PARAM_RTOL = 2e-5
 
 
 def launch(output_dir: Path, *overrides: str, nproc: int = 1, wait: bool = True):
@@ -102,8 +105,8 @@ def test_sequence_parallel_run_matches_single_process(reference, zero, tmp_path)
     if zero == "zero0":  # stage 0 checkpoints hold whole weights
         expected_weights = model_weights(reference, STEPS)
         for name, weight in model_weights(tmp_path, STEPS).items():
-            scale = expected_weights[name].abs().max()
-            assert (weight - expected_weights[name]).abs().max() <= PARAM_RTOL * scale, name
+            expected = expected_weights[name]
+            assert (weight - expected).norm() <= PARAM_RTOL * expected.norm(), name
 
 
 def test_data_parallel_run_matches_one_process_with_the_same_global_batch(tmp_path):
