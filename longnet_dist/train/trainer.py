@@ -27,7 +27,7 @@ from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import deepspeed_config, describe_branches, model_config, validate_config
-from .engine import build_engine, ensure_process_group, stage0_grad_norm
+from .engine import build_engine, ensure_process_group, release_process_group, stage0_grad_norm
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
 from .loss import sequence_parallel_loss
@@ -236,5 +236,6 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     logger.write(f"done: {step} steps in {time.perf_counter() - started:.1f} s, train loss {last_loss:.4f} "
                  f"(last log interval){validation}; checkpoint {checkpoint}; metrics {logger.metrics_path}")
     logger.finish()
+    release_process_group()
     return {"step": step, "loss": last_loss, "eval_loss": last_eval_loss, "output_dir": str(output_dir),
             "checkpoint": str(checkpoint), "stopped_by": stop_reason}
