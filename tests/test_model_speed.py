@@ -52,17 +52,20 @@ def test_checkpointing_policies_give_the_loss_and_gradients_of_none(policy, grou
 
 
 class LiveTensors(TorchDispatchMode):
-    """Records every tensor an op creates; `live_bytes()` sums the storages still alive (activation memory)."""
+    """Records every tensor an op creates; `live_bytes()` sums the storages still alive (activation memory),
+    `made_bytes` the bytes of all of them (memory written)."""
 
     def __init__(self):
         super().__init__()
         self.outputs: list[weakref.ref] = []
+        self.made_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(tensor, torch.Tensor):
                 self.outputs.append(weakref.ref(tensor))
+                self.made_bytes += tensor.numel() * tensor.element_size()
         return out
 
     def live_bytes(self) -> int:
@@ -186,21 +189,6 @@ def test_fused_adamw_is_asked_for_on_cuda_with_torch_adam_only():
     assert with_fused_torch_adam(deepspeed_adam, cuda=True) is deepspeed_adam  # DeepSpeed's FusedAdam
 
 
-class _BytesMade(TorchDispatchMode):
-    """Bytes of every tensor that the ops run under it return."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.total += t.numel() * t.element_size()
-        return out
-
-
 @pytest.mark.parametrize("recompute", [False, True])
 def test_token_wise_backward_costs_the_same_for_any_number_of_chunks(recompute):
     """Chunks are slices of one split: their gradients are concatenated once. Indexing a slice per
@@ -217,9 +205,9 @@ def test_token_wise_backward_costs_the_same_for_any_number_of_chunks(recompute):
     made = {}
     for chunk in (None, 64):
         a, b = token_wise(region, x, scale, chunk_size=chunk, recompute=recompute)
-        with _BytesMade() as counter:
+        with LiveTensors() as counter:
             (grad,) = torch.autograd.grad((a * b).sum(), x)
-        made[chunk] = counter.total
+        made[chunk] = counter.made_bytes
         torch.testing.assert_close(grad, ((x * scale).cos() * scale * x.cos() - (x * scale).sin() * x.sin()).detach(),
                                    **F64)
     whole = x.numel() * x.element_size()
