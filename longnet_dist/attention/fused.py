@@ -115,13 +115,18 @@ def covering_first(branches: Sequence[tuple[int, int]]) -> tuple[list[tuple[int,
     return [order.pop(first)] + order, True
 
 
+def _check_first(first: bool, r: int) -> None:
+    """`first` (write instead of add) is only right for a branch that covers every row: r = 1."""
+    if first and r != 1:
+        raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
+
+
 def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Tensor, lse: Tensor, w: int, r: int,
                    head0: int, causal: bool, scale: float, first: bool = False) -> None:
     """Merge branch (w, r) of heads [head0, head0 + H') into `acc` (B, N, H', D) fp32 and `lse` (B, N, H')
     (Eq. 9-10), in place. q, k, v: (B, N, H', D) views of those heads; keep (B, N) uint8 or None.
     `first`: r = 1 and nothing merged yet: write every row (acc and lse may hold garbage)."""
-    if first and r != 1:
-        raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
+    _check_first(first, r)
     B, N, heads, D = q.shape
     blocks = blocks_for("fwd", q.dtype, D)
     grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
@@ -152,8 +157,7 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream).
     `first`: r = 1 and nothing added yet: write dk, dv (and dq unless DQ_MODE adds it atomically,
     "atomic" or "tma": dq must then hold zeros) instead of adding."""
-    if first and r != 1:
-        raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
+    _check_first(first, r)
     B, N, heads, D = q.shape
     fuse_dq = _fused_dq(q.device)
     dkdv, dq_blocks = blocks_for("dkdv", q.dtype, D), blocks_for("dq", q.dtype, D)
