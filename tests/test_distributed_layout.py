@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longnet_dist.distributed import CommStats, SequenceGroup, build_mesh, comm_stats, init_distributed, mesh_layout
+from longnet_dist.distributed import (CommStats, SequenceGroup, build_mesh, comm_stats, init_distributed,
+                                     leave_distributed, mesh_layout)
 from longnet_dist.distributed.collectives import all_gather_along, all_gather_tensor_async, reduce_scatter_tensor
 from longnet_dist.distributed.sequence_group import subgroup_rank_lists
 
@@ -113,3 +114,14 @@ def test_init_distributed_names_missing_torchrun_variables(monkeypatch):
     with pytest.raises(ValueError, match=r"WORLD_SIZE=2 but the environment lacks \['MASTER_ADDR', 'MASTER_PORT'\]"):
         init_distributed()
     assert not dist.is_initialized()
+
+
+def test_leave_distributed_destroys_the_group_and_is_then_a_no_op():
+    """The trainer ends a finished run with it (and run_multiprocess each rank): a barrier, then the
+    group destroyed, so no rank exits while its gloo peers hold connections (a rank then aborted after
+    the run's last line, failing a SLURM job whose training had finished)."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    leave_distributed()
+    assert not dist.is_initialized()
+    leave_distributed()

@@ -15,7 +15,8 @@ from longnet_dist.distributed.collectives import (
     reduce_scatter_tensor_async,
 )
 from longnet_dist.distributed.group_types import as_sequence_group
-from longnet_dist.distributed.mesh import Mesh, build_mesh, init_distributed, mesh_layout, valid_sequence_parallel_sizes
+from longnet_dist.distributed.mesh import (Mesh, build_mesh, init_distributed, leave_distributed, mesh_layout,
+                                           valid_sequence_parallel_sizes)
 from longnet_dist.distributed.sequence_group import SequenceGroup
 from longnet_dist.distributed.setup import init_sequence_parallel
 from longnet_dist.distributed.stats import CommStats, comm_stats
@@ -33,6 +34,7 @@ __all__ = [
     "comm_stats",
     "init_distributed",
     "init_sequence_parallel",
+    "leave_distributed",
     "mesh_layout",
     "reduce_scatter_tensor",
     "reduce_scatter_tensor_async",

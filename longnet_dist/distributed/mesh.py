@@ -44,6 +44,15 @@ def init_distributed(backend: str | None = None) -> None:
     dist.init_process_group(backend=backend, init_method="env://")
 
 
+def leave_distributed() -> None:
+    """End of a finished run: every rank meets at a barrier, then the default group is destroyed. A
+    rank that exits while its gloo peers still hold their connections can abort at shutdown (SIGABRT
+    after the run's last line), which fails the job under torchrun and SLURM. No group: nothing."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def valid_sequence_parallel_sizes(world_size: int) -> list[int]:
     """Every sp size a world of `world_size` ranks can be split into (its divisors)."""
     return [size for size in range(1, world_size + 1) if world_size % size == 0]

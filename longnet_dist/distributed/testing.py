@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from longnet_dist.distributed.mesh import leave_distributed
+
 _POLL_SECONDS = 0.05
 _PORT_ATTEMPTS = 3
 # After the first failure, how long to collect other ranks' failures before choosing the root cause.
@@ -68,8 +70,7 @@ def _worker(rank: int, world_size: int, port: int, timeout: float, fn: Callable,
     except BaseException:  # noqa: BLE001 - reported to the parent, which stops the other ranks
         results.put((rank, "error", traceback.format_exc(), time.time()))
         return
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 def _stop(processes: list) -> None:

@@ -28,15 +28,6 @@ def ensure_process_group(backend: str | None = None) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def release_process_group() -> None:
-    """End of a finished run: every rank meets at a barrier, then the group is destroyed. A rank that
-    exits while its gloo peers still hold their connections can abort at shutdown (SIGABRT after the
-    run's last line), which fails the job under torchrun and SLURM."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def _quiet_deepspeed() -> None:
     """DeepSpeed's INFO lines and torch's collective deprecation warnings drown the training log."""
     from deepspeed.utils import logger as deepspeed_logger

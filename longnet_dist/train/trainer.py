@@ -21,13 +21,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from longnet_dist.attention import segment_spans
 from longnet_dist.data import PAD_ID, SequenceShardLoader, prepare_corpus
-from longnet_dist.distributed import build_mesh, comm_stats
+from longnet_dist.distributed import build_mesh, comm_stats, leave_distributed
 from longnet_dist.distributed.objects import broadcast_from_rank0
 from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import deepspeed_config, describe_branches, model_config, validate_config
-from .engine import build_engine, ensure_process_group, release_process_group, stage0_grad_norm
+from .engine import build_engine, ensure_process_group, stage0_grad_norm
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
 from .loss import sequence_parallel_loss
@@ -236,6 +236,6 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     logger.write(f"done: {step} steps in {time.perf_counter() - started:.1f} s, train loss {last_loss:.4f} "
                  f"(last log interval){validation}; checkpoint {checkpoint}; metrics {logger.metrics_path}")
     logger.finish()
-    release_process_group()
+    leave_distributed()
     return {"step": step, "loss": last_loss, "eval_loss": last_eval_loss, "output_dir": str(output_dir),
             "checkpoint": str(checkpoint), "stopped_by": stop_reason}
