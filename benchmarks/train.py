@@ -112,7 +112,7 @@ def run_trainer(overrides: list[str], nproc: int, threads: int, timeout: float, 
 
 
 def cpu_point(seq_len: int, nproc: int, steps: int, peak_flops: float, timeout: float,
-              memory_fraction: float = 0.9) -> dict:
+              memory_fraction: float) -> dict:
     """The `small` model with the `long` branches and full checkpointing, fp32, sp = nproc; each
     process's data segment capped at `memory_fraction` of the available memory / nproc (0: no cap)."""
     cores = os.cpu_count() or 1
