@@ -167,3 +167,34 @@ def test_triton_backend_rejects_what_it_cannot_run(bad, message):
     x = torch.zeros(1, 8, 2, bad.get("head_dim", 16), dtype=bad.get("dtype", torch.float32), device=DEVICE)
     with pytest.raises(ValueError, match=message):
         dilated_attention(x, x, x, [4], [1], backend="triton")
+
+
+def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypatch):
+    """benchmarks/gpu_attention.py writes kernel_tuning.json; fused.load_tuning (or the environment
+    variable fused.TUNING_ENV, read at import, in a fresh process) installs it for 16-bit inputs."""
+    import json
+    import subprocess
+    import sys
+
+    from longnet_dist.attention import fused
+
+    path = tmp_path / "kernel_tuning.json"
+    path.write_text(json.dumps({"dq_mode": "stream", "head_dim": 64, "blocks": {"dkdv": [64, 64, 8, 3]}}))
+    monkeypatch.setattr(fused, "TUNED", {})
+    monkeypatch.setattr(fused, "DQ_MODE", "kernel")
+    fused.load_tuning(path)
+    assert fused.DQ_MODE == "stream" and fused.TUNED == {("dkdv", False, 64): fused.Blocks(64, 64, 8, 3)}
+    if not fused.kern.interpreted():  # the interpreter runs every kernel with its own small blocks
+        assert fused.blocks_for("dkdv", torch.bfloat16, 64) == fused.Blocks(64, 64, 8, 3)
+        assert fused.blocks_for("dkdv", torch.float32, 64) == fused.DEFAULT_BLOCKS[("dkdv", True)]
+    probe = "from longnet_dist.attention import fused; print(fused.DQ_MODE, fused.TUNED[('dkdv', False, 64)].num_warps)"
+    shown = subprocess.run([sys.executable, "-c", probe], env={**os.environ, fused.TUNING_ENV: str(path)},
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert shown == ["stream", "8"]
+    for bad, message in [({"dq_mode": "fast", "head_dim": 64}, r"dq_mode='fast' is not one of \['kernel'"),
+                         ({"head_dim": 64, "blocks": {"bwd": [64, 64, 4, 3]}}, r"blocks\['bwd'\]=\[64, 64, 4, 3\]; want"),
+                         ({"head_dim": 64, "blocks": {"fwd": [64, 0, 4, 3]}}, r"blocks\['fwd'\]=\[64, 0, 4, 3\]; want")]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            fused.load_tuning(path)
+    assert fused.DQ_MODE == "stream"  # a refused file changes nothing
