@@ -6,18 +6,24 @@
 One layer's attention, bf16, batch 1, H = 12, D = 64, the paper's branches w = 2048..32768,
 r = 1, 2, 4, 6, 12. Kernels: "dilated" (the fused kernels, the default on CUDA), "gather" (the
 previous path: gather rows, aten's flash kernel per branch, merge in PyTorch; backend="cuda_flash")
-and "dense" (SDPA's flash kernel over the whole sequence). FLOPs count only the multiply-adds each
+and "dense" (SDPA's flash kernel over the whole sequence, flash-attention 2). At 32K causal also
+"dense_cudnn" (SDPA's cuDNN kernel) and "dense_sdpa" (whichever kernel SDPA picks by itself, as the
+trainer's dense baseline gets it): the ratios are reported against "dense" and against the fastest
+of the three. FLOPs count only the multiply-adds each
 algorithm needs (LONGNET.md "Cost"; causal about half; backward = 2.5x forward). Times are medians
 of CUDA-event timings after a warm-up; peak memory is torch.cuda.max_memory_allocated over one
 forward+backward, inputs and the incoming gradient included, divided by N.
 It first checks every way of computing dQ (fused.DQ_MODES: a kernel of its own, the same on a second
 CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
-N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K and keeps the fastest (recorded in
-the JSON; dK/dV with each correct dQ mode). Writes benchmarks/results/gpu_attention.json and .png (the JSON after every point).
+N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K
+and keeps the fastest (recorded in the JSON). Writes benchmarks/results/gpu_attention.json and .png (the
+JSON after every point), and kernel_tuning.json: the dQ mode and blocks in use, which a later process
+installs with LONGNET_KERNEL_TUNING=path (fused.load_tuning; scripts/gpu_check.sh's training stage).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -38,24 +44,29 @@ SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
 HEADS, HEAD_DIM, DTYPE = 12, 64, torch.bfloat16
 BACKWARD_FACTOR = 2.5
 K, M = 1024, 1024 * 1024
-# (kernel, N, causal, repeats); dense at 1M takes ~12 s per forward+backward, so one repeat
+# (kernel, N, causal, repeats); dense at 1M takes ~21 s per forward+backward: repeats 0 times its one
+# (first) forward+backward and no forward alone
 FULL = ([("dilated", n, True, 5) for n in (32 * K, 128 * K, M)] + [("dilated", 4 * M, True, 2)]
         + [("dilated", n, False, 5) for n in (32 * K, M)]
         + [("gather", 32 * K, True, 3), ("gather", M, True, 2)]
-        + [("dense", 32 * K, True, 5), ("dense", 32 * K, False, 5), ("dense", M, True, 1)])
-QUICK = [("dilated", 32 * K, True, 5), ("dense", 32 * K, True, 5), ("dilated", M, True, 3), ("gather", M, True, 1)]
+        + [("dense", 32 * K, True, 5), ("dense", 32 * K, False, 5), ("dense", M, True, 0)])
+DENSE_KERNELS = [("dense_cudnn", 32 * K, True, 5), ("dense_sdpa", 32 * K, True, 5)]  # other dense kernels, 32K
+FULL += DENSE_KERNELS
+QUICK = [("dilated", 32 * K, True, 5), ("dense", 32 * K, True, 5), ("dilated", M, True, 3), *DENSE_KERNELS,
+         ("dense", M, True, 0)]
 # dQ modes that have never run on a GPU: checked after the sweep, so that a fault cannot cost it
 UNTRIED_DQ_MODES = ("tma",)
-CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune
-    "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 4, 4)],
-    "dkdv": [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4),
+CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune: the first is the default,
+    # then what came within 8% of the best in the H200 sweep (gpu_attention_sweep_h200.log) or does not spill
+    "fwd": [(64, 64, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3)],
+    "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4),
              (64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3)],  # the last three: no spills (kernel_resources.py)
-    "dq": [(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 16, 4, 4)],
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4)],
 }
 
 
 def attention_flops(kind: str, n: int, causal: bool) -> float:
-    if kind == "dense":
+    if kind.startswith("dense"):
         return dense_flops(n, n, HEADS, HEAD_DIM, causal)
     return dilated_flops(n, HEADS, HEAD_DIM, SEGMENTS, DILATIONS, causal)
 
@@ -66,19 +77,21 @@ def make_inputs(n: int, seed: int = 0):
 
 
 def forward(kind: str, q, k, v, causal: bool):
-    if kind == "dense":  # SDPA's flash kernel over (B, H, N, D) views
+    if kind.startswith("dense"):  # SDPA over (B, H, N, D) views: its flash kernel, cuDNN's, or its own pick
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        backend = {"dense": SDPBackend.FLASH_ATTENTION, "dense_cudnn": SDPBackend.CUDNN_ATTENTION}.get(kind)
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
             return torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
     return dilated_attention(q, k, v, SEGMENTS, DILATIONS, causal=causal,
                              backend="triton" if kind == "dilated" else "cuda_flash")
 
 
-def cuda_time(fn, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` runs, by CUDA events, after one warm-up run."""
-    fn()
+def cuda_time(fn, repeats: int, warm_up: bool = True) -> float:
+    """Median seconds of fn() over `repeats` runs, by CUDA events, after one warm-up run (if warm_up)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -103,16 +116,17 @@ def measure(kind: str, n: int, causal: bool, repeats: int) -> dict:
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    fwd_bwd()  # first run: compiles, and its peak is the one reported
-    torch.cuda.synchronize()
+    first = cuda_time(fwd_bwd, 1, warm_up=False)  # compiles, and its peak is the one reported
     peak = torch.cuda.max_memory_allocated()
     inputs = 4 * q.numel() * q.element_size()
     point = {"kind": kind, "n": n, "causal": causal, "peak_bytes": peak, "peak_bytes_per_token": peak / n,
              "peak_above_inputs_per_token": (peak - inputs) / n}
-    point["forward_s"] = cuda_time(fwd, repeats)
-    point["forward_backward_s"] = cuda_time(fwd_bwd, repeats)
     flops = attention_flops(kind, n, causal)
-    point.update(forward_flops=flops, forward_tflops=flops / point["forward_s"] / 1e12,
+    if repeats:
+        point["forward_s"] = cuda_time(fwd, repeats)
+        point["forward_tflops"] = flops / point["forward_s"] / 1e12
+    point["forward_backward_s"] = cuda_time(fwd_bwd, repeats) if repeats else first  # 0: the first run (no compile)
+    point.update(forward_flops=flops, timed_runs=repeats or 1,
                  forward_backward_tflops=flops * (1 + BACKWARD_FACTOR) / point["forward_backward_s"] / 1e12)
     if kind == "dilated" and n >= 4 * M:
         point["tail_max_abs_diff"] = tail_check(q, k, v, causal)
@@ -128,15 +142,15 @@ def tail_check(q, k, v, causal: bool) -> float:
     return (whole.float() - alone.float()).abs().max().item()
 
 
-def tune(correct_modes: list[str], n: int = 256 * K) -> dict:
-    """Fastest block shapes per kernel at N = n (causal): forward first, then dK/dV (with each of the
-    correct dQ modes: the atomic one changes the dK/dV kernel), then dQ unless atomic won."""
+def tune(n: int = 256 * K) -> dict:
+    """Fastest block shapes per kernel at N = n (causal), with the chosen dQ mode: forward first, then
+    dK/dV, then dQ unless the dK/dV kernel computes it (atomic: 20% slower than its own kernel on the
+    H200, so not tuned alongside)."""
     from longnet_dist.attention import fused
 
     q, k, v, grad = make_inputs(n)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    separate = fused.DQ_MODE if fused.DQ_MODE in ("kernel", "stream") else "kernel"  # with a dQ kernel
-    modes = [mode for mode in (separate, "atomic", "tma") if mode in correct_modes] or [separate]
+    modes = [fused.DQ_MODE]
     chosen = {}
     for kernel in ("fwd", "dkdv", "dq"):
         if kernel == "dq" and fused.DQ_MODE in ("atomic", "tma"):  # no dQ kernel to tune
@@ -208,9 +222,14 @@ def summarize(points: list[dict]) -> dict:
     for n, tag in ((32 * K, "32k"), (M, "1m")):
         for causal in (True, False):
             dil, den = get("dilated", n, causal), get("dense", n, causal)
+            mode = "causal" if causal else "bidirectional"
             if dil and den:
-                mode = "causal" if causal else "bidirectional"
                 targets[f"flops_ratio_{tag}_{mode}"] = dil["forward_backward_tflops"] / den["forward_backward_tflops"]
+            fastest = max(filter(None, (get(kind, n, causal) for kind in ("dense", "dense_cudnn", "dense_sdpa"))),
+                          key=lambda p: p["forward_backward_tflops"], default=None)
+            if dil and fastest and fastest is not den:
+                targets[f"flops_ratio_{tag}_{mode}_vs_{fastest['kind']}"] = (
+                    dil["forward_backward_tflops"] / fastest["forward_backward_tflops"])
         dil, old = get("dilated", n), get("gather", n)
         if dil and old:
             targets[f"speedup_over_gather_{tag}"] = old["forward_backward_s"] / dil["forward_backward_s"]
@@ -265,13 +284,24 @@ def run_points(specs, payload: dict, save) -> None:
         if "error" in point:
             print(f"{kind:8} {mode:7} {n:>8} failed: {point['error']}", flush=True)
         else:
-            print(f"{kind:8} {mode:7} {n:>8} {point['forward_s'] * 1e3:9.2f} {point['forward_backward_s'] * 1e3:9.2f} "
-                  f"{point['forward_tflops']:9.1f} {point['forward_backward_tflops']:9.1f} "
+            fwd_ms, fwd_tflops = ((f"{point['forward_s'] * 1e3:9.2f}", f"{point['forward_tflops']:9.1f}")
+                                  if "forward_s" in point else (f"{'-':>9}", f"{'-':>9}"))
+            print(f"{kind:8} {mode:7} {n:>8} {fwd_ms} {point['forward_backward_s'] * 1e3:9.2f} "
+                  f"{fwd_tflops} {point['forward_backward_tflops']:9.1f} "
                   f"{point['peak_bytes_per_token'] / 1024:9.2f}  {point.get('dq_mode', '')}"
                   + (f"  tail diff {point['tail_max_abs_diff']:.2e}" if "tail_max_abs_diff" in point else ""),
                   flush=True)
         payload["targets"] = summarize(payload["points"])
         save()
+
+
+def write_tuning(folder: Path) -> None:
+    """kernel_tuning.json: the dQ mode and block shapes in use, for fused.load_tuning (or the environment
+    variable fused.TUNING_ENV) in a later process, e.g. the GPU check's training stage."""
+    from longnet_dist.attention import fused
+
+    blocks = {kernel: [*vars(fused.blocks_for(kernel, DTYPE, HEAD_DIM)).values()] for kernel in ("fwd", "dkdv", "dq")}
+    write_json({"dq_mode": fused.DQ_MODE, "head_dim": HEAD_DIM, "blocks": blocks}, folder / "kernel_tuning.json")
 
 
 def write_json(payload: dict, path: Path) -> None:
@@ -297,7 +327,8 @@ def main() -> None:
 
     payload["dq_variants"] = choose_dq_variant([m for m in fused.DQ_MODES if m not in UNTRIED_DQ_MODES])
     if args.tune:
-        payload["tuning"] = tune([mode for mode in fused.DQ_MODES if payload["dq_variants"].get(mode, {}).get("correct")])
+        payload["tuning"] = tune()
+    write_tuning(args.results)
 
     payload["blocks"] = {f"{k[0]}{'_fp32' if k[1] else ''}": vars(b) for k, b in fused.DEFAULT_BLOCKS.items()}
     payload["blocks"].update({f"tuned_{k[0]}": vars(b) for k, b in fused.TUNED.items()})
@@ -309,6 +340,7 @@ def main() -> None:
     chosen = fused.DQ_MODE
     payload["dq_variants_untried"] = choose_dq_variant(UNTRIED_DQ_MODES, payload["dq_variants"])
     save()
+    write_tuning(args.results)
     if fused.DQ_MODE != chosen:  # faster and correct: the key dilated points again with it
         run_points([p for p in (QUICK if args.quick else FULL) if p[0] == "dilated" and p[1] in (32 * K, M)],
                    payload, save)
