@@ -16,7 +16,8 @@ forward+backward, inputs and the incoming gradient included, divided by N.
 It first checks every way of computing dQ (fused.DQ_MODES: a kernel of its own, the same on a second
 CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
 N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K
-and keeps the fastest (recorded in the JSON). Writes benchmarks/results/gpu_attention.json and .png (the
+and keeps the fastest (recorded in the JSON), and at N = 32K whether causal dK/dV launches of few
+programs take smaller blocks (fused.SMALL_LAUNCH_WAVES). Writes benchmarks/results/gpu_attention.json and .png (the
 JSON after every point), and kernel_tuning.json: the dQ mode and blocks in use, which a later process
 installs with LONGNET_KERNEL_TUNING=path (fused.load_tuning; scripts/gpu_check.sh's training stage).
 """
@@ -62,6 +63,7 @@ CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune:
     "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4),
              (64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3)],  # the last three: no spills (kernel_resources.py)
     "dq": [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4)],
+    "dkdv_small": [(64, 64, 4, 3), (32, 64, 4, 4)],  # causal launches of few programs (fused.SMALL_LAUNCH_WAVES)
 }
 
 
@@ -177,6 +179,42 @@ def tune(n: int = 256 * K) -> dict:
         print(f"tune {kernel}: best {best} {mode} ({timings[(best, mode)] * 1e3:.2f} ms); "
               + ", ".join(f"{shape} {m}: {t * 1e3:.2f}" for (shape, m), t in timings.items()), flush=True)
     return chosen
+
+
+def tune_small_launches(n: int = 32 * K) -> dict:
+    """fused.SMALL_LAUNCH_WAVES (0: off, 4, 8) with each "dkdv_small" candidate, by fwd+bwd time at N = n
+    (causal, where the long branches are single waves); each checked against the off run (both bf16:
+    only summation order differs, 2e-2 relative allowed)."""
+    from longnet_dist.attention import fused
+
+    q, k, v, grad = make_inputs(n, seed=2)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def fwd_bwd():
+        out = forward("dilated", q, k, v, True)
+        return [out, *torch.autograd.grad(out, (q, k, v), grad)]
+
+    timings, errors, reference = {}, {}, None
+    for waves, shape in [(0, None)] + [(waves, shape) for waves in (4, 8) for shape in CANDIDATES["dkdv_small"]]:
+        fused.SMALL_LAUNCH_WAVES = waves
+        if shape is not None:
+            fused.TUNED[("dkdv_small", False, HEAD_DIM)] = fused.Blocks(*shape)
+        try:
+            results = [x.float() for x in fwd_bwd()]
+            reference = reference or results
+            errors[(waves, shape)] = max(((a - b).norm() / b.norm()).item() for a, b in zip(results, reference))
+            timings[(waves, shape)] = cuda_time(fwd_bwd, 10)
+        except Exception as error:  # a shape that does not fit: skipped
+            print(f"tune small launches {waves} {shape}: {type(error).__name__}: {str(error)[:120]}")
+    correct = [key for key in timings if errors[key] < 2e-2]
+    waves, shape = min(correct, key=timings.get)
+    fused.SMALL_LAUNCH_WAVES = waves
+    if shape is not None:
+        fused.TUNED[("dkdv_small", False, HEAD_DIM)] = fused.Blocks(*shape)
+    print(f"tune small launches (32K): best waves {waves} {shape} ({timings[(waves, shape)] * 1e3:.3f} ms); "
+          + ", ".join(f"{w} {s}: {t * 1e3:.3f} (err {errors[(w, s)]:.1e})" for (w, s), t in timings.items()), flush=True)
+    return {"best": [waves, shape], "seconds": {f"{w} {s}": t for (w, s), t in timings.items()},
+            "errors_vs_off": {f"{w} {s}": e for (w, s), e in errors.items()}}
 
 
 def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
@@ -300,8 +338,10 @@ def write_tuning(folder: Path) -> None:
     variable fused.TUNING_ENV) in a later process, e.g. the GPU check's training stage."""
     from longnet_dist.attention import fused
 
-    blocks = {kernel: [*vars(fused.blocks_for(kernel, DTYPE, HEAD_DIM)).values()] for kernel in ("fwd", "dkdv", "dq")}
-    write_json({"dq_mode": fused.DQ_MODE, "head_dim": HEAD_DIM, "blocks": blocks}, folder / "kernel_tuning.json")
+    blocks = {kernel: [*vars(fused.blocks_for(kernel, DTYPE, HEAD_DIM)).values()]
+              for kernel in ("fwd", "dkdv", "dkdv_small", "dq")}
+    write_json({"dq_mode": fused.DQ_MODE, "small_launch_waves": fused.SMALL_LAUNCH_WAVES, "head_dim": HEAD_DIM,
+                "blocks": blocks}, folder / "kernel_tuning.json")
 
 
 def write_json(payload: dict, path: Path) -> None:
@@ -328,6 +368,7 @@ def main() -> None:
     payload["dq_variants"] = choose_dq_variant([m for m in fused.DQ_MODES if m not in UNTRIED_DQ_MODES])
     if args.tune:
         payload["tuning"] = tune()
+        payload["tuning"]["small_launches"] = tune_small_launches()
     write_tuning(args.results)
 
     payload["blocks"] = {f"{k[0]}{'_fp32' if k[1] else ''}": vars(b) for k, b in fused.DEFAULT_BLOCKS.items()}

@@ -50,7 +50,7 @@ KERNELS = {
 def resources(kernel: str, blocks: fused.Blocks, arch: int, dtype: str = "bf16", head_dim: int = 64) -> dict:
     """Compile one kernel for sm_<arch> and read registers, stack frame and shared memory of its cubin."""
     fn, halves, singles, extra = KERNELS[kernel]
-    consts = dict(CAUSAL=True, HAS_KEEP=False, FIRST=False, D=head_dim, BLOCK_M=blocks.block_m,
+    consts = dict(CAUSAL=True, HAS_KEEP=False, FIRST=False, BLOCK_MAJOR=False, D=head_dim, BLOCK_M=blocks.block_m,
                   BLOCK_N=blocks.block_n, PRECISION="tf32", **extra)
     types = {name: f"*{dtype}" for name in halves.split()}
     types.update({name: "*fp32" for name in singles.split()})

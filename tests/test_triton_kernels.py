@@ -9,6 +9,7 @@ interpreter's bf16 dot is wrong (tests/test_cuda_attention.py covers bf16 on a G
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -179,11 +180,14 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     from longnet_dist.attention import fused
 
     path = tmp_path / "kernel_tuning.json"
-    path.write_text(json.dumps({"dq_mode": "stream", "head_dim": 64, "blocks": {"dkdv": [64, 64, 8, 3]}}))
+    path.write_text(json.dumps({"dq_mode": "stream", "small_launch_waves": 2, "head_dim": 64,
+                                "blocks": {"dkdv": [64, 64, 8, 3]}}))
     monkeypatch.setattr(fused, "TUNED", {})
     monkeypatch.setattr(fused, "DQ_MODE", "kernel")
+    monkeypatch.setattr(fused, "SMALL_LAUNCH_WAVES", 0)
     fused.load_tuning(path)
     assert fused.DQ_MODE == "stream" and fused.TUNED == {("dkdv", False, 64): fused.Blocks(64, 64, 8, 3)}
+    assert fused.SMALL_LAUNCH_WAVES == 2
     if not fused.kern.interpreted():  # the interpreter runs every kernel with its own small blocks
         assert fused.blocks_for("dkdv", torch.bfloat16, 64) == fused.Blocks(64, 64, 8, 3)
         assert fused.blocks_for("dkdv", torch.float32, 64) == fused.DEFAULT_BLOCKS[("dkdv", True)]
@@ -193,8 +197,49 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     assert shown == ["stream", "8"]
     for bad, message in [({"dq_mode": "fast", "head_dim": 64}, r"dq_mode='fast' is not one of \['kernel'"),
                          ({"head_dim": 64, "blocks": {"bwd": [64, 64, 4, 3]}}, r"blocks\['bwd'\]=\[64, 64, 4, 3\]; want"),
-                         ({"head_dim": 64, "blocks": {"fwd": [64, 0, 4, 3]}}, r"blocks\['fwd'\]=\[64, 0, 4, 3\]; want")]:
+                         ({"head_dim": 64, "blocks": {"fwd": [64, 0, 4, 3]}}, r"blocks\['fwd'\]=\[64, 0, 4, 3\]; want"),
+                         ({"head_dim": 64, "small_launch_waves": -1}, r"small_launch_waves=-1 must be an integer >= 0")]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             fused.load_tuning(path)
-    assert fused.DQ_MODE == "stream"  # a refused file changes nothing
+    assert fused.DQ_MODE == "stream" and fused.SMALL_LAUNCH_WAVES == 2  # a refused file changes nothing
+
+
+def test_a_causal_launch_of_few_dkdv_programs_takes_the_small_blocks(monkeypatch):
+    """fused.SMALL_LAUNCH_WAVES: the paper's longest branch at N = 32K is one wave of unevenly long
+    causal dK/dV programs; below the threshold the launch takes twice as many, half as long."""
+    from longnet_dist.attention import fused
+
+    monkeypatch.setattr(fused.kern, "interpreted", lambda: False)  # the interpreter's own blocks aside
+    monkeypatch.setattr(fused, "SMALL_LAUNCH_WAVES", 4)
+    big, small = fused.DEFAULT_BLOCKS[("dkdv", False)], fused.DEFAULT_BLOCKS[("dkdv_small", False)]
+    launch = functools.partial(fused._dkdv_launch, 32 * 1024, heads=12, batch=1, dtype=torch.bfloat16, head_dim=64,
+                               multiprocessors=132)
+    # w = 32768, r = 12: 2731 slots, 22 blocks of 128 keys x 12 heads = 264 programs < 4 x 132
+    assert launch(32768, 12, causal=True) == (small, (43 * 12, 1), 43, True)
+    # w = 2048, r = 1: 16 blocks x 16 segments x 12 heads = 3072 programs
+    assert launch(2048, 1, causal=True) == (big, (16 * 16 * 12, 1), 16, False)
+    assert launch(32768, 12, causal=False)[0] == big  # programs of equal length: nothing to even out
+    monkeypatch.setattr(fused, "SMALL_LAUNCH_WAVES", 0)  # off
+    assert launch(32768, 12, causal=True)[0] == big
+
+
+def test_small_launches_change_only_the_order_of_programs(monkeypatch):
+    """fused.SMALL_LAUNCH_WAVES on: every causal launch below counts as small, so its programs start
+    block-major (longest first across all (segment, head) pairs) and dK/dV takes the "dkdv_small"
+    blocks (the interpreter's blocks either way). Each program writes its own rows: bit-identical."""
+    from longnet_dist.attention import fused
+
+    torch.manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 90, 3, 16, device=DEVICE) for _ in range(4))
+
+    def run(waves):
+        monkeypatch.setattr(fused, "SMALL_LAUNCH_WAVES", waves)
+        monkeypatch.setattr(fused, "DQ_MODE", "kernel")
+        monkeypatch.setattr(fused, "_multiprocessors", lambda device: 1)
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = dilated_attention(*inputs, [8, 32, 64], [1, 2, 3], causal=True, backend="triton")
+        return [out, *torch.autograd.grad(out, inputs, grad)]
+
+    for a, b in zip(run(0), run(10**6)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

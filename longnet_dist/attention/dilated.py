@@ -19,6 +19,7 @@ adds one whose segments span several ranks.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -76,8 +77,7 @@ class LocalBranch:
 
     def forward(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
         if inputs.backend == "triton":  # sharded runs on CUDA: this branch through the fused kernels
-            from .fused import merge_local_branch
-            return merge_local_branch(inputs, merger, self.segment_length, self.dilation)
+            return _fused_merge(inputs, merger, self.segment_length, self.dilation)
         layout = self.layout(inputs)
         # Whole segments with r | w: read the rows in place, one kernel call per head offset. (The
         # backward keeps the gather: aten's CPU flash backward ran 1.6x slower on strided views. On
@@ -102,8 +102,7 @@ class LocalBranch:
 
     def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         if inputs.backend == "triton":
-            from .fused import add_local_branch_grads
-            return add_local_branch_grads(inputs, merged, grads, self.segment_length, self.dilation)
+            return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation)
         span = chunk_positions(inputs, self.segment_length)
         if span >= inputs.seq_len:
             return self._backward_rows(inputs, merged, grads)
@@ -198,3 +197,33 @@ class _DilatedAttentionFunction(torch.autograd.Function):
         dq, dk, dv = run_branches_backward(inputs, branches, merged)
         shape = (B, N, H, q.shape[-1])
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
+
+
+def _heads_view(rows: Tensor, seq_len: int, heads: int) -> Tensor:
+    """(B, N * H [+ 1], ...) rows -> (B, N, H, ...) view of the first N * H (spare row left out)."""
+    return rows[:, : seq_len * heads].view(rows.shape[0], seq_len, heads, *rows.shape[2:])
+
+
+def _fused_merge(inputs: AttentionInputs, merger: BranchMerger, w: int, r: int) -> None:
+    """LocalBranch with backend "triton" (a sharded run on CUDA): branch (w, r) through the fused kernel,
+    merged straight into the merger's fp32 rows, which the spanning branches share."""
+    from .fused import _key_bytes, forward_branch  # imports triton: only when it runs
+
+    view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
+    forward_branch(view(inputs.q), view(inputs.k), view(inputs.v), _key_bytes(inputs.key_padding_mask),
+                   view(merger.out), view(merger.lse), w, r, 0, inputs.causal, inputs.scale)
+    merger.mark_merged()
+
+
+def _fused_grads(inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor], w: int, r: int) -> None:
+    """The backward of `_fused_merge`: adds into the fp32 gradient rows `grads` (dq, dk, dv)."""
+    from .fused import _key_bytes, backward_branch, backward_prep
+
+    view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
+    if "delta" not in merged.shared:  # once for all of this rank's fused branches
+        merged.shared["delta"] = backward_prep(view(merged.out.contiguous()), view(merged.grad_out.contiguous()),
+                                               view(merged.lse.contiguous()))
+    delta, lse2 = merged.shared["delta"]
+    backward_branch(view(inputs.q), view(inputs.k), view(inputs.v), view(merged.grad_out), lse2, delta,
+                    _key_bytes(inputs.key_padding_mask), *(view(g) for g in grads), w, r, 0, inputs.causal,
+                    inputs.scale)

@@ -1,5 +1,5 @@
 """Dilated attention through the fused Triton kernels (kernels/triton_dilated.py): the one-device
-path (FusedDilatedFunction) and, for sharded runs, the local branches of dilated.LocalBranch.
+path (FusedDilatedFunction) and the per-branch launches that dilated.LocalBranch runs for sharded ones.
 
 Forward: the merged output starts at 0 and its lse at -inf; each branch's launch reads its rows of
 q, k, v in place and folds its (o_i, lse_i) into the fp32 mixture at the same rows (Eq. 9-10). A
@@ -42,20 +42,27 @@ class Blocks:
     num_stages: int
 
 
-# (kernel, fp32?) -> blocks. 16-bit: the fastest of `benchmarks/gpu_attention.py --tune` on an H200
-# (head_dim 64, paper branches, N = 256K, causal; benchmarks/results/gpu_attention_sweep_h200.log
-# keeps the first sweep, gpu_attention_h200.log the second): forward 64x64 with 3 stages 6.11 ms vs
-# 6.36 with 4 and 7.19 for the tutorial's 128x64. For dK/dV and dQ the second sweep's best differed
-# from these by under 0.2% (noise): kept. The sweep can install others in TUNED. fp32 (IEEE dots, no
-# tensor cores) uses smaller tiles; they were not tuned.
+# (kernel, fp32?) -> blocks. 16-bit: the fastest of `benchmarks/gpu_attention.py --tune` on an H200 (D = 64,
+# paper branches, N = 256K, causal; results/gpu_attention_{sweep_,}h200.log): forward 64x64 x 3 stages
+# 6.11 ms, 6.36 with 4, 7.19 at 128x64; dK/dV and dQ: the second sweep's best within 0.2% (noise).
+# The sweep can install others in TUNED. fp32 (IEEE dots, no tensor cores): smaller tiles, not tuned.
 DEFAULT_BLOCKS = {
     ("fwd", False): Blocks(64, 64, 4, 3),
     ("dkdv", False): Blocks(32, 128, 4, 4),
+    ("dkdv_small", False): Blocks(64, 64, 4, 3),  # 27.8 ms at 256K against 26.4: see SMALL_LAUNCH_WAVES
     ("dq", False): Blocks(64, 64, 4, 3),
     ("fwd", True): Blocks(64, 32, 4, 2),
     ("dkdv", True): Blocks(32, 64, 4, 2),
+    ("dkdv_small", True): Blocks(32, 64, 4, 2),
     ("dq", True): Blocks(64, 32, 4, 2),
 }
+# A causal dK/dV program loops over the queries after its key block: lengths run from 1 to slots /
+# BLOCK_M, and a launch of few programs lasts as long as its longest, about twice the mean (branch
+# (32768, 12) at N = 32K: 12 heads x 22 blocks of 128 keys, one wave on an H200). A causal launch of
+# fewer than SMALL_LAUNCH_WAVES programs per multiprocessor takes "dkdv_small" (half the keys per
+# program), and every small causal launch starts its longest programs first (BLOCK_MAJOR). Written after the H200 lease, so off (0) until a GPU measures it: `gpu_attention.py
+# --tune` times 0, 4 and 8 at 32K and hands the best on.
+SMALL_LAUNCH_WAVES = 0
 INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
 # How the backward computes dQ:
 #   "kernel": a dQ kernel of its own after each branch's dK/dV kernel (7 matrix products per block pair);
@@ -65,9 +72,8 @@ INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
 #   "atomic": dQ from the dK/dV loop, added atomically (5 products; rounding order varies run to run);
 #   "tma":    the same, each (BLOCK_M, D) dQ tile added by one TMA bulk reduction instead of an atomic
 #             per element (compute capability >= 9; elsewhere it is "atomic").
-# Measured on an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd; gpu_attention_h200.log):
-# stream 26.6 ms, kernel 29.0, tma 31.1, atomic 34.5; all four within 2.5e-3 of fp32.
-# benchmarks/gpu_attention.py times every mode again and keeps the fastest correct one for its sweep.
+# On an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd; gpu_attention_h200.log): stream 26.6 ms,
+# kernel 29.0, tma 31.1, atomic 34.5, all within 2.5e-3 of fp32 (gpu_attention.py times them anew).
 DQ_MODES = ("kernel", "stream", "atomic", "tma")
 DQ_MODE = "stream"
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
@@ -76,9 +82,10 @@ TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at impor
 
 def load_tuning(path: str | os.PathLike) -> None:
     """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
-    writes as kernel_tuning.json, {"dq_mode": "kernel", "head_dim": 64, "blocks": {"fwd": [block_m,
-    block_n, num_warps, num_stages], "dkdv": [...], "dq": [...]}} (every key optional but head_dim)."""
-    global DQ_MODE
+    writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "head_dim": 64,
+    "blocks": {"fwd": [block_m, block_n, num_warps, num_stages], "dkdv": [...], "dkdv_small": [...],
+    "dq": [...]}} (every key optional but head_dim)."""
+    global DQ_MODE, SMALL_LAUNCH_WAVES
     data = json.loads(open(path).read())
     mode = data.get("dq_mode", DQ_MODE)
     if mode not in DQ_MODES:
@@ -86,11 +93,36 @@ def load_tuning(path: str | os.PathLike) -> None:
     blocks = {}
     for kernel, shape in data.get("blocks", {}).items():
         if (kernel, False) not in DEFAULT_BLOCKS or len(shape) != 4 or not all(int(x) > 0 for x in shape):
-            raise ValueError(f"{path}: blocks[{kernel!r}]={shape!r}; want one of fwd, dkdv, dq mapped to "
+            raise ValueError(f"{path}: blocks[{kernel!r}]={shape!r}; want one of fwd, dkdv, dkdv_small, dq mapped to "
                              "[block_m, block_n, num_warps, num_stages] (positive integers)")
         blocks[(kernel, False, int(data["head_dim"]))] = Blocks(*(int(x) for x in shape))
-    DQ_MODE = mode
+    waves = data.get("small_launch_waves", SMALL_LAUNCH_WAVES)
+    if isinstance(waves, bool) or not isinstance(waves, int) or waves < 0:
+        raise ValueError(f"{path}: small_launch_waves={waves!r} must be an integer >= 0 (0: never)")
+    DQ_MODE, SMALL_LAUNCH_WAVES = mode, waves
     TUNED.update(blocks)
+
+
+def _small(grid: tuple[int, int], causal: bool, multiprocessors: int) -> bool:
+    """A causal launch of fewer than SMALL_LAUNCH_WAVES programs per multiprocessor."""
+    return causal and grid[0] * grid[1] < SMALL_LAUNCH_WAVES * multiprocessors
+
+
+def _dkdv_launch(seq_len: int, w: int, r: int, heads: int, batch: int, dtype: torch.dtype, head_dim: int,
+                 causal: bool, multiprocessors: int) -> tuple[Blocks, tuple[int, int], int, bool]:
+    """(blocks, grid, blocks per (segment, head), small?) of branch (w, r)'s dK/dV launch (SMALL_LAUNCH_WAVES)."""
+    blocks = blocks_for("dkdv", dtype, head_dim)
+    grid, num_blocks = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
+    small = _small(grid, causal, multiprocessors)
+    if small:
+        blocks = blocks_for("dkdv_small", dtype, head_dim)
+        grid, num_blocks = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
+    return blocks, grid, num_blocks, small
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def blocks_for(kernel: str, dtype: torch.dtype, head_dim: int) -> Blocks:
@@ -158,7 +190,7 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
         *_strides3(acc), *_strides3(lse), N, N, min(w, N), r, head0, heads, num_blocks,  # keep's batch stride = N
         scale * kern.LOG2E, CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, D=D, BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages)
+        num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)))
 
 
 def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,22 +215,25 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     _check_first(first, r)
     B, N, heads, D = q.shape
     fuse_dq = _fused_dq(q.device)
-    dkdv, dq_blocks = blocks_for("dkdv", q.dtype, D), blocks_for("dq", q.dtype, D)
+    dq_blocks = blocks_for("dq", q.dtype, D)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq),
               N, N)  # ..., keep's batch stride, sequence length
     meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype))
     keep_arg = keep if keep is not None else delta
-    grid, num_blocks = _branch_grid(N, w, r, heads, dkdv.block_n, B)
+    multiprocessors = _multiprocessors(q.device)
+    dkdv, grid, num_blocks, small = _dkdv_launch(N, w, r, heads, B, q.dtype, D, causal, multiprocessors)
     kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, dk, dv, dq, *common, min(w, N), r, head0, heads,
                          num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=fuse_dq, FIRST=first, BLOCK_M=dkdv.block_m,
-                         BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **meta)
+                         BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
+                         BLOCK_MAJOR=small, **meta)
     if fuse_dq == 0:
         grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
         with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
             kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, dq, *common, min(w, N), r, head0, heads,
                                num_blocks, scale * kern.LOG2E, scale, FIRST=first, BLOCK_M=dq_blocks.block_m,
                                BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
-                               num_stages=dq_blocks.num_stages, **meta)
+                               num_stages=dq_blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
+                               **meta)
 
 
 def _fused_dq(device: torch.device) -> int:
@@ -337,32 +372,6 @@ class FusedDilatedFunction(torch.autograd.Function):
         dq, dk, dv = fused_backward(grad_out.to(q.dtype).contiguous(), q, k, v, out, lse, branches, causal, scale,
                                     keep)
         return dq, dk, dv, None, None, None, None
-
-
-def _heads_view(rows: Tensor, seq_len: int, heads: int) -> Tensor:
-    """(B, N * H [+ 1], ...) rows -> (B, N, H, ...) view of the first N * H (spare row left out)."""
-    return rows[:, : seq_len * heads].view(rows.shape[0], seq_len, heads, *rows.shape[2:])
-
-
-def merge_local_branch(inputs, merger, w: int, r: int) -> None:
-    """A sequence-parallel rank's local branch (dilated.LocalBranch with backend "triton"): merged
-    straight into the merger's fp32 rows, which the spanning branches share."""
-    view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
-    forward_branch(view(inputs.q), view(inputs.k), view(inputs.v), _key_bytes(inputs.key_padding_mask), view(merger.out), view(merger.lse), w, r, 0,
-                   inputs.causal, inputs.scale)
-    merger.mark_merged()
-
-
-def add_local_branch_grads(inputs, merged, grads: list[Tensor], w: int, r: int) -> None:
-    """The backward of `merge_local_branch`: adds into the fp32 gradient rows `grads` (dq, dk, dv)."""
-    view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
-    if "delta" not in merged.shared:  # once for all of this rank's fused branches
-        merged.shared["delta"] = backward_prep(view(merged.out.contiguous()), view(merged.grad_out.contiguous()),
-                                               view(merged.lse.contiguous()))
-    delta, lse2 = merged.shared["delta"]
-    backward_branch(view(inputs.q), view(inputs.k), view(inputs.v), view(merged.grad_out), lse2, delta,
-                    _key_bytes(inputs.key_padding_mask),
-                    *(view(g) for g in grads), w, r, 0, inputs.causal, inputs.scale)
 
 
 def fused_dilated_attention(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int, int]], causal: bool,

@@ -48,14 +48,20 @@ def _slots(N, w, r, seg, h):
 
 
 @triton.jit
-def _program_block(pid, num_blocks, heads, N, w, r, head0, LONGEST_FIRST: tl.constexpr):
+def _program_block(pid, num_blocks, heads, N, w, r, head0, LONGEST_FIRST: tl.constexpr,
+                   BLOCK_MAJOR: tl.constexpr):
     """Which slot block this program owns: (block, head in the group, position of slot 0, slot count).
-    Programs of one (segment, head) are adjacent, so they share its rows in L2; causal query blocks
-    run the longest first (LONGEST_FIRST)."""
-    block = pid % num_blocks
+    Programs of one (segment, head) are adjacent, so they share its rows in L2, and causal query blocks
+    run the longest first (LONGEST_FIRST; key blocks are longest first as they come). BLOCK_MAJOR (a
+    launch of few programs, whose rows all fit in L2): block 0 of every (segment, head) first, then
+    block 1, ...: the longest programs of the whole launch start first."""
+    if BLOCK_MAJOR:
+        seg_heads = tl.cdiv(N, w) * heads
+        block, seg_head = pid // seg_heads, pid % seg_heads
+    else:
+        block, seg_head = pid % num_blocks, pid // num_blocks
     if LONGEST_FIRST:
         block = num_blocks - 1 - block
-    seg_head = pid // num_blocks
     hh = seg_head % heads
     row0, n_slots = _slots(N, w, r, seg_head // heads, head0 + hh)
     return block, hh, row0, n_slots
@@ -132,9 +138,9 @@ def _fwd(Q, K, V, KEEP, OA, LA,
          stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_lh, stride_keep,
          N, w, r, head0, heads, num_m_blocks, scale2,
          CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
-    pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True)
+    pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if pid_m * BLOCK_M >= n_slots:
         return
     offs_m, m_ok, pos_m = _block_rows(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots)
@@ -229,9 +235,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
               stride_gb, stride_gn, stride_gh, stride_keep,
               N, w, r, head0, heads, num_n_blocks, scale2, scale,
               CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FUSE_DQ: tl.constexpr, FIRST: tl.constexpr,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_MAJOR: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
-    pid_n, hh, row0, n_slots = _program_block(pid, num_n_blocks, heads, N, w, r, head0, False)
+    pid_n, hh, row0, n_slots = _program_block(pid, num_n_blocks, heads, N, w, r, head0, False, BLOCK_MAJOR)
     if pid_n * BLOCK_N >= n_slots:
         return
     offs_n, n_ok, pos_n = _block_rows(pid_n * BLOCK_N, BLOCK_N, row0, r, n_slots)
@@ -311,9 +318,9 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
             stride_gb, stride_gn, stride_gh, stride_keep,
             N, w, r, head0, heads, num_m_blocks, scale2, scale,
             CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
-    pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True)
+    pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if pid_m * BLOCK_M >= n_slots:
         return
     offs_m, m_ok, pos_m = _block_rows(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots)
