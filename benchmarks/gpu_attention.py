@@ -24,10 +24,8 @@ installs with LONGNET_KERNEL_TUNING=path (fused.load_tuning; scripts/gpu_check.s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,14 +35,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from common import RESULTS, machine, style_log2_axis  # noqa: E402
+from gpu_kernels import (DILATIONS, HEAD_DIM, HEADS, SEGMENTS, UNTRIED_DQ_MODES, K, M,  # noqa: E402
+                         choose_dq_variant, cuda_time, forward, make_inputs, tune, tune_small_launches,
+                         write_tuning)
 
-from longnet_dist.attention import dilated_attention  # noqa: E402
 from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E402
 
-SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
-HEADS, HEAD_DIM, DTYPE = 12, 64, torch.bfloat16
 BACKWARD_FACTOR = 2.5
-K, M = 1024, 1024 * 1024
 # (kernel, N, causal, repeats); dense at 1M takes ~21 s per forward+backward: repeats 0 times its one
 # (first) forward+backward and no forward alone
 FULL = ([("dilated", n, True, 5) for n in (32 * K, 128 * K, M)] + [("dilated", 4 * M, True, 2)]
@@ -55,54 +52,12 @@ DENSE_KERNELS = [("dense_cudnn", 32 * K, True, 5), ("dense_sdpa", 32 * K, True, 
 FULL += DENSE_KERNELS
 QUICK = [("dilated", 32 * K, True, 5), ("dense", 32 * K, True, 5), ("dilated", M, True, 3), *DENSE_KERNELS,
          ("dense", M, True, 0)]
-# dQ modes that have never run on a GPU: checked after the sweep, so that a fault cannot cost it
-UNTRIED_DQ_MODES = ("tma",)
-CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune: the first is the default,
-    # then what came within 8% of the best in the H200 sweep (gpu_attention_sweep_h200.log) or does not spill
-    "fwd": [(64, 64, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3)],
-    "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4),
-             (64, 64, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3)],  # the last three: no spills (kernel_resources.py)
-    "dq": [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4)],
-    "dkdv_small": [(64, 64, 4, 3), (32, 64, 4, 4)],  # causal launches of few programs (fused.SMALL_LAUNCH_WAVES)
-}
 
 
 def attention_flops(kind: str, n: int, causal: bool) -> float:
     if kind.startswith("dense"):
         return dense_flops(n, n, HEADS, HEAD_DIM, causal)
     return dilated_flops(n, HEADS, HEAD_DIM, SEGMENTS, DILATIONS, causal)
-
-
-def make_inputs(n: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(1, n, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g) for _ in range(4)]
-
-
-def forward(kind: str, q, k, v, causal: bool):
-    if kind.startswith("dense"):  # SDPA over (B, H, N, D) views: its flash kernel, cuDNN's, or its own pick
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = {"dense": SDPBackend.FLASH_ATTENTION, "dense_cudnn": SDPBackend.CUDNN_ATTENTION}.get(kind)
-        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-            return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
-    return dilated_attention(q, k, v, SEGMENTS, DILATIONS, causal=causal,
-                             backend="triton" if kind == "dilated" else "cuda_flash")
-
-
-def cuda_time(fn, repeats: int, warm_up: bool = True) -> float:
-    """Median seconds of fn() over `repeats` runs, by CUDA events, after one warm-up run (if warm_up)."""
-    if warm_up:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1000)
-    return statistics.median(times)
 
 
 def measure(kind: str, n: int, causal: bool, repeats: int) -> dict:
@@ -142,113 +97,6 @@ def tail_check(q, k, v, causal: bool) -> float:
         whole = forward("dilated", q, k, v, causal)[:, -SEGMENTS[-1]:]
         alone = forward("dilated", *(x[:, -SEGMENTS[-1]:] for x in (q, k, v)), causal)
     return (whole.float() - alone.float()).abs().max().item()
-
-
-def tune(n: int = 256 * K) -> dict:
-    """Fastest block shapes per kernel at N = n (causal), with the chosen dQ mode: forward first, then
-    dK/dV, then dQ unless the dK/dV kernel computes it (atomic: 20% slower than its own kernel on the
-    H200, so not tuned alongside)."""
-    from longnet_dist.attention import fused
-
-    q, k, v, grad = make_inputs(n)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    modes = [fused.DQ_MODE]
-    chosen = {}
-    for kernel in ("fwd", "dkdv", "dq"):
-        if kernel == "dq" and fused.DQ_MODE in ("atomic", "tma"):  # no dQ kernel to tune
-            break
-        timings = {}
-        for shape in CANDIDATES[kernel]:
-            for mode in modes if kernel == "dkdv" else [fused.DQ_MODE]:
-                fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*shape)
-                fused.DQ_MODE = mode
-                try:
-                    if kernel == "fwd":
-                        seconds = cuda_time(lambda: forward("dilated", q.detach(), k.detach(), v.detach(), True), 3)
-                    else:
-                        seconds = cuda_time(lambda: torch.autograd.grad(
-                            forward("dilated", q, k, v, True), (q, k, v), grad), 3)
-                    timings[(shape, mode)] = seconds
-                except Exception as error:  # a shape that does not fit (shared memory): skip it
-                    print(f"tune {kernel} {shape} {mode}: {type(error).__name__}: {str(error)[:120]}")
-        (best, mode) = min(timings, key=timings.get)
-        fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*best)
-        fused.DQ_MODE = mode
-        chosen[kernel] = {"best": best, "dq_mode": mode,
-                          "seconds": {f"{shape} {m}": t for (shape, m), t in timings.items()}}
-        print(f"tune {kernel}: best {best} {mode} ({timings[(best, mode)] * 1e3:.2f} ms); "
-              + ", ".join(f"{shape} {m}: {t * 1e3:.2f}" for (shape, m), t in timings.items()), flush=True)
-    return chosen
-
-
-def tune_small_launches(n: int = 32 * K) -> dict:
-    """fused.SMALL_LAUNCH_WAVES (0: off, 4, 8) with each "dkdv_small" candidate, by fwd+bwd time at N = n
-    (causal, where the long branches are single waves); each checked against the off run (both bf16:
-    only summation order differs, 2e-2 relative allowed)."""
-    from longnet_dist.attention import fused
-
-    q, k, v, grad = make_inputs(n, seed=2)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-
-    def fwd_bwd():
-        out = forward("dilated", q, k, v, True)
-        return [out, *torch.autograd.grad(out, (q, k, v), grad)]
-
-    timings, errors, reference = {}, {}, None
-    for waves, shape in [(0, None)] + [(waves, shape) for waves in (4, 8) for shape in CANDIDATES["dkdv_small"]]:
-        fused.SMALL_LAUNCH_WAVES = waves
-        if shape is not None:
-            fused.TUNED[("dkdv_small", False, HEAD_DIM)] = fused.Blocks(*shape)
-        try:
-            results = [x.float() for x in fwd_bwd()]
-            reference = reference or results
-            errors[(waves, shape)] = max(((a - b).norm() / b.norm()).item() for a, b in zip(results, reference))
-            timings[(waves, shape)] = cuda_time(fwd_bwd, 10)
-        except Exception as error:  # a shape that does not fit: skipped
-            print(f"tune small launches {waves} {shape}: {type(error).__name__}: {str(error)[:120]}")
-    correct = [key for key in timings if errors[key] < 2e-2]
-    waves, shape = min(correct, key=timings.get)
-    fused.SMALL_LAUNCH_WAVES = waves
-    if shape is not None:
-        fused.TUNED[("dkdv_small", False, HEAD_DIM)] = fused.Blocks(*shape)
-    print(f"tune small launches (32K): best waves {waves} {shape} ({timings[(waves, shape)] * 1e3:.3f} ms); "
-          + ", ".join(f"{w} {s}: {t * 1e3:.3f} (err {errors[(w, s)]:.1e})" for (w, s), t in timings.items()), flush=True)
-    return {"best": [waves, shape], "seconds": {f"{w} {s}": t for (w, s), t in timings.items()},
-            "errors_vs_off": {f"{w} {s}": e for (w, s), e in errors.items()}}
-
-
-def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
-    """The given ways to compute dQ (of fused.DQ_MODES) against an fp32 run of the aten path (N = 64K,
-    causal), then timed at 256K; the fastest of those within bf16 tolerance (2e-2 relative), and than
-    `incumbent` (an earlier report), becomes fused.DQ_MODE."""
-    from longnet_dist.attention import fused
-
-    q, k, v, grad = make_inputs(64 * K, seed=1)
-
-    def grads(dtype, backend):
-        inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
-        out = dilated_attention(*inputs, SEGMENTS, DILATIONS, causal=True, backend=backend)
-        return [out.float(), *(g.float() for g in torch.autograd.grad(out, inputs, grad.to(dtype)))]
-
-    ref = grads(torch.float32, "cuda_flash")
-    big = [x.requires_grad_() if i < 3 else x for i, x in enumerate(make_inputs(256 * K))]
-    report = {}
-    for mode in modes:
-        fused.DQ_MODE = mode
-        try:
-            errors = [((a - b).norm() / b.norm()).item() for a, b in zip(grads(DTYPE, "triton"), ref)]
-            seconds = cuda_time(lambda: torch.autograd.grad(forward("dilated", *big[:3], True), big[:3], big[3]), 3)
-        except Exception as error:  # a mode this GPU or Triton cannot run (e.g. TMA): recorded, not chosen
-            report[mode] = {"error": f"{type(error).__name__}: {str(error)[:300]}", "correct": False}
-            print(f"dQ {mode}: {report[mode]['error']}", flush=True)
-            continue
-        report[mode] = {"errors_out_dq_dk_dv": errors, "fwd_bwd_256k_s": seconds, "correct": max(errors) < 2e-2}
-        print(f"dQ {mode}: errors {['%.1e' % e for e in errors]}, fwd+bwd 256K {seconds * 1e3:.2f} ms", flush=True)
-    timed = {**{m: r for m, r in (incumbent or {}).items() if m != "chosen"}, **report}
-    correct = [mode for mode, r in timed.items() if r["correct"]] or ["kernel"]
-    fused.DQ_MODE = min(correct, key=lambda mode: timed[mode].get("fwd_bwd_256k_s", float("inf")))
-    report["chosen"] = fused.DQ_MODE
-    return report
 
 
 def summarize(points: list[dict]) -> dict:
@@ -333,17 +181,6 @@ def run_points(specs, payload: dict, save) -> None:
         save()
 
 
-def write_tuning(folder: Path) -> None:
-    """kernel_tuning.json: the dQ mode and block shapes in use, for fused.load_tuning (or the environment
-    variable fused.TUNING_ENV) in a later process, e.g. the GPU check's training stage."""
-    from longnet_dist.attention import fused
-
-    blocks = {kernel: [*vars(fused.blocks_for(kernel, DTYPE, HEAD_DIM)).values()]
-              for kernel in ("fwd", "dkdv", "dkdv_small", "dq")}
-    write_json({"dq_mode": fused.DQ_MODE, "small_launch_waves": fused.SMALL_LAUNCH_WAVES, "head_dim": HEAD_DIM,
-                "blocks": blocks}, folder / "kernel_tuning.json")
-
-
 def write_json(payload: dict, path: Path) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -367,7 +204,8 @@ def main() -> None:
 
     payload["dq_variants"] = choose_dq_variant([m for m in fused.DQ_MODES if m not in UNTRIED_DQ_MODES])
     if args.tune:
-        payload["tuning"] = tune()
+        payload["tuning"] = tune([mode for mode, report in payload["dq_variants"].items()
+                                  if isinstance(report, dict) and report.get("correct")])
         payload["tuning"]["small_launches"] = tune_small_launches()
     write_tuning(args.results)
 
@@ -379,9 +217,10 @@ def main() -> None:
     run_points(QUICK if args.quick else FULL, payload, save)
     # Modes that never ran on a GPU go last: a kernel fault there (sticky in CUDA) cannot cost the sweep.
     chosen = fused.DQ_MODE
-    payload["dq_variants_untried"] = choose_dq_variant(UNTRIED_DQ_MODES, payload["dq_variants"])
-    save()
-    write_tuning(args.results)
+    if UNTRIED_DQ_MODES:
+        payload["dq_variants_untried"] = choose_dq_variant(UNTRIED_DQ_MODES, payload["dq_variants"])
+        save()
+        write_tuning(args.results)
     if fused.DQ_MODE != chosen:  # faster and correct: the key dilated points again with it
         run_points([p for p in (QUICK if args.quick else FULL) if p[0] == "dilated" and p[1] in (32 * K, M)],
                    payload, save)

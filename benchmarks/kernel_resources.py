@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from common import RESULTS  # noqa: E402
-from gpu_attention import CANDIDATES  # noqa: E402  (the block shapes its --tune tries)
+from gpu_kernels import CANDIDATES  # noqa: E402  (the block shapes gpu_attention.py --tune tries)
 from longnet_dist.attention import fused  # noqa: E402
 from longnet_dist.attention.kernels import triton_dilated as kern  # noqa: E402
 
@@ -85,7 +85,8 @@ def main() -> None:
         base = kernel.split("+")[0]
         shapes = [fused.DEFAULT_BLOCKS[(base, False)]]
         if not args.defaults:
-            shapes += [fused.Blocks(*shape) for shape in CANDIDATES[base] if fused.Blocks(*shape) != shapes[0]]
+            tried = CANDIDATES[base] + (CANDIDATES["dkdv_fused_dq"] + CANDIDATES["dkdv_small"] if base == "dkdv" else [])
+            shapes += [fused.Blocks(*shape) for shape in dict.fromkeys(tried) if fused.Blocks(*shape) != shapes[0]]
         for blocks in shapes:
             row = resources(kernel, blocks, args.arch)
             rows.append(row)

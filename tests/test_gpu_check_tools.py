@@ -99,3 +99,41 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
     for row in rows:
         assert row["default"] and 32 <= row["registers"] <= 255 and row["stack_bytes"] >= 0, row
         assert row["dynamic_shared_bytes"] > 0, row
+
+
+def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
+    """benchmarks/gpu_kernels.py's tuning steps, which a GPU lease runs first (dQ modes against an fp32
+    run, block shapes with the dQ-fused shapes, small launches, kernel_tuning.json), on a small fp16
+    problem through Triton's interpreter: their control flow, and a file that fused.load_tuning takes.
+    Timings here mean nothing (the interpreter runs every shape with its own blocks)."""
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    import gpu_kernels as gk
+
+    from longnet_dist.attention import fused
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    shrunk = dict(DEVICE="cpu", REFERENCE_BACKEND="cpu_flash", DTYPE=torch.float16, HEADS=2, HEAD_DIM=16,
+                  SEGMENTS=[16, 32], DILATIONS=[1, 2], CHECK_N=48, TUNE_N=48, SMALL_N=48, REPEATS=1, SMALL_REPEATS=1,
+                  CANDIDATES={"fwd": [(64, 64, 4, 3)], "dkdv": [(32, 128, 4, 4)], "dkdv_fused_dq": [(32, 64, 4, 4)],
+                              "dq": [(64, 64, 4, 3)], "dkdv_small": [(64, 64, 4, 3)]})
+    for name, value in shrunk.items():
+        monkeypatch.setattr(gk, name, value)
+    for name, value in (("DQ_MODE", fused.DQ_MODE), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0)):
+        monkeypatch.setattr(fused, name, value)  # restored afterwards
+
+    report = gk.choose_dq_variant(["kernel", "stream", "atomic", "tma"])
+    assert all(report[mode]["correct"] for mode in ("kernel", "stream", "atomic", "tma")), report
+    assert max(max(report[mode]["errors_out_dq_dk_dv"]) for mode in fused.DQ_MODES) < 4e-3  # fp16 vs fp32
+    tuned = gk.tune(list(fused.DQ_MODES))
+    assert set(tuned["dkdv"]["seconds"]) == {"(32, 128, 4, 4) stream", "(32, 64, 4, 4) tma"}
+    small = gk.tune_small_launches()
+    assert set(small["seconds"]) == {"0 None", "4 (64, 64, 4, 3)", "8 (64, 64, 4, 3)"}
+    assert max(small["errors_vs_off"].values()) == 0  # on the CPU no launch counts as small: same kernels
+    gk.write_tuning(tmp_path)
+    chosen = (fused.DQ_MODE, fused.SMALL_LAUNCH_WAVES)
+    monkeypatch.setattr(fused, "DQ_MODE", "kernel")
+    fused.load_tuning(tmp_path / "kernel_tuning.json")
+    assert (fused.DQ_MODE, fused.SMALL_LAUNCH_WAVES) == chosen

@@ -1,0 +1,212 @@
+"""The attention kernels the GPU benchmarks time, and the choice of their settings.
+
+The paper's configuration (H = 12, D = 64, bf16, w = 2048..32768, r = 1, 2, 4, 6, 12), random inputs,
+one forward of each kernel family ("dilated": the fused Triton kernels; "gather": aten's flash kernel
+per branch; "dense", "dense_cudnn", "dense_sdpa": SDPA over the whole sequence with its flash kernel,
+cuDNN's kernel, or its own pick), CUDA-event timing; and, for `gpu_attention.py`, the tuning steps: which
+way to compute dQ (fused.DQ_MODES, checked against an fp32 run), which block shapes per kernel, whether
+small causal launches change (fused.SMALL_LAUNCH_WAVES), and kernel_tuning.json, which hands the
+choice to a later process (fused.load_tuning, LONGNET_KERNEL_TUNING).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from longnet_dist.attention import dilated_attention
+
+SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
+HEADS, HEAD_DIM, DTYPE = 12, 64, torch.bfloat16
+K, M = 1024, 1024 * 1024
+# Where the tuning runs, its sizes and the fp32 reference's kernels (a CPU test shrinks them all and
+# runs the steps through Triton's interpreter: tests/test_gpu_check_tools.py)
+DEVICE, REFERENCE_BACKEND = "cuda", "cuda_flash"
+CHECK_N, TUNE_N, SMALL_N = 64 * K, 256 * K, 32 * K  # dQ modes checked / shapes tuned / small launches tuned
+REPEATS, SMALL_REPEATS = 3, 10  # timed runs per setting at TUNE_N and at SMALL_N (a 32K run is ~4 ms)
+# dQ modes that have never run on a GPU: checked after the sweep, so that a fault cannot cost it
+# (none now: "tma" ran on an H200 in stop 14)
+UNTRIED_DQ_MODES: tuple[str, ...] = ()
+CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune: the first is the default,
+    # then what came within 8% of the best in the H200 sweep (gpu_attention_sweep_h200.log) or does not spill
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3)],
+    "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],  # the 8-warp shapes: 29-42 ms against 26.4
+    # dK/dV computing dQ too ("tma"): the shapes that spill least with it (kernel_resources.py: 0-80 bytes
+    # of stack against 1,432 for the default, with which "tma" was timed in stop 14)
+    "dkdv_fused_dq": [(32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 8, 3), (64, 64, 4, 3)],
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4)],
+    "dkdv_small": [(64, 64, 4, 3), (32, 64, 4, 4)],  # causal launches of few programs (fused.SMALL_LAUNCH_WAVES)
+}
+
+
+def make_inputs(n: int, seed: int = 0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return [torch.randn(1, n, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(4)]
+
+
+def forward(kind: str, q, k, v, causal: bool):
+    if kind.startswith("dense"):  # SDPA over (B, H, N, D) views: its flash kernel, cuDNN's, or its own pick
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"dense": SDPBackend.FLASH_ATTENTION, "dense_cudnn": SDPBackend.CUDNN_ATTENTION}.get(kind)
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    return dilated_attention(q, k, v, SEGMENTS, DILATIONS, causal=causal,
+                             backend="triton" if kind == "dilated" else REFERENCE_BACKEND)
+
+
+def cuda_time(fn, repeats: int, warm_up: bool = True) -> float:
+    """Median seconds of fn() over `repeats` runs, by CUDA events (a host clock off CUDA), after one
+    warm-up run (if warm_up)."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        if DEVICE != "cuda":
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+            continue
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1000)
+    return statistics.median(times)
+
+
+def tune(correct_modes: list[str], n: int | None = None) -> dict:
+    """Fastest block shapes per kernel at N = n (causal): forward first, then dK/dV with a dQ kernel of
+    its own (the chosen mode, or "stream") over CANDIDATES["dkdv"] and, if "tma" checked correct, with
+    dQ from the dK/dV loop over CANDIDATES["dkdv_fused_dq"]; then dQ unless that won. Backward combos
+    are checked against the kernel's first one (both bf16: 2e-2 relative allowed) before they count."""
+    from longnet_dist.attention import fused
+
+    q, k, v, grad = make_inputs(n or TUNE_N)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    separate = fused.DQ_MODE if fused.DQ_MODE in ("kernel", "stream") else \
+        ("stream" if "stream" in correct_modes else "kernel")
+    chosen = {}
+    for kernel in ("fwd", "dkdv", "dq"):
+        if kernel == "dq" and fused.DQ_MODE in ("atomic", "tma"):  # no dQ kernel to tune
+            break
+        combos = [(shape, separate if kernel == "dkdv" else fused.DQ_MODE) for shape in CANDIDATES[kernel]]
+        if kernel == "dkdv" and "tma" in correct_modes:
+            combos += [(shape, "tma") for shape in CANDIDATES["dkdv_fused_dq"]]
+        timings, reference = {}, None
+        for shape, mode in combos:
+            fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*shape)
+            fused.DQ_MODE = mode
+            try:
+                if kernel == "fwd":
+                    seconds = cuda_time(lambda: forward("dilated", q.detach(), k.detach(), v.detach(), True), REPEATS)
+                else:
+                    grads = [g.float() for g in torch.autograd.grad(forward("dilated", q, k, v, True), (q, k, v), grad)]
+                    reference = reference or grads
+                    off = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, reference))
+                    del grads
+                    if off > 2e-2:
+                        print(f"tune {kernel} {shape} {mode}: off by {off:.1e} from {combos[0]}: skipped")
+                        continue
+                    seconds = cuda_time(lambda: torch.autograd.grad(
+                        forward("dilated", q, k, v, True), (q, k, v), grad), REPEATS)
+                timings[(shape, mode)] = seconds
+            except Exception as error:  # a shape that does not fit (shared memory): skip it
+                print(f"tune {kernel} {shape} {mode}: {type(error).__name__}: {str(error)[:120]}")
+        (best, mode) = min(timings, key=timings.get)
+        fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*best)
+        fused.DQ_MODE = mode
+        chosen[kernel] = {"best": best, "dq_mode": mode,
+                          "seconds": {f"{shape} {m}": t for (shape, m), t in timings.items()}}
+        print(f"tune {kernel}: best {best} {mode} ({timings[(best, mode)] * 1e3:.2f} ms); "
+              + ", ".join(f"{shape} {m}: {t * 1e3:.2f}" for (shape, m), t in timings.items()), flush=True)
+    return chosen
+
+
+def tune_small_launches(n: int | None = None) -> dict:
+    """fused.SMALL_LAUNCH_WAVES (0: off, 4, 8) with each "dkdv_small" candidate, by fwd+bwd time at N = n
+    (causal, where the long branches are single waves); each checked against the off run (both bf16:
+    only summation order differs, 2e-2 relative allowed)."""
+    from longnet_dist.attention import fused
+
+    q, k, v, grad = make_inputs(n or SMALL_N, seed=2)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def fwd_bwd():
+        out = forward("dilated", q, k, v, True)
+        return [out, *torch.autograd.grad(out, (q, k, v), grad)]
+
+    timings, errors, reference = {}, {}, None
+    for waves, shape in [(0, None)] + [(waves, shape) for waves in (4, 8) for shape in CANDIDATES["dkdv_small"]]:
+        fused.SMALL_LAUNCH_WAVES = waves
+        if shape is not None:
+            fused.TUNED[("dkdv_small", False, HEAD_DIM)] = fused.Blocks(*shape)
+        try:
+            results = [x.float() for x in fwd_bwd()]
+            reference = reference or results
+            errors[(waves, shape)] = max(((a - b).norm() / b.norm()).item() for a, b in zip(results, reference))
+            timings[(waves, shape)] = cuda_time(fwd_bwd, SMALL_REPEATS)
+        except Exception as error:  # a shape that does not fit: skipped
+            print(f"tune small launches {waves} {shape}: {type(error).__name__}: {str(error)[:120]}")
+    correct = [key for key in timings if errors[key] < 2e-2]
+    waves, shape = min(correct, key=timings.get)
+    fused.SMALL_LAUNCH_WAVES = waves
+    if shape is not None:
+        fused.TUNED[("dkdv_small", False, HEAD_DIM)] = fused.Blocks(*shape)
+    print(f"tune small launches (32K): best waves {waves} {shape} ({timings[(waves, shape)] * 1e3:.3f} ms); "
+          + ", ".join(f"{w} {s}: {t * 1e3:.3f} (err {errors[(w, s)]:.1e})" for (w, s), t in timings.items()), flush=True)
+    return {"best": [waves, shape], "seconds": {f"{w} {s}": t for (w, s), t in timings.items()},
+            "errors_vs_off": {f"{w} {s}": e for (w, s), e in errors.items()}}
+
+
+def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
+    """The given ways to compute dQ (of fused.DQ_MODES) against an fp32 run of the aten path (N = 64K,
+    causal), then timed at 256K; the fastest of those within bf16 tolerance (2e-2 relative), and than
+    `incumbent` (an earlier report), becomes fused.DQ_MODE."""
+    from longnet_dist.attention import fused
+
+    q, k, v, grad = make_inputs(CHECK_N, seed=1)
+
+    def grads(dtype, backend):
+        inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = dilated_attention(*inputs, SEGMENTS, DILATIONS, causal=True, backend=backend)
+        return [out.float(), *(g.float() for g in torch.autograd.grad(out, inputs, grad.to(dtype)))]
+
+    ref = grads(torch.float32, REFERENCE_BACKEND)
+    big = [x.requires_grad_() if i < 3 else x for i, x in enumerate(make_inputs(TUNE_N))]
+    report = {}
+    for mode in modes:
+        fused.DQ_MODE = mode
+        try:
+            errors = [((a - b).norm() / b.norm()).item() for a, b in zip(grads(DTYPE, "triton"), ref)]
+            seconds = cuda_time(lambda: torch.autograd.grad(forward("dilated", *big[:3], True), big[:3], big[3]),
+                                REPEATS)
+        except Exception as error:  # a mode this GPU or Triton cannot run (e.g. TMA): recorded, not chosen
+            report[mode] = {"error": f"{type(error).__name__}: {str(error)[:300]}", "correct": False}
+            print(f"dQ {mode}: {report[mode]['error']}", flush=True)
+            continue
+        report[mode] = {"errors_out_dq_dk_dv": errors, "fwd_bwd_256k_s": seconds, "correct": max(errors) < 2e-2}
+        print(f"dQ {mode}: errors {['%.1e' % e for e in errors]}, fwd+bwd 256K {seconds * 1e3:.2f} ms", flush=True)
+    timed = {**{m: r for m, r in (incumbent or {}).items() if m != "chosen"}, **report}
+    correct = [mode for mode, r in timed.items() if r["correct"]] or ["kernel"]
+    fused.DQ_MODE = min(correct, key=lambda mode: timed[mode].get("fwd_bwd_256k_s", float("inf")))
+    report["chosen"] = fused.DQ_MODE
+    return report
+
+
+def write_tuning(folder: Path) -> None:
+    """kernel_tuning.json: the dQ mode and block shapes in use, for fused.load_tuning (or the environment
+    variable fused.TUNING_ENV) in a later process, e.g. the GPU check's training stage."""
+    from longnet_dist.attention import fused
+
+    blocks = {kernel: [*vars(fused.blocks_for(kernel, DTYPE, HEAD_DIM)).values()]
+              for kernel in ("fwd", "dkdv", "dkdv_small", "dq")}
+    tuning = {"dq_mode": fused.DQ_MODE, "small_launch_waves": fused.SMALL_LAUNCH_WAVES, "head_dim": HEAD_DIM,
+              "blocks": blocks}
+    (folder / "kernel_tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")
