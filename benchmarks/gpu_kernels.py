@@ -37,7 +37,7 @@ CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune:
     "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],  # the 8-warp shapes: 29-42 ms against 26.4
     # dK/dV computing dQ too ("tma", 5 matrix products per block pair instead of 7): the shapes that spill
     # least with it (kernel_resources.py: 0-80 bytes of stack against 1,432 for the default, with which
-    # "tma" was timed in stop 14). At 1M the backward runs at 0.73 of dense flash's rate, about 5/7: per
+    # "tma" was timed in stop 14). At 1M the backward runs at 0.75 of dense flash's rate, about 5/7: per
     # product it is as fast, so a 5-product backward that does not spill is the largest lever left.
     "dkdv_fused_dq": [(32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                       (32, 128, 8, 3)],
