@@ -32,17 +32,17 @@ REPEATS, SMALL_REPEATS = 3, 10  # timed runs per setting at TUNE_N and at SMALL_
 # (none now: "tma" ran on an H200 in stop 14)
 UNTRIED_DQ_MODES: tuple[str, ...] = ()
 CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune: the first is the default,
-    # then what came within 8% of the best in the H200 sweep (gpu_attention_sweep_h200.log) or does not spill
-    "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3)],
-    "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3), (16, 128, 4, 4)],  # the 8-warp shapes: 29-42 ms against 26.4
+    # then the runner-up of the H200 sweeps (gpu_attention_{sweep_,}h200.log; each shape costs a compile)
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 4)],
+    "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3)],  # 16x128 tied with 32x128; the 8-warp shapes: 29-42 ms vs 26.4
     # dK/dV computing dQ too ("tma", 5 matrix products per block pair instead of 7): the shapes that spill
     # least with it (kernel_resources.py: 0-80 bytes of stack against 1,432 for the default, with which
     # "tma" was timed in stop 14). At 1M the backward runs at 0.75 of dense flash's rate, about 5/7: per
     # product it is as fast, so a 5-product backward that does not spill is the largest lever left.
     "dkdv_fused_dq": [(32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                       (32, 128, 8, 3)],
-    "dq": [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4)],
-    "dkdv_small": [(64, 64, 4, 3), (32, 64, 4, 4)],  # causal launches of few programs (fused.SMALL_LAUNCH_WAVES)
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 4)],
+    "dkdv_small": [(64, 64, 4, 3)],  # causal launches of few programs (fused.SMALL_LAUNCH_WAVES)
 }
 
 
