@@ -207,17 +207,17 @@ def _heads_view(rows: Tensor, seq_len: int, heads: int) -> Tensor:
 def _fused_merge(inputs: AttentionInputs, merger: BranchMerger, w: int, r: int) -> None:
     """LocalBranch with backend "triton" (a sharded run on CUDA): branch (w, r) through the fused kernel,
     merged straight into the merger's fp32 rows, which the spanning branches share."""
-    from .fused import _key_bytes, forward_branch  # imports triton: only when it runs
+    from .fused import forward_branch, key_bytes  # imports triton: only when it runs
 
     view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
-    forward_branch(view(inputs.q), view(inputs.k), view(inputs.v), _key_bytes(inputs.key_padding_mask),
+    forward_branch(view(inputs.q), view(inputs.k), view(inputs.v), key_bytes(inputs.key_padding_mask),
                    view(merger.out), view(merger.lse), w, r, 0, inputs.causal, inputs.scale)
     merger.mark_merged()
 
 
 def _fused_grads(inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor], w: int, r: int) -> None:
     """The backward of `_fused_merge`: adds into the fp32 gradient rows `grads` (dq, dk, dv)."""
-    from .fused import _key_bytes, backward_branch, backward_prep
+    from .fused import backward_branch, backward_prep, key_bytes
 
     view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
     if "delta" not in merged.shared:  # once for all of this rank's fused branches
@@ -225,5 +225,5 @@ def _fused_grads(inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor
                                                view(merged.lse.contiguous()))
     delta, lse2 = merged.shared["delta"]
     backward_branch(view(inputs.q), view(inputs.k), view(inputs.v), view(merged.grad_out), lse2, delta,
-                    _key_bytes(inputs.key_padding_mask), *(view(g) for g in grads), w, r, 0, inputs.causal,
+                    key_bytes(inputs.key_padding_mask), *(view(g) for g in grads), w, r, 0, inputs.causal,
                     inputs.scale)

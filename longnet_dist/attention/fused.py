@@ -60,8 +60,9 @@ DEFAULT_BLOCKS = {
 # BLOCK_M, and a launch of few programs lasts as long as its longest, about twice the mean (branch
 # (32768, 12) at N = 32K: 12 heads x 22 blocks of 128 keys, one wave on an H200). A causal launch of
 # fewer than SMALL_LAUNCH_WAVES programs per multiprocessor takes "dkdv_small" (half the keys per
-# program), and every small causal launch starts its longest programs first (BLOCK_MAJOR). Written after the H200 lease, so off (0) until a GPU measures it: `gpu_attention.py
-# --tune` times 0, 4 and 8 at 32K and hands the best on.
+# program), and every small causal launch starts its longest programs first (BLOCK_MAJOR). Written
+# after the H200 lease, so off (0) until a GPU measures it: `gpu_attention.py --tune` times 0, 4 and
+# 8 at 32K and hands the best on.
 SMALL_LAUNCH_WAVES = 0
 INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
 # How the backward computes dQ:
@@ -86,7 +87,8 @@ def load_tuning(path: str | os.PathLike) -> None:
     "blocks": {"fwd": [block_m, block_n, num_warps, num_stages], "dkdv": [...], "dkdv_small": [...],
     "dq": [...]}} (every key optional but head_dim)."""
     global DQ_MODE, SMALL_LAUNCH_WAVES
-    data = json.loads(open(path).read())
+    with open(path) as file:
+        data = json.load(file)
     mode = data.get("dq_mode", DQ_MODE)
     if mode not in DQ_MODES:
         raise ValueError(f"{path}: dq_mode={mode!r} is not one of {list(DQ_MODES)}")
@@ -346,7 +348,7 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     return tuple(grads)
 
 
-def _key_bytes(key_padding_mask: Tensor | None) -> Tensor | None:
+def key_bytes(key_padding_mask: Tensor | None) -> Tensor | None:
     """The (B, N) bool mask as the contiguous bytes the kernels read (None: no padding)."""
     return None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
 
@@ -356,7 +358,7 @@ class FusedDilatedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, branches, causal, scale):
-        keep = _key_bytes(key_padding_mask)
+        keep = key_bytes(key_padding_mask)
         out, lse = fused_forward(q, k, v, branches, causal, scale, keep)
         if keep is not None:  # padded queries output 0 and carry no gradient
             out.mul_(key_padding_mask[:, :, None, None])
