@@ -7,6 +7,7 @@ autograd.Function stays outside every compiled graph).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -58,13 +59,12 @@ def token_wise(fn: Callable, *tensors: Tensor, chunk_size: int | None = None, re
     cost O(N^2 / chunk_size) memory traffic (66 s instead of 2 s at N = 1M on 2 CPU cores); split's
     backward concatenates the slices' gradients once.
     """
-    recompute = recompute and torch.is_grad_enabled()
+    run = functools.partial(checkpoint, fn, use_reentrant=False) if recompute and torch.is_grad_enabled() else fn
     length = tensors[0].shape[1]
     size = length if chunk_size is None else chunk_size
     if length <= size:
-        return checkpoint(fn, *tensors, use_reentrant=False) if recompute else fn(*tensors)
-    pieces = [checkpoint(fn, *rows, use_reentrant=False) if recompute else fn(*rows)
-              for rows in zip(*(t.split(size, dim=1) for t in tensors))]
+        return run(*tensors)
+    pieces = [run(*rows) for rows in zip(*(t.split(size, dim=1) for t in tensors))]
     if isinstance(pieces[0], tuple):
         return tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))
     return torch.cat(pieces, dim=1)
