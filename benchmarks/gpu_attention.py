@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from common import RESULTS, machine, style_log2_axis  # noqa: E402
 from gpu_kernels import (DILATIONS, HEAD_DIM, HEADS, SEGMENTS, UNTRIED_DQ_MODES, K, M,  # noqa: E402
-                         choose_dq_variant, cuda_time, forward, make_inputs, tune, tune_small_launches,
+                         choose_dq_variant, cuda_time, forward, grads_of, make_inputs, tune, tune_small_launches,
                          write_tuning)
 
 from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E402
@@ -65,7 +65,7 @@ def measure(kind: str, n: int, causal: bool, repeats: int) -> dict:
     q, k, v = (x.requires_grad_() for x in (q, k, v))
 
     def fwd_bwd():
-        torch.autograd.grad(forward(kind, q, k, v, causal), (q, k, v), grad)
+        grads_of(kind, q, k, v, grad, causal)
 
     def fwd():
         with torch.no_grad():

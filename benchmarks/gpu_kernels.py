@@ -63,6 +63,16 @@ def forward(kind: str, q, k, v, causal: bool):
                              backend="triton" if kind == "dilated" else REFERENCE_BACKEND)
 
 
+def grads_of(kind: str, q, k, v, grad, causal: bool = True) -> tuple:
+    """(dq, dk, dv) of one forward of `kind` with incoming gradient `grad`."""
+    return torch.autograd.grad(forward(kind, q, k, v, causal), (q, k, v), grad)
+
+
+def relative_errors(results, reference) -> list[float]:
+    """||a - b|| / ||b|| per pair, in float32 (reference already float32)."""
+    return [((a.float() - b).norm() / b.norm()).item() for a, b in zip(results, reference)]
+
+
 def cuda_time(fn, repeats: int, warm_up: bool = True) -> float:
     """Median seconds of fn() over `repeats` runs, by CUDA events (a host clock off CUDA), after one
     warm-up run (if warm_up)."""
@@ -110,15 +120,14 @@ def tune(correct_modes: list[str], n: int | None = None) -> dict:
                 if kernel == "fwd":
                     seconds = cuda_time(lambda: forward("dilated", q.detach(), k.detach(), v.detach(), True), REPEATS)
                 else:
-                    grads = [g.float() for g in torch.autograd.grad(forward("dilated", q, k, v, True), (q, k, v), grad)]
+                    grads = [g.float() for g in grads_of("dilated", q, k, v, grad)]
                     reference = reference or grads
-                    off = max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, reference))
+                    off = max(relative_errors(grads, reference))
                     del grads
                     if off > 2e-2:
                         print(f"tune {kernel} {shape} {mode}: off by {off:.1e} from {combos[0]}: skipped")
                         continue
-                    seconds = cuda_time(lambda: torch.autograd.grad(
-                        forward("dilated", q, k, v, True), (q, k, v), grad), REPEATS)
+                    seconds = cuda_time(lambda: grads_of("dilated", q, k, v, grad), REPEATS)
                 timings[(shape, mode)] = seconds
             except Exception as error:  # a shape that does not fit (shared memory): skip it
                 print(f"tune {kernel} {shape} {mode}: {type(error).__name__}: {str(error)[:120]}")
@@ -153,7 +162,7 @@ def tune_small_launches(n: int | None = None) -> dict:
         try:
             results = [x.float() for x in fwd_bwd()]
             reference = reference or results
-            errors[(waves, shape)] = max(((a - b).norm() / b.norm()).item() for a, b in zip(results, reference))
+            errors[(waves, shape)] = max(relative_errors(results, reference))
             timings[(waves, shape)] = cuda_time(fwd_bwd, SMALL_REPEATS)
         except Exception as error:  # a shape that does not fit: skipped
             print(f"tune small launches {waves} {shape}: {type(error).__name__}: {str(error)[:120]}")
@@ -187,9 +196,8 @@ def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
     for mode in modes:
         fused.DQ_MODE = mode
         try:
-            errors = [((a - b).norm() / b.norm()).item() for a, b in zip(grads(DTYPE, "triton"), ref)]
-            seconds = cuda_time(lambda: torch.autograd.grad(forward("dilated", *big[:3], True), big[:3], big[3]),
-                                REPEATS)
+            errors = relative_errors(grads(DTYPE, "triton"), ref)
+            seconds = cuda_time(lambda: grads_of("dilated", *big), REPEATS)
         except Exception as error:  # a mode this GPU or Triton cannot run (e.g. TMA): recorded, not chosen
             report[mode] = {"error": f"{type(error).__name__}: {str(error)[:300]}", "correct": False}
             print(f"dQ {mode}: {report[mode]['error']}", flush=True)
