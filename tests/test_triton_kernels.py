@@ -198,7 +198,8 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     for bad, message in [({"dq_mode": "fast", "head_dim": 64}, r"dq_mode='fast' is not one of \['kernel'"),
                          ({"head_dim": 64, "blocks": {"bwd": [64, 64, 4, 3]}}, r"blocks\['bwd'\]=\[64, 64, 4, 3\]; want"),
                          ({"head_dim": 64, "blocks": {"fwd": [64, 0, 4, 3]}}, r"blocks\['fwd'\]=\[64, 0, 4, 3\]; want"),
-                         ({"head_dim": 64, "small_launch_waves": -1}, r"small_launch_waves=-1 must be an integer >= 0")]:
+                         ({"head_dim": 64, "small_launch_waves": -1}, r"small_launch_waves=-1 must be an integer >= 0"),
+                         ({"blocks": {"fwd": [64, 64, 4, 3]}}, r"blocks need the head_dim they were tuned for")]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             fused.load_tuning(path)

@@ -92,6 +92,8 @@ def load_tuning(path: str | os.PathLike) -> None:
     mode = data.get("dq_mode", DQ_MODE)
     if mode not in DQ_MODES:
         raise ValueError(f"{path}: dq_mode={mode!r} is not one of {list(DQ_MODES)}")
+    if data.get("blocks") and "head_dim" not in data:
+        raise ValueError(f"{path}: blocks need the head_dim they were tuned for (e.g. \"head_dim\": 64)")
     blocks = {}
     for kernel, shape in data.get("blocks", {}).items():
         if (kernel, False) not in DEFAULT_BLOCKS or len(shape) != 4 or not all(int(x) > 0 for x in shape):
