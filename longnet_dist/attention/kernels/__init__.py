@@ -147,10 +147,6 @@ def dilated_flops(seq_len: int, heads: int, head_dim: int, segment_lengths, dila
     return total
 
 
-__all__ = ["BACKENDS", "TRITON_HEAD_DIMS", "attention_backward", "attention_forward", "branch_backend", "dense_flops",
-           "dilated_flops", "lse_dtype", "select_backend", "triton_available"]
-
-
 def branch_range(direction: str, segment_length: int, dilation: int):
     """A torch.profiler range around one branch's work ("dilated fwd w=2048 r=1"; direction fwd or
     bwd), so a profile (benchmarks/gpu_profile.py) splits the attention time by branch. Nothing at
@@ -158,3 +154,8 @@ def branch_range(direction: str, segment_length: int, dilation: int):
     if not torch.autograd._profiler_enabled():
         return contextlib.nullcontext()
     return torch.profiler.record_function(f"dilated {direction} w={segment_length} r={dilation}")
+
+
+__all__ = ["BACKENDS", "TRITON_HEAD_DIMS", "attention_backward", "attention_forward", "branch_backend", "branch_range",
+           "dense_flops", "dilated_flops", "lse_dtype", "select_backend", "triton_available"]
+
