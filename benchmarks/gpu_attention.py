@@ -13,13 +13,13 @@ of the three. FLOPs count only the multiply-adds each
 algorithm needs (LONGNET.md "Cost"; causal about half; backward = 2.5x forward). Times are medians
 of CUDA-event timings after a warm-up; peak memory is torch.cuda.max_memory_allocated over one
 forward+backward, inputs and the incoming gradient included, divided by N.
-It first checks every way of computing dQ (fused.DQ_MODES: a kernel of its own, the same on a second
+It first checks every way of computing dQ (fused_settings.DQ_MODES: a kernel of its own, the same on a second
 CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
 N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K
 and keeps the fastest (recorded in the JSON), and at N = 32K whether causal dK/dV launches of few
-programs take smaller blocks (fused.SMALL_LAUNCH_WAVES). Writes benchmarks/results/gpu_attention.json and .png (the
+programs take smaller blocks (fused_settings.SMALL_LAUNCH_WAVES). Writes benchmarks/results/gpu_attention.json and .png (the
 JSON after every point), and kernel_tuning.json: the dQ mode and blocks in use, which a later process
-installs with LONGNET_KERNEL_TUNING=path (fused.load_tuning; scripts/gpu_check.sh's training stage).
+installs with LONGNET_KERNEL_TUNING=path (fused_settings.load_tuning; scripts/gpu_check.sh's training stage).
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
 def run_points(specs, payload: dict, save) -> None:
     """Measure each (kind, N, causal, repeats), print its row, append it to payload["points"], save."""
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused_settings
 
     for kind, n, causal, repeats in specs:
         started = time.time()
@@ -164,7 +164,7 @@ def run_points(specs, payload: dict, save) -> None:
         torch.cuda.empty_cache()
         point["wall_s"] = time.time() - started
         if kind == "dilated":
-            point["dq_mode"] = fused.DQ_MODE
+            point["dq_mode"] = fused_settings.DQ_MODE
         payload["points"].append(point)
         mode = "causal" if causal else "bidir"
         if "error" in point:
@@ -200,28 +200,28 @@ def main() -> None:
     payload = {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "heads": HEADS, "head_dim": HEAD_DIM,
                "dtype": "bfloat16", "batch": 1, "command": " ".join(sys.argv), "points": []}
     print(f"GPU: {host['gpu']}, torch {host['torch']}; H={HEADS}, D={HEAD_DIM}, bf16, paper branches", flush=True)
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused_settings
 
-    payload["dq_variants"] = choose_dq_variant([m for m in fused.DQ_MODES if m not in UNTRIED_DQ_MODES])
+    payload["dq_variants"] = choose_dq_variant([m for m in fused_settings.DQ_MODES if m not in UNTRIED_DQ_MODES])
     if args.tune:
         payload["tuning"] = tune([mode for mode, report in payload["dq_variants"].items()
                                   if isinstance(report, dict) and report.get("correct")])
         payload["tuning"]["small_launches"] = tune_small_launches()
     write_tuning(args.results)
 
-    payload["blocks"] = {f"{k[0]}{'_fp32' if k[1] else ''}": vars(b) for k, b in fused.DEFAULT_BLOCKS.items()}
-    payload["blocks"].update({f"tuned_{k[0]}": vars(b) for k, b in fused.TUNED.items()})
+    payload["blocks"] = {f"{k[0]}{'_fp32' if k[1] else ''}": vars(b) for k, b in fused_settings.DEFAULT_BLOCKS.items()}
+    payload["blocks"].update({f"tuned_{k[0]}": vars(b) for k, b in fused_settings.TUNED.items()})
     print(f"{'kernel':8} {'mode':7} {'N':>8} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} "
           f"{'KiB/token':>9}  dQ", flush=True)
     save = functools.partial(write_json, payload, args.results / f"{name}.json")
     run_points(QUICK if args.quick else FULL, payload, save)
     # Modes that never ran on a GPU go last: a kernel fault there (sticky in CUDA) cannot cost the sweep.
-    chosen = fused.DQ_MODE
+    chosen = fused_settings.DQ_MODE
     if UNTRIED_DQ_MODES:
         payload["dq_variants_untried"] = choose_dq_variant(UNTRIED_DQ_MODES, payload["dq_variants"])
         save()
         write_tuning(args.results)
-    if fused.DQ_MODE != chosen:  # faster and correct: the key dilated points again with it
+    if fused_settings.DQ_MODE != chosen:  # faster and correct: the key dilated points again with it
         run_points([p for p in (QUICK if args.quick else FULL) if p[0] == "dilated" and p[1] in (32 * K, M)],
                    payload, save)
     for key, value in payload["targets"].items():

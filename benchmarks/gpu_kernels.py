@@ -4,9 +4,9 @@ The paper's configuration (H = 12, D = 64, bf16, w = 2048..32768, r = 1, 2, 4, 6
 one forward of each kernel family ("dilated": the fused Triton kernels; "gather": aten's flash kernel
 per branch; "dense", "dense_cudnn", "dense_sdpa": SDPA over the whole sequence with its flash kernel,
 cuDNN's kernel, or its own pick), CUDA-event timing; and, for `gpu_attention.py`, the tuning steps: which
-way to compute dQ (fused.DQ_MODES, checked against an fp32 run), which block shapes per kernel, whether
-small causal launches change (fused.SMALL_LAUNCH_WAVES), and kernel_tuning.json, which hands the
-choice to a later process (fused.load_tuning, LONGNET_KERNEL_TUNING).
+way to compute dQ (fused_settings.DQ_MODES, checked against an fp32 run), which block shapes per kernel, whether
+small causal launches change (fused_settings.SMALL_LAUNCH_WAVES), and kernel_tuning.json, which hands the
+choice to a later process (fused_settings.load_tuning, LONGNET_KERNEL_TUNING).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune:
     "dkdv_fused_dq": [(32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                       (32, 128, 8, 3)],
     "dq": [(64, 64, 4, 3), (64, 32, 4, 4)],
-    "dkdv_small": [(64, 64, 4, 3)],  # causal launches of few programs (fused.SMALL_LAUNCH_WAVES)
+    "dkdv_small": [(64, 64, 4, 3)],  # causal launches of few programs (fused_settings.SMALL_LAUNCH_WAVES)
 }
 
 
@@ -99,23 +99,23 @@ def tune(correct_modes: list[str], n: int | None = None) -> dict:
     its own (the chosen mode, or "stream") over CANDIDATES["dkdv"] and, if "tma" checked correct, with
     dQ from the dK/dV loop over CANDIDATES["dkdv_fused_dq"]; then dQ unless that won. Backward combos
     are checked against the kernel's first one (both bf16: 2e-2 relative allowed) before they count."""
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused_settings
 
     q, k, v, grad = make_inputs(n or TUNE_N)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    separate = fused.DQ_MODE if fused.DQ_MODE in ("kernel", "stream") else \
+    separate = fused_settings.DQ_MODE if fused_settings.DQ_MODE in ("kernel", "stream") else \
         ("stream" if "stream" in correct_modes else "kernel")
     chosen = {}
     for kernel in ("fwd", "dkdv", "dq"):
-        if kernel == "dq" and fused.DQ_MODE in ("atomic", "tma"):  # no dQ kernel to tune
+        if kernel == "dq" and fused_settings.DQ_MODE in ("atomic", "tma"):  # no dQ kernel to tune
             break
-        combos = [(shape, separate if kernel == "dkdv" else fused.DQ_MODE) for shape in CANDIDATES[kernel]]
+        combos = [(shape, separate if kernel == "dkdv" else fused_settings.DQ_MODE) for shape in CANDIDATES[kernel]]
         if kernel == "dkdv" and "tma" in correct_modes:
             combos += [(shape, "tma") for shape in CANDIDATES["dkdv_fused_dq"]]
         timings, reference = {}, None
         for shape, mode in combos:
-            fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*shape)
-            fused.DQ_MODE = mode
+            fused_settings.TUNED[(kernel, False, HEAD_DIM)] = fused_settings.Blocks(*shape)
+            fused_settings.DQ_MODE = mode
             try:
                 if kernel == "fwd":
                     seconds = cuda_time(lambda: forward("dilated", q.detach(), k.detach(), v.detach(), True), REPEATS)
@@ -132,8 +132,8 @@ def tune(correct_modes: list[str], n: int | None = None) -> dict:
             except Exception as error:  # a shape that does not fit (shared memory): skip it
                 print(f"tune {kernel} {shape} {mode}: {type(error).__name__}: {str(error)[:120]}")
         (best, mode) = min(timings, key=timings.get)
-        fused.TUNED[(kernel, False, HEAD_DIM)] = fused.Blocks(*best)
-        fused.DQ_MODE = mode
+        fused_settings.TUNED[(kernel, False, HEAD_DIM)] = fused_settings.Blocks(*best)
+        fused_settings.DQ_MODE = mode
         chosen[kernel] = {"best": best, "dq_mode": mode,
                           "seconds": {f"{shape} {m}": t for (shape, m), t in timings.items()}}
         print(f"tune {kernel}: best {best} {mode} ({timings[(best, mode)] * 1e3:.2f} ms); "
@@ -142,10 +142,10 @@ def tune(correct_modes: list[str], n: int | None = None) -> dict:
 
 
 def tune_small_launches(n: int | None = None) -> dict:
-    """fused.SMALL_LAUNCH_WAVES (0: off, 4, 8) with each "dkdv_small" candidate, by fwd+bwd time at N = n
+    """fused_settings.SMALL_LAUNCH_WAVES (0: off, 4, 8) with each "dkdv_small" candidate, by fwd+bwd time at N = n
     (causal, where the long branches are single waves); each checked against the off run (both bf16:
     only summation order differs, 2e-2 relative allowed)."""
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused_settings
 
     q, k, v, grad = make_inputs(n or SMALL_N, seed=2)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
@@ -156,9 +156,9 @@ def tune_small_launches(n: int | None = None) -> dict:
 
     timings, errors, reference = {}, {}, None
     for waves, shape in [(0, None)] + [(waves, shape) for waves in (4, 8) for shape in CANDIDATES["dkdv_small"]]:
-        fused.SMALL_LAUNCH_WAVES = waves
+        fused_settings.SMALL_LAUNCH_WAVES = waves
         if shape is not None:
-            fused.TUNED[("dkdv_small", False, HEAD_DIM)] = fused.Blocks(*shape)
+            fused_settings.TUNED[("dkdv_small", False, HEAD_DIM)] = fused_settings.Blocks(*shape)
         try:
             results = [x.float() for x in fwd_bwd()]
             reference = reference or results
@@ -168,9 +168,9 @@ def tune_small_launches(n: int | None = None) -> dict:
             print(f"tune small launches {waves} {shape}: {type(error).__name__}: {str(error)[:120]}")
     correct = [key for key in timings if errors[key] < 2e-2]
     waves, shape = min(correct, key=timings.get)
-    fused.SMALL_LAUNCH_WAVES = waves
+    fused_settings.SMALL_LAUNCH_WAVES = waves
     if shape is not None:
-        fused.TUNED[("dkdv_small", False, HEAD_DIM)] = fused.Blocks(*shape)
+        fused_settings.TUNED[("dkdv_small", False, HEAD_DIM)] = fused_settings.Blocks(*shape)
     print(f"tune small launches (32K): best waves {waves} {shape} ({timings[(waves, shape)] * 1e3:.3f} ms); "
           + ", ".join(f"{w} {s}: {t * 1e3:.3f} (err {errors[(w, s)]:.1e})" for (w, s), t in timings.items()), flush=True)
     return {"best": [waves, shape], "seconds": {f"{w} {s}": t for (w, s), t in timings.items()},
@@ -178,10 +178,10 @@ def tune_small_launches(n: int | None = None) -> dict:
 
 
 def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
-    """The given ways to compute dQ (of fused.DQ_MODES) against an fp32 run of the aten path (N = 64K,
+    """The given ways to compute dQ (of fused_settings.DQ_MODES) against an fp32 run of the aten path (N = 64K,
     causal), then timed at 256K; the fastest of those within bf16 tolerance (2e-2 relative), and than
-    `incumbent` (an earlier report), becomes fused.DQ_MODE."""
-    from longnet_dist.attention import fused
+    `incumbent` (an earlier report), becomes fused_settings.DQ_MODE."""
+    from longnet_dist.attention import fused_settings
 
     q, k, v, grad = make_inputs(CHECK_N, seed=1)
 
@@ -194,7 +194,7 @@ def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
     big = [x.requires_grad_() if i < 3 else x for i, x in enumerate(make_inputs(TUNE_N))]
     report = {}
     for mode in modes:
-        fused.DQ_MODE = mode
+        fused_settings.DQ_MODE = mode
         try:
             errors = relative_errors(grads(DTYPE, "triton"), ref)
             seconds = cuda_time(lambda: grads_of("dilated", *big), REPEATS)
@@ -206,18 +206,18 @@ def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
         print(f"dQ {mode}: errors {['%.1e' % e for e in errors]}, fwd+bwd 256K {seconds * 1e3:.2f} ms", flush=True)
     timed = {**{m: r for m, r in (incumbent or {}).items() if m != "chosen"}, **report}
     correct = [mode for mode, r in timed.items() if r["correct"]] or ["kernel"]
-    fused.DQ_MODE = min(correct, key=lambda mode: timed[mode].get("fwd_bwd_256k_s", float("inf")))
-    report["chosen"] = fused.DQ_MODE
+    fused_settings.DQ_MODE = min(correct, key=lambda mode: timed[mode].get("fwd_bwd_256k_s", float("inf")))
+    report["chosen"] = fused_settings.DQ_MODE
     return report
 
 
 def write_tuning(folder: Path) -> None:
-    """kernel_tuning.json: the dQ mode and block shapes in use, for fused.load_tuning (or the environment
-    variable fused.TUNING_ENV) in a later process, e.g. the GPU check's training stage."""
-    from longnet_dist.attention import fused
+    """kernel_tuning.json: the dQ mode and block shapes in use, for fused_settings.load_tuning (or the environment
+    variable fused_settings.TUNING_ENV) in a later process, e.g. the GPU check's training stage."""
+    from longnet_dist.attention import fused_settings
 
-    blocks = {kernel: [*vars(fused.blocks_for(kernel, DTYPE, HEAD_DIM)).values()]
+    blocks = {kernel: [*vars(fused_settings.blocks_for(kernel, DTYPE, HEAD_DIM)).values()]
               for kernel in ("fwd", "dkdv", "dkdv_small", "dq")}
-    tuning = {"dq_mode": fused.DQ_MODE, "small_launch_waves": fused.SMALL_LAUNCH_WAVES, "head_dim": HEAD_DIM,
+    tuning = {"dq_mode": fused_settings.DQ_MODE, "small_launch_waves": fused_settings.SMALL_LAUNCH_WAVES, "head_dim": HEAD_DIM,
               "blocks": blocks}
     (folder / "kernel_tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")

@@ -1,21 +1,26 @@
-"""Registers and spills of the fused attention kernels per block shape, compiled for a GPU that this
-machine need not have.
+"""Registers, spills and code shape of the fused attention kernels per block shape, compiled for a GPU
+that this machine need not have.
 
-    python3 benchmarks/kernel_resources.py               # sm_90 (H100 / H200), bf16, D = 64, ~1 minute
-    python3 benchmarks/kernel_resources.py --defaults    # only the block shapes in use (fused.DEFAULT_BLOCKS)
+    python3 benchmarks/kernel_resources.py               # sm_90 (H100 / H200), bf16, D = 64, ~2 minutes
+    python3 benchmarks/kernel_resources.py --defaults    # only the block shapes in use (fused_settings.DEFAULT_BLOCKS)
 
-Compiles every kernel (forward; dK/dV with dQ from its own kernel, with atomic dQ and with TMA-reduced
-dQ; dQ) for the
-block shapes `benchmarks/gpu_attention.py --tune` tries and the defaults, with Triton's compiler for
-the target architecture (causal, no key padding, not the first branch: the common launch), and
-reads the cubin's resource usage with the cuobjdump that Triton bundles: registers per thread, the
-stack frame (where spilled registers go: 0 means no spills) and static shared memory. A kernel that
-spills runs its hot loop through local memory. Needs a Triton with its NVIDIA backend and
-TRITON_INTERPRET unset; no GPU. Writes benchmarks/results/kernel_resources.json.
+Each kernel is compiled exactly as a launch would compile it: `fused.forward_branch` and
+`fused.backward_branch` run on meta tensors (B = 1, N = 256K, H = 12, D = 64, bf16, branch (8192, 4),
+causal, not the first branch) with the kernels swapped for recorders, and the recorded arguments are
+specialised the way Triton's JIT does at launch (pointers and integers divisible by 16 marked so,
+integers equal to 1 made constants). Without those hints the compiler can neither vectorise nor
+pipeline the strided row loads, and the numbers mean little (this tool's first version compiled so).
+
+Per kernel and shape: registers per thread, the stack frame (where spilled registers go: 0 means no
+spills), shared memory, and from the Triton GPU IR whether the row loads are asynchronous copies into
+shared memory (cp.async / TMA, pipelined over `num_stages`) and whether the products are Hopper warp-group
+MMAs (wgmma). Needs a Triton with its NVIDIA backend and TRITON_INTERPRET unset; no GPU. Writes
+benchmarks/results/kernel_resources.json.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -28,36 +33,104 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_resources.py compiles real kernels: unset TRITON_INTERPRET")
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 from common import RESULTS  # noqa: E402
 from gpu_kernels import CANDIDATES  # noqa: E402  (the block shapes gpu_attention.py --tune tries)
-from longnet_dist.attention import fused  # noqa: E402
+from longnet_dist.attention import fused, fused_settings  # noqa: E402
 from longnet_dist.attention.kernels import triton_dilated as kern  # noqa: E402
 
-# (kernel function, 16-bit pointer arguments, fp32 pointer arguments, extra constexprs)
+SHAPE = dict(batch=1, seq_len=262144, heads=12, head_dim=64, w=8192, r=4)
+# kernel -> (the Triton function, the fused_settings.DQ_MODE whose backward launches it, FUSE_DQ forced on the launch)
 KERNELS = {
-    "fwd": (kern._fwd, "Q K V", "OA LA", {}),
-    "dkdv": (kern._bwd_dkdv, "Q K V DO", "LSE2 DELTA DKA DVA DQA", {"FUSE_DQ": 0}),
-    "dkdv+atomic dq": (kern._bwd_dkdv, "Q K V DO", "LSE2 DELTA DKA DVA DQA", {"FUSE_DQ": 1}),
-    "dkdv+tma dq": (kern._bwd_dkdv, "Q K V DO", "LSE2 DELTA DKA DVA DQA", {"FUSE_DQ": 2}),
-    "dq": (kern._bwd_dq, "Q K V DO", "LSE2 DELTA DQA", {}),
+    "fwd": ("_fwd", None, None),
+    "dkdv": ("_bwd_dkdv", "kernel", None),
+    "dkdv+atomic dq": ("_bwd_dkdv", "atomic", 1),
+    "dkdv+tma dq": ("_bwd_dkdv", "tma", 2),  # on meta tensors fused picks 1 (no CUDA device): forced here
+    "dq": ("_bwd_dq", "kernel", None),
 }
 
 
-def resources(kernel: str, blocks: fused.Blocks, arch: int, dtype: str = "bf16", head_dim: int = 64) -> dict:
-    """Compile one kernel for sm_<arch> and read registers, stack frame and shared memory of its cubin."""
-    fn, halves, singles, extra = KERNELS[kernel]
-    consts = dict(CAUSAL=True, HAS_KEEP=False, FIRST=False, BLOCK_MAJOR=False, D=head_dim, BLOCK_M=blocks.block_m,
-                  BLOCK_N=blocks.block_n, PRECISION="tf32", **extra)
-    types = {name: f"*{dtype}" for name in halves.split()}
-    types.update({name: "*fp32" for name in singles.split()})
-    types.update({"KEEP": "*u8", "scale2": "fp32", "scale": "fp32"})
-    signature = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages))
+class Recorder:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **meta)` records the call instead of running it."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((args, meta))
+
+
+@contextlib.contextmanager
+def recording():
+    """Swap the kernels in `kern` for Recorders (fused launches them through the module)."""
+    names = ("_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_prep")
+    saved = {name: getattr(kern, name) for name in names}
+    recorders = {name: Recorder(fn) for name, fn in saved.items()}
+    for name, recorder in recorders.items():
+        setattr(kern, name, recorder)
+    try:
+        yield recorders
+    finally:
+        for name, fn in saved.items():
+            setattr(kern, name, fn)
+
+
+def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
+    """(Triton function, positional arguments, meta arguments) of `kernel`'s launch with `blocks`."""
+    fn_name, mode, fuse_dq = KERNELS[kernel]
+    B, N, H, D, w, r = (SHAPE[key] for key in ("batch", "seq_len", "heads", "head_dim", "w", "r"))
+    meta_tensor = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+    q, k, v, grad_out = (meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(4))
+    lse, delta = meta_tensor(B, N, H), meta_tensor(B, N, H)
+    saved = dict(fused_settings.TUNED), fused_settings.DQ_MODE
+    fused_settings.TUNED[(kernel.split("+")[0], False, D)] = blocks
+    try:
+        with recording() as recorders:
+            if fn_name == "_fwd":
+                fused.forward_branch(q, k, v, None, meta_tensor(B, N, H, D), lse, w, r, 0, True, D ** -0.5)
+            else:
+                fused_settings.DQ_MODE = mode
+                fused.backward_branch(q, k, v, grad_out, lse, delta, None, *(meta_tensor(B, N, H, D) for _ in range(3)),
+                                      w, r, 0, True, D ** -0.5)
+    finally:
+        fused_settings.TUNED.clear()
+        fused_settings.TUNED.update(saved[0])
+        fused_settings.DQ_MODE = saved[1]
+    args, meta = recorders[fn_name].calls[0]
+    if fuse_dq is not None:
+        meta = {**meta, "FUSE_DQ": fuse_dq}
+    return recorders[fn_name].fn, args, meta
+
+
+def compile_launch(fn, args: tuple, meta: dict, arch: int):
+    """Compile `fn` for sm_<arch> with the specialisation Triton's JIT gives these arguments."""
+    options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
+    values = dict(zip(fn.arg_names, args)) | meta
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":  # an integer equal to 1
+            signature[param.name], constexprs[param.name] = "constexpr", key
+        else:
+            signature[param.name] = kind
+            if key and BaseBackend.parse_attr(key):
+                attrs[(index,)] = BaseBackend.parse_attr(key)
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def resources(kernel: str, blocks: fused_settings.Blocks, arch: int) -> dict:
+    """Compile one kernel as its launch would and read its cubin's registers, stack frame and shared memory."""
+    compiled = compile_launch(*launch_of(kernel, blocks), arch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -65,10 +138,13 @@ def resources(kernel: str, blocks: fused.Blocks, arch: int, dtype: str = "bf16",
         usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True,
                                check=True).stdout
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    ir = compiled.asm["ttgir"]
     return {"kernel": kernel, "blocks": [blocks.block_m, blocks.block_n, blocks.num_warps, blocks.num_stages],
-            "default": blocks == fused.DEFAULT_BLOCKS[(kernel.split("+")[0], False)],
+            "default": blocks == fused_settings.DEFAULT_BLOCKS[(kernel.split("+")[0], False)],
             "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "dynamic_shared_bytes": compiled.metadata.shared}
+            "dynamic_shared_bytes": compiled.metadata.shared,
+            "async_loads": ir.count("async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local"),
+            "wgmma": ir.count("warp_group_dot ") + ir.count("warp_group_dot\n") > 0}
 
 
 def main() -> None:
@@ -78,24 +154,24 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for kernel_resources.json")
     args = parser.parse_args()
     rows = []
-    print(f"sm_{args.arch}, bf16, D = 64, causal; Triton {triton.__version__}")
+    print(f"sm_{args.arch}, bf16, causal, {SHAPE}; Triton {triton.__version__}")
     print(f"{'kernel':<15} {'block_m x block_n, warps, stages':<33} {'registers':>9} {'stack (spills)':>15} "
-          f"{'shared':>7}")
+          f"{'shared':>7} {'async loads':>11} {'wgmma':>6}")
     for kernel in KERNELS:
         base = kernel.split("+")[0]
-        shapes = [fused.DEFAULT_BLOCKS[(base, False)]]
+        shapes = [fused_settings.DEFAULT_BLOCKS[(base, False)]]
         if not args.defaults:
             tried = CANDIDATES[base] + (CANDIDATES["dkdv_fused_dq"] + CANDIDATES["dkdv_small"] if base == "dkdv" else [])
-            shapes += [fused.Blocks(*shape) for shape in dict.fromkeys(tried) if fused.Blocks(*shape) != shapes[0]]
+            shapes += [fused_settings.Blocks(*shape) for shape in dict.fromkeys(tried) if fused_settings.Blocks(*shape) != shapes[0]]
         for blocks in shapes:
             row = resources(kernel, blocks, args.arch)
             rows.append(row)
             shape = "{} x {}, {}, {}".format(*row["blocks"]) + (" (default)" if row["default"] else "")
             print(f"{kernel:<15} {shape:<33} {row['registers']:>9} {row['stack_bytes']:>15} "
-                  f"{row['dynamic_shared_bytes']:>7}", flush=True)
+                  f"{row['dynamic_shared_bytes']:>7} {row['async_loads']:>11} {str(row['wgmma']):>6}", flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / "kernel_resources.json"
-    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "dtype": "bf16", "head_dim": 64,
+    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "dtype": "bf16", "shape": SHAPE,
                                 "command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -98,14 +98,14 @@ def test_fused_writes_every_row_and_uncovered_rows_are_zero():
 def test_dq_on_a_second_stream_is_bit_identical(monkeypatch):
     """DQ_MODE "stream" runs the same kernels, each accumulator's launches in the same order, with
     the dQ chain on a second stream: the gradients must be identical bit for bit, with head groups too."""
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused, fused_settings
 
     torch.manual_seed(0)
     q, k, v, grad = (torch.randn(2, 4096, 6, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     mask = torch.rand(2, 4096, device="cuda") > 0.1
 
     def run(mode, budget):
-        monkeypatch.setattr(fused, "DQ_MODE", mode)
+        monkeypatch.setattr(fused_settings, "DQ_MODE", mode)
         monkeypatch.setattr(fused, "ACCUMULATOR_BUDGET_BYTES", budget)
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
         out = dilated_attention(*inputs, [256, 1024, 4096], [1, 3, 4], causal=True, key_padding_mask=mask,

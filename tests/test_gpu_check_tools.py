@@ -82,7 +82,8 @@ def test_profile_script_runs_on_the_cpu(tmp_path):
 
 
 def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
-    """The registers / spills tool compiles the in-use block shapes for an H100/H200 without a GPU."""
+    """The registers / spills tool compiles the in-use block shapes for an H100/H200 without a GPU, with the
+    specialisation a real launch gets."""
     import importlib.util
 
     import pytest
@@ -99,12 +100,15 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
     for row in rows:
         assert row["default"] and 32 <= row["registers"] <= 255 and row["stack_bytes"] >= 0, row
         assert row["dynamic_shared_bytes"] > 0, row
+        # compiled as a launch compiles them (alignment known), the row loads are asynchronous copies that the
+        # pipeline overlaps and the products Hopper's warp-group MMAs; without the JIT's hints neither happens
+        assert row["async_loads"] > 0 and row["wgmma"], row
 
 
 def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     """benchmarks/gpu_kernels.py's tuning steps, which a GPU lease runs first (dQ modes against an fp32
     run, block shapes with the dQ-fused shapes, small launches, kernel_tuning.json), on a small fp16
-    problem through Triton's interpreter: their control flow, and a file that fused.load_tuning takes.
+    problem through Triton's interpreter: their control flow, and a file that fused_settings.load_tuning takes.
     Timings here mean nothing (the interpreter runs every shape with its own blocks)."""
     import pytest
     import torch
@@ -112,7 +116,7 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     pytest.importorskip("triton")
     import gpu_kernels as gk
 
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused_settings
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     shrunk = dict(DEVICE="cpu", REFERENCE_BACKEND="cpu_flash", DTYPE=torch.float16, HEADS=2, HEAD_DIM=16,
@@ -121,19 +125,19 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
                               "dq": [(64, 64, 4, 3)], "dkdv_small": [(64, 64, 4, 3)]})
     for name, value in shrunk.items():
         monkeypatch.setattr(gk, name, value)
-    for name, value in (("DQ_MODE", fused.DQ_MODE), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0)):
-        monkeypatch.setattr(fused, name, value)  # restored afterwards
+    for name, value in (("DQ_MODE", fused_settings.DQ_MODE), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0)):
+        monkeypatch.setattr(fused_settings, name, value)  # restored afterwards
 
     report = gk.choose_dq_variant(["kernel", "stream", "atomic", "tma"])
     assert all(report[mode]["correct"] for mode in ("kernel", "stream", "atomic", "tma")), report
-    assert max(max(report[mode]["errors_out_dq_dk_dv"]) for mode in fused.DQ_MODES) < 4e-3  # fp16 vs fp32
-    tuned = gk.tune(list(fused.DQ_MODES))
+    assert max(max(report[mode]["errors_out_dq_dk_dv"]) for mode in fused_settings.DQ_MODES) < 4e-3  # fp16 vs fp32
+    tuned = gk.tune(list(fused_settings.DQ_MODES))
     assert set(tuned["dkdv"]["seconds"]) == {"(32, 128, 4, 4) stream", "(32, 64, 4, 4) tma"}
     small = gk.tune_small_launches()
     assert set(small["seconds"]) == {"0 None", "4 (64, 64, 4, 3)", "8 (64, 64, 4, 3)"}
     assert max(small["errors_vs_off"].values()) == 0  # on the CPU no launch counts as small: same kernels
     gk.write_tuning(tmp_path)
-    chosen = (fused.DQ_MODE, fused.SMALL_LAUNCH_WAVES)
-    monkeypatch.setattr(fused, "DQ_MODE", "kernel")
-    fused.load_tuning(tmp_path / "kernel_tuning.json")
-    assert (fused.DQ_MODE, fused.SMALL_LAUNCH_WAVES) == chosen
+    chosen = (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES)
+    monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
+    fused_settings.load_tuning(tmp_path / "kernel_tuning.json")
+    assert (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES) == chosen

@@ -22,7 +22,7 @@ from reference import dilated_errors
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# the ways to compute dQ (fused.DQ_MODES); "stream" and "tma" differ from "kernel" and "atomic" only on
+# the ways to compute dQ (fused_settings.DQ_MODES); "stream" and "tma" differ from "kernel" and "atomic" only on
 # a CUDA device (tma: compute capability 9+)
 DQ_MODES = ["kernel", "atomic"] + (["stream", "tma"] if DEVICE == "cuda" else [])
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -55,9 +55,9 @@ def test_fused_float32_matches_dense_reference(cfg):
 def test_fused_float16_matches_dense_reference(causal, pad, dq_mode, monkeypatch):
     """Every way to get dQ: its own kernel (on the same or a second stream), or atomically from the
     dK/dV loop."""
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused_settings
 
-    monkeypatch.setattr(fused, "DQ_MODE", dq_mode)
+    monkeypatch.setattr(fused_settings, "DQ_MODE", dq_mode)
     errors = dilated_errors(DEVICE, 2, 100, 5, 16, [12, 32, 128], [1, 3, 6], causal, pad, torch.float16)
     assert max(errors.values()) < 4e-3, errors
 
@@ -77,9 +77,9 @@ def test_head_groups_give_the_same_result(monkeypatch):
 @pytest.mark.parametrize("dq_mode", DQ_MODES)
 def test_fused_matches_gather_path_float32(dq_mode, monkeypatch):
     """The fused kernels against their plain-torch twin (gather -> per-branch kernel -> merge)."""
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused_settings
 
-    monkeypatch.setattr(fused, "DQ_MODE", dq_mode)
+    monkeypatch.setattr(fused_settings, "DQ_MODE", dq_mode)
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, 90, 4, 32, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
     mask = (torch.rand(2, 90, generator=g) > 0.2).to(DEVICE)
@@ -98,11 +98,11 @@ def test_r1_branch_writing_first_changes_no_bit(dtype, dq_mode, monkeypatch):
     """With an r = 1 branch the accumulators are not zero-filled: that branch runs first and writes
     every row (FIRST). Against the plain path (zeros, every branch adds): identical, bit for bit,
     padded and causal, one head per group (16-bit) and the r = 1 branch listed last."""
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused, fused_settings
 
     assert fused.covering_first([(8, 2), (16, 1), (32, 1)]) == ([(16, 1), (8, 2), (32, 1)], True)
     assert fused.covering_first([(8, 2), (32, 4)]) == ([(8, 2), (32, 4)], False)
-    monkeypatch.setattr(fused, "DQ_MODE", dq_mode)
+    monkeypatch.setattr(fused_settings, "DQ_MODE", dq_mode)
     monkeypatch.setattr(fused, "ACCUMULATOR_BUDGET_BYTES", 0)
     g = torch.Generator().manual_seed(11)
     q, k, v, grad = (torch.randn(2, 70, 3, 16, generator=g).to(DEVICE, dtype) for _ in range(4))
@@ -134,12 +134,12 @@ def test_only_an_r1_branch_may_write_first():
 
 
 def test_an_unknown_dq_mode_is_one_clear_error(monkeypatch):
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused_settings
 
-    monkeypatch.setattr(fused, "DQ_MODE", "fast")
+    monkeypatch.setattr(fused_settings, "DQ_MODE", "fast")
     q = torch.randn(1, 16, 1, 16, device=DEVICE, requires_grad=True)
     out = dilated_attention(q, q, q, [16], [1], backend="triton")
-    with pytest.raises(ValueError, match=r"fused.DQ_MODE='fast' is not one of \['kernel', 'stream', 'atomic', 'tma'\]"):
+    with pytest.raises(ValueError, match=r"fused_settings.DQ_MODE='fast' is not one of \['kernel', 'stream', 'atomic', 'tma'\]"):
         out.sum().backward()
 
 
@@ -171,28 +171,28 @@ def test_triton_backend_rejects_what_it_cannot_run(bad, message):
 
 
 def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypatch):
-    """benchmarks/gpu_attention.py writes kernel_tuning.json; fused.load_tuning (or the environment
-    variable fused.TUNING_ENV, read at import, in a fresh process) installs it for 16-bit inputs."""
+    """benchmarks/gpu_attention.py writes kernel_tuning.json; fused_settings.load_tuning (or the environment
+    variable fused_settings.TUNING_ENV, read at import, in a fresh process) installs it for 16-bit inputs."""
     import json
     import subprocess
     import sys
 
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused, fused_settings
 
     path = tmp_path / "kernel_tuning.json"
     path.write_text(json.dumps({"dq_mode": "stream", "small_launch_waves": 2, "head_dim": 64,
                                 "blocks": {"dkdv": [64, 64, 8, 3]}}))
-    monkeypatch.setattr(fused, "TUNED", {})
-    monkeypatch.setattr(fused, "DQ_MODE", "kernel")
-    monkeypatch.setattr(fused, "SMALL_LAUNCH_WAVES", 0)
-    fused.load_tuning(path)
-    assert fused.DQ_MODE == "stream" and fused.TUNED == {("dkdv", False, 64): fused.Blocks(64, 64, 8, 3)}
-    assert fused.SMALL_LAUNCH_WAVES == 2
+    monkeypatch.setattr(fused_settings, "TUNED", {})
+    monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
+    monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", 0)
+    fused_settings.load_tuning(path)
+    assert fused_settings.DQ_MODE == "stream" and fused_settings.TUNED == {("dkdv", False, 64): fused_settings.Blocks(64, 64, 8, 3)}
+    assert fused_settings.SMALL_LAUNCH_WAVES == 2
     if not fused.kern.interpreted():  # the interpreter runs every kernel with its own small blocks
-        assert fused.blocks_for("dkdv", torch.bfloat16, 64) == fused.Blocks(64, 64, 8, 3)
-        assert fused.blocks_for("dkdv", torch.float32, 64) == fused.DEFAULT_BLOCKS[("dkdv", True)]
-    probe = "from longnet_dist.attention import fused; print(fused.DQ_MODE, fused.TUNED[('dkdv', False, 64)].num_warps)"
-    shown = subprocess.run([sys.executable, "-c", probe], env={**os.environ, fused.TUNING_ENV: str(path)},
+        assert fused_settings.blocks_for("dkdv", torch.bfloat16, 64) == fused_settings.Blocks(64, 64, 8, 3)
+        assert fused_settings.blocks_for("dkdv", torch.float32, 64) == fused_settings.DEFAULT_BLOCKS[("dkdv", True)]
+    probe = "from longnet_dist.attention import fused_settings; print(fused_settings.DQ_MODE, fused_settings.TUNED[('dkdv', False, 64)].num_warps)"
+    shown = subprocess.run([sys.executable, "-c", probe], env={**os.environ, fused_settings.TUNING_ENV: str(path)},
                            capture_output=True, text=True, check=True).stdout.split()
     assert shown == ["stream", "8"]
     for bad, message in [({"dq_mode": "fast", "head_dim": 64}, r"dq_mode='fast' is not one of \['kernel'"),
@@ -202,18 +202,18 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
                          ({"blocks": {"fwd": [64, 64, 4, 3]}}, r"blocks need the head_dim they were tuned for")]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
-            fused.load_tuning(path)
-    assert fused.DQ_MODE == "stream" and fused.SMALL_LAUNCH_WAVES == 2  # a refused file changes nothing
+            fused_settings.load_tuning(path)
+    assert fused_settings.DQ_MODE == "stream" and fused_settings.SMALL_LAUNCH_WAVES == 2  # a refused file changes nothing
 
 
 def test_a_causal_launch_of_few_dkdv_programs_takes_the_small_blocks(monkeypatch):
-    """fused.SMALL_LAUNCH_WAVES: the paper's longest branch at N = 32K is one wave of unevenly long
+    """fused_settings.SMALL_LAUNCH_WAVES: the paper's longest branch at N = 32K is one wave of unevenly long
     causal dK/dV programs; below the threshold the launch takes twice as many, half as long."""
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused, fused_settings
 
     monkeypatch.setattr(fused.kern, "interpreted", lambda: False)  # the interpreter's own blocks aside
-    monkeypatch.setattr(fused, "SMALL_LAUNCH_WAVES", 4)
-    big, small = fused.DEFAULT_BLOCKS[("dkdv", False)], fused.DEFAULT_BLOCKS[("dkdv_small", False)]
+    monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", 4)
+    big, small = fused_settings.DEFAULT_BLOCKS[("dkdv", False)], fused_settings.DEFAULT_BLOCKS[("dkdv_small", False)]
     launch = functools.partial(fused._dkdv_launch, 32 * 1024, heads=12, batch=1, dtype=torch.bfloat16, head_dim=64,
                                multiprocessors=132)
     # w = 32768, r = 12: 2731 slots, 22 blocks of 128 keys x 12 heads = 264 programs < 4 x 132
@@ -221,22 +221,22 @@ def test_a_causal_launch_of_few_dkdv_programs_takes_the_small_blocks(monkeypatch
     # w = 2048, r = 1: 16 blocks x 16 segments x 12 heads = 3072 programs
     assert launch(2048, 1, causal=True) == (big, (16 * 16 * 12, 1), 16, False)
     assert launch(32768, 12, causal=False)[0] == big  # programs of equal length: nothing to even out
-    monkeypatch.setattr(fused, "SMALL_LAUNCH_WAVES", 0)  # off
+    monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", 0)  # off
     assert launch(32768, 12, causal=True)[0] == big
 
 
 def test_small_launches_change_only_the_order_of_programs(monkeypatch):
-    """fused.SMALL_LAUNCH_WAVES on: every causal launch below counts as small, so its programs start
+    """fused_settings.SMALL_LAUNCH_WAVES on: every causal launch below counts as small, so its programs start
     block-major (longest first across all (segment, head) pairs) and dK/dV takes the "dkdv_small"
     blocks (the interpreter's blocks either way). Each program writes its own rows: bit-identical."""
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused, fused_settings
 
     torch.manual_seed(0)
     q, k, v, grad = (torch.randn(2, 90, 3, 16, device=DEVICE) for _ in range(4))
 
     def run(waves):
-        monkeypatch.setattr(fused, "SMALL_LAUNCH_WAVES", waves)
-        monkeypatch.setattr(fused, "DQ_MODE", "kernel")
+        monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", waves)
+        monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
         monkeypatch.setattr(fused, "_multiprocessors", lambda device: 1)
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
         out = dilated_attention(*inputs, [8, 32, 64], [1, 2, 3], causal=True, backend="triton")

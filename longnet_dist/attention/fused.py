@@ -17,109 +17,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
-import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from . import fused_settings as settings
 from .kernels import branch_range
 from .kernels import triton_dilated as kern
 
 ACCUMULATOR_BUDGET_BYTES = 512 * 2**20  # below this the accumulators cover all heads at once
 
 
-@dataclass(frozen=True)
-class Blocks:
-    """Meta-parameters of one kernel launch."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-# (kernel, fp32?) -> blocks. 16-bit: the fastest of `benchmarks/gpu_attention.py --tune` on an H200 (D = 64,
-# paper branches, N = 256K, causal; results/gpu_attention_{sweep_,}h200.log): forward 64x64 x 3 stages
-# 6.11 ms, 6.36 with 4, 7.19 at 128x64; dK/dV and dQ: the second sweep's best within 0.2% (noise).
-# The sweep can install others in TUNED. fp32 (IEEE dots, no tensor cores): smaller tiles, not tuned.
-DEFAULT_BLOCKS = {
-    ("fwd", False): Blocks(64, 64, 4, 3),
-    ("dkdv", False): Blocks(32, 128, 4, 4),
-    ("dkdv_small", False): Blocks(64, 64, 4, 3),  # 27.8 ms at 256K against 26.4: see SMALL_LAUNCH_WAVES
-    ("dq", False): Blocks(64, 64, 4, 3),
-    ("fwd", True): Blocks(64, 32, 4, 2),
-    ("dkdv", True): Blocks(32, 64, 4, 2),
-    ("dkdv_small", True): Blocks(32, 64, 4, 2),
-    ("dq", True): Blocks(64, 32, 4, 2),
-}
-# A causal dK/dV program loops over the queries after its key block: lengths run from 1 to slots /
-# BLOCK_M, and a launch of few programs lasts as long as its longest, about twice the mean (branch
-# (32768, 12) at N = 32K: 12 heads x 22 blocks of 128 keys, one wave on an H200). A causal launch of
-# fewer than SMALL_LAUNCH_WAVES programs per multiprocessor takes "dkdv_small" (half the keys per
-# program), and every small causal launch starts its longest programs first (BLOCK_MAJOR). Written
-# after the H200 lease, so off (0) until a GPU measures it: `gpu_attention.py --tune` times 0, 4 and
-# 8 at 32K and hands the best on.
-SMALL_LAUNCH_WAVES = 0
-INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
-# How the backward computes dQ:
-#   "kernel": a dQ kernel of its own after each branch's dK/dV kernel (7 matrix products per block pair);
-#   "stream": the same kernels, every dQ launch on a second CUDA stream: dK/dV and dQ write different
-#             accumulators, so the two chains run side by side and fill each other's tail waves
-#             (the same numbers bit for bit; on the CPU / interpreter it is "kernel");
-#   "atomic": dQ from the dK/dV loop, added atomically (5 products; rounding order varies run to run);
-#   "tma":    the same, each (BLOCK_M, D) dQ tile added by one TMA bulk reduction instead of an atomic
-#             per element (compute capability >= 9; elsewhere it is "atomic").
-# On an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd; gpu_attention_h200.log): stream 26.6 ms,
-# kernel 29.0, tma 31.1, atomic 34.5, all within 2.5e-3 of fp32 (gpu_attention.py times them anew).
-DQ_MODES = ("kernel", "stream", "atomic", "tma")
-DQ_MODE = "stream"
-TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
-TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
-
-
-def load_tuning(path: str | os.PathLike) -> None:
-    """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
-    writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "head_dim": 64,
-    "blocks": {"fwd": [block_m, block_n, num_warps, num_stages], "dkdv": [...], "dkdv_small": [...],
-    "dq": [...]}} (every key optional but head_dim)."""
-    global DQ_MODE, SMALL_LAUNCH_WAVES
-    with open(path) as file:
-        data = json.load(file)
-    mode = data.get("dq_mode", DQ_MODE)
-    if mode not in DQ_MODES:
-        raise ValueError(f"{path}: dq_mode={mode!r} is not one of {list(DQ_MODES)}")
-    if data.get("blocks") and "head_dim" not in data:
-        raise ValueError(f"{path}: blocks need the head_dim they were tuned for (e.g. \"head_dim\": 64)")
-    blocks = {}
-    for kernel, shape in data.get("blocks", {}).items():
-        if (kernel, False) not in DEFAULT_BLOCKS or len(shape) != 4 or not all(int(x) > 0 for x in shape):
-            raise ValueError(f"{path}: blocks[{kernel!r}]={shape!r}; want one of fwd, dkdv, dkdv_small, dq mapped to "
-                             "[block_m, block_n, num_warps, num_stages] (positive integers)")
-        blocks[(kernel, False, int(data["head_dim"]))] = Blocks(*(int(x) for x in shape))
-    waves = data.get("small_launch_waves", SMALL_LAUNCH_WAVES)
-    if isinstance(waves, bool) or not isinstance(waves, int) or waves < 0:
-        raise ValueError(f"{path}: small_launch_waves={waves!r} must be an integer >= 0 (0: never)")
-    DQ_MODE, SMALL_LAUNCH_WAVES = mode, waves
-    TUNED.update(blocks)
-
-
 def _small(grid: tuple[int, int], causal: bool, multiprocessors: int) -> bool:
-    """A causal launch of fewer than SMALL_LAUNCH_WAVES programs per multiprocessor."""
-    return causal and grid[0] * grid[1] < SMALL_LAUNCH_WAVES * multiprocessors
+    """A causal launch of fewer than settings.SMALL_LAUNCH_WAVES programs per multiprocessor."""
+    return causal and grid[0] * grid[1] < settings.SMALL_LAUNCH_WAVES * multiprocessors
 
 
 def _dkdv_launch(seq_len: int, w: int, r: int, heads: int, batch: int, dtype: torch.dtype, head_dim: int,
-                 causal: bool, multiprocessors: int) -> tuple[Blocks, tuple[int, int], int, bool]:
+                 causal: bool, multiprocessors: int) -> tuple[settings.Blocks, tuple[int, int], int, bool]:
     """(blocks, grid, blocks per (segment, head), small?) of branch (w, r)'s dK/dV launch (SMALL_LAUNCH_WAVES)."""
-    blocks = blocks_for("dkdv", dtype, head_dim)
+    blocks = settings.blocks_for("dkdv", dtype, head_dim)
     grid, num_blocks = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
     small = _small(grid, causal, multiprocessors)
     if small:
-        blocks = blocks_for("dkdv_small", dtype, head_dim)
+        blocks = settings.blocks_for("dkdv_small", dtype, head_dim)
         grid, num_blocks = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
     return blocks, grid, num_blocks, small
 
@@ -127,13 +50,6 @@ def _dkdv_launch(seq_len: int, w: int, r: int, heads: int, batch: int, dtype: to
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-
-
-def blocks_for(kernel: str, dtype: torch.dtype, head_dim: int) -> Blocks:
-    if kern.interpreted():
-        return INTERPRETER_BLOCKS
-    fp32 = dtype == torch.float32
-    return TUNED.get((kernel, fp32, head_dim), DEFAULT_BLOCKS[(kernel, fp32)])
 
 
 def head_group(batch: int, seq_len: int, heads: int, head_dim: int, element_size: int, buffers: int) -> int:
@@ -187,7 +103,7 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
     `first`: r = 1 and nothing merged yet: write every row (acc and lse may hold garbage)."""
     _check_first(first, r)
     B, N, heads, D = q.shape
-    blocks = blocks_for("fwd", q.dtype, D)
+    blocks = settings.blocks_for("fwd", q.dtype, D)
     grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
     kern._fwd[grid](
         q, k, v, lse if keep is None else keep, acc, lse, *_strides3(q), *_strides3(k), *_strides3(v),
@@ -214,12 +130,12 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     """Add branch (w, r)'s gradients of heads [head0, head0 + H') into the fp32 accumulators dq, dk, dv
     (B, N, H', D, one layout), in place; the other arguments are (B, N, H', ...) views of those heads.
     `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream).
-    `first`: r = 1 and nothing added yet: write dk, dv (and dq unless DQ_MODE adds it atomically,
+    `first`: r = 1 and nothing added yet: write dk, dv (and dq unless settings.DQ_MODE adds it atomically,
     "atomic" or "tma": dq must then hold zeros) instead of adding."""
     _check_first(first, r)
     B, N, heads, D = q.shape
     fuse_dq = _fused_dq(q.device)
-    dq_blocks = blocks_for("dq", q.dtype, D)
+    dq_blocks = settings.blocks_for("dq", q.dtype, D)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq),
               N, N)  # ..., keep's batch stride, sequence length
     meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype))
@@ -241,12 +157,12 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
 
 
 def _fused_dq(device: torch.device) -> int:
-    """The dK/dV kernel's FUSE_DQ for DQ_MODE on `device`: 0 (a dQ kernel), 1 (atomic adds), 2 (TMA)."""
-    if DQ_MODE not in DQ_MODES:
-        raise ValueError(f"fused.DQ_MODE={DQ_MODE!r} is not one of {list(DQ_MODES)}")
-    if DQ_MODE in ("kernel", "stream"):
+    """The dK/dV kernel's FUSE_DQ for settings.DQ_MODE on `device`: 0 (a dQ kernel), 1 (atomic adds), 2 (TMA)."""
+    if settings.DQ_MODE not in settings.DQ_MODES:
+        raise ValueError(f"fused_settings.DQ_MODE={settings.DQ_MODE!r} is not one of {list(settings.DQ_MODES)}")
+    if settings.DQ_MODE in ("kernel", "stream"):
         return 0
-    if DQ_MODE == "tma" and device.type == "cuda" and not kern.interpreted() and _tma_ready(device):
+    if settings.DQ_MODE == "tma" and device.type == "cuda" and not kern.interpreted() and _tma_ready(device):
         return 2
     return 1
 
@@ -276,9 +192,9 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _dq_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The second stream for dQ launches when DQ_MODE is "stream" on a CUDA device, else None."""
+    """The second stream for dQ launches when settings.DQ_MODE is "stream" on a CUDA device, else None."""
     _fused_dq(device)  # checks DQ_MODE
-    return _side_stream(device) if DQ_MODE == "stream" and device.type == "cuda" else None
+    return _side_stream(device) if settings.DQ_MODE == "stream" and device.type == "cuda" else None
 
 
 def _accumulator(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, filled: bool) -> Tensor:
@@ -383,7 +299,3 @@ def fused_dilated_attention(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[
     """(B, N, H, D) -> (B, N, H, D); inputs already checked by `dilated_attention`."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     return FusedDilatedFunction.apply(q, k, v, key_padding_mask, tuple(branches), causal, scale)
-
-
-if os.environ.get(TUNING_ENV):  # e.g. the GPU check's training stage, after the attention stage tuned
-    load_tuning(os.environ[TUNING_ENV])

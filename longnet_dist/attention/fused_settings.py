@@ -1,0 +1,100 @@
+"""Launch settings of the fused kernels (fused.py): block shapes per kernel, how the backward computes
+dQ, small causal launches, and whether rows arrive through TMA descriptors. The defaults are what the
+last GPU sweep measured; `load_tuning` (or LONGNET_KERNEL_TUNING at import) installs a newer sweep's
+choices, the kernel_tuning.json that `benchmarks/gpu_attention.py --tune` writes. fused.py reads these
+names at every launch, so setting them (`fused_settings.DQ_MODE = "kernel"`) takes effect at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import triton_dilated as kern
+
+@dataclass(frozen=True)
+class Blocks:
+    """Meta-parameters of one kernel launch."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (kernel, fp32?) -> blocks. 16-bit: the fastest of `benchmarks/gpu_attention.py --tune` on an H200 (D = 64,
+# paper branches, N = 256K, causal; results/gpu_attention_{sweep_,}h200.log): forward 64x64 x 3 stages
+# 6.11 ms, 6.36 with 4, 7.19 at 128x64; dK/dV and dQ: the second sweep's best within 0.2% (noise).
+# The sweep can install others in TUNED. fp32 (IEEE dots, no tensor cores): smaller tiles, not tuned.
+DEFAULT_BLOCKS = {
+    ("fwd", False): Blocks(64, 64, 4, 3),
+    ("dkdv", False): Blocks(32, 128, 4, 4),
+    ("dkdv_small", False): Blocks(64, 64, 4, 3),  # 27.8 ms at 256K against 26.4: see SMALL_LAUNCH_WAVES
+    ("dq", False): Blocks(64, 64, 4, 3),
+    ("fwd", True): Blocks(64, 32, 4, 2),
+    ("dkdv", True): Blocks(32, 64, 4, 2),
+    ("dkdv_small", True): Blocks(32, 64, 4, 2),
+    ("dq", True): Blocks(64, 32, 4, 2),
+}
+# A causal dK/dV program loops over the queries after its key block: lengths run from 1 to slots /
+# BLOCK_M, and a launch of few programs lasts as long as its longest, about twice the mean (branch
+# (32768, 12) at N = 32K: 12 heads x 22 blocks of 128 keys, one wave on an H200). A causal launch of
+# fewer than SMALL_LAUNCH_WAVES programs per multiprocessor takes "dkdv_small" (half the keys per
+# program), and every small causal launch starts its longest programs first (BLOCK_MAJOR). Written
+# after the H200 lease, so off (0) until a GPU measures it: `gpu_attention.py --tune` times 0, 4 and
+# 8 at 32K and hands the best on.
+SMALL_LAUNCH_WAVES = 0
+INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
+# How the backward computes dQ:
+#   "kernel": a dQ kernel of its own after each branch's dK/dV kernel (7 matrix products per block pair);
+#   "stream": the same kernels, every dQ launch on a second CUDA stream: dK/dV and dQ write different
+#             accumulators, so the two chains run side by side and fill each other's tail waves
+#             (the same numbers bit for bit; on the CPU / interpreter it is "kernel");
+#   "atomic": dQ from the dK/dV loop, added atomically (5 products; rounding order varies run to run);
+#   "tma":    the same, each (BLOCK_M, D) dQ tile added by one TMA bulk reduction instead of an atomic
+#             per element (compute capability >= 9; elsewhere it is "atomic").
+# On an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd; gpu_attention_h200.log): stream 26.6 ms,
+# kernel 29.0, tma 31.1, atomic 34.5, all within 2.5e-3 of fp32 (gpu_attention.py times them anew).
+DQ_MODES = ("kernel", "stream", "atomic", "tma")
+DQ_MODE = "stream"
+TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
+TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
+
+
+def load_tuning(path: str | os.PathLike) -> None:
+    """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
+    writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "head_dim": 64,
+    "blocks": {"fwd": [block_m, block_n, num_warps, num_stages], "dkdv": [...], "dkdv_small": [...],
+    "dq": [...]}} (every key optional but head_dim)."""
+    global DQ_MODE, SMALL_LAUNCH_WAVES
+    with open(path) as file:
+        data = json.load(file)
+    mode = data.get("dq_mode", DQ_MODE)
+    if mode not in DQ_MODES:
+        raise ValueError(f"{path}: dq_mode={mode!r} is not one of {list(DQ_MODES)}")
+    if data.get("blocks") and "head_dim" not in data:
+        raise ValueError(f"{path}: blocks need the head_dim they were tuned for (e.g. \"head_dim\": 64)")
+    blocks = {}
+    for kernel, shape in data.get("blocks", {}).items():
+        if (kernel, False) not in DEFAULT_BLOCKS or len(shape) != 4 or not all(int(x) > 0 for x in shape):
+            raise ValueError(f"{path}: blocks[{kernel!r}]={shape!r}; want one of fwd, dkdv, dkdv_small, dq mapped to "
+                             "[block_m, block_n, num_warps, num_stages] (positive integers)")
+        blocks[(kernel, False, int(data["head_dim"]))] = Blocks(*(int(x) for x in shape))
+    waves = data.get("small_launch_waves", SMALL_LAUNCH_WAVES)
+    if isinstance(waves, bool) or not isinstance(waves, int) or waves < 0:
+        raise ValueError(f"{path}: small_launch_waves={waves!r} must be an integer >= 0 (0: never)")
+    DQ_MODE, SMALL_LAUNCH_WAVES = mode, waves
+    TUNED.update(blocks)
+
+
+def blocks_for(kernel: str, dtype: torch.dtype, head_dim: int) -> Blocks:
+    if kern.interpreted():
+        return INTERPRETER_BLOCKS
+    fp32 = dtype == torch.float32
+    return TUNED.get((kernel, fp32, head_dim), DEFAULT_BLOCKS[(kernel, fp32)])
+
+
+if os.environ.get(TUNING_ENV):  # e.g. the GPU check's training stage, after the attention stage tuned
+    load_tuning(os.environ[TUNING_ENV])
