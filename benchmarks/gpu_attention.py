@@ -16,9 +16,10 @@ forward+backward, inputs and the incoming gradient included, divided by N.
 It first checks every way of computing dQ (fused_settings.DQ_MODES: a kernel of its own, the same on a second
 CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
 N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K
-and keeps the fastest (recorded in the JSON), and at N = 32K whether causal dK/dV launches of few
-programs take smaller blocks (fused_settings.SMALL_LAUNCH_WAVES). Writes benchmarks/results/gpu_attention.json and .png (the
-JSON after every point), and kernel_tuning.json: the dQ mode and blocks in use, which a later process
+and keeps the fastest (recorded in the JSON), then which kernels read rows through TMA descriptors
+(fused_settings.TMA_LOADS, 256K), and at N = 32K whether causal dK/dV launches of few programs take
+smaller blocks (fused_settings.SMALL_LAUNCH_WAVES). Writes benchmarks/results/gpu_attention.json and .png
+(the JSON after every point), and kernel_tuning.json: the settings in use, which a later process
 installs with LONGNET_KERNEL_TUNING=path (fused_settings.load_tuning; scripts/gpu_check.sh's training stage).
 """
 from __future__ import annotations
@@ -35,13 +36,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from common import RESULTS, machine, style_log2_axis  # noqa: E402
+import gpu_kernels  # noqa: E402  (its DEADLINE is set below)
 from gpu_kernels import (DILATIONS, HEAD_DIM, HEADS, SEGMENTS, UNTRIED_DQ_MODES, K, M,  # noqa: E402
                          choose_dq_variant, cuda_time, forward, grads_of, make_inputs, tune, tune_small_launches,
-                         write_tuning)
+                         tune_tma_loads, write_tuning)
 
 from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E402
 
 BACKWARD_FACTOR = 2.5
+STARTED = time.time()
 # (kernel, N, causal, repeats); dense at 1M takes ~21 s per forward+backward: repeats 0 times its one
 # (first) forward+backward and no forward alone
 FULL = ([("dilated", n, True, 5) for n in (32 * K, 128 * K, M)] + [("dilated", 4 * M, True, 2)]
@@ -189,6 +192,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N = 32K and 1M only")
     parser.add_argument("--tune", action="store_true", help="sweep block shapes first (about 1 minute)")
+    parser.add_argument("--tune-budget", type=float, default=float("inf"), metavar="SECONDS",
+                        help="seconds from the start after which the tuning tries nothing new (each step keeps its "
+                             "best so far; kernel_tuning.json is written after every step), leaving the rest of a "
+                             "time-limited stage to the measured points")
     parser.add_argument("--tag", default="", help="results go to gpu_attention_<tag>.json/png")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args()
@@ -202,12 +209,18 @@ def main() -> None:
     print(f"GPU: {host['gpu']}, torch {host['torch']}; H={HEADS}, D={HEAD_DIM}, bf16, paper branches", flush=True)
     from longnet_dist.attention import fused_settings
 
+    gpu_kernels.DEADLINE = STARTED + args.tune_budget
     payload["dq_variants"] = choose_dq_variant([m for m in fused_settings.DQ_MODES if m not in UNTRIED_DQ_MODES])
-    if args.tune:
+    write_tuning(args.results)
+    if args.tune:  # most valuable first; after each step its choice is handed on
         payload["tuning"] = tune([mode for mode, report in payload["dq_variants"].items()
                                   if isinstance(report, dict) and report.get("correct")])
+        write_tuning(args.results)
+        payload["tuning"]["tma_loads"] = tune_tma_loads()
+        write_tuning(args.results)
         payload["tuning"]["small_launches"] = tune_small_launches()
-    write_tuning(args.results)
+        write_tuning(args.results)
+        payload["tuning"]["seconds"] = time.time() - STARTED
 
     payload["blocks"] = {f"{k[0]}{'_fp32' if k[1] else ''}": vars(b) for k, b in fused_settings.DEFAULT_BLOCKS.items()}
     payload["blocks"].update({f"tuned_{k[0]}": vars(b) for k, b in fused_settings.TUNED.items()})

@@ -4,9 +4,10 @@ The paper's configuration (H = 12, D = 64, bf16, w = 2048..32768, r = 1, 2, 4, 6
 one forward of each kernel family ("dilated": the fused Triton kernels; "gather": aten's flash kernel
 per branch; "dense", "dense_cudnn", "dense_sdpa": SDPA over the whole sequence with its flash kernel,
 cuDNN's kernel, or its own pick), CUDA-event timing; and, for `gpu_attention.py`, the tuning steps: which
-way to compute dQ (fused_settings.DQ_MODES, checked against an fp32 run), which block shapes per kernel, whether
-small causal launches change (fused_settings.SMALL_LAUNCH_WAVES), and kernel_tuning.json, which hands the
-choice to a later process (fused_settings.load_tuning, LONGNET_KERNEL_TUNING).
+way to compute dQ (fused_settings.DQ_MODES, checked against an fp32 run), which block shapes per kernel, which
+kernels read their rows through TMA descriptors (fused_settings.TMA_LOADS), whether small causal launches
+change (fused_settings.SMALL_LAUNCH_WAVES), and kernel_tuning.json, which hands the choice to a later
+process (fused_settings.load_tuning, LONGNET_KERNEL_TUNING).
 """
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ K, M = 1024, 1024 * 1024
 DEVICE, REFERENCE_BACKEND = "cuda", "cuda_flash"
 CHECK_N, TUNE_N, SMALL_N = 64 * K, 256 * K, 32 * K  # dQ modes checked / shapes tuned / small launches tuned
 REPEATS, SMALL_REPEATS = 3, 10  # timed runs per setting at TUNE_N and at SMALL_N (a 32K run is ~4 ms)
+DEADLINE = float("inf")  # time.time() past which the tuning steps try nothing new (gpu_attention.py --tune-budget)
+
+
+def out_of_time(step: str) -> bool:
+    """Past DEADLINE: say which tuning step stops there (what it chose so far stays)."""
+    if time.time() < DEADLINE:
+        return False
+    print(f"tune {step}: out of tuning time, stopped here", flush=True)
+    return True
 # dQ modes that have never run on a GPU: checked after the sweep, so that a fault cannot cost it
 # (none now: "tma" ran on an H200 in stop 14)
 UNTRIED_DQ_MODES: tuple[str, ...] = ()
@@ -35,10 +45,10 @@ CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune:
     # then the runner-up of the H200 sweeps (gpu_attention_{sweep_,}h200.log; each shape costs a compile)
     "fwd": [(64, 64, 4, 3), (64, 64, 4, 4)],
     "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3)],  # 16x128 tied with 32x128; the 8-warp shapes: 29-42 ms vs 26.4
-    # dK/dV computing dQ too ("tma", 5 matrix products per block pair instead of 7): the shapes that spill
-    # least with it (kernel_resources.py: 0-80 bytes of stack against 1,432 for the default, with which
-    # "tma" was timed in stop 14). At 1M the backward runs at 0.75 of dense flash's rate, about 5/7: per
-    # product it is as fast, so a 5-product backward that does not spill is the largest lever left.
+    # dK/dV computing dQ too ("tma", 5 matrix products per block pair instead of 7): shapes that compile
+    # without spills with it (kernel_resources.py; the default, with which "tma" was timed in stop 14,
+    # spills 208 bytes). At 1M the backward runs at 0.75 of dense flash's rate, about 5/7: per product
+    # it is as fast, so a 5-product backward that keeps up is the largest lever left.
     "dkdv_fused_dq": [(32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                       (32, 128, 8, 3)],
     "dq": [(64, 64, 4, 3), (64, 32, 4, 4)],
@@ -114,6 +124,8 @@ def tune(correct_modes: list[str], n: int | None = None) -> dict:
             combos += [(shape, "tma") for shape in CANDIDATES["dkdv_fused_dq"]]
         timings, reference = {}, None
         for shape, mode in combos:
+            if timings and out_of_time(f"{kernel} {shape} {mode}"):  # the first combo always runs
+                break
             fused_settings.TUNED[(kernel, False, HEAD_DIM)] = fused_settings.Blocks(*shape)
             fused_settings.DQ_MODE = mode
             try:
@@ -141,6 +153,52 @@ def tune(correct_modes: list[str], n: int | None = None) -> dict:
     return chosen
 
 
+def tune_tma_loads(n: int | None = None) -> dict:
+    """fused_settings.TMA_LOADS, one kernel at a time with the blocks and dQ mode chosen so far (N = n, causal):
+    the forward by its time, then dK/dV and dQ (if a dQ kernel runs) by fwd+bwd time. Each is checked
+    against pointer loads first (bf16: 2e-2 relative allowed; they should agree but for summation order) and
+    kept only if faster."""
+    from longnet_dist.attention import fused_settings
+
+    q, k, v, grad = make_inputs(n or TUNE_N, seed=3)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def fwd_bwd():
+        out = forward("dilated", q, k, v, True)
+        return [out, *torch.autograd.grad(out, (q, k, v), grad)]
+
+    def fwd():
+        return forward("dilated", q.detach(), k.detach(), v.detach(), True)
+
+    fused_settings.TMA_LOADS = frozenset()
+    reference = [x.float() for x in fwd_bwd()]
+    kernels = [kernel for kernel in fused_settings.TMA_KERNELS
+               if kernel != "dq" or fused_settings.DQ_MODE in ("kernel", "stream")]
+    report = {}
+    for kernel in kernels:
+        if out_of_time(f"tma loads {kernel}"):
+            break
+        timed = fwd if kernel == "fwd" else fwd_bwd
+        before = fused_settings.TMA_LOADS
+        try:
+            pointer = cuda_time(timed, REPEATS)
+            fused_settings.TMA_LOADS = before | {kernel}
+            off = max(relative_errors([x.float() for x in fwd_bwd()], reference))
+            tma = cuda_time(timed, REPEATS)
+        except Exception as error:  # this GPU or Triton cannot build it: pointer loads stay
+            fused_settings.TMA_LOADS = before
+            report[kernel] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            print(f"tune tma loads {kernel}: {report[kernel]['error']}", flush=True)
+            continue
+        keep = off < 2e-2 and tma < pointer
+        fused_settings.TMA_LOADS = before | {kernel} if keep else before
+        report[kernel] = {"pointer_s": pointer, "tma_s": tma, "error_vs_pointer": off, "kept": keep}
+        print(f"tune tma loads {kernel} ({'fwd' if kernel == 'fwd' else 'fwd+bwd'}): pointer {pointer * 1e3:.2f} ms, "
+              f"tma {tma * 1e3:.2f} ms (err {off:.1e}): {'kept' if keep else 'pointer loads'}", flush=True)
+    report["chosen"] = sorted(fused_settings.TMA_LOADS)
+    return report
+
+
 def tune_small_launches(n: int | None = None) -> dict:
     """fused_settings.SMALL_LAUNCH_WAVES (0: off, 4, 8) with each "dkdv_small" candidate, by fwd+bwd time at N = n
     (causal, where the long branches are single waves); each checked against the off run (both bf16:
@@ -156,6 +214,8 @@ def tune_small_launches(n: int | None = None) -> dict:
 
     timings, errors, reference = {}, {}, None
     for waves, shape in [(0, None)] + [(waves, shape) for waves in (4, 8) for shape in CANDIDATES["dkdv_small"]]:
+        if timings and out_of_time(f"small launches {waves} {shape}"):
+            break
         fused_settings.SMALL_LAUNCH_WAVES = waves
         if shape is not None:
             fused_settings.TUNED[("dkdv_small", False, HEAD_DIM)] = fused_settings.Blocks(*shape)
@@ -212,12 +272,12 @@ def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
 
 
 def write_tuning(folder: Path) -> None:
-    """kernel_tuning.json: the dQ mode and block shapes in use, for fused_settings.load_tuning (or the environment
+    """kernel_tuning.json: the dQ mode, block shapes, TMA loads and small launches in use, for fused_settings.load_tuning (or the environment
     variable fused_settings.TUNING_ENV) in a later process, e.g. the GPU check's training stage."""
     from longnet_dist.attention import fused_settings
 
     blocks = {kernel: [*vars(fused_settings.blocks_for(kernel, DTYPE, HEAD_DIM)).values()]
               for kernel in ("fwd", "dkdv", "dkdv_small", "dq")}
-    tuning = {"dq_mode": fused_settings.DQ_MODE, "small_launch_waves": fused_settings.SMALL_LAUNCH_WAVES, "head_dim": HEAD_DIM,
-              "blocks": blocks}
+    tuning = {"dq_mode": fused_settings.DQ_MODE, "small_launch_waves": fused_settings.SMALL_LAUNCH_WAVES,
+              "tma_loads": sorted(fused_settings.TMA_LOADS), "head_dim": HEAD_DIM, "blocks": blocks}
     (folder / "kernel_tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")

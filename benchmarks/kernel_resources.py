@@ -45,13 +45,18 @@ from longnet_dist.attention import fused, fused_settings  # noqa: E402
 from longnet_dist.attention.kernels import triton_dilated as kern  # noqa: E402
 
 SHAPE = dict(batch=1, seq_len=262144, heads=12, head_dim=64, w=8192, r=4)
-# kernel -> (the Triton function, the fused_settings.DQ_MODE whose backward launches it, FUSE_DQ forced on the launch)
+# kernel -> (the Triton function, the fused_settings.DQ_MODE whose backward launches it, constexprs forced on the
+# launch: on meta tensors fused sees no CUDA device, so it would pick atomic dQ for "tma" and pointer loads)
 KERNELS = {
-    "fwd": ("_fwd", None, None),
-    "dkdv": ("_bwd_dkdv", "kernel", None),
-    "dkdv+atomic dq": ("_bwd_dkdv", "atomic", 1),
-    "dkdv+tma dq": ("_bwd_dkdv", "tma", 2),  # on meta tensors fused picks 1 (no CUDA device): forced here
-    "dq": ("_bwd_dq", "kernel", None),
+    "fwd": ("_fwd", None, {}),
+    "dkdv": ("_bwd_dkdv", "kernel", {}),
+    "dkdv+atomic dq": ("_bwd_dkdv", "atomic", {"FUSE_DQ": 1}),
+    "dkdv+tma dq": ("_bwd_dkdv", "tma", {"FUSE_DQ": 2}),
+    "dq": ("_bwd_dq", "kernel", {}),
+    "fwd+tma loads": ("_fwd", None, {"TMA": True}),  # fused_settings.TMA_LOADS
+    "dkdv+tma loads": ("_bwd_dkdv", "kernel", {"TMA": True}),
+    "dkdv+tma loads+tma dq": ("_bwd_dkdv", "tma", {"TMA": True, "FUSE_DQ": 2}),
+    "dq+tma loads": ("_bwd_dq", "kernel", {"TMA": True}),
 }
 
 
@@ -82,7 +87,7 @@ def recording():
 
 def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     """(Triton function, positional arguments, meta arguments) of `kernel`'s launch with `blocks`."""
-    fn_name, mode, fuse_dq = KERNELS[kernel]
+    fn_name, mode, forced = KERNELS[kernel]
     B, N, H, D, w, r = (SHAPE[key] for key in ("batch", "seq_len", "heads", "head_dim", "w", "r"))
     meta_tensor = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
     q, k, v, grad_out = (meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(4))
@@ -102,9 +107,7 @@ def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
         fused_settings.TUNED.update(saved[0])
         fused_settings.DQ_MODE = saved[1]
     args, meta = recorders[fn_name].calls[0]
-    if fuse_dq is not None:
-        meta = {**meta, "FUSE_DQ": fuse_dq}
-    return recorders[fn_name].fn, args, meta
+    return recorders[fn_name].fn, args, {**meta, **forced}
 
 
 def compile_launch(fn, args: tuple, meta: dict, arch: int):
@@ -144,6 +147,7 @@ def resources(kernel: str, blocks: fused_settings.Blocks, arch: int) -> dict:
             "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "dynamic_shared_bytes": compiled.metadata.shared,
             "async_loads": ir.count("async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local"),
+            "tma_loads": ir.count("async_tma_copy_global_to_local"),  # of those, by the tensor-memory accelerator
             "wgmma": ir.count("warp_group_dot ") + ir.count("warp_group_dot\n") > 0}
 
 
@@ -155,8 +159,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     print(f"sm_{args.arch}, bf16, causal, {SHAPE}; Triton {triton.__version__}")
-    print(f"{'kernel':<15} {'block_m x block_n, warps, stages':<33} {'registers':>9} {'stack (spills)':>15} "
-          f"{'shared':>7} {'async loads':>11} {'wgmma':>6}")
+    print(f"{'kernel':<22} {'block_m x block_n, warps, stages':<33} {'registers':>9} {'stack (spills)':>15} "
+          f"{'shared':>7} {'async loads (tma)':>17} {'wgmma':>6}")
     for kernel in KERNELS:
         base = kernel.split("+")[0]
         shapes = [fused_settings.DEFAULT_BLOCKS[(base, False)]]
@@ -167,8 +171,9 @@ def main() -> None:
             row = resources(kernel, blocks, args.arch)
             rows.append(row)
             shape = "{} x {}, {}, {}".format(*row["blocks"]) + (" (default)" if row["default"] else "")
-            print(f"{kernel:<15} {shape:<33} {row['registers']:>9} {row['stack_bytes']:>15} "
-                  f"{row['dynamic_shared_bytes']:>7} {row['async_loads']:>11} {str(row['wgmma']):>6}", flush=True)
+            print(f"{kernel:<22} {shape:<33} {row['registers']:>9} {row['stack_bytes']:>15} "
+                  f"{row['dynamic_shared_bytes']:>7} {row['async_loads']:>11} ({row['tma_loads']:>3}) {str(row['wgmma']):>6}",
+                  flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / "kernel_resources.json"
     path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "dtype": "bf16", "shape": SHAPE,

@@ -32,6 +32,18 @@ def test_fused_kernel_matches_reference(dtype, causal, pad):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
+def test_fused_kernel_with_tma_loads_matches_reference(dtype, causal, monkeypatch):
+    """fused_settings.TMA_LOADS for every kernel (descriptors on compute capability 9+, pointer loads below):
+    ragged tails, r not dividing w and key padding read through descriptors, against float64."""
+    from longnet_dist.attention import fused_settings
+
+    monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset(fused_settings.TMA_KERNELS))
+    errors = dilated_errors("cuda", **SHAPE, causal=causal, pad=0.25, dtype=dtype, backend="triton")
+    assert max(errors.values()) < TOLERANCE[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("pad", [0.0, 0.25])
 def test_aten_kernels_match_reference(dtype, causal, pad):
     """Regression for the first CUDA run: the flash backward's int32 cu_seqlens, the efficient

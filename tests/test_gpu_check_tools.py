@@ -96,18 +96,20 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
-    assert [row["kernel"] for row in rows] == ["fwd", "dkdv", "dkdv+atomic dq", "dkdv+tma dq", "dq"]
+    assert [row["kernel"] for row in rows] == ["fwd", "dkdv", "dkdv+atomic dq", "dkdv+tma dq", "dq", "fwd+tma loads",
+                                               "dkdv+tma loads", "dkdv+tma loads+tma dq", "dq+tma loads"]
     for row in rows:
         assert row["default"] and 32 <= row["registers"] <= 255 and row["stack_bytes"] >= 0, row
         assert row["dynamic_shared_bytes"] > 0, row
         # compiled as a launch compiles them (alignment known), the row loads are asynchronous copies that the
         # pipeline overlaps and the products Hopper's warp-group MMAs; without the JIT's hints neither happens
         assert row["async_loads"] > 0 and row["wgmma"], row
+        assert (row["tma_loads"] > 0) == ("tma loads" in row["kernel"]), row  # fused_settings.TMA_LOADS
 
 
 def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     """benchmarks/gpu_kernels.py's tuning steps, which a GPU lease runs first (dQ modes against an fp32
-    run, block shapes with the dQ-fused shapes, small launches, kernel_tuning.json), on a small fp16
+    run, block shapes with the dQ-fused shapes, TMA loads, small launches, kernel_tuning.json), on a small fp16
     problem through Triton's interpreter: their control flow, and a file that fused_settings.load_tuning takes.
     Timings here mean nothing (the interpreter runs every shape with its own blocks)."""
     import pytest
@@ -125,7 +127,8 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
                               "dq": [(64, 64, 4, 3)], "dkdv_small": [(64, 64, 4, 3)]})
     for name, value in shrunk.items():
         monkeypatch.setattr(gk, name, value)
-    for name, value in (("DQ_MODE", fused_settings.DQ_MODE), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0)):
+    for name, value in (("DQ_MODE", fused_settings.DQ_MODE), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0),
+                        ("TMA_LOADS", frozenset())):
         monkeypatch.setattr(fused_settings, name, value)  # restored afterwards
 
     report = gk.choose_dq_variant(["kernel", "stream", "atomic", "tma"])
@@ -133,11 +136,45 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     assert max(max(report[mode]["errors_out_dq_dk_dv"]) for mode in fused_settings.DQ_MODES) < 4e-3  # fp16 vs fp32
     tuned = gk.tune(list(fused_settings.DQ_MODES))
     assert set(tuned["dkdv"]["seconds"]) == {"(32, 128, 4, 4) stream", "(32, 64, 4, 4) tma"}
+    fused_settings.DQ_MODE = "kernel"  # so that the dQ kernel's loads are tuned too
+    tma = gk.tune_tma_loads()
+    assert set(tma) == {"fwd", "dkdv", "dq", "chosen"}, tma
+    assert all(tma[kernel]["error_vs_pointer"] == 0 for kernel in ("fwd", "dkdv", "dq")), tma  # the same numbers
     small = gk.tune_small_launches()
     assert set(small["seconds"]) == {"0 None", "4 (64, 64, 4, 3)", "8 (64, 64, 4, 3)"}
     assert max(small["errors_vs_off"].values()) == 0  # on the CPU no launch counts as small: same kernels
     gk.write_tuning(tmp_path)
-    chosen = (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES)
+    chosen = (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS)
+    assert fused_settings.TMA_LOADS == set(tma["chosen"])
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
+    monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"nothing"}))
     fused_settings.load_tuning(tmp_path / "kernel_tuning.json")
-    assert (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES) == chosen
+    assert (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS) == chosen
+
+
+def test_the_tuning_steps_stop_at_their_deadline(monkeypatch, capsys):
+    """gpu_attention.py --tune-budget: past gpu_kernels.DEADLINE each step keeps the first setting it timed and
+    tries nothing more, so that a time-limited stage still reaches its measured points."""
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    import gpu_kernels as gk
+
+    from longnet_dist.attention import fused_settings
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    shrunk = dict(DEVICE="cpu", DTYPE=torch.float16, HEADS=1, HEAD_DIM=16, SEGMENTS=[16], DILATIONS=[1], TUNE_N=32,
+                  SMALL_N=32, REPEATS=1, SMALL_REPEATS=1, DEADLINE=0.0,
+                  CANDIDATES={"fwd": [(64, 64, 4, 3), (64, 64, 4, 4)], "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3)],
+                              "dkdv_fused_dq": [(32, 64, 4, 4)], "dq": [(64, 64, 4, 3), (64, 32, 4, 4)],
+                              "dkdv_small": [(64, 64, 4, 3)]})
+    for name, value in shrunk.items():
+        monkeypatch.setattr(gk, name, value)
+    for name, value in (("DQ_MODE", "kernel"), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0), ("TMA_LOADS", frozenset())):
+        monkeypatch.setattr(fused_settings, name, value)
+    tuned = gk.tune(["kernel", "tma"])
+    assert [len(tuned[kernel]["seconds"]) for kernel in ("fwd", "dkdv", "dq")] == [1, 1, 1], tuned
+    assert gk.tune_tma_loads() == {"chosen": []}
+    assert set(gk.tune_small_launches()["seconds"]) == {"0 None"}
+    assert "out of tuning time" in capsys.readouterr().out

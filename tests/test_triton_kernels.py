@@ -180,14 +180,15 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     from longnet_dist.attention import fused, fused_settings
 
     path = tmp_path / "kernel_tuning.json"
-    path.write_text(json.dumps({"dq_mode": "stream", "small_launch_waves": 2, "head_dim": 64,
-                                "blocks": {"dkdv": [64, 64, 8, 3]}}))
+    path.write_text(json.dumps({"dq_mode": "stream", "small_launch_waves": 2, "tma_loads": ["fwd", "dq"],
+                                "head_dim": 64, "blocks": {"dkdv": [64, 64, 8, 3]}}))
     monkeypatch.setattr(fused_settings, "TUNED", {})
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
     monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", 0)
+    monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset())
     fused_settings.load_tuning(path)
     assert fused_settings.DQ_MODE == "stream" and fused_settings.TUNED == {("dkdv", False, 64): fused_settings.Blocks(64, 64, 8, 3)}
-    assert fused_settings.SMALL_LAUNCH_WAVES == 2
+    assert fused_settings.SMALL_LAUNCH_WAVES == 2 and fused_settings.TMA_LOADS == {"fwd", "dq"}
     if not fused.kern.interpreted():  # the interpreter runs every kernel with its own small blocks
         assert fused_settings.blocks_for("dkdv", torch.bfloat16, 64) == fused_settings.Blocks(64, 64, 8, 3)
         assert fused_settings.blocks_for("dkdv", torch.float32, 64) == fused_settings.DEFAULT_BLOCKS[("dkdv", True)]
@@ -199,11 +200,14 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
                          ({"head_dim": 64, "blocks": {"bwd": [64, 64, 4, 3]}}, r"blocks\['bwd'\]=\[64, 64, 4, 3\]; want"),
                          ({"head_dim": 64, "blocks": {"fwd": [64, 0, 4, 3]}}, r"blocks\['fwd'\]=\[64, 0, 4, 3\]; want"),
                          ({"head_dim": 64, "small_launch_waves": -1}, r"small_launch_waves=-1 must be an integer >= 0"),
+                         ({"tma_loads": ["bwd"]}, r"tma_loads=\['bwd'\] must be a list of some of \['fwd', 'dkdv', 'dq'\]"),
                          ({"blocks": {"fwd": [64, 64, 4, 3]}}, r"blocks need the head_dim they were tuned for")]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             fused_settings.load_tuning(path)
-    assert fused_settings.DQ_MODE == "stream" and fused_settings.SMALL_LAUNCH_WAVES == 2  # a refused file changes nothing
+    # a refused file changes nothing
+    assert fused_settings.DQ_MODE == "stream" and fused_settings.SMALL_LAUNCH_WAVES == 2
+    assert fused_settings.TMA_LOADS == {"fwd", "dq"}
 
 
 def test_a_causal_launch_of_few_dkdv_programs_takes_the_small_blocks(monkeypatch):
@@ -244,3 +248,48 @@ def test_small_launches_change_only_the_order_of_programs(monkeypatch):
 
     for a, b in zip(run(0), run(10**6)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dq_mode", ["kernel", "atomic"])
+def test_tma_loads_read_the_same_rows_as_pointer_loads(dq_mode, monkeypatch):
+    """fused_settings.TMA_LOADS: the loops' row tiles through one descriptor per (segment, head) (row stride
+    r rows, slots past the end zero-filled) instead of per-row pointers. Ragged tails, r not dividing w, H
+    not a multiple of r, key padding, causal or not, a head group that starts past head 0: the same
+    numbers bit for bit (a wrong row stride, origin or fill would not be)."""
+    from longnet_dist.attention import fused, fused_settings
+
+    torch.manual_seed(1)
+    B, N, H, D = 2, 75, 5, 16
+    q, k, v, grad = (torch.randn(B, N, H, D, device=DEVICE, dtype=torch.float16) for _ in range(4))
+    mask = torch.rand(B, N, device=DEVICE) > 0.3
+    monkeypatch.setattr(fused_settings, "DQ_MODE", dq_mode)
+    monkeypatch.setattr(fused, "ACCUMULATOR_BUDGET_BYTES", 0)  # one head per pass: descriptors at h0 > 0
+
+    def run(tma, causal):
+        monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset(fused_settings.TMA_KERNELS if tma else ()))
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = dilated_attention(*inputs, [16, 30, 64], [1, 4, 3], causal=causal, key_padding_mask=mask,
+                                backend="triton")
+        return [out, *torch.autograd.grad(out, inputs, grad)]
+
+    for causal in (False, True):
+        pointer, tma = run(False, causal), run(True, causal)
+        for a, b in zip(pointer, tma):
+            if dq_mode == "atomic":  # atomic adds land in any order: only dQ's rounding may differ
+                torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_tma_loads_fall_back_to_pointers_on_misaligned_rows(monkeypatch):
+    """A descriptor needs 16-byte aligned bases and strides: rows of 5 fp16 values (10 bytes), or a view that
+    starts one element into its storage, take pointers."""
+    from longnet_dist.attention import fused, fused_settings
+
+    monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"fwd"}))
+    aligned = torch.zeros(1, 8, 2, 16, device=DEVICE, dtype=torch.float16)
+    assert fused._tma_loads("fwd", aligned, aligned[:, :, 1:])
+    assert not fused._tma_loads("fwd", torch.zeros(1, 8, 1, 5, device=DEVICE, dtype=torch.float16))
+    shifted = torch.zeros(1 + 8 * 2 * 16, device=DEVICE, dtype=torch.float16)[1:].view(1, 8, 2, 16)
+    assert not fused._tma_loads("fwd", aligned, shifted)
+    assert not fused._tma_loads("dq", aligned)  # not listed

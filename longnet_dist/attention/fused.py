@@ -110,7 +110,8 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
         *_strides3(acc), *_strides3(lse), N, N, min(w, N), r, head0, heads, num_blocks,  # keep's batch stride = N
         scale * kern.LOG2E, CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, D=D, BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)))
+        num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)),
+        TMA=_tma_loads("fwd", k, v))
 
 
 def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,7 +146,7 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, dk, dv, dq, *common, min(w, N), r, head0, heads,
                          num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=fuse_dq, FIRST=first, BLOCK_M=dkdv.block_m,
                          BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
-                         BLOCK_MAJOR=small, **meta)
+                         BLOCK_MAJOR=small, TMA=_tma_loads("dkdv", q, grad_out), **meta)
     if fuse_dq == 0:
         grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
         with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
@@ -153,7 +154,7 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
                                num_blocks, scale * kern.LOG2E, scale, FIRST=first, BLOCK_M=dq_blocks.block_m,
                                BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
                                num_stages=dq_blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
-                               **meta)
+                               TMA=_tma_loads("dq", k, v), **meta)
 
 
 def _fused_dq(device: torch.device) -> int:
@@ -165,6 +166,19 @@ def _fused_dq(device: torch.device) -> int:
     if settings.DQ_MODE == "tma" and device.type == "cuda" and not kern.interpreted() and _tma_ready(device):
         return 2
     return 1
+
+
+def _tma_loads(kernel: str, *rows: Tensor) -> bool:
+    """Whether `kernel`'s launch reads these (B, N, H', D) tensors' row tiles through TMA descriptors: listed
+    in TMA_LOADS, a GPU with TMA (or the interpreter, which tests the logic), and every base address and
+    stride 16-byte aligned as descriptors require (one starts at b * stride_b + h * stride_h + row * stride_n)."""
+    if kernel not in settings.TMA_LOADS:
+        return False
+    device = rows[0].device
+    if not kern.interpreted() and not (device.type == "cuda" and _tma_ready(device)):
+        return False
+    return all(x.data_ptr() % 16 == 0 and all(n * x.element_size() % 16 == 0 for n in (*x.stride()[:3], x.shape[3]))
+               for x in rows)
 
 
 def _tma_ready(device: torch.device) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from .kernels import triton_dilated as kern
 
+
 @dataclass(frozen=True)
 class Blocks:
     """Meta-parameters of one kernel launch."""
@@ -59,16 +60,24 @@ INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
 # kernel 29.0, tma 31.1, atomic 34.5, all within 2.5e-3 of fp32 (gpu_attention.py times them anew).
 DQ_MODES = ("kernel", "stream", "atomic", "tma")
 DQ_MODE = "stream"
+# How each kernel's loop reads its row tiles (k and v in "fwd" and "dq", q and dO in "dkdv"):
+#   not listed: pointer loads, each thread computing its rows' addresses (async copies to shared memory);
+#   listed:     one TMA descriptor per (segment, head) over its slots (row stride r rows), tiles fetched by
+#               the tensor-memory accelerator, which also zero-fills slots past the end (compute capability
+#               >= 9 and every row 16-byte aligned; elsewhere pointer loads). The same numbers either way.
+# Written after the H200 lease, so empty until a GPU measures it (`gpu_attention.py --tune` times each).
+TMA_KERNELS = ("fwd", "dkdv", "dq")
+TMA_LOADS: frozenset[str] = frozenset()
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
 
 
 def load_tuning(path: str | os.PathLike) -> None:
     """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
-    writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "head_dim": 64,
+    writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "tma_loads": ["fwd"], "head_dim": 64,
     "blocks": {"fwd": [block_m, block_n, num_warps, num_stages], "dkdv": [...], "dkdv_small": [...],
     "dq": [...]}} (every key optional but head_dim)."""
-    global DQ_MODE, SMALL_LAUNCH_WAVES
+    global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS
     with open(path) as file:
         data = json.load(file)
     mode = data.get("dq_mode", DQ_MODE)
@@ -85,7 +94,10 @@ def load_tuning(path: str | os.PathLike) -> None:
     waves = data.get("small_launch_waves", SMALL_LAUNCH_WAVES)
     if isinstance(waves, bool) or not isinstance(waves, int) or waves < 0:
         raise ValueError(f"{path}: small_launch_waves={waves!r} must be an integer >= 0 (0: never)")
-    DQ_MODE, SMALL_LAUNCH_WAVES = mode, waves
+    tma_loads = data.get("tma_loads", sorted(TMA_LOADS))
+    if not isinstance(tma_loads, list) or not set(tma_loads) <= set(TMA_KERNELS):
+        raise ValueError(f"{path}: tma_loads={tma_loads!r} must be a list of some of {list(TMA_KERNELS)}")
+    DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS = mode, waves, frozenset(tma_loads)
     TUNED.update(blocks)
 
 

@@ -23,6 +23,10 @@ over key blocks: 7 products, no atomics).
 When a branch with r = 1 runs first (fused.py orders it so), it covers every row: its launches
 store instead of adding (FIRST), so the accumulators need no zero fill and that pass reads nothing.
 
+Row tiles arrive either through pointers (each thread computing its rows' addresses) or, with TMA, through
+one tensor descriptor per (segment, head) over its slots (an (n_slots, D) matrix, row stride r rows), whose
+tiles the tensor-memory accelerator fetches and zero-fills past the last slot (fused_settings.TMA_LOADS).
+
 Masks are computed, never materialised: slot validity and causality from slot indices, key padding
 from one (B, N) byte per position. Blocks that need no mask skip it (MASKED is a constexpr).
 All row offsets are int64: at N = 4M, H = 12, D = 64 a tensor has more than 2^31 elements.
@@ -94,18 +98,30 @@ def _load_rows(base, pos, ok, stride_n, D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
+def _slot_rows(base, row0, r, stride_n, n_slots, BLOCK: tl.constexpr, D: tl.constexpr):
+    """One (segment, head)'s slots of a (B, N, H, D) tensor as a TMA descriptor: an (n_slots, D) matrix with
+    row stride r * stride_n, read in (BLOCK, D) tiles by the tensor-memory accelerator, which fills slots past
+    the end with zeros (what the masked pointer loads give)."""
+    return tl.make_tensor_descriptor(base + row0.to(tl.int64) * stride_n, shape=[n_slots, D],
+                                     strides=[r * stride_n, 1], block_shape=[BLOCK, D])
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
                n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_KEEP: tl.constexpr,
-               BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """k_src, v_src: this (batch, head)'s base pointers, or (TMA) its slots' descriptors (_slot_rows)."""
     offs_d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         pos_n = (row0 + offs_n * r).to(tl.int64)
         n_ok = offs_n < n_slots
-        if MASKED:
-            k = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        if TMA:
+            k = tl.trans(k_src.load([start, 0]))                                                # (D, BN)
+        elif MASKED:
+            k = tl.load(k_src + pos_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
         else:
-            k = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None])
+            k = tl.load(k_src + pos_n[None, :] * stride_kn + offs_d[:, None])
         qk = tl.dot(q, k, input_precision=PRECISION) * scale2                     # (BM, BN), log2 units
         if MASKED:
             allowed = n_ok[None, :]
@@ -123,10 +139,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn
         alpha = tl.exp2(m_i - m_new_safe)
         p = tl.exp2(qk - m_new_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_base + pos_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        if TMA:
+            v = v_src.load([start, 0])
+        elif MASKED:
+            v = tl.load(v_src + pos_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         else:
-            v = tl.load(v_base + pos_n[:, None] * stride_vn + offs_d[None, :])
+            v = tl.load(v_src + pos_n[:, None] * stride_vn + offs_d[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -138,7 +156,8 @@ def _fwd(Q, K, V, KEEP, OA, LA,
          stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_lh, stride_keep,
          N, w, r, head0, heads, num_m_blocks, scale2,
          CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr):
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr,
+         TMA: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if pid_m * BLOCK_M >= n_slots:
@@ -147,17 +166,20 @@ def _fwd(Q, K, V, KEEP, OA, LA,
     offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
     q = _load_rows(Q + b64 * stride_qb + hh * stride_qh, pos_m, m_ok, stride_qn, D)
-    k_base = K + b64 * stride_kb + hh * stride_kh
-    v_base = V + b64 * stride_vb + hh * stride_vh
+    k_src = K + b64 * stride_kb + hh * stride_kh
+    v_src = V + b64 * stride_vb + hh * stride_vh
+    if TMA:  # the key loop's tiles through descriptors: no per-row address math, loads off the threads
+        k_src = _slot_rows(k_src, row0, r, stride_kn, n_slots, BLOCK_N, D)
+        v_src = _slot_rows(v_src, row0, r, stride_vn, n_slots, BLOCK_N, D)
     keep_base = KEEP + b64 * stride_keep
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m,
-                               0, full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m,
-                               full, hi, n_slots, scale2, CAUSAL, True, HAS_KEEP, BLOCK_N, D, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m,
+                               0, full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m,
+                               full, hi, n_slots, scale2, CAUSAL, True, HAS_KEEP, BLOCK_N, D, PRECISION, TMA)
     # this branch: o_i = acc / l, lse_i = ln(sum exp) (-inf and o_i = 0 where no key was left)
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -198,15 +220,17 @@ def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, D: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_out, stride_qn, stride_don, stride_ln,
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don, stride_ln,
                 stride_gn, row0, r, offs_n, key_ok, lo, hi, n_slots, scale2, scale, CAUSAL: tl.constexpr,
                 MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
-                D: tl.constexpr, PRECISION: tl.constexpr):
+                D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_M):
         offs_m, m_ok, pos_m = _block_rows(start, BLOCK_M, row0, r, n_slots)
-        q = _load_rows(q_base, pos_m, m_ok, stride_qn, D)
-        do = _load_rows(do_base, pos_m, m_ok, stride_don, D)
+        if TMA:  # q_src, do_src: descriptors (_slot_rows)
+            q, do = q_src.load([start, 0]), do_src.load([start, 0])
+        else:
+            q, do = _load_rows(q_src, pos_m, m_ok, stride_qn, D), _load_rows(do_src, pos_m, m_ok, stride_don, D)
         lse2 = tl.load(lse_base + pos_m * stride_ln, mask=m_ok, other=float("inf"))  # missing rows: P = 0
         delta = tl.load(delta_base + pos_m * stride_ln, mask=m_ok, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale2 - lse2[None, :])  # (BN, BM)
@@ -236,7 +260,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
               N, w, r, head0, heads, num_n_blocks, scale2, scale,
               CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FUSE_DQ: tl.constexpr, FIRST: tl.constexpr,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_MAJOR: tl.constexpr):
+              BLOCK_MAJOR: tl.constexpr, TMA: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_n, hh, row0, n_slots = _program_block(pid, num_n_blocks, heads, N, w, r, head0, False, BLOCK_MAJOR)
     if pid_n * BLOCK_N >= n_slots:
@@ -246,8 +270,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
     b64 = b.to(tl.int64)
     k = _load_rows(K + b64 * stride_kb + hh * stride_kh, pos_n, n_ok, stride_kn, D)
     v = _load_rows(V + b64 * stride_vb + hh * stride_vh, pos_n, n_ok, stride_vn, D)
-    q_base = Q + b64 * stride_qb + hh * stride_qh
-    do_base = DO + b64 * stride_dob + hh * stride_doh
+    q_src = Q + b64 * stride_qb + hh * stride_qh
+    do_src = DO + b64 * stride_dob + hh * stride_doh
+    if TMA:  # the query loop's tiles through descriptors
+        q_src = _slot_rows(q_src, row0, r, stride_qn, n_slots, BLOCK_M, D)
+        do_src = _slot_rows(do_src, row0, r, stride_don, n_slots, BLOCK_M, D)
     lse_base = LSE2 + b64 * stride_lb + hh * stride_lh
     delta_base = DELTA + b64 * stride_lb + hh * stride_lh
     dq_out = DQA + b64 * stride_gb + hh * stride_gh
@@ -262,14 +289,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
     if CAUSAL:  # queries from the block's first key on; past its last key no causal mask is needed
         lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
         diag = tl.minimum(((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, n_slots)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_out, stride_qn, stride_don,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
                              stride_ln, stride_gn, row0, r, offs_n, keep, lo, diag, n_slots, scale2, scale, True,
-                             True, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION)
+                             True, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION, TMA)
     else:
         diag = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_out, stride_qn, stride_don,
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
                          stride_ln, stride_gn, row0, r, offs_n, keep, diag, n_slots, n_slots, scale2, scale, CAUSAL,
-                         False, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION)
+                         False, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION, TMA)
     g_off = b64 * stride_gb + hh * stride_gh + pos_n[:, None] * stride_gn + offs_d[None, :]
     store = n_ok[:, None]
     dk = tl.where(keep[:, None], dk * scale, 0.0)
@@ -282,20 +309,22 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
+def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
               n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_KEEP: tl.constexpr,
-              BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, D)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_slots
         pos_n = (row0 + offs_n * r).to(tl.int64)
-        if MASKED:
-            k_t = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-            v_t = tl.load(v_base + pos_n[None, :] * stride_vn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+        if TMA:  # k_src, v_src: descriptors (_slot_rows)
+            k_t, v_t = tl.trans(k_src.load([start, 0])), tl.trans(v_src.load([start, 0]))            # (D, BN)
+        elif MASKED:
+            k_t = tl.load(k_src + pos_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
+            v_t = tl.load(v_src + pos_n[None, :] * stride_vn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
         else:  # [0, full): every key slot exists
-            k_t = tl.load(k_base + pos_n[None, :] * stride_kn + offs_d[:, None])
-            v_t = tl.load(v_base + pos_n[None, :] * stride_vn + offs_d[:, None])
+            k_t = tl.load(k_src + pos_n[None, :] * stride_kn + offs_d[:, None])
+            v_t = tl.load(v_src + pos_n[None, :] * stride_vn + offs_d[:, None])
         p = tl.exp2(tl.dot(q, k_t, input_precision=PRECISION) * scale2 - lse2[:, None])     # (BM, BN)
         if MASKED:
             allowed = n_ok[None, :]
@@ -318,7 +347,8 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
             stride_gb, stride_gn, stride_gh, stride_keep,
             N, w, r, head0, heads, num_m_blocks, scale2, scale,
             CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr,
+            TMA: tl.constexpr):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if pid_m * BLOCK_M >= n_slots:
@@ -331,15 +361,18 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
     l_off = b64 * stride_lb + hh * stride_lh + pos_m * stride_ln
     lse2 = tl.load(LSE2 + l_off, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + l_off, mask=m_ok, other=0.0)
-    k_base = K + b64 * stride_kb + hh * stride_kh
-    v_base = V + b64 * stride_vb + hh * stride_vh
+    k_src = K + b64 * stride_kb + hh * stride_kh
+    v_src = V + b64 * stride_vb + hh * stride_vh
+    if TMA:  # the key loop's tiles through descriptors
+        k_src = _slot_rows(k_src, row0, r, stride_kn, n_slots, BLOCK_N, D)
+        v_src = _slot_rows(v_src, row0, r, stride_vn, n_slots, BLOCK_N, D)
     keep_base = KEEP + b64 * stride_keep
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0,
-                   full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, keep_base, stride_kn, stride_vn, row0, r, offs_m, full,
-                   hi, n_slots, scale2, CAUSAL, True, HAS_KEEP, BLOCK_N, D, PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0,
+                   full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION, TMA)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, full,
+                   hi, n_slots, scale2, CAUSAL, True, HAS_KEEP, BLOCK_N, D, PRECISION, TMA)
     g_ptrs = DQA + b64 * stride_gb + hh * stride_gh + pos_m[:, None] * stride_gn + offs_d[None, :]
     dq = dq * scale
     if not FIRST:
