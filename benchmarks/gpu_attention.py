@@ -16,11 +16,12 @@ forward+backward, inputs and the incoming gradient included, divided by N.
 It first checks every way of computing dQ (fused_settings.DQ_MODES: a kernel of its own, the same on a second
 CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
 N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K
-and keeps the fastest (recorded in the JSON), then which kernels read rows through TMA descriptors
-(fused_settings.TMA_LOADS, 256K), and at N = 32K whether causal dK/dV launches of few programs take
-smaller blocks (fused_settings.SMALL_LAUNCH_WAVES). Writes benchmarks/results/gpu_attention.json and .png
-(the JSON after every point), and kernel_tuning.json: the settings in use, which a later process
-installs with LONGNET_KERNEL_TUNING=path (fused_settings.load_tuning; scripts/gpu_check.sh's training stage).
+and keeps the fastest (recorded in the JSON), and at N = 32K whether causal dK/dV launches of few
+programs take smaller blocks (fused_settings.SMALL_LAUNCH_WAVES); after the points (it has not run on a
+GPU yet), which kernels read rows through TMA descriptors (fused_settings.TMA_LOADS, 256K), and if any
+does, the dilated points again. Writes benchmarks/results/gpu_attention.json and .png (the JSON after
+every point), and kernel_tuning.json: the settings in use, which a later process installs with
+LONGNET_KERNEL_TUNING=path (fused_settings.load_tuning; scripts/gpu_check.sh's training stage).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E
 
 BACKWARD_FACTOR = 2.5
 STARTED = time.time()
+LATE_TUNING_S = 40  # for the steps after the points (TMA loads: about 3 compiles and 6 timed runs at 256K)
 # (kernel, N, causal, repeats); dense at 1M takes ~21 s per forward+backward: repeats 0 times its one
 # (first) forward+backward and no forward alone
 FULL = ([("dilated", n, True, 5) for n in (32 * K, 128 * K, M)] + [("dilated", 4 * M, True, 2)]
@@ -216,8 +218,6 @@ def main() -> None:
         payload["tuning"] = tune([mode for mode, report in payload["dq_variants"].items()
                                   if isinstance(report, dict) and report.get("correct")])
         write_tuning(args.results)
-        payload["tuning"]["tma_loads"] = tune_tma_loads()
-        write_tuning(args.results)
         payload["tuning"]["small_launches"] = tune_small_launches()
         write_tuning(args.results)
         payload["tuning"]["seconds"] = time.time() - STARTED
@@ -228,13 +228,19 @@ def main() -> None:
           f"{'KiB/token':>9}  dQ", flush=True)
     save = functools.partial(write_json, payload, args.results / f"{name}.json")
     run_points(QUICK if args.quick else FULL, payload, save)
-    # Modes that never ran on a GPU go last: a kernel fault there (sticky in CUDA) cannot cost the sweep.
-    chosen = fused_settings.DQ_MODE
+    # What never ran on a GPU goes last (dQ modes, TMA loads): a kernel fault there (sticky in CUDA) cannot
+    # cost the points above. It gets LATE_TUNING_S of its own.
+    chosen = fused_settings.DQ_MODE, fused_settings.TMA_LOADS
+    gpu_kernels.DEADLINE = time.time() + LATE_TUNING_S
     if UNTRIED_DQ_MODES:
         payload["dq_variants_untried"] = choose_dq_variant(UNTRIED_DQ_MODES, payload["dq_variants"])
         save()
         write_tuning(args.results)
-    if fused_settings.DQ_MODE != chosen:  # faster and correct: the key dilated points again with it
+    if args.tune:
+        payload["tuning"]["tma_loads"] = tune_tma_loads()
+        save()
+        write_tuning(args.results)
+    if (fused_settings.DQ_MODE, fused_settings.TMA_LOADS) != chosen:  # faster and correct: the key points again
         run_points([p for p in (QUICK if args.quick else FULL) if p[0] == "dilated" and p[1] in (32 * K, M)],
                    payload, save)
     for key, value in payload["targets"].items():
