@@ -272,8 +272,9 @@ def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
 
 
 def write_tuning(folder: Path) -> None:
-    """kernel_tuning.json: the dQ mode, block shapes, TMA loads and small launches in use, for fused_settings.load_tuning (or the environment
-    variable fused_settings.TUNING_ENV) in a later process, e.g. the GPU check's training stage."""
+    """kernel_tuning.json: the dQ mode, block shapes, TMA loads and small launches in use, for
+    fused_settings.load_tuning (or the environment variable fused_settings.TUNING_ENV) in a later
+    process, e.g. the GPU check's training stage."""
     from longnet_dist.attention import fused_settings
 
     blocks = {kernel: [*vars(fused_settings.blocks_for(kernel, DTYPE, HEAD_DIM)).values()]

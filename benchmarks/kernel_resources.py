@@ -166,14 +166,15 @@ def main() -> None:
         shapes = [fused_settings.DEFAULT_BLOCKS[(base, False)]]
         if not args.defaults:
             tried = CANDIDATES[base] + (CANDIDATES["dkdv_fused_dq"] + CANDIDATES["dkdv_small"] if base == "dkdv" else [])
-            shapes += [fused_settings.Blocks(*shape) for shape in dict.fromkeys(tried) if fused_settings.Blocks(*shape) != shapes[0]]
+            tried = [fused_settings.Blocks(*shape) for shape in dict.fromkeys(tried)]
+            shapes += [blocks for blocks in tried if blocks != shapes[0]]
         for blocks in shapes:
             row = resources(kernel, blocks, args.arch)
             rows.append(row)
             shape = "{} x {}, {}, {}".format(*row["blocks"]) + (" (default)" if row["default"] else "")
             print(f"{kernel:<22} {shape:<33} {row['registers']:>9} {row['stack_bytes']:>15} "
-                  f"{row['dynamic_shared_bytes']:>7} {row['async_loads']:>11} ({row['tma_loads']:>3}) {str(row['wgmma']):>6}",
-                  flush=True)
+                  f"{row['dynamic_shared_bytes']:>7} {row['async_loads']:>11} ({row['tma_loads']:>3}) "
+                  f"{str(row['wgmma']):>6}", flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / "kernel_resources.json"
     path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "dtype": "bf16", "shape": SHAPE,

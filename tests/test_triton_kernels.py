@@ -139,7 +139,8 @@ def test_an_unknown_dq_mode_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(fused_settings, "DQ_MODE", "fast")
     q = torch.randn(1, 16, 1, 16, device=DEVICE, requires_grad=True)
     out = dilated_attention(q, q, q, [16], [1], backend="triton")
-    with pytest.raises(ValueError, match=r"fused_settings.DQ_MODE='fast' is not one of \['kernel', 'stream', 'atomic', 'tma'\]"):
+    expected = r"fused_settings.DQ_MODE='fast' is not one of \['kernel', 'stream', 'atomic', 'tma'\]"
+    with pytest.raises(ValueError, match=expected):
         out.sum().backward()
 
 
@@ -187,20 +188,24 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", 0)
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset())
     fused_settings.load_tuning(path)
-    assert fused_settings.DQ_MODE == "stream" and fused_settings.TUNED == {("dkdv", False, 64): fused_settings.Blocks(64, 64, 8, 3)}
+    assert fused_settings.DQ_MODE == "stream"
+    assert fused_settings.TUNED == {("dkdv", False, 64): fused_settings.Blocks(64, 64, 8, 3)}
     assert fused_settings.SMALL_LAUNCH_WAVES == 2 and fused_settings.TMA_LOADS == {"fwd", "dq"}
     if not fused.kern.interpreted():  # the interpreter runs every kernel with its own small blocks
         assert fused_settings.blocks_for("dkdv", torch.bfloat16, 64) == fused_settings.Blocks(64, 64, 8, 3)
         assert fused_settings.blocks_for("dkdv", torch.float32, 64) == fused_settings.DEFAULT_BLOCKS[("dkdv", True)]
-    probe = "from longnet_dist.attention import fused_settings; print(fused_settings.DQ_MODE, fused_settings.TUNED[('dkdv', False, 64)].num_warps)"
+    probe = ("from longnet_dist.attention import fused_settings as s; "
+             "print(s.DQ_MODE, s.TUNED[('dkdv', False, 64)].num_warps)")
     shown = subprocess.run([sys.executable, "-c", probe], env={**os.environ, fused_settings.TUNING_ENV: str(path)},
                            capture_output=True, text=True, check=True).stdout.split()
     assert shown == ["stream", "8"]
     for bad, message in [({"dq_mode": "fast", "head_dim": 64}, r"dq_mode='fast' is not one of \['kernel'"),
-                         ({"head_dim": 64, "blocks": {"bwd": [64, 64, 4, 3]}}, r"blocks\['bwd'\]=\[64, 64, 4, 3\]; want"),
+                         ({"head_dim": 64, "blocks": {"bwd": [64, 64, 4, 3]}},
+                          r"blocks\['bwd'\]=\[64, 64, 4, 3\]; want"),
                          ({"head_dim": 64, "blocks": {"fwd": [64, 0, 4, 3]}}, r"blocks\['fwd'\]=\[64, 0, 4, 3\]; want"),
                          ({"head_dim": 64, "small_launch_waves": -1}, r"small_launch_waves=-1 must be an integer >= 0"),
-                         ({"tma_loads": ["bwd"]}, r"tma_loads=\['bwd'\] must be a list of some of \['fwd', 'dkdv', 'dq'\]"),
+                         ({"tma_loads": ["bwd"]},
+                          r"tma_loads=\['bwd'\] must be a list of some of \['fwd', 'dkdv', 'dq'\]"),
                          ({"blocks": {"fwd": [64, 64, 4, 3]}}, r"blocks need the head_dim they were tuned for")]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):

@@ -12,6 +12,9 @@ Memory: the fp32 accumulators are the only buffers of size N beyond inputs and o
 sequences they cover a group of heads at a time (`head_group`), so one layer's forward+backward
 holds about as much as dense flash attention: q, k, v, out, dO, dq, dk, dv in the input dtype plus
 fp32 accumulators no larger than one of those tensors.
+
+How each launch runs (block shapes, how dQ is computed, TMA loads, small launches) is read from
+fused_settings.py at every launch.
 """
 from __future__ import annotations
 
