@@ -1,7 +1,7 @@
 """Dilated attention (fused Triton kernels) vs dense flash attention on one CUDA GPU.
 
     python3 benchmarks/gpu_attention.py           # the sweep below, about 3 minutes on an H200
-    python3 benchmarks/gpu_attention.py --quick   # causal 32K and 1M only, under a minute
+    python3 benchmarks/gpu_attention.py --quick   # causal 32K, 1M and (dilated) 4M only, about a minute
 
 One layer's attention, bf16, batch 1, H = 12, D = 64, the paper's branches w = 2048..32768,
 r = 1, 2, 4, 6, 12. Kernels: "dilated" (the fused kernels, the default on CUDA), "gather" (the
@@ -56,7 +56,7 @@ FULL = ([("dilated", n, True, 5) for n in (32 * K, 128 * K, M)] + [("dilated", 4
 DENSE_KERNELS = [("dense_cudnn", 32 * K, True, 5), ("dense_sdpa", 32 * K, True, 5)]  # other dense kernels, 32K
 FULL += DENSE_KERNELS
 QUICK = [("dilated", 32 * K, True, 5), ("dense", 32 * K, True, 5), ("dilated", M, True, 3), *DENSE_KERNELS,
-         ("dense", M, True, 0)]
+         ("dense", M, True, 0), ("dilated", 4 * M, True, 1)]  # 4M last: ~54 GiB, the 64-bit offsets checked
 
 
 def attention_flops(kind: str, n: int, causal: bool) -> float:
@@ -192,7 +192,7 @@ def write_json(payload: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="N = 32K and 1M only")
+    parser.add_argument("--quick", action="store_true", help="N = 32K and 1M, and dilated at 4M, only")
     parser.add_argument("--tune", action="store_true", help="sweep block shapes first (about 1 minute)")
     parser.add_argument("--tune-budget", type=float, default=float("inf"), metavar="SECONDS",
                         help="seconds from the start after which the tuning tries nothing new (each step keeps its "

@@ -5,7 +5,7 @@
 #      (scripts/gpu_test_shards.sh: on a fresh machine their time is mostly Triton compiling);
 #   2. attention: the attention benchmark, dilated vs dense flash (default `--tune --quick
 #      --tune-budget 100`: the dQ modes and block shapes tuned at 256K and small launches at 32K for
-#      at most 100 s, then N = 32K and 1M, then TMA loads) -> gpu_attention.* and
+#      at most 100 s, then N = 32K, 1M and 4M, then TMA loads) -> gpu_attention.* and
 #      kernel_tuning.json (the dQ mode and blocks chosen; the later stages run with them through
 #      LONGNET_KERNEL_TUNING);
 #   3. train: the real trainer on the GPU (default `--quick`: 32K dilated and dense, 1M and 4M dilated)
