@@ -169,7 +169,7 @@ def run_points(specs, payload: dict, save) -> None:
         torch.cuda.empty_cache()
         point["wall_s"] = time.time() - started
         if kind == "dilated":
-            point["dq_mode"] = fused_settings.DQ_MODE
+            point["dq_mode"], point["tma_loads"] = fused_settings.DQ_MODE, sorted(fused_settings.TMA_LOADS)
         payload["points"].append(point)
         mode = "causal" if causal else "bidir"
         if "error" in point:
@@ -180,6 +180,7 @@ def run_points(specs, payload: dict, save) -> None:
             print(f"{kind:8} {mode:7} {n:>8} {fwd_ms} {point['forward_backward_s'] * 1e3:9.2f} "
                   f"{fwd_tflops} {point['forward_backward_tflops']:9.1f} "
                   f"{point['peak_bytes_per_token'] / 1024:9.2f}  {point.get('dq_mode', '')}"
+                  + (f"  tma loads: {','.join(point['tma_loads'])}" if point.get("tma_loads") else "")
                   + (f"  tail diff {point['tail_max_abs_diff']:.2e}" if "tail_max_abs_diff" in point else ""),
                   flush=True)
         payload["targets"] = summarize(payload["points"])
