@@ -52,8 +52,8 @@ CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune:
     "dkdv_fused_dq": [(32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                       (32, 128, 8, 3)],
     "dq": [(64, 64, 4, 3), (64, 32, 4, 4)],
-    # causal launches of few programs (fused_settings.SMALL_LAUNCH_WAVES): half, then a quarter of the keys per
-    # program of the default (both compile without spills for sm_90)
+    # causal launches of few programs (fused_settings.SMALL_LAUNCH_WAVES): 64 keys per program (half the
+    # default's), with 64 or 32 queries per step (both compile without spills for sm_90)
     "dkdv_small": [(64, 64, 4, 3), (32, 64, 4, 4)],
 }
 
