@@ -17,7 +17,8 @@ It first checks every way of computing dQ (fused_settings.DQ_MODES: a kernel of 
 CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
 N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K
 and keeps the fastest (recorded in the JSON), and at N = 32K whether causal dK/dV launches of few
-programs take smaller blocks (fused_settings.SMALL_LAUNCH_WAVES); after the points (it has not run on a
+programs take smaller blocks (fused_settings.SMALL_LAUNCH_WAVES) and how many branches run as a second
+chain on side streams (fused_settings.SIDE_BRANCHES); after the points (it has not run on a
 GPU yet), which kernels read rows through TMA descriptors (fused_settings.TMA_LOADS, 256K), and if any
 does, the dilated points again. Writes benchmarks/results/gpu_attention.json and .png (the JSON after
 every point), and kernel_tuning.json: the settings in use, which a later process installs with
@@ -39,8 +40,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from common import RESULTS, machine, style_log2_axis  # noqa: E402
 import gpu_kernels  # noqa: E402  (its DEADLINE is set below)
 from gpu_kernels import (DILATIONS, HEAD_DIM, HEADS, SEGMENTS, UNTRIED_DQ_MODES, K, M,  # noqa: E402
-                         choose_dq_variant, cuda_time, forward, grads_of, make_inputs, tune, tune_small_launches,
-                         tune_tma_loads, write_tuning)
+                         choose_dq_variant, cuda_time, forward, grads_of, make_inputs, tune, tune_side_branches,
+                         tune_small_launches, tune_tma_loads, write_tuning)
 
 from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E402
 
@@ -220,6 +221,8 @@ def main() -> None:
                                   if isinstance(report, dict) and report.get("correct")])
         write_tuning(args.results)
         payload["tuning"]["small_launches"] = tune_small_launches()
+        write_tuning(args.results)
+        payload["tuning"]["side_branches"] = tune_side_branches()
         write_tuning(args.results)
         payload["tuning"]["seconds"] = time.time() - STARTED
 

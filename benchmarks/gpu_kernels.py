@@ -6,7 +6,8 @@ per branch; "dense", "dense_cudnn", "dense_sdpa": SDPA over the whole sequence w
 cuDNN's kernel, or its own pick), CUDA-event timing; and, for `gpu_attention.py`, the tuning steps: which
 way to compute dQ (fused_settings.DQ_MODES, checked against an fp32 run), which block shapes per kernel, which
 kernels read their rows through TMA descriptors (fused_settings.TMA_LOADS), whether small causal launches
-change (fused_settings.SMALL_LAUNCH_WAVES), and kernel_tuning.json, which hands the choice to a later
+change (fused_settings.SMALL_LAUNCH_WAVES), how many branches run as a second chain on side streams
+(fused_settings.SIDE_BRANCHES), and kernel_tuning.json, which hands the choice to a later
 process (fused_settings.load_tuning, LONGNET_KERNEL_TUNING).
 """
 from __future__ import annotations
@@ -201,12 +202,10 @@ def tune_tma_loads(n: int | None = None) -> dict:
     return report
 
 
-def tune_small_launches(n: int | None = None) -> dict:
-    """fused_settings.SMALL_LAUNCH_WAVES (0: off, 4, 8) with each "dkdv_small" candidate, by fwd+bwd time at N = n
-    (causal, where the long branches are single waves); each checked against the off run (both bf16:
-    only summation order differs, 2e-2 relative allowed)."""
-    from longnet_dist.attention import fused_settings
-
+def fastest_fwd_bwd(step: str, options: list, apply, n: int | None = None) -> dict:
+    """The option (applied by `apply(option)`; the first is "off") with the fastest fwd+bwd at N = n (causal),
+    each checked against the first (both bf16: only summation order differs, 2e-2 relative allowed); the
+    winner stays applied."""
     q, k, v, grad = make_inputs(n or SMALL_N, seed=2)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
 
@@ -214,29 +213,53 @@ def tune_small_launches(n: int | None = None) -> dict:
         out = forward("dilated", q, k, v, True)
         return [out, *torch.autograd.grad(out, (q, k, v), grad)]
 
+    def name(option):
+        return " ".join(map(str, option)) if isinstance(option, tuple) else str(option)
+
     timings, errors, reference = {}, {}, None
-    for waves, shape in [(0, None)] + [(waves, shape) for waves in (4, 8) for shape in CANDIDATES["dkdv_small"]]:
-        if timings and out_of_time(f"small launches {waves} {shape}"):
+    for option in options:
+        if timings and out_of_time(f"{step} {name(option)}"):
             break
-        fused_settings.SMALL_LAUNCH_WAVES = waves
-        if shape is not None:
-            fused_settings.TUNED[("dkdv_small", False, HEAD_DIM)] = fused_settings.Blocks(*shape)
+        apply(option)
         try:
             results = [x.float() for x in fwd_bwd()]
             reference = reference or results
-            errors[(waves, shape)] = max(relative_errors(results, reference))
-            timings[(waves, shape)] = cuda_time(fwd_bwd, SMALL_REPEATS)
+            errors[option] = max(relative_errors(results, reference))
+            timings[option] = cuda_time(fwd_bwd, SMALL_REPEATS)
         except Exception as error:  # a shape that does not fit: skipped
-            print(f"tune small launches {waves} {shape}: {type(error).__name__}: {str(error)[:120]}")
-    correct = [key for key in timings if errors[key] < 2e-2]
-    waves, shape = min(correct, key=timings.get)
-    fused_settings.SMALL_LAUNCH_WAVES = waves
-    if shape is not None:
-        fused_settings.TUNED[("dkdv_small", False, HEAD_DIM)] = fused_settings.Blocks(*shape)
-    print(f"tune small launches (32K): best waves {waves} {shape} ({timings[(waves, shape)] * 1e3:.3f} ms); "
-          + ", ".join(f"{w} {s}: {t * 1e3:.3f} (err {errors[(w, s)]:.1e})" for (w, s), t in timings.items()), flush=True)
-    return {"best": [waves, shape], "seconds": {f"{w} {s}": t for (w, s), t in timings.items()},
-            "errors_vs_off": {f"{w} {s}": e for (w, s), e in errors.items()}}
+            print(f"tune {step} {name(option)}: {type(error).__name__}: {str(error)[:120]}")
+    best = min([option for option in timings if errors[option] < 2e-2], key=timings.get)
+    apply(best)
+    print(f"tune {step} ({(n or SMALL_N) // K}K): best {name(best)} ({timings[best] * 1e3:.3f} ms); "
+          + ", ".join(f"{name(o)}: {t * 1e3:.3f} (err {errors[o]:.1e})" for o, t in timings.items()), flush=True)
+    return {"best": list(best) if isinstance(best, tuple) else best,
+            "seconds": {name(o): t for o, t in timings.items()},
+            "errors_vs_off": {name(o): e for o, e in errors.items()}}
+
+
+def tune_small_launches(n: int | None = None) -> dict:
+    """fused_settings.SMALL_LAUNCH_WAVES (0: off, 4, 8) with each "dkdv_small" candidate, at N = n (32K: where
+    the long branches are single waves)."""
+    from longnet_dist.attention import fused_settings
+
+    def apply(option):
+        fused_settings.SMALL_LAUNCH_WAVES, shape = option
+        if shape is not None:
+            fused_settings.TUNED[("dkdv_small", False, HEAD_DIM)] = fused_settings.Blocks(*shape)
+
+    options = [(0, None)] + [(waves, shape) for waves in (4, 8) for shape in CANDIDATES["dkdv_small"]]
+    return fastest_fwd_bwd("small launches", options, apply, n)
+
+
+def tune_side_branches(n: int | None = None) -> dict:
+    """fused_settings.SIDE_BRANCHES (0: one chain, 1, 2, 3 branches of largest r in a second chain on side
+    streams), at N = n (32K: the size at which their accumulators fit, and their launches are few programs)."""
+    from longnet_dist.attention import fused_settings
+
+    def apply(option):
+        fused_settings.SIDE_BRANCHES = option
+
+    return fastest_fwd_bwd("side branches", [0, 1, 2, 3], apply, n)
 
 
 def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
@@ -274,7 +297,7 @@ def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
 
 
 def write_tuning(folder: Path) -> None:
-    """kernel_tuning.json: the dQ mode, block shapes, TMA loads and small launches in use, for
+    """kernel_tuning.json: the dQ mode, block shapes, TMA loads, small launches and side branches in use, for
     fused_settings.load_tuning (or the environment variable fused_settings.TUNING_ENV) in a later
     process, e.g. the GPU check's training stage."""
     from longnet_dist.attention import fused_settings
@@ -282,5 +305,6 @@ def write_tuning(folder: Path) -> None:
     blocks = {kernel: [*vars(fused_settings.blocks_for(kernel, DTYPE, HEAD_DIM)).values()]
               for kernel in ("fwd", "dkdv", "dkdv_small", "dq")}
     tuning = {"dq_mode": fused_settings.DQ_MODE, "small_launch_waves": fused_settings.SMALL_LAUNCH_WAVES,
-              "tma_loads": sorted(fused_settings.TMA_LOADS), "head_dim": HEAD_DIM, "blocks": blocks}
+              "tma_loads": sorted(fused_settings.TMA_LOADS), "side_branches": fused_settings.SIDE_BRANCHES,
+              "head_dim": HEAD_DIM, "blocks": blocks}
     (folder / "kernel_tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")

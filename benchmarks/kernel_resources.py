@@ -4,9 +4,9 @@ that this machine need not have.
     python3 benchmarks/kernel_resources.py               # sm_90 (H100 / H200), bf16, D = 64, ~2 minutes
     python3 benchmarks/kernel_resources.py --defaults    # only the block shapes in use (fused_settings.DEFAULT_BLOCKS)
 
-Each kernel is compiled exactly as a launch would compile it: `fused.forward_branch` and
-`fused.backward_branch` run on meta tensors (B = 1, N = 256K, H = 12, D = 64, bf16, branch (8192, 4),
-causal, not the first branch) with the kernels swapped for recorders, and the recorded arguments are
+Each kernel is compiled exactly as a launch would compile it: `fused_launch.forward_branch` and
+`fused_launch.backward_branch` run on meta tensors (B = 1, N = 256K, H = 12, D = 64, bf16, branch
+(8192, 4), causal, not the first branch) with the kernels swapped for recorders, and the recorded arguments are
 specialised the way Triton's JIT does at launch (pointers and integers divisible by 16 marked so,
 integers equal to 1 made constants). Without those hints the compiler can neither vectorise nor
 pipeline the strided row loads, and the numbers mean little (this tool's first version compiled so).
@@ -41,7 +41,7 @@ from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 from common import RESULTS  # noqa: E402
 from gpu_kernels import CANDIDATES  # noqa: E402  (the block shapes gpu_attention.py --tune tries)
-from longnet_dist.attention import fused, fused_settings  # noqa: E402
+from longnet_dist.attention import fused_launch, fused_settings  # noqa: E402
 from longnet_dist.attention.kernels import triton_dilated as kern  # noqa: E402
 
 SHAPE = dict(batch=1, seq_len=262144, heads=12, head_dim=64, w=8192, r=4)
@@ -97,11 +97,11 @@ def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     try:
         with recording() as recorders:
             if fn_name == "_fwd":
-                fused.forward_branch(q, k, v, None, meta_tensor(B, N, H, D), lse, w, r, 0, True, D ** -0.5)
+                fused_launch.forward_branch(q, k, v, None, meta_tensor(B, N, H, D), lse, w, r, 0, True, D ** -0.5)
             else:
                 fused_settings.DQ_MODE = mode
-                fused.backward_branch(q, k, v, grad_out, lse, delta, None, *(meta_tensor(B, N, H, D) for _ in range(3)),
-                                      w, r, 0, True, D ** -0.5)
+                grads = [meta_tensor(B, N, H, D) for _ in range(3)]
+                fused_launch.backward_branch(q, k, v, grad_out, lse, delta, None, *grads, w, r, 0, True, D ** -0.5)
     finally:
         fused_settings.TUNED.clear()
         fused_settings.TUNED.update(saved[0])

@@ -42,6 +42,18 @@ def test_fused_kernel_with_tma_loads_matches_reference(dtype, causal, monkeypatc
     assert max(errors.values()) < TOLERANCE[dtype], errors
 
 
+@pytest.mark.parametrize("dq_mode", ["stream", "kernel", "atomic"])
+def test_a_second_chain_on_side_streams_matches_reference(dq_mode, monkeypatch):
+    """fused_settings.SIDE_BRANCHES: the two branches of largest r on side streams (the second chain's dK/dV
+    and, with "stream", its dQ on a third), joined after the first chain; bf16 against float64."""
+    from longnet_dist.attention import fused_settings
+
+    monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", 2)
+    monkeypatch.setattr(fused_settings, "DQ_MODE", dq_mode)
+    errors = dilated_errors("cuda", **SHAPE, causal=True, pad=0.25, dtype=torch.bfloat16, backend="triton")
+    assert max(errors.values()) < TOLERANCE[torch.bfloat16], errors
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("pad", [0.0, 0.25])

@@ -109,7 +109,8 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
 
 def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     """benchmarks/gpu_kernels.py's tuning steps, which a GPU lease runs first (dQ modes against an fp32
-    run, block shapes with the dQ-fused shapes, TMA loads, small launches, kernel_tuning.json), on a small fp16
+    run, block shapes with the dQ-fused shapes, TMA loads, small launches, side branches, kernel_tuning.json),
+    on a small fp16
     problem through Triton's interpreter: their control flow, and a file that fused_settings.load_tuning takes.
     Timings here mean nothing (the interpreter runs every shape with its own blocks)."""
     import pytest
@@ -128,7 +129,7 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     for name, value in shrunk.items():
         monkeypatch.setattr(gk, name, value)
     for name, value in (("DQ_MODE", fused_settings.DQ_MODE), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0),
-                        ("TMA_LOADS", frozenset())):
+                        ("TMA_LOADS", frozenset()), ("SIDE_BRANCHES", 0)):
         monkeypatch.setattr(fused_settings, name, value)  # restored afterwards
 
     report = gk.choose_dq_variant(["kernel", "stream", "atomic", "tma"])
@@ -143,13 +144,18 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     small = gk.tune_small_launches()
     assert set(small["seconds"]) == {"0 None", "4 (64, 64, 4, 3)", "8 (64, 64, 4, 3)"}
     assert max(small["errors_vs_off"].values()) == 0  # on the CPU no launch counts as small: same kernels
+    side = gk.tune_side_branches()
+    assert set(side["seconds"]) == {"0", "1", "2", "3"} and max(side["errors_vs_off"].values()) < 4e-3, side
+    assert fused_settings.SIDE_BRANCHES == side["best"]
     gk.write_tuning(tmp_path)
-    chosen = (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS)
+    chosen = (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS,
+              fused_settings.SIDE_BRANCHES)
     assert fused_settings.TMA_LOADS == set(tma["chosen"])
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"nothing"}))
     fused_settings.load_tuning(tmp_path / "kernel_tuning.json")
-    assert (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS) == chosen
+    assert (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS,
+            fused_settings.SIDE_BRANCHES) == chosen
 
 
 def test_the_tuning_steps_stop_at_their_deadline(monkeypatch, capsys):
@@ -171,10 +177,12 @@ def test_the_tuning_steps_stop_at_their_deadline(monkeypatch, capsys):
                               "dkdv_small": [(64, 64, 4, 3)]})
     for name, value in shrunk.items():
         monkeypatch.setattr(gk, name, value)
-    for name, value in (("DQ_MODE", "kernel"), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0), ("TMA_LOADS", frozenset())):
+    for name, value in (("DQ_MODE", "kernel"), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0), ("TMA_LOADS", frozenset()),
+                        ("SIDE_BRANCHES", 0)):
         monkeypatch.setattr(fused_settings, name, value)
     tuned = gk.tune(["kernel", "tma"])
     assert [len(tuned[kernel]["seconds"]) for kernel in ("fwd", "dkdv", "dq")] == [1, 1, 1], tuned
     assert gk.tune_tma_loads() == {"chosen": []}
     assert set(gk.tune_small_launches()["seconds"]) == {"0 None"}
+    assert gk.tune_side_branches()["seconds"].keys() == {"0"}
     assert "out of tuning time" in capsys.readouterr().out

@@ -125,11 +125,11 @@ def test_r1_branch_writing_first_changes_no_bit(dtype, dq_mode, monkeypatch):
 
 
 def test_only_an_r1_branch_may_write_first():
-    from longnet_dist.attention import fused
+    from longnet_dist.attention import fused_launch
 
     x = torch.zeros(1, 8, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match=r"first=True with r=2"):
-        fused.forward_branch(x, x, x, None, x.clone(), torch.zeros(1, 8, 1, device=DEVICE), 8, 2, 0, True, 1.0,
+        fused_launch.forward_branch(x, x, x, None, x.clone(), torch.zeros(1, 8, 1, device=DEVICE), 8, 2, 0, True, 1.0,
                              first=True)
 
 
@@ -178,20 +178,22 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     import subprocess
     import sys
 
-    from longnet_dist.attention import fused, fused_settings
+    from longnet_dist.attention import fused_launch, fused_settings
 
     path = tmp_path / "kernel_tuning.json"
     path.write_text(json.dumps({"dq_mode": "stream", "small_launch_waves": 2, "tma_loads": ["fwd", "dq"],
-                                "head_dim": 64, "blocks": {"dkdv": [64, 64, 8, 3]}}))
+                                "side_branches": 2, "head_dim": 64, "blocks": {"dkdv": [64, 64, 8, 3]}}))
     monkeypatch.setattr(fused_settings, "TUNED", {})
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
     monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", 0)
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset())
+    monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", 0)
     fused_settings.load_tuning(path)
     assert fused_settings.DQ_MODE == "stream"
     assert fused_settings.TUNED == {("dkdv", False, 64): fused_settings.Blocks(64, 64, 8, 3)}
     assert fused_settings.SMALL_LAUNCH_WAVES == 2 and fused_settings.TMA_LOADS == {"fwd", "dq"}
-    if not fused.kern.interpreted():  # the interpreter runs every kernel with its own small blocks
+    assert fused_settings.SIDE_BRANCHES == 2
+    if not fused_launch.kern.interpreted():  # the interpreter runs every kernel with its own small blocks
         assert fused_settings.blocks_for("dkdv", torch.bfloat16, 64) == fused_settings.Blocks(64, 64, 8, 3)
         assert fused_settings.blocks_for("dkdv", torch.float32, 64) == fused_settings.DEFAULT_BLOCKS[("dkdv", True)]
     probe = ("from longnet_dist.attention import fused_settings as s; "
@@ -204,6 +206,7 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
                           r"blocks\['bwd'\]=\[64, 64, 4, 3\]; want"),
                          ({"head_dim": 64, "blocks": {"fwd": [64, 0, 4, 3]}}, r"blocks\['fwd'\]=\[64, 0, 4, 3\]; want"),
                          ({"head_dim": 64, "small_launch_waves": -1}, r"small_launch_waves=-1 must be an integer >= 0"),
+                         ({"side_branches": True}, r"side_branches=True must be an integer >= 0"),
                          ({"tma_loads": ["bwd"]},
                           r"tma_loads=\['bwd'\] must be a list of some of \['fwd', 'dkdv', 'dq'\]"),
                          ({"blocks": {"fwd": [64, 64, 4, 3]}}, r"blocks need the head_dim they were tuned for")]:
@@ -218,12 +221,12 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
 def test_a_causal_launch_of_few_dkdv_programs_takes_the_small_blocks(monkeypatch):
     """fused_settings.SMALL_LAUNCH_WAVES: the paper's longest branch at N = 32K is one wave of unevenly long
     causal dK/dV programs; below the threshold the launch takes twice as many, half as long."""
-    from longnet_dist.attention import fused, fused_settings
+    from longnet_dist.attention import fused_launch, fused_settings
 
-    monkeypatch.setattr(fused.kern, "interpreted", lambda: False)  # the interpreter's own blocks aside
+    monkeypatch.setattr(fused_launch.kern, "interpreted", lambda: False)  # the interpreter's own blocks aside
     monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", 4)
     big, small = fused_settings.DEFAULT_BLOCKS[("dkdv", False)], fused_settings.DEFAULT_BLOCKS[("dkdv_small", False)]
-    launch = functools.partial(fused._dkdv_launch, 32 * 1024, heads=12, batch=1, dtype=torch.bfloat16, head_dim=64,
+    launch = functools.partial(fused_launch._dkdv_launch, 32 * 1024, heads=12, batch=1, dtype=torch.bfloat16, head_dim=64,
                                multiprocessors=132)
     # w = 32768, r = 12: 2731 slots, 22 blocks of 128 keys x 12 heads = 264 programs < 4 x 132
     assert launch(32768, 12, causal=True) == (small, (43 * 12, 1), 43, True)
@@ -238,7 +241,7 @@ def test_small_launches_change_only_the_order_of_programs(monkeypatch):
     """fused_settings.SMALL_LAUNCH_WAVES on: every causal launch below counts as small, so its programs start
     block-major (longest first across all (segment, head) pairs) and dK/dV takes the "dkdv_small"
     blocks (the interpreter's blocks either way). Each program writes its own rows: bit-identical."""
-    from longnet_dist.attention import fused, fused_settings
+    from longnet_dist.attention import fused_launch, fused_settings
 
     torch.manual_seed(0)
     q, k, v, grad = (torch.randn(2, 90, 3, 16, device=DEVICE) for _ in range(4))
@@ -246,7 +249,7 @@ def test_small_launches_change_only_the_order_of_programs(monkeypatch):
     def run(waves):
         monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", waves)
         monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
-        monkeypatch.setattr(fused, "_multiprocessors", lambda device: 1)
+        monkeypatch.setattr(fused_launch, "_multiprocessors", lambda device: 1)
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
         out = dilated_attention(*inputs, [8, 32, 64], [1, 2, 3], causal=True, backend="triton")
         return [out, *torch.autograd.grad(out, inputs, grad)]
@@ -289,12 +292,54 @@ def test_tma_loads_read_the_same_rows_as_pointer_loads(dq_mode, monkeypatch):
 def test_tma_loads_fall_back_to_pointers_on_misaligned_rows(monkeypatch):
     """A descriptor needs 16-byte aligned bases and strides: rows of 5 fp16 values (10 bytes), or a view that
     starts one element into its storage, take pointers."""
-    from longnet_dist.attention import fused, fused_settings
+    from longnet_dist.attention import fused_launch, fused_settings
 
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"fwd"}))
     aligned = torch.zeros(1, 8, 2, 16, device=DEVICE, dtype=torch.float16)
-    assert fused._tma_loads("fwd", aligned, aligned[:, :, 1:])
-    assert not fused._tma_loads("fwd", torch.zeros(1, 8, 1, 5, device=DEVICE, dtype=torch.float16))
+    assert fused_launch._tma_loads("fwd", aligned, aligned[:, :, 1:])
+    assert not fused_launch._tma_loads("fwd", torch.zeros(1, 8, 1, 5, device=DEVICE, dtype=torch.float16))
     shifted = torch.zeros(1 + 8 * 2 * 16, device=DEVICE, dtype=torch.float16)[1:].view(1, 8, 2, 16)
-    assert not fused._tma_loads("fwd", aligned, shifted)
-    assert not fused._tma_loads("dq", aligned)  # not listed
+    assert not fused_launch._tma_loads("fwd", aligned, shifted)
+    assert not fused_launch._tma_loads("dq", aligned)  # not listed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("side", [1, 2])
+def test_a_second_chain_of_branches_matches_dense_reference(dtype, side, monkeypatch):
+    """fused_settings.SIDE_BRANCHES: the branches of largest r run as a second chain into accumulators of
+    their own (side streams on CUDA, in order here), joined by one Eq. 9-10 merge forward and a sum
+    backward. Against float64 (ragged tails, r not dividing w, H not a multiple of r, key padding, causal),
+    and against one chain (only the rounding of the merge order may differ)."""
+    from longnet_dist.attention import fused_settings
+
+    tolerance = 1e-4 if dtype == torch.float32 else 4e-3
+    monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", side)
+    errors = dilated_errors(DEVICE, 2, 100, 5, 16, [12, 32, 128], [1, 3, 6], True, 0.3, dtype)
+    assert max(errors.values()) < tolerance, errors
+
+    torch.manual_seed(2)
+    q, k, v, grad = (torch.randn(1, 90, 3, 16, device=DEVICE, dtype=dtype) for _ in range(4))
+
+    def run(count):
+        monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", count)
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = dilated_attention(*inputs, [8, 32, 64], [1, 2, 3], causal=False, backend="triton")
+        return [out, *torch.autograd.grad(out, inputs, grad)]
+
+    for one, two in zip(run(0), run(side)):
+        torch.testing.assert_close(one, two, rtol=tolerance, atol=tolerance)
+
+
+def test_the_second_chain_takes_the_branches_of_largest_r_while_its_accumulators_fit(monkeypatch):
+    from longnet_dist.attention import fused, fused_settings
+
+    paper = [(2048, 1), (4096, 2), (8192, 4), (16384, 6), (32768, 12)]
+    monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", 2)
+    chains = functools.partial(fused._chains, paper, 1, 32 * 1024, 12, 64, 2)
+    assert chains(buffers=3) == (paper[:3], paper[3:], True)  # 3 x 96 MiB of fp32 accumulators: they fit
+    assert fused._chains(paper, 1, 64 * 1024, 12, 64, 2, buffers=3) == (paper, [], True)  # 576 MiB: they do not
+    monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", 9)  # the first chain keeps its covering branch
+    assert chains(buffers=1) == (paper[:1], paper[1:], True)
+    assert fused._chains([(64, 2), (32, 4)], 1, 64, 1, 16, 2, buffers=1) == ([(64, 2)], [(32, 4)], False)
+    monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", 0)
+    assert chains(buffers=1) == (paper, [], True)

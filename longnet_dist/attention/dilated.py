@@ -207,7 +207,7 @@ def _heads_view(rows: Tensor, seq_len: int, heads: int) -> Tensor:
 def _fused_merge(inputs: AttentionInputs, merger: BranchMerger, w: int, r: int) -> None:
     """LocalBranch with backend "triton" (a sharded run on CUDA): branch (w, r) through the fused kernel,
     merged straight into the merger's fp32 rows, which the spanning branches share."""
-    from .fused import forward_branch, key_bytes  # imports triton: only when it runs
+    from .fused_launch import forward_branch, key_bytes  # imports triton: only when it runs
 
     view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
     forward_branch(view(inputs.q), view(inputs.k), view(inputs.v), key_bytes(inputs.key_padding_mask),
@@ -217,7 +217,7 @@ def _fused_merge(inputs: AttentionInputs, merger: BranchMerger, w: int, r: int) 
 
 def _fused_grads(inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor], w: int, r: int) -> None:
     """The backward of `_fused_merge`: adds into the fp32 gradient rows `grads` (dq, dk, dv)."""
-    from .fused import backward_branch, backward_prep, key_bytes
+    from .fused_launch import backward_branch, backward_prep, key_bytes
 
     view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
     if "delta" not in merged.shared:  # once for all of this rank's fused branches

@@ -67,6 +67,14 @@ DQ_MODE = "stream"
 #               >= 9 and every row 16-byte aligned; elsewhere pointer loads). The same numbers either way.
 # Written after the H200 lease, so empty until a GPU measures it (`gpu_attention.py --tune` times each).
 TMA_KERNELS = ("fwd", "dkdv", "dq")
+# Branches run as a second chain beside the first: the SIDE_BRANCHES branches with the largest r (launches of
+# the fewest programs, e.g. (32768, 12) at N = 32K: 12 heads x 22 programs, under two per multiprocessor,
+# which run at low occupancy and end on their longest program) go on side streams into accumulators of
+# their own, so that their launches overlap the first chain's instead of running alone; one elementwise
+# launch joins the two (Eq. 9-10 forward, a sum backward). Only while the second accumulators fit
+# fused.ACCUMULATOR_BUDGET_BYTES (N = 32K at H = 12, D = 64, batch 1, but not 64K). Rounding differs from
+# one chain. Written after the H200 lease, so off (0) until a GPU measures it (`gpu_attention.py --tune`).
+SIDE_BRANCHES = 0
 TMA_LOADS: frozenset[str] = frozenset()
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
@@ -74,10 +82,10 @@ TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at impor
 
 def load_tuning(path: str | os.PathLike) -> None:
     """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
-    writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "tma_loads": ["fwd"], "head_dim": 64,
-    "blocks": {"fwd": [block_m, block_n, num_warps, num_stages], "dkdv": [...], "dkdv_small": [...],
-    "dq": [...]}} (every key optional but head_dim)."""
-    global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS
+    writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "tma_loads": ["fwd"],
+    "side_branches": 2, "head_dim": 64, "blocks": {"fwd": [block_m, block_n, num_warps, num_stages],
+    "dkdv": [...], "dkdv_small": [...], "dq": [...]}} (every key optional; blocks need head_dim)."""
+    global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES
     with open(path) as file:
         data = json.load(file)
     mode = data.get("dq_mode", DQ_MODE)
@@ -97,7 +105,10 @@ def load_tuning(path: str | os.PathLike) -> None:
     tma_loads = data.get("tma_loads", sorted(TMA_LOADS))
     if not isinstance(tma_loads, list) or not set(tma_loads) <= set(TMA_KERNELS):
         raise ValueError(f"{path}: tma_loads={tma_loads!r} must be a list of some of {list(TMA_KERNELS)}")
-    DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS = mode, waves, frozenset(tma_loads)
+    side = data.get("side_branches", SIDE_BRANCHES)
+    if isinstance(side, bool) or not isinstance(side, int) or side < 0:
+        raise ValueError(f"{path}: side_branches={side!r} must be an integer >= 0 (0: one chain)")
+    DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES = mode, waves, frozenset(tma_loads), side
     TUNED.update(blocks)
 
 

@@ -20,12 +20,10 @@ per element, 2 one TMA bulk reduction per tile through a per-program tensor desc
 flash-attention 3 does, Hopper and newer) or from `_bwd_dq` (a program per query block, looping
 over key blocks: 7 products, no atomics).
 
-When a branch with r = 1 runs first (fused.py orders it so), it covers every row: its launches
-store instead of adding (FIRST), so the accumulators need no zero fill and that pass reads nothing.
-
-Row tiles arrive either through pointers (each thread computing its rows' addresses) or, with TMA, through
-one tensor descriptor per (segment, head) over its slots (an (n_slots, D) matrix, row stride r rows), whose
-tiles the tensor-memory accelerator fetches and zero-fills past the last slot (fused_settings.TMA_LOADS).
+A branch with r = 1 run first covers every row: its launches store instead of adding (FIRST). Two
+chains of branches run side by side (fused_settings.SIDE_BRANCHES) are joined by `_merge_chains`.
+Row tiles arrive through pointers or (fused_settings.TMA_LOADS) one tensor descriptor per (segment,
+head) over its slots, an (n_slots, D) matrix of row stride r rows, zero-filled past the last slot.
 
 Masks are computed, never materialised: slot validity and causality from slot indices, key padding
 from one (B, N) byte per position. Blocks that need no mask skip it (MASKED is a constexpr).
@@ -189,20 +187,40 @@ def _fwd(Q, K, V, KEEP, OA, LA,
     l_ptrs = LA + b64 * stride_lb + hh * stride_lh + pos_m * stride_ln
     o_ptrs = OA + b64 * stride_ob + hh * stride_oh + pos_m[:, None] * stride_on + offs_d[None, :]
     if FIRST:  # the first branch, r = 1, writes every row: nothing to merge with, nothing to read
-        merged, lse_new = o_i, lse_i  # (what the merge below gives with o_prev = 0, lse_prev = -inf)
+        merged, lse_new = o_i, lse_i  # (what _mix gives with o_prev = 0, lse_prev = -inf)
     else:
         lse_prev = tl.load(l_ptrs, mask=m_ok, other=float("-inf"))
-        top = tl.maximum(lse_prev, lse_i)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        e_prev, e_i = tl.exp(lse_prev - top), tl.exp(lse_i - top)
-        total = e_prev + e_i
-        covered = total > 0.0
-        total_safe = tl.where(covered, total, 1.0)
         o_prev = tl.load(o_ptrs, mask=m_ok[:, None], other=0.0)
-        merged = o_prev * (e_prev / total_safe)[:, None] + o_i * (e_i / total_safe)[:, None]
-        lse_new = tl.where(covered, top + tl.log(total_safe), float("-inf"))
+        merged, lse_new = _mix(o_prev, lse_prev, o_i, lse_i)
     tl.store(o_ptrs, merged, mask=m_ok[:, None])
     tl.store(l_ptrs, lse_new, mask=m_ok)
+
+
+@triton.jit
+def _mix(o_a, lse_a, o_b, lse_b):
+    """Eq. 9-10 for two mixtures of the same (BLOCK, D) rows: lse = logsumexp(lse_a, lse_b) and
+    o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b; rows neither covers (both -inf) get o = 0, lse = -inf."""
+    top = tl.maximum(lse_a, lse_b)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    e_a, e_b = tl.exp(lse_a - top), tl.exp(lse_b - top)
+    total = e_a + e_b
+    covered = total > 0.0
+    total_safe = tl.where(covered, total, 1.0)
+    return (o_a * (e_a / total_safe)[:, None] + o_b * (e_b / total_safe)[:, None],
+            tl.where(covered, top + tl.log(total_safe), float("-inf")))
+
+
+@triton.jit
+def _merge_chains(OA, LA, OB, LB, OUT, rows, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Two chains' mixtures of the same rows, (OA, LA) and (OB, LB), (rows, D) and (rows,) fp32 each ->
+    OUT (rows, D, the output dtype; may be OA) and LA (in place) = their Eq. 9-10 merge."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < rows
+    tile = offs[:, None] * D + tl.arange(0, D)[None, :]
+    merged, lse = _mix(tl.load(OA + tile, mask=ok[:, None], other=0.0), tl.load(LA + offs, mask=ok, other=0.0),
+                       tl.load(OB + tile, mask=ok[:, None], other=0.0), tl.load(LB + offs, mask=ok, other=0.0))
+    tl.store(OUT + tile, merged, mask=ok[:, None])
+    tl.store(LA + offs, lse, mask=ok)
 
 
 @triton.jit

@@ -1,0 +1,180 @@
+"""One launch of a fused kernel (kernels/triton_dilated.py) per branch: grids, block shapes and the
+meta-parameters each launch takes from fused_settings.py (how dQ is computed, TMA loads, small
+launches). fused.py chains these launches over the branches for one device; dilated.LocalBranch runs
+them for a rank's local branches when the sequence is sharded.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from . import fused_settings as settings
+from .kernels import triton_dilated as kern
+
+
+def _small(grid: tuple[int, int], causal: bool, multiprocessors: int) -> bool:
+    """A causal launch of fewer than settings.SMALL_LAUNCH_WAVES programs per multiprocessor."""
+    return causal and grid[0] * grid[1] < settings.SMALL_LAUNCH_WAVES * multiprocessors
+
+
+def _dkdv_launch(seq_len: int, w: int, r: int, heads: int, batch: int, dtype: torch.dtype, head_dim: int,
+                 causal: bool, multiprocessors: int) -> tuple[settings.Blocks, tuple[int, int], int, bool]:
+    """(blocks, grid, blocks per (segment, head), small?) of branch (w, r)'s dK/dV launch (SMALL_LAUNCH_WAVES)."""
+    blocks = settings.blocks_for("dkdv", dtype, head_dim)
+    grid, num_blocks = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
+    small = _small(grid, causal, multiprocessors)
+    if small:
+        blocks = settings.blocks_for("dkdv_small", dtype, head_dim)
+        grid, num_blocks = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
+    return blocks, grid, num_blocks, small
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def _strides3(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _branch_grid(seq_len: int, w: int, r: int, heads: int, block: int, batch: int) -> tuple[tuple[int, int], int]:
+    """Grid (blocks * segments * heads, batch) and blocks per (segment, head) of branch (w, r)."""
+    w = min(w, seq_len)                           # w > N: one segment of length N
+    num_blocks = triton_cdiv(math.ceil(w / r), block)
+    return (num_blocks * math.ceil(seq_len / w) * heads, batch), num_blocks
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16-bit inputs
+
+
+def _check_first(first: bool, r: int) -> None:
+    """`first` (write instead of add) is only right for a branch that covers every row: r = 1."""
+    if first and r != 1:
+        raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
+
+
+def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Tensor, lse: Tensor, w: int, r: int,
+                   head0: int, causal: bool, scale: float, first: bool = False) -> None:
+    """Merge branch (w, r) of heads [head0, head0 + H') into `acc` (B, N, H', D) fp32 and `lse` (B, N, H')
+    (Eq. 9-10), in place. q, k, v: (B, N, H', D) views of those heads; keep (B, N) uint8 or None.
+    `first`: r = 1 and nothing merged yet: write every row (acc and lse may hold garbage)."""
+    _check_first(first, r)
+    B, N, heads, D = q.shape
+    blocks = settings.blocks_for("fwd", q.dtype, D)
+    grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
+    kern._fwd[grid](
+        q, k, v, lse if keep is None else keep, acc, lse, *_strides3(q), *_strides3(k), *_strides3(v),
+        *_strides3(acc), *_strides3(lse), N, N, min(w, N), r, head0, heads, num_blocks,  # keep's batch stride = N
+        scale * kern.LOG2E, CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, D=D, BLOCK_M=blocks.block_m,
+        BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)),
+        TMA=_tma_loads("fwd", k, v))
+
+
+def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf where lse is not finite), both (B, N, H) fp32,
+    once for all branches. out, grad_out (B, N, H, D) and lse (B, N, H) contiguous."""
+    B, N, H, D = out.shape
+    delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
+    lse2 = torch.empty_like(delta)
+    rows, prep_rows = B * N * H, 16 if kern.interpreted() else 64
+    kern._bwd_prep[(triton_cdiv(rows, prep_rows),)](out, grad_out, lse, delta, lse2, rows, D=D, BLOCK=prep_rows)
+    return delta, lse2
+
+
+def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor, delta: Tensor,
+                    keep: Tensor | None, dq: Tensor, dk: Tensor, dv: Tensor, w: int, r: int, head0: int, causal: bool,
+                    scale: float, dq_stream: torch.cuda.Stream | None = None, first: bool = False) -> None:
+    """Add branch (w, r)'s gradients of heads [head0, head0 + H') into the fp32 accumulators dq, dk, dv
+    (B, N, H', D, one layout), in place; the other arguments are (B, N, H', ...) views of those heads.
+    `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream).
+    `first`: r = 1 and nothing added yet: write dk, dv (and dq unless settings.DQ_MODE adds it atomically,
+    "atomic" or "tma": dq must then hold zeros) instead of adding."""
+    _check_first(first, r)
+    B, N, heads, D = q.shape
+    fuse_dq = _fused_dq(q.device)
+    dq_blocks = settings.blocks_for("dq", q.dtype, D)
+    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq),
+              N, N)  # ..., keep's batch stride, sequence length
+    meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype))
+    keep_arg = keep if keep is not None else delta
+    multiprocessors = _multiprocessors(q.device)
+    dkdv, grid, num_blocks, small = _dkdv_launch(N, w, r, heads, B, q.dtype, D, causal, multiprocessors)
+    kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, dk, dv, dq, *common, min(w, N), r, head0, heads,
+                         num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=fuse_dq, FIRST=first, BLOCK_M=dkdv.block_m,
+                         BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
+                         BLOCK_MAJOR=small, TMA=_tma_loads("dkdv", q, grad_out), **meta)
+    if fuse_dq == 0:
+        grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
+        with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
+            kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, dq, *common, min(w, N), r, head0, heads,
+                               num_blocks, scale * kern.LOG2E, scale, FIRST=first, BLOCK_M=dq_blocks.block_m,
+                               BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
+                               num_stages=dq_blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
+                               TMA=_tma_loads("dq", k, v), **meta)
+
+
+def _fused_dq(device: torch.device) -> int:
+    """The dK/dV kernel's FUSE_DQ for settings.DQ_MODE on `device`: 0 (a dQ kernel), 1 (atomic adds), 2 (TMA)."""
+    if settings.DQ_MODE not in settings.DQ_MODES:
+        raise ValueError(f"fused_settings.DQ_MODE={settings.DQ_MODE!r} is not one of {list(settings.DQ_MODES)}")
+    if settings.DQ_MODE in ("kernel", "stream"):
+        return 0
+    if settings.DQ_MODE == "tma" and device.type == "cuda" and not kern.interpreted() and _tma_ready(device):
+        return 2
+    return 1
+
+
+def _tma_loads(kernel: str, *rows: Tensor) -> bool:
+    """Whether `kernel`'s launch reads these (B, N, H', D) tensors' row tiles through TMA descriptors: listed
+    in TMA_LOADS, a GPU with TMA (or the interpreter, which tests the logic), and every base address and
+    stride 16-byte aligned as descriptors require (one starts at b * stride_b + h * stride_h + row * stride_n)."""
+    if kernel not in settings.TMA_LOADS:
+        return False
+    device = rows[0].device
+    if not kern.interpreted() and not (device.type == "cuda" and _tma_ready(device)):
+        return False
+    return all(x.data_ptr() % 16 == 0 and all(n * x.element_size() % 16 == 0 for n in (*x.stride()[:3], x.shape[3]))
+               for x in rows)
+
+
+def _tma_ready(device: torch.device) -> bool:
+    """Hopper or newer; installs the global-memory allocator Triton needs for in-kernel TMA descriptors
+    unless one is installed (Triton keeps it per thread context: the backward may run in autograd's
+    device thread, so this checks on every call)."""
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> Tensor:
+    """Global memory Triton asks for at launch (128 bytes per program for its TMA descriptors)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def merge_chains(acc: Tensor, lse: Tensor, side_acc: Tensor, side_lse: Tensor, out: Tensor) -> None:
+    """out = the Eq. 9-10 merge of two chains' mixtures of the same rows, and lse updated to match, in one
+    launch. acc, side_acc (B, N, H, D) fp32 and lse, side_lse (B, N, H), contiguous; out may be acc."""
+    rows, block = lse.numel(), 16 if kern.interpreted() else 64
+    kern._merge_chains[(triton_cdiv(rows, block),)](acc, lse, side_acc, side_lse, out, rows, D=acc.shape[-1],
+                                                   BLOCK=block)
+
+
+def key_bytes(key_padding_mask: Tensor | None) -> Tensor | None:
+    """The (B, N) bool mask as the contiguous bytes the kernels read (None: no padding)."""
+    return None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
