@@ -54,7 +54,7 @@ class MergedRows:
     grad_out: Tensor  # (B, N * H, D) in the input dtype, 0 at padded queries
     out: Tensor       # (B, N * H, D) merged output in the input dtype
     lse: Tensor       # (B, N * H) merged lse; +inf where a row carries no gradient
-    shared: dict = field(default_factory=dict)  # what several branches' backwards reuse (fused.py: delta)
+    shared: dict = field(default_factory=dict)  # what several branches' backwards reuse (fused_launch.py: delta)
 
 
 class Branch(Protocol):

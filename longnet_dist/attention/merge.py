@@ -57,7 +57,7 @@ class BranchMerger:
         lse_view.copy_(new_lse)
 
     def mark_merged(self) -> None:
-        """A branch was merged into `out` / `lse` in place (fused.py): later adds must mix, not copy."""
+        """A branch was merged into `out` / `lse` in place (fused_launch.py): later adds must mix, not copy."""
         self._empty = False
 
     def result(self) -> tuple[Tensor, Tensor]:

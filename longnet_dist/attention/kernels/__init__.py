@@ -18,7 +18,7 @@ Families (one module each):
 - `chunked.py`: "chunked", portable (any device and dtype), blocks of queries in plain torch ops.
 - `triton_dilated.py`: "triton", the fused LongNet kernel. It is not a per-branch kernel: it reads
   every branch's rows in place through strides and merges the branches (Eq. 9-10) inside the
-  kernel; `attention/fused.py` drives it. Its plain-torch twin is the gather path above.
+  kernel; `attention/fused.py` and `attention/fused_launch.py` drive it. Its plain-torch twin is the gather path above.
 
 `backend=None` picks the fastest family available for the tensors (`select_backend`).
 """
