@@ -343,3 +343,21 @@ def test_the_second_chain_takes_the_branches_of_largest_r_while_its_accumulators
     assert fused._chains([(64, 2), (32, 4)], 1, 64, 1, 16, 2, buffers=1) == ([(64, 2)], [(32, 4)], False)
     monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", 0)
     assert chains(buffers=1) == (paper, [], True)
+
+
+def test_backward_prep_stores_each_heads_rows_together():
+    """delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf where lse is not finite), as (B, N, H) views of
+    (B, H, N) storage: the dK/dV loop then reads a block of one head's slots from one stretch."""
+    import math
+
+    from longnet_dist.attention import fused_launch
+
+    torch.manual_seed(3)
+    out, grad_out = (torch.randn(2, 37, 3, 16, device=DEVICE) for _ in range(2))
+    lse = torch.randn(2, 37, 3, device=DEVICE)
+    lse[0, 5, 1], lse[1, 0, 2] = float("-inf"), float("nan")
+    delta, lse2 = fused_launch.backward_prep(out, grad_out, lse)
+    assert delta.shape == lse2.shape == (2, 37, 3) and delta.stride() == lse2.stride() == (3 * 37, 1, 37)
+    torch.testing.assert_close(delta, (out * grad_out).sum(-1), rtol=1e-5, atol=1e-5)
+    expected = torch.where(lse.isfinite(), lse / math.log(2), torch.full_like(lse, float("inf")))
+    torch.testing.assert_close(lse2, expected)

@@ -82,14 +82,16 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
 
 
 def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf where lse is not finite), both (B, N, H) fp32,
-    once for all branches. out, grad_out (B, N, H, D) and lse (B, N, H) contiguous."""
+    """delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf where lse is not finite), once for all branches:
+    (B, N, H) fp32 views of (B, H, N) storage, in which the dK/dV loop reads a block of one head's slots from
+    one stretch (contiguous for r = 1) instead of one sector per row. out, grad_out (B, N, H, D) and lse
+    (B, N, H) contiguous."""
     B, N, H, D = out.shape
-    delta = torch.empty(B, N, H, dtype=torch.float32, device=out.device)
-    lse2 = torch.empty_like(delta)
+    delta, lse2 = (torch.empty(B, H, N, dtype=torch.float32, device=out.device) for _ in range(2))
     rows, prep_rows = B * N * H, 16 if kern.interpreted() else 64
-    kern._bwd_prep[(triton_cdiv(rows, prep_rows),)](out, grad_out, lse, delta, lse2, rows, D=D, BLOCK=prep_rows)
-    return delta, lse2
+    kern._bwd_prep[(triton_cdiv(rows, prep_rows),)](out, grad_out, lse, delta, lse2, rows, N, H, D=D,
+                                                    BLOCK=prep_rows)
+    return delta.transpose(1, 2), lse2.transpose(1, 2)  # (B, N, H) views
 
 
 def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor, delta: Tensor,

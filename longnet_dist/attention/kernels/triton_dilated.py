@@ -224,17 +224,19 @@ def _merge_chains(OA, LA, OB, LB, OUT, rows, D: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
-def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, D: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row of the merged output: delta = rowsum(dO * O); lse2 = lse * log2(e), +inf if not finite."""
+def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row (b, n, h) of the merged output: delta = rowsum(dO * O); lse2 = lse * log2(e), +inf if not
+    finite; both stored (B, H, N), so that a block of one head's slots reads them from one stretch."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < rows
     offs_d = tl.arange(0, D)
     o = tl.load(O + offs[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + offs[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + offs, tl.sum(o * do, 1), mask=ok)
+    head_major = (offs // (N * H) * H + offs % H) * N + offs // H % N  # (b, n, h) -> (b, h, n)
+    tl.store(DELTA + head_major, tl.sum(o * do, 1), mask=ok)
     lse = tl.load(LSE + offs, mask=ok, other=0.0)
     finite = (lse == lse) & (lse < float("inf")) & (lse > float("-inf"))
-    tl.store(LSE2 + offs, tl.where(finite, lse * 1.4426950408889634, float("inf")), mask=ok)
+    tl.store(LSE2 + head_major, tl.where(finite, lse * 1.4426950408889634, float("inf")), mask=ok)
 
 
 @triton.jit
