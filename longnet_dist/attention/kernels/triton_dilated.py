@@ -20,10 +20,9 @@ per element, 2 one TMA bulk reduction per tile through a per-program tensor desc
 flash-attention 3 does, Hopper and newer) or from `_bwd_dq` (a program per query block, looping
 over key blocks: 7 products, no atomics).
 
-A branch with r = 1 run first covers every row: its launches store instead of adding (FIRST). Two
-chains of branches run side by side (fused_settings.SIDE_BRANCHES) are joined by `_merge_chains`.
-Row tiles arrive through pointers or (fused_settings.TMA_LOADS) one tensor descriptor per (segment,
-head) over its slots, an (n_slots, D) matrix of row stride r rows, zero-filled past the last slot.
+A branch with r = 1 run first covers every row: its launches store instead of adding (FIRST); two
+chains of branches (fused_settings.SIDE_BRANCHES) are joined by `_merge_chains`. Row tiles arrive
+through pointers or (TMA_LOADS) one descriptor per (segment, head): (n_slots, D), row stride r rows.
 
 Masks are computed, never materialised: slot validity and causality from slot indices, key padding
 from one (B, N) byte per position. Blocks that need no mask skip it (MASKED is a constexpr).
@@ -37,7 +36,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -53,10 +51,9 @@ def _slots(N, w, r, seg, h):
 def _program_block(pid, num_blocks, heads, N, w, r, head0, LONGEST_FIRST: tl.constexpr,
                    BLOCK_MAJOR: tl.constexpr):
     """Which slot block this program owns: (block, head in the group, position of slot 0, slot count).
-    Programs of one (segment, head) are adjacent, so they share its rows in L2, and causal query blocks
-    run the longest first (LONGEST_FIRST; key blocks are longest first as they come). BLOCK_MAJOR (a
-    launch of few programs, whose rows all fit in L2): block 0 of every (segment, head) first, then
-    block 1, ...: the longest programs of the whole launch start first."""
+    A (segment, head)'s programs are adjacent (they share its rows in L2), causal query blocks longest first
+    (LONGEST_FIRST; key blocks are so as they come). BLOCK_MAJOR (a launch of few programs): block 0 of
+    every (segment, head) first, then block 1, ...: the whole launch's longest programs start first."""
     if BLOCK_MAJOR:
         seg_heads = tl.cdiv(N, w) * heads
         block, seg_head = pid // seg_heads, pid % seg_heads
