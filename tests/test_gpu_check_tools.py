@@ -47,7 +47,7 @@ def test_kernel_names_fall_into_their_categories():
     assert category("_fwd") == "dilated fwd"
     assert category("_bwd_dkdv") == "dilated dK/dV"
     assert category("_bwd_dq") == "dilated dQ"
-    assert category("_bwd_prep") == "dilated prep"
+    assert category("_bwd_prep") == category("_merge_chains") == "dilated prep / merge"
     assert category("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>") \
         == "flash (dense / aten)"
     assert category("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT") == "matmul"
