@@ -47,7 +47,7 @@ from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E
 
 BACKWARD_FACTOR = 2.5
 STARTED = time.time()
-LATE_TUNING_S = 40  # for the steps after the points (TMA loads: about 3 compiles and 6 timed runs at 256K)
+LATE_TUNING_S = 35  # for the steps after the points (TMA loads: about 3 compiles and 6 timed runs at 256K)
 # (kernel, N, causal, repeats); dense at 1M takes ~21 s per forward+backward: repeats 0 times its one
 # (first) forward+backward and no forward alone
 FULL = ([("dilated", n, True, 5) for n in (32 * K, 128 * K, M)] + [("dilated", 4 * M, True, 2)]

@@ -4,16 +4,17 @@
 #      reference), as GPU_CHECK_TEST_SHARDS (default 12) pytest processes side by side
 #      (scripts/gpu_test_shards.sh: on a fresh machine their time is mostly Triton compiling);
 #   2. attention: the attention benchmark, dilated vs dense flash (default `--tune --quick
-#      --tune-budget 100`: the dQ modes and block shapes tuned at 256K and small launches at 32K for
-#      at most 100 s, then N = 32K, 1M and 4M, then TMA loads) -> gpu_attention.* and
+#      --tune-budget 90`: the dQ modes and block shapes tuned at 256K, small launches and side branches
+#      at 32K, for at most 90 s; then N = 32K, 1M and 4M; then TMA loads) -> gpu_attention.* and
 #      kernel_tuning.json (the dQ mode and blocks chosen; the later stages run with them through
 #      LONGNET_KERNEL_TUNING);
-#   3. train: the real trainer on the GPU (default `--quick`: 32K dilated and dense, 1M and 4M dilated)
+#   3. train: the real trainer on the GPU (default `--quick --budget 110`: 32K dilated and dense, 1M and,
+#      if the budget leaves time, 4M dilated; a 4M step completed on an H200 in stop 14)
 #      when hydra, omegaconf and deepspeed are importable (carry ../shared/offline_wheels.sh's wheels
 #      to an offline machine) -> train_cuda_*;
 #   opt-in: optimizer (what DeepSpeed's engine adds to an optimizer step, benchmarks/optimizer_step.py,
 #   ~45 s) and profile (where the time goes, kernel by kernel, benchmarks/gpu_profile.py, ~1 minute).
-# Each stage has its own time limit (170 + 200 + 160 s: under 9 minutes in all; on an H200 on a fresh
+# Each stage has its own time limit (165 + 190 + 120 s: under 8 minutes in all; on an H200 on a fresh
 # machine 100 s was too short for the tests, the attention stage took ~105 s before the dQ-fused shapes,
 # TMA loads, small launches and the extra dense kernels were added (their tuning now stops at its
 # budget), the training points ~160 s, of which 4M took 72),
@@ -47,16 +48,16 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...: one stage, its log in results/NAME
 
 for stage in $stages; do
     case $stage in
-        tests) run 170 gpu_tests scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-12}" ;;
+        tests) run 165 gpu_tests scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-12}" ;;
         profile) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
-        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-200}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
-                       ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 100} ;;
+        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-190}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
+                       ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 90} ;;
         train|optimizer)
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry wheels: ../shared/offline_wheels.sh)"
                elif [ "$stage" = train ]; then
-                   run "${GPU_CHECK_TRAIN_LIMIT:-160}" train_cuda python3 benchmarks/train.py --device cuda \
-                       ${GPU_CHECK_TRAIN_ARGS:---quick --budget 150}
+                   run "${GPU_CHECK_TRAIN_LIMIT:-120}" train_cuda python3 benchmarks/train.py --device cuda \
+                       ${GPU_CHECK_TRAIN_ARGS:---quick --budget 110}
                else
                    run 45 optimizer_step python3 benchmarks/optimizer_step.py --device cuda
                fi
