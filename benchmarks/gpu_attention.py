@@ -67,8 +67,7 @@ def attention_flops(kind: str, n: int, causal: bool) -> float:
 
 
 def measure(kind: str, n: int, causal: bool, repeats: int) -> dict:
-    q, k, v, grad = make_inputs(n)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    q, k, v, grad = make_inputs(n, requires_grad=True)
 
     def fwd_bwd():
         grads_of(kind, q, k, v, grad, causal)

@@ -59,9 +59,11 @@ CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune:
 }
 
 
-def make_inputs(n: int, seed: int = 0):
+def make_inputs(n: int, seed: int = 0, requires_grad: bool = False):
+    """q, k, v (leaves that require grad if asked) and an incoming gradient, (1, n, H, D) each."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return [torch.randn(1, n, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(4)]
+    q, k, v, grad = (torch.randn(1, n, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=g) for _ in range(4))
+    return [*(x.requires_grad_(requires_grad) for x in (q, k, v)), grad]
 
 
 def forward(kind: str, q, k, v, causal: bool):
@@ -74,6 +76,14 @@ def forward(kind: str, q, k, v, causal: bool):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
     return dilated_attention(q, k, v, SEGMENTS, DILATIONS, causal=causal,
                              backend="triton" if kind == "dilated" else REFERENCE_BACKEND)
+
+
+def fused_fwd_bwd(q, k, v, grad):
+    """A function running one causal forward+backward of the fused kernels: [out, dq, dk, dv]."""
+    def run():
+        out = forward("dilated", q, k, v, True)
+        return [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    return run
 
 
 def grads_of(kind: str, q, k, v, grad, causal: bool = True) -> tuple:
@@ -114,8 +124,7 @@ def tune(correct_modes: list[str], n: int | None = None) -> dict:
     are checked against the kernel's first one (both bf16: 2e-2 relative allowed) before they count."""
     from longnet_dist.attention import fused_settings
 
-    q, k, v, grad = make_inputs(n or TUNE_N)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    q, k, v, grad = make_inputs(n or TUNE_N, requires_grad=True)
     separate = fused_settings.DQ_MODE if fused_settings.DQ_MODE in ("kernel", "stream") else \
         ("stream" if "stream" in correct_modes else "kernel")
     chosen = {}
@@ -163,12 +172,8 @@ def tune_tma_loads(n: int | None = None) -> dict:
     kept only if faster."""
     from longnet_dist.attention import fused_settings
 
-    q, k, v, grad = make_inputs(n or TUNE_N, seed=3)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-
-    def fwd_bwd():
-        out = forward("dilated", q, k, v, True)
-        return [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    q, k, v, grad = make_inputs(n or TUNE_N, seed=3, requires_grad=True)
+    fwd_bwd = fused_fwd_bwd(q, k, v, grad)
 
     def fwd():
         return forward("dilated", q.detach(), k.detach(), v.detach(), True)
@@ -206,12 +211,7 @@ def fastest_fwd_bwd(step: str, options: list, apply, n: int | None = None) -> di
     """The option (applied by `apply(option)`; the first is "off") with the fastest fwd+bwd at N = n (causal),
     each checked against the first (both bf16: only summation order differs, 2e-2 relative allowed); the
     winner stays applied."""
-    q, k, v, grad = make_inputs(n or SMALL_N, seed=2)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-
-    def fwd_bwd():
-        out = forward("dilated", q, k, v, True)
-        return [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    fwd_bwd = fused_fwd_bwd(*make_inputs(n or SMALL_N, seed=2, requires_grad=True))
 
     def name(option):
         return " ".join(map(str, option)) if isinstance(option, tuple) else str(option)
@@ -276,7 +276,7 @@ def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
         return [out.float(), *(g.float() for g in torch.autograd.grad(out, inputs, grad.to(dtype)))]
 
     ref = grads(torch.float32, REFERENCE_BACKEND)
-    big = [x.requires_grad_() if i < 3 else x for i, x in enumerate(make_inputs(TUNE_N))]
+    big = make_inputs(TUNE_N, requires_grad=True)
     report = {}
     for mode in modes:
         fused_settings.DQ_MODE = mode
@@ -302,8 +302,8 @@ def write_tuning(folder: Path) -> None:
     process, e.g. the GPU check's training stage."""
     from longnet_dist.attention import fused_settings
 
-    blocks = {kernel: [*vars(fused_settings.blocks_for(kernel, DTYPE, HEAD_DIM)).values()]
-              for kernel in ("fwd", "dkdv", "dkdv_small", "dq")}
+    kernels = dict.fromkeys(kernel for kernel, _ in fused_settings.DEFAULT_BLOCKS)  # fwd, dkdv, dkdv_small, dq
+    blocks = {kernel: [*vars(fused_settings.blocks_for(kernel, DTYPE, HEAD_DIM)).values()] for kernel in kernels}
     tuning = {"dq_mode": fused_settings.DQ_MODE, "small_launch_waves": fused_settings.SMALL_LAUNCH_WAVES,
               "tma_loads": sorted(fused_settings.TMA_LOADS), "side_branches": fused_settings.SIDE_BRANCHES,
               "head_dim": HEAD_DIM, "blocks": blocks}

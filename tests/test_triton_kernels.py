@@ -29,6 +29,13 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 
+def fused_outputs_and_grads(q, k, v, grad, segment_lengths, dilation_rates, **options):
+    """[out, dq, dk, dv] of the fused kernels (backend "triton") on fresh leaf copies of q, k, v."""
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = dilated_attention(*inputs, segment_lengths, dilation_rates, backend="triton", **options)
+    return [out, *torch.autograd.grad(out, inputs, grad)]
+
+
 @st.composite
 def configs(draw):
     branches = draw(st.integers(1, 3))
@@ -109,10 +116,7 @@ def test_r1_branch_writing_first_changes_no_bit(dtype, dq_mode, monkeypatch):
     mask = (torch.rand(2, 70, generator=g) > 0.3).to(DEVICE)
 
     def run():
-        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = dilated_attention(*inputs, [12, 32, 40], [2, 3, 1], causal=True, key_padding_mask=mask,
-                                backend="triton")
-        return [out, *torch.autograd.grad(out, inputs, grad)]
+        return fused_outputs_and_grads(q, k, v, grad, [12, 32, 40], [2, 3, 1], causal=True, key_padding_mask=mask)
 
     first = run()
     ordered = fused.covering_first  # the same order (merging in another order rounds differently), no FIRST
@@ -226,8 +230,8 @@ def test_a_causal_launch_of_few_dkdv_programs_takes_the_small_blocks(monkeypatch
     monkeypatch.setattr(fused_launch.kern, "interpreted", lambda: False)  # the interpreter's own blocks aside
     monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", 4)
     big, small = fused_settings.DEFAULT_BLOCKS[("dkdv", False)], fused_settings.DEFAULT_BLOCKS[("dkdv_small", False)]
-    launch = functools.partial(fused_launch._dkdv_launch, 32 * 1024, heads=12, batch=1, dtype=torch.bfloat16, head_dim=64,
-                               multiprocessors=132)
+    launch = functools.partial(fused_launch._dkdv_launch, 32 * 1024, heads=12, batch=1, dtype=torch.bfloat16,
+                               head_dim=64, multiprocessors=132)
     # w = 32768, r = 12: 2731 slots, 22 blocks of 128 keys x 12 heads = 264 programs < 4 x 132
     assert launch(32768, 12, causal=True) == (small, (43 * 12, 1), 43, True)
     # w = 2048, r = 1: 16 blocks x 16 segments x 12 heads = 3072 programs
@@ -250,9 +254,7 @@ def test_small_launches_change_only_the_order_of_programs(monkeypatch):
         monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", waves)
         monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
         monkeypatch.setattr(fused_launch, "_multiprocessors", lambda device: 1)
-        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = dilated_attention(*inputs, [8, 32, 64], [1, 2, 3], causal=True, backend="triton")
-        return [out, *torch.autograd.grad(out, inputs, grad)]
+        return fused_outputs_and_grads(q, k, v, grad, [8, 32, 64], [1, 2, 3], causal=True)
 
     for a, b in zip(run(0), run(10**6)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -275,10 +277,7 @@ def test_tma_loads_read_the_same_rows_as_pointer_loads(dq_mode, monkeypatch):
 
     def run(tma, causal):
         monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset(fused_settings.TMA_KERNELS if tma else ()))
-        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = dilated_attention(*inputs, [16, 30, 64], [1, 4, 3], causal=causal, key_padding_mask=mask,
-                                backend="triton")
-        return [out, *torch.autograd.grad(out, inputs, grad)]
+        return fused_outputs_and_grads(q, k, v, grad, [16, 30, 64], [1, 4, 3], causal=causal, key_padding_mask=mask)
 
     for causal in (False, True):
         pointer, tma = run(False, causal), run(True, causal)
@@ -322,9 +321,7 @@ def test_a_second_chain_of_branches_matches_dense_reference(dtype, side, monkeyp
 
     def run(count):
         monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", count)
-        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = dilated_attention(*inputs, [8, 32, 64], [1, 2, 3], causal=False, backend="triton")
-        return [out, *torch.autograd.grad(out, inputs, grad)]
+        return fused_outputs_and_grads(q, k, v, grad, [8, 32, 64], [1, 2, 3], causal=False)
 
     for one, two in zip(run(0), run(side)):
         torch.testing.assert_close(one, two, rtol=tolerance, atol=tolerance)

@@ -53,6 +53,12 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _row_launch(rows: int) -> tuple[tuple[int], int]:
+    """(grid, rows per program) of a row-wise kernel over `rows` rows (_bwd_prep, _merge_chains)."""
+    block = 16 if kern.interpreted() else 64
+    return (triton_cdiv(rows, block),), block
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16-bit inputs
 
@@ -88,9 +94,8 @@ def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, T
     (B, N, H) contiguous."""
     B, N, H, D = out.shape
     delta, lse2 = (torch.empty(B, H, N, dtype=torch.float32, device=out.device) for _ in range(2))
-    rows, prep_rows = B * N * H, 16 if kern.interpreted() else 64
-    kern._bwd_prep[(triton_cdiv(rows, prep_rows),)](out, grad_out, lse, delta, lse2, rows, N, H, D=D,
-                                                    BLOCK=prep_rows)
+    grid, block = _row_launch(B * N * H)
+    kern._bwd_prep[grid](out, grad_out, lse, delta, lse2, B * N * H, N, H, D=D, BLOCK=block)
     return delta.transpose(1, 2), lse2.transpose(1, 2)  # (B, N, H) views
 
 
@@ -172,9 +177,8 @@ def _scratch(size: int, alignment: int, stream) -> Tensor:
 def merge_chains(acc: Tensor, lse: Tensor, side_acc: Tensor, side_lse: Tensor, out: Tensor) -> None:
     """out = the Eq. 9-10 merge of two chains' mixtures of the same rows, and lse updated to match, in one
     launch. acc, side_acc (B, N, H, D) fp32 and lse, side_lse (B, N, H), contiguous; out may be acc."""
-    rows, block = lse.numel(), 16 if kern.interpreted() else 64
-    kern._merge_chains[(triton_cdiv(rows, block),)](acc, lse, side_acc, side_lse, out, rows, D=acc.shape[-1],
-                                                   BLOCK=block)
+    grid, block = _row_launch(lse.numel())
+    kern._merge_chains[grid](acc, lse, side_acc, side_lse, out, lse.numel(), D=acc.shape[-1], BLOCK=block)
 
 
 def key_bytes(key_padding_mask: Tensor | None) -> Tensor | None:

@@ -18,7 +18,8 @@ Families (one module each):
 - `chunked.py`: "chunked", portable (any device and dtype), blocks of queries in plain torch ops.
 - `triton_dilated.py`: "triton", the fused LongNet kernel. It is not a per-branch kernel: it reads
   every branch's rows in place through strides and merges the branches (Eq. 9-10) inside the
-  kernel; `attention/fused.py` and `attention/fused_launch.py` drive it. Its plain-torch twin is the gather path above.
+  kernel; `attention/fused.py` and `attention/fused_launch.py` drive it. Its plain-torch twin is the
+  gather path above.
 
 `backend=None` picks the fastest family available for the tensors (`select_backend`).
 """
@@ -158,4 +159,3 @@ def branch_range(direction: str, segment_length: int, dilation: int):
 
 __all__ = ["BACKENDS", "TRITON_HEAD_DIMS", "attention_backward", "attention_forward", "branch_backend", "branch_range",
            "dense_flops", "dilated_flops", "lse_dtype", "select_backend", "triton_available"]
-
