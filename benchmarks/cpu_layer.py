@@ -12,13 +12,16 @@ the kernel reads directly and the merge updates in place (the forward; the backw
 "torchscale": microsoft/torchscale's DilatedAttention from a source checkout (`--torchscale` or
 TORCHSCALE_SRC; see torchscale_layer.py), its flash call on the same aten kernel.
 Each point alternates the layers and keeps the best of `--repeats`, so all see the same noise.
-Also reports forward time(256K) / time(64K) for each (4.0 would be perfectly linear).
-Writes benchmarks/results/cpu_layer.json and .png.
+Also reports forward time(256K) / time(64K) for each (4.0 would be perfectly linear) and the page
+faults of each best run (a fresh glibc mapping faults every page it touches). `--layers in_place
+--tag alone` times one layer in a process of its own (the others' allocations then leave its heap
+alone). Writes benchmarks/results/cpu_layer[_TAG].json and .png.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -40,15 +43,17 @@ def use_in_place(enabled: bool) -> None:
     layout_module.BranchLayout.viewable = IN_PLACE if enabled else property(lambda self: False)
 
 
-def run_once(forward, n: int, backward: bool) -> float:
+def run_once(forward, n: int, backward: bool) -> tuple[float, int]:
+    """(seconds, minor page faults) of one pass."""
     x = torch.randn(1, n, EMBED, requires_grad=backward)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     if backward:
         forward(x).sum().backward()
     else:
         with torch.no_grad():
             forward(x)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def layers(torchscale_src: str | None) -> dict:
@@ -76,40 +81,45 @@ def main() -> None:
                         help="only print a torch.profiler table of one 16K forward+backward per layer (ops by self time)")
     parser.add_argument("--torchscale", default=os.environ.get("TORCHSCALE_SRC"),
                         help="root of a microsoft/torchscale checkout (default: $TORCHSCALE_SRC; omitted: not compared)")
+    parser.add_argument("--layers", nargs="+", choices=["in_place", "gather", "torchscale"],
+                        help="time only these (default: all found)")
+    parser.add_argument("--tag", default="", help="write cpu_layer_TAG.json / .png")
     args = parser.parse_args()
     torch.manual_seed(0)
-    compared = layers(args.torchscale)
+    compared = {k: v for k, v in layers(args.torchscale).items() if not args.layers or k in args.layers}
     for forward in compared.values():
         run_once(forward, 4096, True)  # warm-up
     if args.profile:
         return profile(compared)
     points = []
-    print(f"{'N':>8} {'pass':8} " + " ".join(f"{name + ' s':>12}" for name in compared)
-          + " in place/gather" + (" in place/torchscale" if "torchscale" in compared else ""))
+    ratios = {"ratio": "gather", "ratio_vs_torchscale": "torchscale"}  # in place / each, when both ran
+    ratios = {key: other for key, other in ratios.items() if {"in_place", other} <= compared.keys()}
+    print(f"{'N':>8} {'pass':8} " + " ".join(f"{name + ' s':>12} {'faults':>8}" for name in compared)
+          + "".join(f" {'in place/' + other:>20}" for other in ratios.values()))
     for n, backward in POINTS:
-        best = dict.fromkeys(compared, float("inf"))
+        best = dict.fromkeys(compared, (float("inf"), 0))
         for _ in range(args.repeats):
             for name, forward in compared.items():
                 best[name] = min(best[name], run_once(forward, n, backward))
         use_in_place(True)
-        point = {"n": n, "pass": "forward+backward" if backward else "forward", **{f"{k}_s": v for k, v in best.items()},
-                 "ratio": best["in_place"] / best["gather"]}
-        if "torchscale" in best:
-            point["ratio_vs_torchscale"] = best["in_place"] / best["torchscale"]
+        point = {"n": n, "pass": "forward+backward" if backward else "forward",
+                 **{f"{k}_s": v[0] for k, v in best.items()}, **{f"{k}_page_faults": v[1] for k, v in best.items()},
+                 **{key: best["in_place"][0] / best[other][0] for key, other in ratios.items()}}
         points.append(point)
-        print(f"{n:>8} {point['pass'][:8]:8} " + " ".join(f"{v:12.3f}" for v in best.values())
-              + f" {point['ratio']:15.3f}" + (f" {point['ratio_vs_torchscale']:19.3f}" if "torchscale" in best else ""),
-              flush=True)
+        print(f"{n:>8} {point['pass'][:8]:8} " + " ".join(f"{t:12.3f} {f:8d}" for t, f in best.values())
+              + "".join(f" {point[key]:20.3f}" for key in ratios), flush=True)
     forward = {p["n"]: p for p in points if p["pass"] == "forward"}
     growth = {name: forward[262144][f"{name}_s"] / forward[65536][f"{name}_s"] for name in compared}
     print("forward time(256K) / time(64K): " + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()))
     host = machine()
-    path = save("cpu_layer", {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "embed_dim": EMBED,
+    name = "cpu_layer" + (f"_{args.tag}" if args.tag else "")
+    path = save(name, {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "embed_dim": EMBED,
                               "heads": HEADS, "dtype": "float32", "causal": True, "rotary": False, "bias": True,
                               "repeats": args.repeats, "torchscale": torchscale_revision(args.torchscale),
-                              "command": " ".join(sys.argv), "points": points, "forward_growth_256k_over_64k": growth})
-    plot(points, host)
-    print(f"wrote {path} and {RESULTS / 'cpu_layer.png'}")
+                              "command": " ".join(sys.argv), "allocator": os.environ.get("LD_PRELOAD") or "glibc",
+                              "points": points, "forward_growth_256k_over_64k": growth})
+    plot(points, host, list(compared), name)
+    print(f"wrote {path} and {RESULTS / (name + '.png')}")
 
 
 def profile(compared: dict, n: int = 16384) -> None:
@@ -138,7 +148,7 @@ def torchscale_revision(src: str | None) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else str(src)
 
 
-def plot(points: list[dict], host: dict) -> None:
+def plot(points: list[dict], host: dict, names: list[str], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,7 +159,7 @@ def plot(points: list[dict], host: dict) -> None:
     xs = range(len(points))
     bars = [("in_place", "ours, rows read in place"), ("gather", "ours, rows gathered"),
             ("torchscale", "torchscale (same aten kernel)")]
-    bars = [(key, label) for key, label in bars if f"{key}_s" in points[0]]
+    bars = [(key, label) for key, label in bars if key in names]
     width = 0.8 / len(bars)
     for i, (key, label) in enumerate(bars):
         offset = (i - (len(bars) - 1) / 2) * width
@@ -161,7 +171,7 @@ def plot(points: list[dict], host: dict) -> None:
     ax.set_title(f"One DilatedAttention layer, E={EMBED}, H={HEADS}, fp32, causal - {host['cpu']}, {host['cores']} cores",
                  fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "cpu_layer.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

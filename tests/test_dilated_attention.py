@@ -84,6 +84,40 @@ def test_paper_like_config_float64():
 
 @pytest.mark.parametrize("backend", ["cpu_flash", "chunked"])
 @pytest.mark.parametrize("causal", [True, False])
+def test_forward_in_chunks_reads_in_place_and_changes_no_bit(backend, causal, monkeypatch):
+    """Whole segments with r | w: the CPU forward reads each head offset's rows as views (no gather) and
+    runs one batch element and about FORWARD_CHUNK_BYTES of kernel output at a time. One segment per
+    chunk must give the same result as one chunk per batch element (every segment is computed alone
+    either way), with key padding, batch 2 and H not a multiple of r, and match the reference. Bit for
+    bit with aten's CPU flash kernel; the portable kernel's batched matmuls (einsum) round differently
+    with the batch they are given (float64 ulps), hence 1e-13 there."""
+    from longnet_dist.attention import dilated, layout
+
+    def no_gather(self, rows):
+        raise AssertionError("the in-place forward gathered rows")
+
+    calls = []
+    kernel = dilated.attention_forward
+    monkeypatch.setattr(dilated, "attention_forward", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    (q, k, v), mask = make_inputs(2, 96, 5, 8, pad_fraction=0.2, seed=4)
+    segs, rates = [8, 16, 32], [1, 2, 4]
+    runs = []
+    for budget in (dilated.FORWARD_CHUNK_BYTES, 1):
+        monkeypatch.setattr(dilated, "FORWARD_CHUNK_BYTES", budget)
+        with torch.no_grad(), monkeypatch.context() as m:
+            m.setattr(layout.BranchLayout, "gather", no_gather)
+            runs.append(dilated_attention(q, k, v, segs, rates, causal=causal, key_padding_mask=mask, backend=backend))
+    # one chunk: per batch element 1 + 2 + 4 calls; one segment per chunk: (96/8) + (96/16) * 2 + (96/32) * 4
+    assert len(calls) == 2 * 7 + 2 * (12 + 12 + 12), len(calls)
+    assert calls[-1] == (1, 8, 1, 8)  # (segments, w/r slots, heads of offset 3, D)
+    tol = dict(rtol=0, atol=0) if backend == "cpu_flash" else dict(rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(runs[0], runs[1], **tol)
+    ours, ref = run_both(q, k, v, segs, rates, causal, mask, backend=backend)  # still chunked
+    assert_all_close(ours, ref, **F64_TOL)
+
+
+@pytest.mark.parametrize("backend", ["cpu_flash", "chunked"])
+@pytest.mark.parametrize("causal", [True, False])
 def test_backward_in_chunks_of_segments_changes_no_bit(backend, causal, monkeypatch):
     """A local branch's backward runs a chunk of whole segments at a time (bounded temporaries):
     forcing one segment per chunk must give the same gradients, with a ragged tail, r not dividing w,
@@ -97,7 +131,7 @@ def test_backward_in_chunks_of_segments_changes_no_bit(backend, causal, monkeypa
     whole = run_both(q, k, v, segs, rates, causal, mask, backend=backend)
     monkeypatch.setattr(dilated, "BACKWARD_CHUNK_BYTES", 1)
     inputs = dilated.AttentionInputs(q, k, v, 2, 70, 5, mask, causal, 1.0, backend)
-    assert dilated.chunk_positions(inputs, 12) == 12  # one segment per chunk
+    assert dilated.chunk_positions(inputs, 12, dilated.BACKWARD_CHUNK_BYTES, 1) == 12  # one segment per chunk
     chunked = run_both(q, k, v, segs, rates, causal, mask, backend=backend)
     tol = dict(rtol=0, atol=0) if backend == "chunked" else dict(rtol=1e-13, atol=1e-15)
     for name, a, b in zip(("out", "dq", "dk", "dv"), whole[0], chunked[0]):

@@ -79,20 +79,10 @@ class LocalBranch:
         if inputs.backend == "triton":  # sharded runs on CUDA: this branch through the fused kernels
             return _fused_merge(inputs, merger, self.segment_length, self.dilation)
         layout = self.layout(inputs)
-        # Whole segments with r | w: read the rows in place, one kernel call per head offset. (The
-        # backward keeps the gather: aten's CPU flash backward ran 1.6x slower on strided views. On
-        # CUDA the fused kernels read in place; this fallback path keeps the gather there: untested.)
+        # Whole segments with r | w: read the rows in place (the backward keeps the gather: aten's CPU
+        # flash backward ran 1.6x slower on strided views; on CUDA the fused kernels read in place).
         if layout.viewable and inputs.q.device.type == "cpu":
-            B, n_seg = inputs.batch, layout.num_segments
-            for s in layout.offsets:
-                q, k, v = (layout.offset_view(x, s) for x in (inputs.q, inputs.k, inputs.v))  # (B*n_seg, w/r, H_s, D)
-                out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
-                                             key_valid=layout.offset_key_valid(inputs.key_padding_mask, s),
-                                             backend=inputs.backend)
-                merger.add_into(layout.offset_view(merger.out, s, flat=False),
-                                layout.offset_view(merger.lse, s, flat=False),
-                                out.view(B, n_seg, *out.shape[1:]), lse.view(B, n_seg, *lse.shape[1:]))
-            return
+            return self._forward_in_place(inputs, merger)
         q, k, v = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v))  # (B * n_seg, m, H, D)
         out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
                                      key_valid=layout.key_valid(inputs.key_padding_mask, inputs.causal, inputs.batch),
@@ -100,10 +90,34 @@ class LocalBranch:
         merger.add(layout.scatter_index, layout.sparse_to_rows(out, inputs.batch),
                    layout.sparse_to_rows(lse, inputs.batch))
 
+    def _forward_in_place(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
+        """`forward` for whole segments with r | w: each head offset's rows are a strided view that the
+        kernel reads and the merge updates in place, one kernel call per head offset. It runs one batch
+        element and about FORWARD_CHUNK_BYTES of kernel output at a time: every temporary stays
+        chunk-sized (glibc reuses its heap for them instead of mapping and faulting fresh pages, which
+        made a 256K forward cost 4.4-4.7x a 64K one) and the views stay views (batch 1)."""
+        H, w, r, mask = inputs.num_heads, self.segment_length, self.dilation, inputs.key_padding_mask
+        span = chunk_positions(inputs, w, FORWARD_CHUNK_BYTES, H * inputs.q.shape[-1] * inputs.q.element_size())
+        for b in range(inputs.batch):
+            for start in range(0, inputs.seq_len, span):
+                stop = min(start + span, inputs.seq_len)
+                part = (slice(b, b + 1), slice(start * H, stop * H))  # rows of positions [start, stop)
+                layout = branch_layout(stop - start, H, w, r, inputs.q.device)
+                real = None if mask is None else mask[b: b + 1, start:stop]
+                for s in layout.offsets:
+                    q, k, v = (layout.offset_view(x[part], s) for x in (inputs.q, inputs.k, inputs.v))  # (n_seg, w/r, H_s, D)
+                    out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
+                                                 key_valid=layout.offset_key_valid(real, s), backend=inputs.backend)
+                    merger.add_into(layout.offset_view(merger.out[part], s, flat=False),
+                                    layout.offset_view(merger.lse[part], s, flat=False), out[None], lse[None])
+        merger.mark_merged()
+
     def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         if inputs.backend == "triton":
             return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation)
-        span = chunk_positions(inputs, self.segment_length)
+        # five gathered inputs, three kernel outputs and three fp32 accumulators per row
+        span = chunk_positions(inputs, self.segment_length, BACKWARD_CHUNK_BYTES,
+                               11 * inputs.num_heads * inputs.q.shape[-1] * 4 * inputs.batch)
         if span >= inputs.seq_len:
             return self._backward_rows(inputs, merged, grads)
         # Segments are independent: run whole segments a chunk at a time, so the gathered copies and
@@ -139,13 +153,13 @@ class LocalBranch:
 
 
 BACKWARD_CHUNK_BYTES = 256 * 2**20  # a local branch's backward temporaries, per chunk of whole segments
+FORWARD_CHUNK_BYTES = 16 * 2**20    # one in-place forward kernel call's output: under glibc's 32 MiB mmap threshold
 
 
-def chunk_positions(inputs: AttentionInputs, segment_length: int) -> int:
-    """Positions per backward chunk: whole segments, about BACKWARD_CHUNK_BYTES of temporaries (five
-    gathered inputs, three kernel outputs and three fp32 accumulators per row), at least one segment."""
-    per_position = 11 * inputs.num_heads * inputs.q.shape[-1] * 4 * inputs.batch
-    segments = max(1, BACKWARD_CHUNK_BYTES // (per_position * segment_length))
+def chunk_positions(inputs: AttentionInputs, segment_length: int, budget: int, per_position: int) -> int:
+    """Positions per chunk: whole segments, about `budget` bytes at `per_position` bytes per position,
+    at least one segment."""
+    segments = max(1, budget // (per_position * min(segment_length, inputs.seq_len)))
     return segments * segment_length
 
 
