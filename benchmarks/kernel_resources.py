@@ -14,7 +14,9 @@ pipeline the strided row loads, and the numbers mean little (this tool's first v
 Per kernel and shape: registers per thread, the stack frame (where spilled registers go: 0 means no
 spills), shared memory, and from the Triton GPU IR whether the row loads are asynchronous copies into
 shared memory (cp.async / TMA, pipelined over `num_stages`) and whether the products are Hopper warp-group
-MMAs (wgmma). Needs a Triton with its NVIDIA backend and TRITON_INTERPRET unset; no GPU. Writes
+MMAs (wgmma). The two row-wise kernels (the backward's prep, the join of two chains) are compiled too,
+registers and spills only. Run it under the Triton a GPU lease has (PYTHONPATH to a `pip install --target`
+of that version) to know that every kernel compiles there before the lease starts. Needs a Triton with its NVIDIA backend and TRITON_INTERPRET unset; no GPU. Writes
 benchmarks/results/kernel_resources.json.
 """
 from __future__ import annotations
@@ -71,9 +73,8 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def recording():
-    """Swap the kernels in `kern` for Recorders (fused launches them through the module)."""
-    names = ("_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_prep")
+def recording(names=("_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_prep")):
+    """Swap the kernels `names` in `kern` for Recorders (fused launches them through the module)."""
     saved = {name: getattr(kern, name) for name in names}
     recorders = {name: Recorder(fn) for name, fn in saved.items()}
     for name, recorder in recorders.items():
@@ -131,9 +132,21 @@ def compile_launch(fn, args: tuple, meta: dict, arch: int):
                           target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def resources(kernel: str, blocks: fused_settings.Blocks, arch: int) -> dict:
-    """Compile one kernel as its launch would and read its cubin's registers, stack frame and shared memory."""
-    compiled = compile_launch(*launch_of(kernel, blocks), arch)
+def row_launches() -> dict:
+    """name -> (Triton function, positional arguments, meta arguments) of the two row-wise launches, the
+    backward's prep (delta, lse2) and the join of two chains (fused_settings.SIDE_BRANCHES)."""
+    B, N, H, D = (SHAPE[key] for key in ("batch", "seq_len", "heads", "head_dim"))
+    rows = lambda dtype=torch.float32: torch.empty(B, N, H, D, dtype=dtype, device="meta")  # noqa: E731
+    lse = lambda: torch.empty(B, N, H, device="meta")  # noqa: E731
+    with recording(("_bwd_prep", "_merge_chains")) as recorders:
+        fused_launch.backward_prep(rows(torch.bfloat16), rows(torch.bfloat16), lse())
+        fused_launch.merge_chains(rows(), lse(), rows(), lse(), rows(torch.bfloat16))
+    return {name: (recorders[fn].fn, *recorders[fn].calls[0]) for name, fn in (("prep", "_bwd_prep"),
+                                                                                ("merge chains", "_merge_chains"))}
+
+
+def usage_of(compiled) -> dict:
+    """Registers per thread, stack frame (spills) and shared memory of a compiled kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -141,11 +154,17 @@ def resources(kernel: str, blocks: fused_settings.Blocks, arch: int) -> dict:
         usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True,
                                check=True).stdout
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+            "dynamic_shared_bytes": compiled.metadata.shared}
+
+
+def resources(kernel: str, blocks: fused_settings.Blocks, arch: int) -> dict:
+    """Compile one kernel as its launch would and read its registers, stack frame, shared memory and code."""
+    compiled = compile_launch(*launch_of(kernel, blocks), arch)
     ir = compiled.asm["ttgir"]
     return {"kernel": kernel, "blocks": [blocks.block_m, blocks.block_n, blocks.num_warps, blocks.num_stages],
             "default": blocks == fused_settings.DEFAULT_BLOCKS[(kernel.split("+")[0], False)],
-            "registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "dynamic_shared_bytes": compiled.metadata.shared,
+            **usage_of(compiled),
             "async_loads": ir.count("async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local"),
             "tma_loads": ir.count("async_tma_copy_global_to_local"),  # of those, by the tensor-memory accelerator
             "wgmma": ir.count("warp_group_dot ") + ir.count("warp_group_dot\n") > 0}
@@ -175,10 +194,16 @@ def main() -> None:
             print(f"{kernel:<22} {shape:<33} {row['registers']:>9} {row['stack_bytes']:>15} "
                   f"{row['dynamic_shared_bytes']:>7} {row['async_loads']:>11} ({row['tma_loads']:>3}) "
                   f"{str(row['wgmma']):>6}", flush=True)
+    row_kernels = [{"kernel": name, **usage_of(compile_launch(fn, call_args, meta, args.arch))}
+                   for name, (fn, call_args, meta) in row_launches().items()]
+    for row in row_kernels:
+        print(f"{row['kernel']:<22} {'(row-wise)':<33} {row['registers']:>9} {row['stack_bytes']:>15} "
+              f"{row['dynamic_shared_bytes']:>7}", flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / "kernel_resources.json"
     path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "dtype": "bf16", "shape": SHAPE,
-                                "command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+                                "command": " ".join(sys.argv), "rows": rows, "row_kernels": row_kernels},
+                               indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -163,6 +163,9 @@ PEAK_FLOPS_BY_GPU = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 QUICK_POINTS = [(32768, "dilated", 5), (32768, "dense", 5), (1048576, "dilated", 2), (4194304, "dilated", 1)]
 CUDA_SEQ_LENS = [32768, 131072, 524288, 1048576, 2097152, 4194304]
 DENSE_MAX_SEQ_LEN = 262144  # dense attention's cost grows with N^2: beyond this a step takes minutes
+# peak GiB a dilated step needed where one was measured (H200, stop 14): a GPU with less memory skips the
+# point instead of spending a minute of its lease compiling towards an out-of-memory error
+MEASURED_PEAK_GIB = {1048576: 36.0, 4194304: 110.4}
 
 
 def checkpointing_for(seq_len: int, choice: str) -> tuple[str, int]:
@@ -205,6 +208,15 @@ def cuda_point(seq_len: int, impl: str, steps: int, args, peak_flops: float, tim
                    timed_steps=len(timed), includes_compile=len(records) == 1)
         row["peak_mem_bytes_per_token"] = row["peak_mem_bytes"] / seq_len
     return row
+
+
+def too_big(seq_len: int, impl: str, host: dict) -> str | None:
+    """A skip status when a dilated step of `seq_len` tokens needed more memory where it was measured
+    (MEASURED_PEAK_GIB, default checkpointing) than this GPU has; else None."""
+    needed, has = MEASURED_PEAK_GIB.get(seq_len) if impl == "dilated" else None, host.get("gpu_memory_gib")
+    if needed is None or has is None or needed <= has:
+        return None
+    return f"skipped: a step peaked at {needed} GiB on an H200 (stop 14); this GPU has {has} GiB"
 
 
 def cuda_points(args) -> list[tuple[int, str, int]]:
@@ -253,6 +265,9 @@ def cuda_sweep(args) -> None:
         elif left < 20:
             row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
                    "status": f"skipped: time budget ({budget:.0f} s) spent"}
+        elif args.checkpointing == "auto" and too_big(seq_len, impl, host):
+            row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
+                   "status": too_big(seq_len, impl, host)}
         else:
             row = cuda_point(seq_len, impl, steps, args, peak, timeout=min(args.timeout, left))
         if row["status"] not in ("ok",) and not row["status"].startswith("skipped"):

@@ -9,7 +9,8 @@
 #      kernel_tuning.json (the dQ mode and blocks chosen; the later stages run with them through
 #      LONGNET_KERNEL_TUNING);
 #   3. train: the real trainer on the GPU (default `--quick --budget 110`: 32K dilated and dense, 1M and,
-#      if the budget leaves time, 4M dilated; a 4M step completed on an H200 in stop 14)
+#      if the budget leaves time, 4M dilated; a 4M step completed on an H200 in stop 14, and a GPU with
+#      less memory than it needed there, an 80 GB H100, skips it at once)
 #      when hydra, omegaconf and deepspeed are importable (carry ../shared/offline_wheels.sh's wheels
 #      to an offline machine) -> train_cuda_*;
 #   opt-in: optimizer (what DeepSpeed's engine adds to an optimizer step, benchmarks/optimizer_step.py,

@@ -1,5 +1,6 @@
 """The tools a short GPU lease relies on, checked on the CPU: test sharding (LONGNET_TEST_SHARD, used
-by scripts/gpu_test_shards.sh) and the kernel profile script (benchmarks/gpu_profile.py)."""
+by scripts/gpu_test_shards.sh), the kernel profile script (benchmarks/gpu_profile.py), the tuning
+steps, kernel_resources.py and the training stage's memory check."""
 from __future__ import annotations
 
 import json
@@ -105,6 +106,9 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
         # pipeline overlaps and the products Hopper's warp-group MMAs; without the JIT's hints neither happens
         assert row["async_loads"] > 0 and row["wgmma"], row
         assert (row["tma_loads"] > 0) == ("tma loads" in row["kernel"]), row  # fused_settings.TMA_LOADS
+    row_kernels = json.loads((tmp_path / "kernel_resources.json").read_text())["row_kernels"]
+    assert [row["kernel"] for row in row_kernels] == ["prep", "merge chains"]  # they compile, and do not spill
+    assert all(row["stack_bytes"] == 0 and row["registers"] > 0 for row in row_kernels), row_kernels
 
 
 def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
@@ -186,3 +190,15 @@ def test_the_tuning_steps_stop_at_their_deadline(monkeypatch, capsys):
     assert set(gk.tune_small_launches()["seconds"]) == {"0 None"}
     assert gk.tune_side_branches()["seconds"].keys() == {"0"}
     assert "out of tuning time" in capsys.readouterr().out
+
+
+def test_the_training_stage_skips_a_point_that_needed_more_memory_than_the_gpu_has():
+    """benchmarks/train.py on an 80 GB H100: the 4M step (110.4 GiB measured on the H200) is recorded as
+    skipped at once instead of compiling towards an out-of-memory error; it runs where it fits."""
+    import train as bench
+
+    h100, h200 = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2}, {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8}
+    assert "110.4 GiB" in bench.too_big(4194304, "dilated", h100) and "79.2 GiB" in bench.too_big(4194304, "dilated", h100)
+    assert bench.too_big(4194304, "dilated", h200) is None
+    assert bench.too_big(1048576, "dilated", h100) is None and bench.too_big(32768, "dense", h100) is None
+    assert bench.too_big(4194304, "dilated", {"gpu": "unknown"}) is None  # no memory known: try it
