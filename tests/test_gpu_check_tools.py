@@ -202,3 +202,41 @@ def test_the_training_stage_skips_a_point_that_needed_more_memory_than_the_gpu_h
     assert bench.too_big(4194304, "dilated", h200) is None
     assert bench.too_big(1048576, "dilated", h100) is None and bench.too_big(32768, "dense", h100) is None
     assert bench.too_big(4194304, "dilated", {"gpu": "unknown"}) is None  # no memory known: try it
+
+
+def test_the_attention_stage_records_summarises_and_plots_its_points(tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu_attention.py's bookkeeping, which only a lease runs otherwise: each point is printed and
+    saved as it comes (a failed one recorded, the sweep going on), the targets are computed from the fastest
+    run of each point (a rerun after a later dQ mode included) and against the fastest dense kernel, and
+    the plot is written."""
+    import gpu_attention as ga
+
+    K, M = ga.K, ga.M
+    times = {("dilated", 32 * K): [4e-3, 3e-3], ("dense", 32 * K): [20e-3], ("dense_cudnn", 32 * K): [14e-3],
+             ("dilated", M): [0.1], ("dense", M): [20.0]}
+
+    def fake_measure(kind, n, causal, repeats):
+        if kind == "dense_sdpa":
+            raise RuntimeError("CUDA out of memory")
+        seconds = times[(kind, n)].pop(0)
+        flops = ga.attention_flops(kind, n, causal)
+        point = {"kind": kind, "n": n, "causal": causal, "forward_backward_s": seconds,
+                 "forward_backward_tflops": flops * 3.5 / seconds / 1e12, "peak_bytes_per_token": 14 * 1024.0}
+        if n == 4 * M:
+            point["tail_max_abs_diff"] = 0.0
+        return point
+
+    monkeypatch.setattr(ga, "measure", fake_measure)
+    times[("dilated", 4 * M)] = [0.45]
+    payload, saved = {"points": []}, []
+    specs = ga.QUICK + [("dilated", 32 * K, True, 5)]  # the 32K point again, faster
+    ga.run_points(specs, payload, lambda: saved.append(len(payload["points"])))
+    assert saved == list(range(1, len(specs) + 1))  # saved after every point
+    assert "failed: RuntimeError: CUDA out of memory" in capsys.readouterr().out
+    targets = payload["targets"]
+    dilated = ga.attention_flops("dilated", 32 * K, True) / 3e-3
+    assert abs(targets["flops_ratio_32k_causal"] - dilated / (ga.attention_flops("dense", 32 * K, True) / 20e-3)) < 1e-9
+    assert "flops_ratio_32k_causal_vs_dense_cudnn" in targets and targets["million_forward_backward_s"] == 0.1
+    assert targets["peak_kb_per_token_4m"] == 14.0
+    ga.plot(payload["points"], tmp_path / "gpu_attention.png", "test")
+    assert (tmp_path / "gpu_attention.png").stat().st_size > 0
