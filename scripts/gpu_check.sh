@@ -23,6 +23,7 @@
 # into $OUT when that is set (a device runner's output folder), else benchmarks/results/;
 # GPU_CHECK_ARCHIVE=path.tgz also packs them all into that one file after every stage (a device
 # runner brings back only a few files).
+# On an offline machine carry the wheels of ../shared/offline_wheels.sh in .whl/ (or GPU_CHECK_WHEELS).
 # Stages to run: GPU_CHECK_STAGES="tests attention train" (the default; add or pick "optimizer",
 # "profile"); GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks (the
 # whole attention sweep: GPU_CHECK_ATTENTION_ARGS="--tune" GPU_CHECK_ATTENTION_LIMIT=400);
@@ -33,8 +34,20 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MOD
 results=${OUT:-benchmarks/results}  # a device runner's output folder, when set: results survive a time-out
 mkdir -p "$results"
 stages=${GPU_CHECK_STAGES:-tests attention train}
-started=$(mktemp) && trap 'rm -f "$started"' EXIT  # files newer than this were written by this run
+started=$(mktemp) && trap 'rm -f "$started"; [ -z "${site:-}" ] || rm -rf "$site"' EXIT  # files newer than this: this run's
 status=0
+# An offline machine without DeepSpeed/Hydra: install the wheels carried in GPU_CHECK_WHEELS (default .whl/,
+# made by ../shared/offline_wheels.sh) into a temporary folder for this run; nothing else is touched.
+wheels=${GPU_CHECK_WHEELS:-.whl}
+if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null && compgen -G "$wheels/*.whl" >/dev/null; then
+    site=$(mktemp -d)
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl; then
+        export PYTHONPATH="$PYTHONPATH:$site" DS_ACCELERATOR=${DS_ACCELERATOR:-cuda}
+        echo "== installed $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $site"
+    else
+        echo "== could not install the wheels in $wheels: the train and optimizer stages will be skipped"
+    fi
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
@@ -55,7 +68,7 @@ for stage in $stages; do
                        ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 90} ;;
         train|optimizer)
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
-                   echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry wheels: ../shared/offline_wheels.sh)"
+                   echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry the wheels of ../shared/offline_wheels.sh in $wheels/)"
                elif [ "$stage" = train ]; then
                    run "${GPU_CHECK_TRAIN_LIMIT:-120}" train_cuda python3 benchmarks/train.py --device cuda \
                        ${GPU_CHECK_TRAIN_ARGS:---quick --budget 110}
