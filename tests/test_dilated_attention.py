@@ -101,17 +101,22 @@ def test_forward_in_chunks_reads_in_place_and_changes_no_bit(backend, causal, mo
     monkeypatch.setattr(dilated, "attention_forward", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
     (q, k, v), mask = make_inputs(2, 96, 5, 8, pad_fraction=0.2, seed=4)
     segs, rates = [8, 16, 32], [1, 2, 4]
-    runs = []
-    for budget in (dilated.FORWARD_CHUNK_BYTES, 1):
+    runs, counts = [], []
+    # a call outputs (w/r slots, ceil(H/r) heads, D) float64 per segment: 320, 96 and 32 bytes per position
+    # for r = 1, 2, 4. 5120 bytes: chunks of 2, 3 and 5 segments (96 positions: 6, 2 and 1 chunks)
+    for budget in (dilated.FORWARD_CHUNK_BYTES, 1, 5120):
         monkeypatch.setattr(dilated, "FORWARD_CHUNK_BYTES", budget)
         with torch.no_grad(), monkeypatch.context() as m:
             m.setattr(layout.BranchLayout, "gather", no_gather)
             runs.append(dilated_attention(q, k, v, segs, rates, causal=causal, key_padding_mask=mask, backend=backend))
-    # one chunk: per batch element 1 + 2 + 4 calls; one segment per chunk: (96/8) + (96/16) * 2 + (96/32) * 4
-    assert len(calls) == 2 * 7 + 2 * (12 + 12 + 12), len(calls)
-    assert calls[-1] == (1, 8, 1, 8)  # (segments, w/r slots, heads of offset 3, D)
+        counts.append(len(calls) - sum(counts))
+    # per batch element: one chunk, 1 + 2 + 4 calls; one segment per chunk, 96/8 + (96/16) * 2 + (96/32) * 4;
+    # 5120 bytes, 6 + 2 * 2 + 1 * 4
+    assert counts == [2 * 7, 2 * (12 + 12 + 12), 2 * (6 + 4 + 4)], counts
+    assert calls[-1] == (3, 8, 1, 8)  # (segments, w/r slots, heads of offset 3, D)
     tol = dict(rtol=0, atol=0) if backend == "cpu_flash" else dict(rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(runs[0], runs[1], **tol)
+    for run in runs[1:]:
+        torch.testing.assert_close(runs[0], run, **tol)
     ours, ref = run_both(q, k, v, segs, rates, causal, mask, backend=backend)  # still chunked
     assert_all_close(ours, ref, **F64_TOL)
 

@@ -93,11 +93,14 @@ class LocalBranch:
     def _forward_in_place(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
         """`forward` for whole segments with r | w: each head offset's rows are a strided view that the
         kernel reads and the merge updates in place, one kernel call per head offset. It runs one batch
-        element and about FORWARD_CHUNK_BYTES of kernel output at a time: every temporary stays
-        chunk-sized (glibc reuses its heap for them instead of mapping and faulting fresh pages, which
-        made a 256K forward cost 4.4-4.7x a 64K one) and the views stay views (batch 1)."""
+        element and one chunk of whole segments at a time, each call's output about FORWARD_CHUNK_BYTES:
+        every temporary stays chunk-sized (glibc reuses its heap for them instead of mapping and
+        faulting fresh pages, which made a 256K forward cost 4.4-4.7x a 64K one) and the views stay
+        views (batch 1)."""
         H, w, r, mask = inputs.num_heads, self.segment_length, self.dilation, inputs.key_padding_mask
-        span = chunk_positions(inputs, w, FORWARD_CHUNK_BYTES, H * inputs.q.shape[-1] * inputs.q.element_size())
+        # one call's output per position: 1/r of the rows, ceil(H/r) heads (a sparse branch takes longer chunks)
+        per_position = max(1, -(-H // r) * inputs.q.shape[-1] * inputs.q.element_size() // r)
+        span = chunk_positions(inputs, w, FORWARD_CHUNK_BYTES, per_position)
         for b in range(inputs.batch):
             for start in range(0, inputs.seq_len, span):
                 stop = min(start + span, inputs.seq_len)
