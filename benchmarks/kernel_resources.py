@@ -15,8 +15,9 @@ Per kernel and shape: registers per thread, the stack frame (where spilled regis
 spills), shared memory, and from the Triton GPU IR whether the row loads are asynchronous copies into
 shared memory (cp.async / TMA, pipelined over `num_stages`) and whether the products are Hopper warp-group
 MMAs (wgmma). The two row-wise kernels (the backward's prep, the join of two chains) are compiled too,
-registers and spills only. Run it under the Triton a GPU lease has (PYTHONPATH to a `pip install --target`
-of that version) to know that every kernel compiles there before the lease starts. Needs a Triton with its NVIDIA backend and TRITON_INTERPRET unset; no GPU. Writes
+registers and spills only. Run it under the Triton a GPU lease has (PYTHONPATH to a `pip install
+--target` of that version) to know that every kernel compiles there before the lease starts. Needs a
+Triton with its NVIDIA backend and TRITON_INTERPRET unset; no GPU. Writes
 benchmarks/results/kernel_resources.json.
 """
 from __future__ import annotations

@@ -197,8 +197,10 @@ def test_the_training_stage_skips_a_point_that_needed_more_memory_than_the_gpu_h
     skipped at once instead of compiling towards an out-of-memory error; it runs where it fits."""
     import train as bench
 
-    h100, h200 = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2}, {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8}
-    assert "110.4 GiB" in bench.too_big(4194304, "dilated", h100) and "79.2 GiB" in bench.too_big(4194304, "dilated", h100)
+    h100 = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2}
+    h200 = {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8}
+    status = bench.too_big(4194304, "dilated", h100)
+    assert status.startswith("skipped") and "110.4 GiB" in status and "79.2 GiB" in status, status
     assert bench.too_big(4194304, "dilated", h200) is None
     assert bench.too_big(1048576, "dilated", h100) is None and bench.too_big(32768, "dense", h100) is None
     assert bench.too_big(4194304, "dilated", {"gpu": "unknown"}) is None  # no memory known: try it

@@ -107,8 +107,8 @@ class LocalBranch:
                 part = (slice(b, b + 1), slice(start * H, stop * H))  # rows of positions [start, stop)
                 layout = branch_layout(stop - start, H, w, r, inputs.q.device)
                 real = None if mask is None else mask[b: b + 1, start:stop]
-                for s in layout.offsets:
-                    q, k, v = (layout.offset_view(x[part], s) for x in (inputs.q, inputs.k, inputs.v))  # (n_seg, w/r, H_s, D)
+                for s in layout.offsets:  # q, k, v: (n_seg, w/r, H_s, D) views
+                    q, k, v = (layout.offset_view(x[part], s) for x in (inputs.q, inputs.k, inputs.v))
                     out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
                                                  key_valid=layout.offset_key_valid(real, s), backend=inputs.backend)
                     merger.add_into(layout.offset_view(merger.out[part], s, flat=False),
