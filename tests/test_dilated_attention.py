@@ -121,6 +121,33 @@ def test_forward_in_chunks_reads_in_place_and_changes_no_bit(backend, causal, mo
     assert_all_close(ours, ref, **F64_TOL)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_strided_inputs_are_read_in_place_and_copied_only_for_the_backward(causal, monkeypatch):
+    """q, k, v as a fused qkv projection gives them (strided views of one (B, N, 3, H, D) tensor): the CPU
+    in-place forward reads them as they are, with no rows made (no copy), and the backward makes the rows
+    once for all branches. Same results as contiguous inputs, forward and gradients."""
+    from longnet_dist.attention import dilated
+
+    (q, k, v), mask = make_inputs(2, 96, 5, 8, pad_fraction=0.2, seed=6)
+    packed = torch.stack([x.detach() for x in (q, k, v)], dim=2).requires_grad_()  # (B, N, 3, H, D)
+    segs, rates = [8, 16, 32], [1, 2, 4]
+    made = []
+    to_rows = dilated.to_rows
+    monkeypatch.setattr(dilated, "to_rows", lambda x: made.append(x.is_contiguous()) or to_rows(x))
+    with torch.no_grad():
+        out = dilated_attention(*packed.unbind(2), segs, rates, causal=causal, key_padding_mask=mask)
+    assert made == []  # forward only: nothing copied
+    out = dilated_attention(*packed.unbind(2), segs, rates, causal=causal, key_padding_mask=mask)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (d_packed,) = torch.autograd.grad(out, packed, grad)
+    # the backward: the incoming gradient as rows (contiguous: a view), then q, k, v's rows, copied once
+    assert made == [True, False, False, False]
+    ours, _ = run_both(q, k, v, segs, rates, causal, mask)  # contiguous inputs
+    torch.testing.assert_close(out, ours[0], rtol=1e-13, atol=1e-15)
+    for name, a, b in zip(("dq", "dk", "dv"), d_packed.unbind(2), ours[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("backend", ["cpu_flash", "chunked"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_in_chunks_of_segments_changes_no_bit(backend, causal, monkeypatch):
@@ -135,7 +162,7 @@ def test_backward_in_chunks_of_segments_changes_no_bit(backend, causal, monkeypa
     segs, rates = [8, 12, 32], [1, 3, 4]
     whole = run_both(q, k, v, segs, rates, causal, mask, backend=backend)
     monkeypatch.setattr(dilated, "BACKWARD_CHUNK_BYTES", 1)
-    inputs = dilated.AttentionInputs(q, k, v, 2, 70, 5, mask, causal, 1.0, backend)
+    inputs = dilated.AttentionInputs((q, k, v), 2, 70, 5, mask, causal, 1.0, backend)
     assert dilated.chunk_positions(inputs, 12, dilated.BACKWARD_CHUNK_BYTES, 1) == 12  # one segment per chunk
     chunked = run_both(q, k, v, segs, rates, causal, mask, backend=backend)
     tol = dict(rtol=0, atol=0) if backend == "chunked" else dict(rtol=1e-13, atol=1e-15)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol, Sequence
 
 import torch
@@ -33,11 +34,12 @@ from .merge import BranchMerger
 
 @dataclass
 class AttentionInputs:
-    """What every branch sees: this device's q, k, v as rows (B, N * H, D) and the settings."""
+    """What every branch sees: this device's q, k, v and the settings. `heads` holds q, k, v as given,
+    (B, N, H, D) with any strides (the CPU in-place forward reads them so); `q`, `k`, `v` are the same
+    as rows (B, N * H, D), made at first use and shared by every branch (a copy when a tensor is a
+    strided view, e.g. of a fused qkv projection)."""
 
-    q: Tensor
-    k: Tensor
-    v: Tensor
+    heads: tuple[Tensor, Tensor, Tensor]
     batch: int
     seq_len: int
     num_heads: int
@@ -45,6 +47,17 @@ class AttentionInputs:
     causal: bool
     scale: float
     backend: str | None
+
+    @cached_property
+    def rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(to_rows(x) for x in self.heads)
+
+    q = property(lambda self: self.rows[0])
+    k = property(lambda self: self.rows[1])
+    v = property(lambda self: self.rows[2])
+    head_dim = property(lambda self: self.heads[0].shape[-1])
+    dtype = property(lambda self: self.heads[0].dtype)
+    device = property(lambda self: self.heads[0].device)
 
 
 @dataclass
@@ -70,7 +83,7 @@ class LocalBranch:
         self.segment_length, self.dilation = segment_length, dilation
 
     def layout(self, inputs: AttentionInputs) -> BranchLayout:
-        return branch_layout(inputs.seq_len, inputs.num_heads, self.segment_length, self.dilation, inputs.q.device)
+        return branch_layout(inputs.seq_len, inputs.num_heads, self.segment_length, self.dilation, inputs.device)
 
     def prefetch(self, inputs: AttentionInputs) -> None:
         """Nothing to fetch: every row this branch needs is local."""
@@ -81,7 +94,7 @@ class LocalBranch:
         layout = self.layout(inputs)
         # Whole segments with r | w: read the rows in place (the backward keeps the gather: aten's CPU
         # flash backward ran 1.6x slower on strided views; on CUDA the fused kernels read in place).
-        if layout.viewable and inputs.q.device.type == "cpu":
+        if layout.viewable and inputs.device.type == "cpu":
             return self._forward_in_place(inputs, merger)
         q, k, v = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v))  # (B * n_seg, m, H, D)
         out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
@@ -99,16 +112,16 @@ class LocalBranch:
         views (batch 1)."""
         H, w, r, mask = inputs.num_heads, self.segment_length, self.dilation, inputs.key_padding_mask
         # one call's output per position: 1/r of the rows, ceil(H/r) heads (a sparse branch takes longer chunks)
-        per_position = max(1, -(-H // r) * inputs.q.shape[-1] * inputs.q.element_size() // r)
+        per_position = max(1, -(-H // r) * inputs.head_dim * inputs.heads[0].element_size() // r)
         span = chunk_positions(inputs, w, FORWARD_CHUNK_BYTES, per_position)
         for b in range(inputs.batch):
             for start in range(0, inputs.seq_len, span):
                 stop = min(start + span, inputs.seq_len)
                 part = (slice(b, b + 1), slice(start * H, stop * H))  # rows of positions [start, stop)
-                layout = branch_layout(stop - start, H, w, r, inputs.q.device)
+                layout = branch_layout(stop - start, H, w, r, inputs.device)
                 real = None if mask is None else mask[b: b + 1, start:stop]
-                for s in layout.offsets:  # q, k, v: (n_seg, w/r, H_s, D) views
-                    q, k, v = (layout.offset_view(x[part], s) for x in (inputs.q, inputs.k, inputs.v))
+                for s in layout.offsets:  # q, k, v: (n_seg, w/r, H_s, D) views of the inputs as given
+                    q, k, v = (layout.offset_view(x[b: b + 1, start:stop], s, heads=True) for x in inputs.heads)
                     out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
                                                  key_valid=layout.offset_key_valid(real, s), backend=inputs.backend)
                     merger.add_into(layout.offset_view(merger.out[part], s, flat=False),
@@ -120,7 +133,7 @@ class LocalBranch:
             return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation)
         # five gathered inputs, three kernel outputs and three fp32 accumulators per row
         span = chunk_positions(inputs, self.segment_length, BACKWARD_CHUNK_BYTES,
-                               11 * inputs.num_heads * inputs.q.shape[-1] * 4 * inputs.batch)
+                               11 * inputs.num_heads * inputs.head_dim * 4 * inputs.batch)
         if span >= inputs.seq_len:
             return self._backward_rows(inputs, merged, grads)
         # Segments are independent: run whole segments a chunk at a time, so the gathered copies and
@@ -136,8 +149,8 @@ class LocalBranch:
         H = inputs.num_heads
         rows = slice(start * H, stop * H)                                 # (B, (stop - start) * H, D) views
         mask = None if inputs.key_padding_mask is None else inputs.key_padding_mask[:, start:stop]
-        part = AttentionInputs(inputs.q[:, rows], inputs.k[:, rows], inputs.v[:, rows], inputs.batch,
-                               stop - start, H, mask, inputs.causal, inputs.scale, inputs.backend)
+        part = AttentionInputs(tuple(x[:, rows].view(inputs.batch, stop - start, H, -1) for x in inputs.rows),
+                               inputs.batch, stop - start, H, mask, inputs.causal, inputs.scale, inputs.backend)
         sub = [g.new_zeros(g.shape[0], (stop - start) * H + 1, g.shape[2]) for g in grads]
         self._backward_rows(part, MergedRows(merged.grad_out[:, rows], merged.out[:, rows], merged.lse[:, rows]), sub)
         for total, chunk in zip(grads, sub):
@@ -170,8 +183,8 @@ def run_branches_forward(inputs: AttentionInputs, branches: Sequence[Branch]) ->
     """Merged output (B, N * H, D) in the input dtype, 0 at padded and uncovered rows, and lse (B, N * H)."""
     for branch in branches:  # start every communication before any compute (overlap)
         branch.prefetch(inputs)
-    merger = BranchMerger(inputs.batch, inputs.seq_len * inputs.num_heads, inputs.q.shape[-1],
-                          lse_dtype(inputs.q.dtype), inputs.q.device)
+    merger = BranchMerger(inputs.batch, inputs.seq_len * inputs.num_heads, inputs.head_dim,
+                          lse_dtype(inputs.dtype), inputs.device)
     for branch in branches:
         with branch_range("fwd", branch.segment_length, branch.dilation):
             branch.forward(inputs, merger)
@@ -180,28 +193,30 @@ def run_branches_forward(inputs: AttentionInputs, branches: Sequence[Branch]) ->
         real = inputs.key_padding_mask.repeat_interleave(inputs.num_heads, dim=1)  # (B, N * H)
         out = out * real.unsqueeze(-1)
         lse = lse.masked_fill(~real, float("inf"))
-    return out.to(inputs.q.dtype), lse
+    return out.to(inputs.dtype), lse
 
 
 def run_branches_backward(inputs: AttentionInputs, branches: Sequence[Branch], merged: MergedRows) -> list[Tensor]:
     """Gradients (dq, dk, dv) as rows (B, N * H, D) in the input dtype."""
-    acc = lse_dtype(inputs.q.dtype)
+    acc = lse_dtype(inputs.dtype)
     # one spare row at the end absorbs scatters from invalid slots
-    grads = [torch.zeros(inputs.batch, inputs.q.shape[1] + 1, inputs.q.shape[2], dtype=acc, device=inputs.q.device)
-             for _ in range(3)]
+    rows = inputs.seq_len * inputs.num_heads + 1
+    grads = [torch.zeros(inputs.batch, rows, inputs.head_dim, dtype=acc, device=inputs.device) for _ in range(3)]
     for branch in branches:
         with branch_range("bwd", branch.segment_length, branch.dilation):
             branch.backward(inputs, merged, grads)
-    return [g[:, :-1].to(inputs.q.dtype) for g in grads]
+    return [g[:, :-1].to(inputs.dtype) for g in grads]
 
 
 class _DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, branches, causal, scale, backend):
         B, N, H, D = q.shape
-        inputs = AttentionInputs(to_rows(q), to_rows(k), to_rows(v), B, N, H, key_padding_mask, causal, scale, backend)
+        inputs = AttentionInputs((q, k, v), B, N, H, key_padding_mask, causal, scale, backend)
         out, lse = run_branches_forward(inputs, branches)
-        ctx.save_for_backward(inputs.q, inputs.k, inputs.v, out, lse, key_padding_mask)
+        # the rows when a branch made them (no second copy in the backward), else q, k, v as given
+        kept = [x.view(B, N, H, D) for x in inputs.rows] if "rows" in vars(inputs) else (q, k, v)
+        ctx.save_for_backward(*kept, out, lse, key_padding_mask)
         ctx.settings = (branches, B, N, H, causal, scale, backend)
         return out.view(B, N, H, D)
 
@@ -209,7 +224,7 @@ class _DilatedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         branches, B, N, H, causal, scale, backend = ctx.settings
-        inputs = AttentionInputs(q, k, v, B, N, H, key_padding_mask, causal, scale, backend)
+        inputs = AttentionInputs((q, k, v), B, N, H, key_padding_mask, causal, scale, backend)
         merged = MergedRows(to_rows(grad_out.to(q.dtype)), out, lse)
         dq, dk, dv = run_branches_backward(inputs, branches, merged)
         shape = (B, N, H, q.shape[-1])

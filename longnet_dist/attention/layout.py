@@ -100,12 +100,14 @@ class BranchLayout:
         """The head offsets s in use: heads h = s, s + r, ... keep rows a + s + k*r (Eq. 13-15)."""
         return range(min(self.dilation, self.num_heads))
 
-    def offset_view(self, rows: Tensor, offset: int, flat: bool = True) -> Tensor:
-        """(B, N * H [+ 1], ...) rows -> the rows that heads h = offset (mod r) keep, without copying:
-        (B * n_seg, w/r, H_s, ...) (`flat`; a copy only when the batch cannot merge with the segments,
-        e.g. rows with a spare row), or the writable view (B, n_seg, w/r, H_s, ...). Needs `viewable`."""
+    def offset_view(self, rows: Tensor, offset: int, flat: bool = True, heads: bool = False) -> Tensor:
+        """(B, N * H [+ 1], ...) rows, or with `heads` (B, N, H, ...) with any strides -> the rows that heads
+        h = offset (mod r) keep, without copying: (B * n_seg, w/r, H_s, ...) (`flat`; a copy only when the
+        batch cannot merge with the segments, e.g. rows with a spare row), or the writable view
+        (B, n_seg, w/r, H_s, ...). Needs `viewable`."""
         w, r, H = self.effective_segment, self.dilation, self.num_heads
-        grid = rows[:, : self.seq_len * H].view(rows.shape[0], self.seq_len // w, w // r, r, H, *rows.shape[2:])
+        source, rest = (rows, rows.shape[3:]) if heads else (rows[:, : self.seq_len * H], rows.shape[2:])
+        grid = source.view(rows.shape[0], self.seq_len // w, w // r, r, H, *rest)
         picked = grid[:, :, :, offset, offset::r]                      # (B, n_seg, w/r, H_s, ...)
         return picked.flatten(0, 1) if flat else picked
 

@@ -69,7 +69,7 @@ class SpanningBranch:
     def layout(self, inputs: AttentionInputs) -> BranchLayout:
         """This rank's rows of the branch: one segment of the whole shard, every r-th row per head."""
         phase = (self.subgroup.rank * inputs.seq_len) % self.dilation  # rows since the segment start, mod r
-        return branch_layout(inputs.seq_len, inputs.num_heads, inputs.seq_len, self.dilation, inputs.q.device, phase)
+        return branch_layout(inputs.seq_len, inputs.num_heads, inputs.seq_len, self.dilation, inputs.device, phase)
 
     def key_parts(self, slots: int, causal: bool) -> list[tuple[slice, bool]]:
         """(slice of gathered key slots, causal?) that the local queries attend; `slots` = l/r per rank."""
