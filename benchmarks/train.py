@@ -213,7 +213,8 @@ def cuda_point(seq_len: int, impl: str, steps: int, args, peak_flops: float, tim
 def too_big(seq_len: int, impl: str, host: dict) -> str | None:
     """A skip status when a dilated step of `seq_len` tokens needed more memory where it was measured
     (MEASURED_PEAK_GIB, default checkpointing) than this GPU has; else None."""
-    needed, has = MEASURED_PEAK_GIB.get(seq_len) if impl == "dilated" else None, host.get("gpu_memory_gib")
+    needed = MEASURED_PEAK_GIB.get(seq_len) if impl == "dilated" else None
+    has = host.get("gpu_memory_gib")
     if needed is None or has is None or needed <= has:
         return None
     return f"skipped: a step peaked at {needed} GiB on an H200 (stop 14); this GPU has {has} GiB"

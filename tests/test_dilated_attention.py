@@ -162,9 +162,13 @@ def test_backward_in_chunks_of_segments_changes_no_bit(backend, causal, monkeypa
     segs, rates = [8, 12, 32], [1, 3, 4]
     whole = run_both(q, k, v, segs, rates, causal, mask, backend=backend)
     monkeypatch.setattr(dilated, "BACKWARD_CHUNK_BYTES", 1)
+    contiguous = []  # what the rows are made of: a chunk's slice of the rows (batch 2) would be copied
+    to_rows = dilated.to_rows
+    monkeypatch.setattr(dilated, "to_rows", lambda x: contiguous.append(x.is_contiguous()) or to_rows(x))
     inputs = dilated.AttentionInputs((q, k, v), 2, 70, 5, mask, causal, 1.0, backend)
     assert dilated.chunk_positions(inputs, 12, dilated.BACKWARD_CHUNK_BYTES, 1) == 12  # one segment per chunk
     chunked = run_both(q, k, v, segs, rates, causal, mask, backend=backend)
+    assert contiguous and all(contiguous), contiguous  # the chunks use slices of the rows as they are
     tol = dict(rtol=0, atol=0) if backend == "chunked" else dict(rtol=1e-13, atol=1e-15)
     for name, a, b in zip(("out", "dq", "dk", "dv"), whole[0], chunked[0]):
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")

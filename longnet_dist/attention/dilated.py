@@ -52,6 +52,20 @@ class AttentionInputs:
     def rows(self) -> tuple[Tensor, Tensor, Tensor]:
         return tuple(to_rows(x) for x in self.heads)
 
+    @classmethod
+    def from_rows(cls, rows: Sequence[Tensor], batch: int, seq_len: int, num_heads: int, *settings) -> AttentionInputs:
+        """Inputs whose rows (B, N * H, D) exist already (slices of another's rows): used as they are, no copy."""
+        made = cls(tuple(x.view(batch, seq_len, num_heads, -1) for x in rows), batch, seq_len, num_heads, *settings)
+        made.rows = tuple(rows)  # fills the cached property
+        return made
+
+    def for_backward(self) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, N, H, D) to keep for the backward: the rows if a branch made them (so the backward
+        does not copy them again), else as given."""
+        if "rows" not in vars(self):
+            return self.heads
+        return tuple(x.view(self.batch, self.seq_len, self.num_heads, -1) for x in self.rows)
+
     q = property(lambda self: self.rows[0])
     k = property(lambda self: self.rows[1])
     v = property(lambda self: self.rows[2])
@@ -149,8 +163,8 @@ class LocalBranch:
         H = inputs.num_heads
         rows = slice(start * H, stop * H)                                 # (B, (stop - start) * H, D) views
         mask = None if inputs.key_padding_mask is None else inputs.key_padding_mask[:, start:stop]
-        part = AttentionInputs(tuple(x[:, rows].view(inputs.batch, stop - start, H, -1) for x in inputs.rows),
-                               inputs.batch, stop - start, H, mask, inputs.causal, inputs.scale, inputs.backend)
+        part = AttentionInputs.from_rows([x[:, rows] for x in inputs.rows], inputs.batch, stop - start, H, mask,
+                                         inputs.causal, inputs.scale, inputs.backend)
         sub = [g.new_zeros(g.shape[0], (stop - start) * H + 1, g.shape[2]) for g in grads]
         self._backward_rows(part, MergedRows(merged.grad_out[:, rows], merged.out[:, rows], merged.lse[:, rows]), sub)
         for total, chunk in zip(grads, sub):
@@ -214,9 +228,7 @@ class _DilatedAttentionFunction(torch.autograd.Function):
         B, N, H, D = q.shape
         inputs = AttentionInputs((q, k, v), B, N, H, key_padding_mask, causal, scale, backend)
         out, lse = run_branches_forward(inputs, branches)
-        # the rows when a branch made them (no second copy in the backward), else q, k, v as given
-        kept = [x.view(B, N, H, D) for x in inputs.rows] if "rows" in vars(inputs) else (q, k, v)
-        ctx.save_for_backward(*kept, out, lse, key_padding_mask)
+        ctx.save_for_backward(*inputs.for_backward(), out, lse, key_padding_mask)
         ctx.settings = (branches, B, N, H, causal, scale, backend)
         return out.view(B, N, H, D)
 
