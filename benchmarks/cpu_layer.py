@@ -1,4 +1,4 @@
-"""One DilatedAttention layer on the CPU: rows read in place vs gathered (vs torchscale), side by side.
+"""One DilatedAttention layer on the CPU: our paths and the official layer (torchscale), side by side.
 
     python3 benchmarks/cpu_layer.py                                  # about 4 minutes on 2 cores
     python3 benchmarks/cpu_layer.py --torchscale /path/torchscale    # + the official layer, ~7 minutes
@@ -6,9 +6,11 @@
 
 E = 256, H = 4 (D = 64), w = 2048, 4096, 8192, r = 1, 2, 4, causal, fp32, batch 1 (aten's CPU flash
 kernel), four biased projections, no positions (the official layer's shape without xPos).
-"in place": whole segments with r | w, so each head offset's rows are a strided view that
-the kernel reads directly and the merge updates in place (the forward; the backward gathers).
-"gather": the same layer with that path switched off (index_select copies, index_copy merge).
+"in place" (the default path): whole segments with r | w, so each head offset's rows are a strided
+view that the kernel reads directly and the merge updates in place, and the nested branches share
+keys (attention/nesting.py: the 4096- and 8192-branches score only the keys outside their rows' 2048-
+and 4096-segments, the 2048-branch scores the shared ones with a bias). "unshared": in place, every
+branch alone (dilated.SHARE_KEYS off). "gather": neither (index_select copies, index_copy merge).
 "torchscale": microsoft/torchscale's DilatedAttention from a source checkout (`--torchscale` or
 TORCHSCALE_SRC; see torchscale_layer.py), its flash call on the same aten kernel.
 Each point alternates the layers and keeps the best of `--repeats`, so all see the same noise.
@@ -32,6 +34,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from common import RESULTS, machine, save  # noqa: E402
 
 from longnet_dist.attention import DilatedAttention  # noqa: E402
+from longnet_dist.attention import dilated  # noqa: E402
 from longnet_dist.attention import layout as layout_module  # noqa: E402
 
 SEGMENTS, DILATIONS, EMBED, HEADS = [2048, 4096, 8192], [1, 2, 4], 256, 4
@@ -39,8 +42,9 @@ POINTS = [(16384, True), (65536, True), (65536, False), (262144, False)]  # (N, 
 IN_PLACE = layout_module.BranchLayout.viewable
 
 
-def use_in_place(enabled: bool) -> None:
+def use_in_place(enabled: bool, shared: bool = True) -> None:
     layout_module.BranchLayout.viewable = IN_PLACE if enabled else property(lambda self: False)
+    dilated.SHARE_KEYS = shared
 
 
 def run_once(forward, n: int, backward: bool) -> tuple[float, int]:
@@ -60,13 +64,13 @@ def layers(torchscale_src: str | None) -> dict:
     """name -> forward function, each with its own weights (same shapes)."""
     ours = DilatedAttention(EMBED, HEADS, SEGMENTS, DILATIONS, causal=True, rotary=False, bias=True)
 
-    def path(in_place: bool):
+    def path(in_place: bool, shared: bool = True):
         def forward(x):
-            use_in_place(in_place)
+            use_in_place(in_place, shared)
             return ours(x)
         return forward
 
-    found = {"in_place": path(True), "gather": path(False)}
+    found = {"in_place": path(True), "unshared": path(True, shared=False), "gather": path(False)}
     if torchscale_src:
         from torchscale_layer import torchscale_layer
 
@@ -81,7 +85,7 @@ def main() -> None:
                         help="only print a torch.profiler table of one 16K forward+backward per layer (ops by self time)")
     parser.add_argument("--torchscale", default=os.environ.get("TORCHSCALE_SRC"),
                         help="root of a microsoft/torchscale checkout (default: $TORCHSCALE_SRC; omitted: not compared)")
-    parser.add_argument("--layers", nargs="+", choices=["in_place", "gather", "torchscale"],
+    parser.add_argument("--layers", nargs="+", choices=["in_place", "unshared", "gather", "torchscale"],
                         help="time only these (default: all found)")
     parser.add_argument("--tag", default="", help="write cpu_layer_TAG.json / .png")
     args = parser.parse_args()
@@ -92,7 +96,8 @@ def main() -> None:
     if args.profile:
         return profile(compared)
     points = []
-    ratios = {"ratio": "gather", "ratio_vs_torchscale": "torchscale"}  # in place / each, when both ran
+    # in place / each, when both ran
+    ratios = {"ratio": "gather", "ratio_vs_unshared": "unshared", "ratio_vs_torchscale": "torchscale"}
     ratios = {key: other for key, other in ratios.items() if {"in_place", other} <= compared.keys()}
     print(f"{'N':>8} {'pass':8} " + " ".join(f"{name + ' s':>12} {'faults':>8}" for name in compared)
           + "".join(f" {'in place/' + other:>20}" for other in ratios.values()))
@@ -157,7 +162,8 @@ def plot(points: list[dict], host: dict, names: list[str], name: str) -> None:
     labels = [f"{p['n'] // 1024}K {p['pass']}" for p in points]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     xs = range(len(points))
-    bars = [("in_place", "ours, rows read in place"), ("gather", "ours, rows gathered"),
+    bars = [("in_place", "ours: rows read in place, nested branches share keys"),
+            ("unshared", "ours, rows read in place, every branch alone"), ("gather", "ours, rows gathered"),
             ("torchscale", "torchscale (same aten kernel)")]
     bars = [(key, label) for key, label in bars if key in names]
     width = 0.8 / len(bars)

@@ -4,7 +4,9 @@ Forward, per branch (w_i, r_i): gather the branch's rows of q, k, v into a batch
 (layout.py), run a kernel that returns output and log-sum-exp (kernels/), and merge it into the
 running mixture by log-sum-exp (merge.py, Eq. 9-10). Nothing of size N x N or w x w is ever built.
 On the CPU, whole segments with r | w skip the gather in the forward: each head offset's rows are a
-strided view (layout.offset_view) that the kernel reads and the merge updates in place. On CUDA the
+strided view (layout.offset_view) that the kernel reads and the merge updates in place, and branches
+that nest score the keys they share once (nesting.py: a bias on the shorter branch, rectangles of the
+keys outside it on the longer; `share_keys`, LONGNET_SHARE_KEYS=0 turns it off). On CUDA the
 one-device path is fused.py (all of this inside Triton kernels); this module serves the CPU, the
 portable kernel and sequence-parallel branches.
 
@@ -20,6 +22,7 @@ adds one whose segments span several ranks.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol, Sequence
@@ -27,6 +30,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
+from . import nesting
 from .kernels import attention_backward, attention_forward, branch_range, lse_dtype
 from .layout import BranchLayout, branch_layout, to_rows
 from .merge import BranchMerger
@@ -47,6 +51,7 @@ class AttentionInputs:
     causal: bool
     scale: float
     backend: str | None
+    folds: dict = field(default_factory=dict)  # LocalBranch -> nesting.Fold, when branches share keys
 
     @cached_property
     def rows(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -109,7 +114,7 @@ class LocalBranch:
         # Whole segments with r | w: read the rows in place (the backward keeps the gather: aten's CPU
         # flash backward ran 1.6x slower on strided views; on CUDA the fused kernels read in place).
         if layout.viewable and inputs.device.type == "cpu":
-            return self._forward_in_place(inputs, merger)
+            return self._forward_in_place(inputs, merger, inputs.folds.get(self, nesting.ROOT))
         q, k, v = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v))  # (B * n_seg, m, H, D)
         out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
                                      key_valid=layout.key_valid(inputs.key_padding_mask, inputs.causal, inputs.batch),
@@ -117,34 +122,54 @@ class LocalBranch:
         merger.add(layout.scatter_index, layout.sparse_to_rows(out, inputs.batch),
                    layout.sparse_to_rows(lse, inputs.batch))
 
-    def _forward_in_place(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
-        """`forward` for whole segments with r | w: each head offset's rows are a strided view that the
-        kernel reads and the merge updates in place, one kernel call per head offset. It runs one batch
-        element and one chunk of whole segments at a time, each call's output about FORWARD_CHUNK_BYTES:
-        every temporary stays chunk-sized (glibc reuses its heap for them instead of mapping and
-        faulting fresh pages, which made a 256K forward cost 4.4-4.7x a 64K one) and the views stay
-        views (batch 1)."""
-        H, w, r, mask = inputs.num_heads, self.segment_length, self.dilation, inputs.key_padding_mask
+    def _forward_in_place(self, inputs: AttentionInputs, merger: BranchMerger, fold: nesting.Fold) -> None:
+        """`forward` for whole segments with r | w: each head group's rows are a strided view that the
+        kernel reads and the merge updates in place, one kernel call per head group (the heads of one
+        offset, or of one bias when the branch shares keys: nesting.py) and per region of `fold`. It runs
+        one batch element and one chunk of whole segments at a time, each call's output about
+        FORWARD_CHUNK_BYTES: every temporary stays chunk-sized (glibc reuses its heap for them instead of
+        mapping and faulting fresh pages, which made a 256K forward cost 4.4-4.7x a 64K one) and the views
+        stay views (batch 1)."""
+        H, r, mask = inputs.num_heads, self.dilation, inputs.key_padding_mask
+        step, groups = nesting.head_groups(r, fold, H)
         # one call's output per position: 1/r of the rows, ceil(H/r) heads (a sparse branch takes longer chunks)
         per_position = max(1, -(-H // r) * inputs.head_dim * inputs.heads[0].element_size() // r)
-        span = chunk_positions(inputs, w, FORWARD_CHUNK_BYTES, per_position)
+        for b, start, stop, layout in self._chunks(inputs, FORWARD_CHUNK_BYTES, per_position):
+            part = (slice(b, b + 1), slice(start * H, stop * H))  # rows of positions [start, stop)
+            real = None if mask is None else mask[b: b + 1, start:stop]
+            regions = nesting.calls(layout.effective_segment, r, fold, inputs.causal)
+            for g in groups:  # q, k, v: (n_seg, w/r, H_g, D) views of the inputs as given
+                q, k, v = (layout.offset_view(x[b: b + 1, start:stop], g, heads=True, head_step=step)
+                           for x in inputs.heads)
+                out_view, lse_view = (layout.offset_view(x[part], g, flat=False, head_step=step)
+                                      for x in (merger.out, merger.lse))  # (1, n_seg, w/r, H_g[, D])
+                valid = layout.offset_key_valid(real, g, step)
+                for rows, keys, causal in regions:
+                    out, lse = attention_forward(q[:, rows], k[:, keys], v[:, keys], causal=causal, scale=inputs.scale,
+                                                 key_valid=None if valid is None else valid[:, keys],
+                                                 backend=inputs.backend,
+                                                 bias=nesting.bias(r, g, fold, rows, keys, q.dtype, q.device))
+                    merger.add_into(out_view[:, :, rows], lse_view[:, :, rows], out[None], lse[None])
+                    if fold.parent is not None:  # its query slots may come twice (keys before and after them)
+                        merger.mark_merged()
+        merger.mark_merged()
+
+    def _chunks(self, inputs: AttentionInputs, budget: int, per_position: int):
+        """(batch element, first position, end position, layout) of chunks of whole segments, about
+        `budget` bytes at `per_position` bytes per position."""
+        span = chunk_positions(inputs, self.segment_length, budget, per_position)
         for b in range(inputs.batch):
             for start in range(0, inputs.seq_len, span):
                 stop = min(start + span, inputs.seq_len)
-                part = (slice(b, b + 1), slice(start * H, stop * H))  # rows of positions [start, stop)
-                layout = branch_layout(stop - start, H, w, r, inputs.device)
-                real = None if mask is None else mask[b: b + 1, start:stop]
-                for s in layout.offsets:  # q, k, v: (n_seg, w/r, H_s, D) views of the inputs as given
-                    q, k, v = (layout.offset_view(x[b: b + 1, start:stop], s, heads=True) for x in inputs.heads)
-                    out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
-                                                 key_valid=layout.offset_key_valid(real, s), backend=inputs.backend)
-                    merger.add_into(layout.offset_view(merger.out[part], s, flat=False),
-                                    layout.offset_view(merger.lse[part], s, flat=False), out[None], lse[None])
-        merger.mark_merged()
+                yield b, start, stop, branch_layout(stop - start, inputs.num_heads, self.segment_length,
+                                                    self.dilation, inputs.device)
 
     def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         if inputs.backend == "triton":
             return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation)
+        fold = inputs.folds.get(self, nesting.ROOT)
+        if fold != nesting.ROOT:
+            return self._backward_shared(inputs, merged, grads, fold)
         # five gathered inputs, three kernel outputs and three fp32 accumulators per row
         span = chunk_positions(inputs, self.segment_length, BACKWARD_CHUNK_BYTES,
                                11 * inputs.num_heads * inputs.head_dim * 4 * inputs.batch)
@@ -182,6 +207,49 @@ class LocalBranch:
             total.index_add_(1, layout.scatter_index, layout.sparse_to_rows(part, inputs.batch).to(total.dtype))
 
 
+    def _backward_shared(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor],
+                         fold: nesting.Fold) -> None:
+        """`backward` of a branch that shares keys (nesting.py): per chunk, head group and call of the
+        forward, its rows copied out of the strided views (aten's CPU flash backward runs 1.6x slower on
+        views) and the gradients added back through them."""
+        H, r = inputs.num_heads, self.dilation
+        step, groups = nesting.head_groups(r, fold, H)
+        # per call: six inputs and three gradients, of ceil(H/step) heads, 1/r of the rows
+        per_position = max(1, 9 * -(-H // step) * inputs.head_dim * inputs.heads[0].element_size() // r)
+        tensors = (*inputs.rows, merged.grad_out, merged.out, merged.lse)  # (B, N * H[, D]) rows
+        for b, start, stop, layout in self._chunks(inputs, BACKWARD_CHUNK_BYTES, per_position):
+            part = (slice(b, b + 1), slice(start * H, stop * H))
+            for g in groups:
+                # (1, n_seg, w/r, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy
+                q, k, v, grad_out, out, lse = (layout.offset_view(x[part], g, flat=False, head_step=step)
+                                               for x in tensors)
+                sums = [layout.offset_view(x[part], g, flat=False, head_step=step) for x in grads]
+                for rows, keys, causal in nesting.calls(layout.effective_segment, r, fold, inputs.causal):
+                    dq, dk, dv = attention_backward(
+                        *(x[:, :, rows].flatten(0, 1) for x in (grad_out, q)),
+                        *(x[:, :, keys].flatten(0, 1) for x in (k, v)),
+                        *(x[:, :, rows].flatten(0, 1) for x in (out, lse)), causal=causal, scale=inputs.scale,
+                        backend=inputs.backend, bias=nesting.bias(r, g, fold, rows, keys, q.dtype, q.device))
+                    for total, grad, slots in zip(sums, (dq, dk, dv), (rows, keys, keys)):
+                        total[:, :, slots] += grad[None]
+
+
+def share_keys(inputs: AttentionInputs, branches: Sequence[Branch]) -> dict:
+    """{branch: nesting.Fold} when the branches share keys (nesting.py): on the CPU kernels, every branch
+    local with whole segments and r | w, no key padding, and the cost model says it pays; else {}."""
+    if not (SHARE_KEYS and inputs.device.type == "cpu" and inputs.backend in ("cpu_flash", "chunked")
+            and inputs.key_padding_mask is None and all(isinstance(b, LocalBranch) for b in branches)):
+        return {}
+    layouts = [b.layout(inputs) for b in branches]
+    if not all(x.viewable for x in layouts):
+        return {}
+    folds = nesting.choose([(x.effective_segment, x.dilation) for x in layouts], inputs.causal,
+                           inputs.heads[0].element_size())
+    return {} if folds is None else dict(zip(branches, folds))
+
+
+# nested branches score shared keys once on the CPU (nesting.py); LONGNET_SHARE_KEYS=0: every branch alone
+SHARE_KEYS = os.environ.get("LONGNET_SHARE_KEYS", "1") != "0"
 BACKWARD_CHUNK_BYTES = 256 * 2**20  # a local branch's backward temporaries, per chunk of whole segments
 FORWARD_CHUNK_BYTES = 16 * 2**20    # one in-place forward kernel call's output: under glibc's 32 MiB mmap threshold
 
@@ -197,6 +265,7 @@ def run_branches_forward(inputs: AttentionInputs, branches: Sequence[Branch]) ->
     """Merged output (B, N * H, D) in the input dtype, 0 at padded and uncovered rows, and lse (B, N * H)."""
     for branch in branches:  # start every communication before any compute (overlap)
         branch.prefetch(inputs)
+    inputs.folds = share_keys(inputs, branches)
     merger = BranchMerger(inputs.batch, inputs.seq_len * inputs.num_heads, inputs.head_dim,
                           lse_dtype(inputs.dtype), inputs.device)
     for branch in branches:
@@ -216,6 +285,7 @@ def run_branches_backward(inputs: AttentionInputs, branches: Sequence[Branch], m
     # one spare row at the end absorbs scatters from invalid slots
     rows = inputs.seq_len * inputs.num_heads + 1
     grads = [torch.zeros(inputs.batch, rows, inputs.head_dim, dtype=acc, device=inputs.device) for _ in range(3)]
+    inputs.folds = share_keys(inputs, branches)
     for branch in branches:
         with branch_range("bwd", branch.segment_length, branch.dilation):
             branch.backward(inputs, merged, grads)

@@ -100,24 +100,27 @@ class BranchLayout:
         """The head offsets s in use: heads h = s, s + r, ... keep rows a + s + k*r (Eq. 13-15)."""
         return range(min(self.dilation, self.num_heads))
 
-    def offset_view(self, rows: Tensor, offset: int, flat: bool = True, heads: bool = False) -> Tensor:
+    def offset_view(self, rows: Tensor, offset: int, flat: bool = True, heads: bool = False,
+                    head_step: int | None = None) -> Tensor:
         """(B, N * H [+ 1], ...) rows, or with `heads` (B, N, H, ...) with any strides -> the rows that heads
         h = offset (mod r) keep, without copying: (B * n_seg, w/r, H_s, ...) (`flat`; a copy only when the
         batch cannot merge with the segments, e.g. rows with a spare row), or the writable view
-        (B, n_seg, w/r, H_s, ...). Needs `viewable`."""
+        (B, n_seg, w/r, H_s, ...). `head_step` (a multiple of r) takes only heads h = offset (mod head_step).
+        Needs `viewable`."""
         w, r, H = self.effective_segment, self.dilation, self.num_heads
         source, rest = (rows, rows.shape[3:]) if heads else (rows[:, : self.seq_len * H], rows.shape[2:])
         grid = source.view(rows.shape[0], self.seq_len // w, w // r, r, H, *rest)
-        picked = grid[:, :, :, offset, offset::r]                      # (B, n_seg, w/r, H_s, ...)
+        picked = grid[:, :, :, offset % r, offset::head_step or r]    # (B, n_seg, w/r, H_s, ...)
         return picked.flatten(0, 1) if flat else picked
 
-    def offset_key_valid(self, key_padding_mask: Tensor | None, offset: int) -> Tensor | None:
-        """(B * n_seg, w/r, H_s) keys of heads h = offset (mod r) that may be attended, or None (no padding)."""
+    def offset_key_valid(self, key_padding_mask: Tensor | None, offset: int,
+                         head_step: int | None = None) -> Tensor | None:
+        """(B * n_seg, w/r, H_s) keys of `offset_view`'s heads that may be attended, or None (no padding)."""
         if key_padding_mask is None:
             return None
         w, r = self.effective_segment, self.dilation
-        real = key_padding_mask.view(-1, self.seq_len // w, w // r, r)[:, :, :, offset].flatten(0, 1)  # (B*n_seg, w/r)
-        heads = len(range(offset, self.num_heads, r))
+        real = key_padding_mask.view(-1, self.seq_len // w, w // r, r)[:, :, :, offset % r].flatten(0, 1)  # (B*n_seg, w/r)
+        heads = len(range(offset, self.num_heads, head_step or r))
         return real.unsqueeze(-1).expand(-1, -1, heads)
 
     def gather(self, rows: Tensor) -> Tensor:

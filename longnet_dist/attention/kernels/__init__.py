@@ -5,6 +5,7 @@ sequence-parallel code never care which one runs:
 
     q: (B, Lq, H, D), k, v: (B, Lk, H, D)       any strides, same dtype
     key_valid: (B, Lk, H) bool or None          False = this key may not be attended
+    bias: (B or 1, H or 1, Lq, Lk) or None       added to the scaled scores (CPU kernels only; nesting.py)
     causal: top-left aligned, query i sees keys j <= i
     -> out (B, Lq, H, D) in q.dtype, lse (B, Lq, H) in float32 (float64 for float64 input)
 
@@ -100,12 +101,13 @@ def _covered_rows(key_valid: Tensor, lq: int, causal: bool) -> Tensor:
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float,
-                      key_valid: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
+                      key_valid: Tensor | None = None, backend: str | None = None,
+                      bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Softmax attention of q over k, v. Returns (out (B, Lq, H, D), lse (B, Lq, H))."""
     kind = branch_backend(select_backend(q, backend), q)
     if kind == "chunked":
-        return chunked.forward(q, k, v, causal, scale, key_valid)
-    out, lse = aten.forward(kind, q, k, v, causal, scale, key_valid)
+        return chunked.forward(q, k, v, causal, scale, key_valid, bias)
+    out, lse = aten.forward(kind, q, k, v, causal, scale, key_valid, bias)
     lse = lse.to(lse_dtype(q.dtype))
     if key_valid is not None:  # the kernels return lse = 0 for fully masked rows: mark them uncovered
         covered = _covered_rows(key_valid, q.shape[1], causal)
@@ -116,14 +118,14 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: f
 
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
                        causal: bool, scale: float, key_valid: Tensor | None = None,
-                       backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       backend: str | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of softmax attention, given the output and lse of the softmax that
     this attention is part of. Rows whose lse is not finite get no gradient."""
     kind = branch_backend(select_backend(q, backend), q)
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # exp(s - inf) = 0
     if kind == "chunked":
-        return chunked.backward(grad_out, q, k, v, out, lse, causal, scale, key_valid)
-    return aten.backward(kind, grad_out, q, k, v, out, lse, causal, scale, key_valid)
+        return chunked.backward(grad_out, q, k, v, out, lse, causal, scale, key_valid, bias)
+    return aten.backward(kind, grad_out, q, k, v, out, lse, causal, scale, key_valid, bias)
 
 
 def dense_flops(lq: int, lk: int, heads: int, head_dim: int, causal: bool) -> float:

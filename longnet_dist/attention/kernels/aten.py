@@ -24,13 +24,18 @@ def _heads_first(x: Tensor) -> Tensor:
     return x.transpose(1, 2)  # (B, L, H, D) <-> (B, H, L, D), a view
 
 
-def _cpu_bias(key_valid: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """Additive mask (B, H, 1, Lk): 0 for valid keys, -inf for masked ones; broadcast over queries."""
-    if key_valid is None:
-        return None
-    bias = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device)
-    bias.masked_fill_(~key_valid, float("-inf"))
-    return bias.permute(0, 2, 1).unsqueeze(2)  # (B, Lk, H) -> (B, H, 1, Lk)
+def _cpu_bias(key_valid: Tensor | None, dtype: torch.dtype, bias: Tensor | None = None,
+              shape: tuple[int, ...] = ()) -> Tensor | None:
+    """Additive mask: 0 for valid keys, -inf for masked ones, (B, H, 1, Lk) broadcast over queries; plus
+    `bias` (B or 1, H or 1, Lq, Lk), expanded (a view) to `shape` (B, H, Lq, Lk)."""
+    mask = None
+    if key_valid is not None:
+        mask = torch.zeros(key_valid.shape, dtype=dtype, device=key_valid.device)
+        mask.masked_fill_(~key_valid, float("-inf"))
+        mask = mask.permute(0, 2, 1).unsqueeze(2)  # (B, Lk, H) -> (B, H, 1, Lk)
+    if bias is None:
+        return mask
+    return (bias if mask is None else bias + mask).expand(shape)
 
 
 def _cuda_bias(key_valid: Tensor | None, dtype: torch.dtype, lq: int) -> Tensor | None:
@@ -61,14 +66,25 @@ def _dense_cum_seq(device: torch.device, dtype: torch.dtype, head_dim: int):
     return out[2], out[3]
 
 
+def _mask_shape(q: Tensor, k: Tensor) -> tuple[int, int, int, int]:
+    return q.shape[0], q.shape[2], q.shape[1], k.shape[1]  # (B, H, Lq, Lk)
+
+
+def _no_cuda_bias(bias: Tensor | None) -> None:
+    if bias is not None:
+        raise ValueError("a score bias runs on aten's CPU flash kernel and the portable one only (it is what CPU "
+                         "branches sharing keys pass; see attention/nesting.py)")
+
+
 def forward(kind: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-            key_valid: Tensor | None) -> tuple[Tensor, Tensor]:
+            key_valid: Tensor | None, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(B, L, H, D) in; out (B, Lq, H, D), lse (B, Lq, H) (float32, or float64 on CPU for float64)."""
     if kind == "cpu_flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _heads_first(q), _heads_first(k), _heads_first(v), 0.0, causal,
-            attn_mask=_cpu_bias(key_valid, q.dtype), scale=scale)
+            attn_mask=_cpu_bias(key_valid, q.dtype, bias, _mask_shape(q, k)), scale=scale)
         return _heads_first(out), lse.transpose(1, 2)
+    _no_cuda_bias(bias)
     per_item = q.shape[2] * max(q.shape[1], k.shape[1]) * q.shape[3]
     outs, lses = [], []
     for part in _batch_chunks(q.shape[0], per_item):
@@ -82,14 +98,16 @@ def forward(kind: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: flo
 
 
 def backward(kind: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             causal: bool, scale: float, key_valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+             causal: bool, scale: float, key_valid: Tensor | None,
+             bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) as (B, L, H, D); `lse` (B, Lq, H) with +inf where a row has no gradient."""
     if kind == "cpu_flash":
         lse_heads = lse.transpose(1, 2).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *(_heads_first(x) for x in (grad_out, q, k, v, out)), lse_heads.contiguous(), 0.0, causal,
-            attn_mask=_cpu_bias(key_valid, q.dtype), scale=scale)
+            attn_mask=_cpu_bias(key_valid, q.dtype, bias, _mask_shape(q, k)), scale=scale)
         return tuple(_heads_first(g) for g in grads)
+    _no_cuda_bias(bias)
     per_item = q.shape[2] * max(q.shape[1], k.shape[1]) * q.shape[3]
     parts = []
     for part in _batch_chunks(q.shape[0], per_item):

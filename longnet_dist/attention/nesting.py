@@ -1,0 +1,143 @@
+"""Nested branches share keys: a (query, key) pair that several branches give is scored once (exact).
+
+Eq. 9-10 weight each branch by its softmax denominator, so the merged output is one softmax over the
+multiset of all keys the branches give a query: a key that 1 + c branches give weighs
+(1 + c) exp(s) = exp(s + ln(1 + c)).
+
+Branch d = (w_d, r_d) *nests* in branch a = (w_a, r_a) when w_a | w_d, r_a | r_d and r_d | w_a (effective
+segment lengths, whole segments). Then, for a query p of head h in d, the keys d gives p inside p's own
+a-segment are keys a gives p too (head h keeps rows = h mod r_d there, and those are = h mod r_a), and p
+is a query of a. So
+- d attends only the keys outside p's a-segment. With m = w_a / r_d slots per a-segment, the slots of
+  sub-block q attend sub-blocks 0..q-1 (and q+1.. when not causal): rectangles, no causal diagonal;
+- a scores the pairs it shares with d with the bias ln(1 + c), where c counts the branches nested in a
+  (directly or through others) whose rows both p and the key are (p = key = h mod r_d). The bias depends
+  on the head only through h mod lcm(r, r_d...), so a runs one call per such head group, each with one
+  (Lq, Lk) bias shared by its heads and segments.
+With w = 2048, 4096, 8192 and r = 1, 2, 4 (the paper's doubling rule) the second and third branch score half
+their pairs, all off the causal diagonal. On aten's CPU flash kernel, whose causal calls compute 512-key
+blocks whole, that is about a fifth less kernel time for a layer (benchmarks/cpu_layer.py).
+
+Each branch nests in the longest branch it can (ties: the larger r) whose own ancestors it nests in too; a
+branch that nests in none attends its whole segments (a root). `choose` keeps the plan only where the
+kernel work it saves outweighs what the bias costs (a cost model of aten's CPU kernel); dilated.py uses it
+on the CPU for whole segments without key padding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+BIAS_BYTES = 64 * 2**20  # largest (Lq, Lk) bias one call may take: w/r = 2048 slots in float64 (16 MiB in float32)
+BIAS_COST = 0.1          # a call with a bias costs about 10% more (aten CPU flash, fwd+bwd, measured 5-19%)
+MIN_SAVING = 0.1         # share keys only when the cost model saves at least this fraction of the kernel work
+
+
+@dataclass(frozen=True)
+class Fold:
+    """How a branch (w, r) runs: `parent` the effective segment length of the branch it nests in (None: a
+    root, it attends its whole segments) and `nested` the dilations of the branches nested in it, directly
+    or through others, whose pairs it scores for them."""
+
+    parent: int | None = None
+    nested: tuple[int, ...] = ()
+
+
+ROOT = Fold()
+
+
+def _nests(a: tuple[int, int], d: tuple[int, int]) -> bool:
+    (wa, ra), (wd, rd) = a, d
+    return wd % wa == 0 and rd % ra == 0 and wa % rd == 0
+
+
+def plan(pairs: Sequence[tuple[int, int]]) -> list[Fold]:
+    """The fold of each branch, `pairs` its effective (w, r)."""
+    parent: dict[int, int | None] = {}  # filled shortest branch first: a parent comes before its children
+
+    def ancestors(i: int):
+        while parent.get(i) is not None:
+            i = parent[i]
+            yield i
+
+    for d in sorted(range(len(pairs)), key=lambda i: pairs[i]):
+        fits = [a for a in parent if _nests(pairs[a], pairs[d]) and all(_nests(pairs[x], pairs[d]) for x in ancestors(a))]
+        parent[d] = max(fits, key=lambda a: pairs[a], default=None)
+    return [Fold(None if parent[i] is None else pairs[parent[i]][0],
+                 tuple(sorted(pairs[d][1] for d in range(len(pairs)) if i in ancestors(d))))
+            for i in range(len(pairs))]
+
+
+def calls(w: int, r: int, fold: Fold, causal: bool) -> list[tuple[slice, slice, bool]]:
+    """(query slots, key slots, causal) of each kernel call a segment of branch (w, r) needs: slot k is
+    position segment start + s + k r."""
+    n = w // r
+    if fold.parent is None:
+        return [(slice(0, n), slice(0, n), causal)]
+    m = fold.parent // r  # slots per parent segment
+    out = []
+    for first in range(0, n, m):
+        rows = slice(first, first + m)
+        if first:  # the keys before this parent segment
+            out.append((rows, slice(0, first), False))
+        if not causal and first + m < n:  # and after it
+            out.append((rows, slice(first + m, n), False))
+    return out
+
+
+def head_groups(r: int, fold: Fold, heads: int) -> tuple[int, range]:
+    """(step, groups): each call runs the heads h = g (mod step) of one group g, whose rows are = g (mod r);
+    their bias is the same (it depends on h mod r_d)."""
+    step = math.lcm(r, *fold.nested)
+    return step, range(min(step, heads))
+
+
+def bias(r: int, group: int, fold: Fold, queries: slice, keys: slice, dtype: torch.dtype,
+         device: torch.device) -> Tensor | None:
+    """(1, 1, Lq, Lk) additive scores ln(1 + c) of one call of head group `group`, or None (nothing nested).
+    A nested branch d takes the slots k = t (mod r_d / r) with t = (g mod r_d - g mod r) / r, queries and keys."""
+    if not fold.nested:
+        return None
+    pattern = tuple((rd // r, (group % rd - group % r) // r) for rd in fold.nested)
+    # every call's first slots are multiples of each period (r_d divides the parent segment): relative slots do
+    return _bias(pattern, queries.stop - queries.start, keys.stop - keys.start, dtype, device)
+
+
+@lru_cache(maxsize=8)
+def _bias(pattern: tuple[tuple[int, int], ...], lq: int, lk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    rows, cols = torch.arange(lq, device=device), torch.arange(lk, device=device)
+    count = torch.zeros(lq, lk, dtype=torch.float64, device=device)
+    for period, slot in pattern:
+        count += ((rows % period == slot)[:, None] & (cols % period == slot)[None, :])
+    return torch.log1p(count).to(dtype).view(1, 1, lq, lk)
+
+
+def _pairs(lq: int, lk: int, causal: bool) -> int:
+    """Score pairs aten's CPU flash kernel computes for one (Lq, Lk) call: causal, blocks of 256 queries
+    each take whole 512-key blocks up to the diagonal."""
+    if not causal:
+        return lq * lk
+    return sum(min(256, lq - i) * min(lk, -(-(i + 256) // 512) * 512) for i in range(0, lq, 256))
+
+
+def _cost(w: int, r: int, fold: Fold, causal: bool) -> float:
+    """Kernel work of branch (w, r) per position and head (a segment's calls over its w positions)."""
+    work = sum(_pairs(q.stop - q.start, k.stop - k.start, c) for q, k, c in calls(w, r, fold, causal))
+    return work * (1 + BIAS_COST * bool(fold.nested)) / w
+
+
+def choose(pairs: Sequence[tuple[int, int]], causal: bool, element_size: int) -> list[Fold] | None:
+    """`plan`, when it nests any branch, its biases fit BIAS_BYTES and it saves MIN_SAVING of the work."""
+    folds = plan(pairs)
+    if all(f.parent is None for f in folds):
+        return None
+    if any(f.nested and (w // r) ** 2 * element_size > BIAS_BYTES for (w, r), f in zip(pairs, folds)):
+        return None
+    shared = sum(_cost(w, r, f, causal) for (w, r), f in zip(pairs, folds))
+    alone = sum(_cost(w, r, ROOT, causal) for w, r in pairs)
+    return folds if shared <= (1 - MIN_SAVING) * alone else None
