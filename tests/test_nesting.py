@@ -55,6 +55,16 @@ def test_bias_counts_the_nested_branches_that_share_each_pair():
     assert nesting.bias(2, 1, Fold(4, ()), slice(2, 4), slice(0, 2), torch.float64, torch.device("cpu")) is None
 
 
+def test_biases_are_kept_across_calls_within_a_byte_budget(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(nesting, "_BIASES", type(nesting._BIASES)())
+    first = nesting.bias(1, 3, Fold(None, (2, 4)), slice(0, 8), slice(0, 8), torch.float64, cpu)
+    assert nesting.bias(1, 3, Fold(None, (2, 4)), slice(8, 16), slice(0, 8), torch.float64, cpu) is first
+    monkeypatch.setattr(nesting, "CACHE_BYTES", 8 * 8 * 8)  # one 8 x 8 float64 bias
+    other = nesting.bias(1, 2, Fold(None, (2, 4)), slice(0, 8), slice(0, 8), torch.float64, cpu)
+    assert list(nesting._BIASES.values()) == [other] and not torch.equal(other, first)
+
+
 def test_cost_model_and_bias_size_decide():
     chain = [(2048, 1), (4096, 2), (8192, 4)]
     assert nesting.choose(chain, causal=True, element_size=4) == nesting.plan(chain)
@@ -133,22 +143,35 @@ def test_shared_keys_match_the_reference_and_every_branch_alone(cfg):
         assert_all_close(ours, [x.double() for x in alone], **F64_TOL)
 
 
-@pytest.mark.parametrize("case", ["padding", "ragged", "r not dividing w", "off"])
+@pytest.mark.parametrize("case", ["padding", "ragged", "off"])
 def test_no_sharing_where_it_does_not_apply(case, monkeypatch):
-    """Key padding, a ragged last segment, r not dividing w, or SHARE_KEYS off: every branch alone."""
-    segs, rates, n, pad = [8, 16, 32], [1, 2, 4], 64, 0.0
+    """Key padding, a ragged last segment, or LONGNET_SHARE_KEYS=0 (dilated.SHARE_KEYS): every branch alone."""
+    n, pad = 64, 0.0
     if case == "padding":
         pad = 0.3
     elif case == "ragged":
         n = 70
-    elif case == "r not dividing w":
-        segs, rates, n = [8, 16, 36], [1, 2, 8], 144
     else:
         monkeypatch.setattr(dilated, "SHARE_KEYS", False)
     calls = _calls(monkeypatch)
     (q, k, v), mask = make_inputs(2, n, 4, 8, pad_fraction=pad)
-    ours, ref = run_both(q, k, v, segs, rates, True, mask)
+    ours, ref = run_both(q, k, v, [8, 16, 32], [1, 2, 4], True, mask)
     assert calls and not any(bias for *_, bias in calls)
+    assert_all_close(ours, ref, **F64_TOL)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_branch_that_cannot_share_runs_alone_beside_those_that_do(causal, monkeypatch):
+    """r = 8 does not divide w = 36 (no strided view): that branch is gathered and attends its whole segments,
+    the 8- and 16-branches share keys; together exact."""
+    segs, rates = [8, 36, 16], [1, 8, 2]
+    (q, k, v), _ = make_inputs(2, 144, 4, 8, seed=2)
+    branches = [dilated.LocalBranch(w, r) for w, r in zip(segs, rates)]
+    inputs = dilated.AttentionInputs((q, k, v), 2, 144, 4, None, causal, 0.5, "cpu_flash")
+    assert dilated.share_keys(inputs, branches) == {branches[0]: Fold(None, (2,)), branches[2]: Fold(8, ())}
+    calls = _calls(monkeypatch)
+    ours, ref = run_both(q, k, v, segs, rates, causal, None)
+    assert sum(bias for *_, bias in calls) == 2 * 2  # the 8-branch's two head groups, per batch element
     assert_all_close(ours, ref, **F64_TOL)
 
 

@@ -214,10 +214,12 @@ class LocalBranch:
         views) and the gradients added back through them."""
         H, r = inputs.num_heads, self.dilation
         step, groups = nesting.head_groups(r, fold, H)
-        # per call: six inputs and three gradients, of ceil(H/step) heads, 1/r of the rows
-        per_position = max(1, 9 * -(-H // step) * inputs.head_dim * inputs.heads[0].element_size() // r)
+        # each call's copies and gradients about FORWARD_CHUNK_BYTES apiece (ceil(H/step) heads, 1/r of the
+        # rows): under glibc's mmap threshold, so they reuse the heap (a 256K backward in 256 MiB chunks
+        # faulted fresh pages and took 4.9x a 64K one)
+        per_position = max(1, -(-H // step) * inputs.head_dim * inputs.heads[0].element_size() // r)
         tensors = (*inputs.rows, merged.grad_out, merged.out, merged.lse)  # (B, N * H[, D]) rows
-        for b, start, stop, layout in self._chunks(inputs, BACKWARD_CHUNK_BYTES, per_position):
+        for b, start, stop, layout in self._chunks(inputs, FORWARD_CHUNK_BYTES, per_position):
             part = (slice(b, b + 1), slice(start * H, stop * H))
             for g in groups:
                 # (1, n_seg, w/r, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy
@@ -235,17 +237,17 @@ class LocalBranch:
 
 
 def share_keys(inputs: AttentionInputs, branches: Sequence[Branch]) -> dict:
-    """{branch: nesting.Fold} when the branches share keys (nesting.py): on the CPU kernels, every branch
-    local with whole segments and r | w, no key padding, and the cost model says it pays; else {}."""
+    """{branch: nesting.Fold} for the branches that share keys (nesting.py): on the CPU kernels, without key
+    padding, among the local branches with whole segments and r | w (the others run alone), when the cost
+    model says it pays; else {}."""
     if not (SHARE_KEYS and inputs.device.type == "cpu" and inputs.backend in ("cpu_flash", "chunked")
-            and inputs.key_padding_mask is None and all(isinstance(b, LocalBranch) for b in branches)):
+            and inputs.key_padding_mask is None):
         return {}
-    layouts = [b.layout(inputs) for b in branches]
-    if not all(x.viewable for x in layouts):
-        return {}
-    folds = nesting.choose([(x.effective_segment, x.dilation) for x in layouts], inputs.causal,
+    layouts = {b: b.layout(inputs) for b in branches if isinstance(b, LocalBranch)}
+    able = [b for b, x in layouts.items() if x.viewable]
+    folds = nesting.choose([(layouts[b].effective_segment, b.dilation) for b in able], inputs.causal,
                            inputs.heads[0].element_size())
-    return {} if folds is None else dict(zip(branches, folds))
+    return {} if folds is None else dict(zip(able, folds))
 
 
 # nested branches score shared keys once on the CPU (nesting.py); LONGNET_SHARE_KEYS=0: every branch alone
