@@ -1,7 +1,7 @@
 """One DilatedAttention layer on the CPU: our paths and the official layer (torchscale), side by side.
 
-    python3 benchmarks/cpu_layer.py                                  # about 4 minutes on 2 cores
-    python3 benchmarks/cpu_layer.py --torchscale /path/torchscale    # + the official layer, ~7 minutes
+    python3 benchmarks/cpu_layer.py                                  # about 6 minutes on 2 cores
+    python3 benchmarks/cpu_layer.py --torchscale /path/torchscale    # + the official layer, ~9 minutes
     python3 benchmarks/cpu_layer.py --torchscale /path/torchscale --profile   # ops of one 16K fwd+bwd each
 
 E = 256, H = 4 (D = 64), w = 2048, 4096, 8192, r = 1, 2, 4, causal, fp32, batch 1 (aten's CPU flash
