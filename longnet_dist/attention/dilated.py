@@ -132,7 +132,8 @@ class LocalBranch:
         stay views (batch 1)."""
         H, r, mask = inputs.num_heads, self.dilation, inputs.key_padding_mask
         step, groups = nesting.head_groups(r, fold, H)
-        # one call's output per position: 1/r of the rows, ceil(H/r) heads (a sparse branch takes longer chunks)
+        # chunks sized for one head offset's call: 1/r of the rows, ceil(H/r) heads (a sparse branch takes
+        # longer chunks; a sharing branch's head groups, ceil(H/step) heads, make smaller calls)
         per_position = max(1, -(-H // r) * inputs.head_dim * inputs.heads[0].element_size() // r)
         for b, start, stop, layout in self._chunks(inputs, FORWARD_CHUNK_BYTES, per_position):
             part = (slice(b, b + 1), slice(start * H, stop * H))  # rows of positions [start, stop)
@@ -221,12 +222,13 @@ class LocalBranch:
         tensors = (*inputs.rows, merged.grad_out, merged.out, merged.lse)  # (B, N * H[, D]) rows
         for b, start, stop, layout in self._chunks(inputs, FORWARD_CHUNK_BYTES, per_position):
             part = (slice(b, b + 1), slice(start * H, stop * H))
+            regions = nesting.calls(layout.effective_segment, r, fold, inputs.causal)
             for g in groups:
                 # (1, n_seg, w/r, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy
                 q, k, v, grad_out, out, lse = (layout.offset_view(x[part], g, flat=False, head_step=step)
                                                for x in tensors)
                 sums = [layout.offset_view(x[part], g, flat=False, head_step=step) for x in grads]
-                for rows, keys, causal in nesting.calls(layout.effective_segment, r, fold, inputs.causal):
+                for rows, keys, causal in regions:
                     dq, dk, dv = attention_backward(
                         *(x[:, :, rows].flatten(0, 1) for x in (grad_out, q)),
                         *(x[:, :, keys].flatten(0, 1) for x in (k, v)),
