@@ -16,7 +16,8 @@ forward+backward, inputs and the incoming gradient included, divided by N.
 It first checks every way of computing dQ (fused_settings.DQ_MODES: a kernel of its own, the same on a second
 CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
 N = 64K and keeps the fastest correct one. `--tune` then sweeps a few block shapes per kernel at N = 256K
-and keeps the fastest (recorded in the JSON), and at N = 32K whether causal dK/dV launches of few
+and keeps the fastest (recorded in the JSON), times nested branches sharing keys off and on at 256K
+(fused_settings.SHARE_KEYS; it has not run on a GPU yet), and at N = 32K whether causal dK/dV launches of few
 programs take smaller blocks (fused_settings.SMALL_LAUNCH_WAVES) and how many branches run as a second
 chain on side streams (fused_settings.SIDE_BRANCHES); after the points (it has not run on a
 GPU yet), which kernels read rows through TMA descriptors (fused_settings.TMA_LOADS, 256K), and if any
@@ -41,7 +42,7 @@ from common import RESULTS, machine, style_log2_axis  # noqa: E402
 import gpu_kernels  # noqa: E402  (its DEADLINE is set below)
 from gpu_kernels import (DILATIONS, HEAD_DIM, HEADS, SEGMENTS, UNTRIED_DQ_MODES, K, M,  # noqa: E402
                          choose_dq_variant, cuda_time, forward, grads_of, make_inputs, tune, tune_side_branches,
-                         tune_small_launches, tune_tma_loads, write_tuning)
+                         tune_share_keys, tune_small_launches, tune_tma_loads, write_tuning)
 
 from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E402
 
@@ -218,6 +219,8 @@ def main() -> None:
     if args.tune:  # most valuable first; after each step its choice is handed on
         payload["tuning"] = tune([mode for mode, report in payload["dq_variants"].items()
                                   if isinstance(report, dict) and report.get("correct")])
+        write_tuning(args.results)
+        payload["tuning"]["share_keys"] = tune_share_keys()
         write_tuning(args.results)
         payload["tuning"]["small_launches"] = tune_small_launches()
         write_tuning(args.results)

@@ -262,6 +262,18 @@ def tune_side_branches(n: int | None = None) -> dict:
     return fastest_fwd_bwd("side branches", [0, 1, 2, 3], apply, n)
 
 
+def tune_share_keys(n: int | None = None) -> dict:
+    """fused_settings.SHARE_KEYS (nested branches score the keys they share once: 22% fewer pairs for the paper's
+    branches, a flag dot and a multiply per pair in the parents), off or on, at N = n (256K: the long-sequence
+    regime, where the attention is all kernel time)."""
+    from longnet_dist.attention import fused_settings
+
+    def apply(option):
+        fused_settings.SHARE_KEYS = option
+
+    return fastest_fwd_bwd("share keys", [False, True], apply, n or TUNE_N)
+
+
 def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
     """The given ways to compute dQ (of fused_settings.DQ_MODES) against an fp32 run of the aten path (N = 64K,
     causal), then timed at 256K; the fastest of those within bf16 tolerance (2e-2 relative), and than
@@ -306,5 +318,6 @@ def write_tuning(folder: Path) -> None:
     blocks = {kernel: [*vars(fused_settings.blocks_for(kernel, DTYPE, HEAD_DIM)).values()] for kernel in kernels}
     tuning = {"dq_mode": fused_settings.DQ_MODE, "small_launch_waves": fused_settings.SMALL_LAUNCH_WAVES,
               "tma_loads": sorted(fused_settings.TMA_LOADS), "side_branches": fused_settings.SIDE_BRANCHES,
+              "share_keys": fused_settings.SHARE_KEYS,
               "head_dim": HEAD_DIM, "blocks": blocks}
     (folder / "kernel_tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")

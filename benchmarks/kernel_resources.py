@@ -14,7 +14,8 @@ pipeline the strided row loads, and the numbers mean little (this tool's first v
 Per kernel and shape: registers per thread, the stack frame (where spilled registers go: 0 means no
 spills), shared memory, and from the Triton GPU IR whether the row loads are asynchronous copies into
 shared memory (cp.async / TMA, pipelined over `num_stages`) and whether the products are Hopper warp-group
-MMAs (wgmma). The two row-wise kernels (the backward's prep, the join of two chains) are compiled too,
+MMAs (wgmma). "+parent" and "+child" are the same kernels sharing keys (fused_settings.SHARE_KEYS): scoring
+pairs for three nested branches, or nested in a branch of 4096 positions. The two row-wise kernels (the backward's prep, the join of two chains) are compiled too,
 registers and spills only. Run it under the Triton a GPU lease has (PYTHONPATH to a `pip install
 --target` of that version) to know that every kernel compiles there before the lease starts. Needs a
 Triton with its NVIDIA backend and TRITON_INTERPRET unset; no GPU. Writes
@@ -46,6 +47,8 @@ from common import RESULTS  # noqa: E402
 from gpu_kernels import CANDIDATES  # noqa: E402  (the block shapes gpu_attention.py --tune tries)
 from longnet_dist.attention import fused_launch, fused_settings  # noqa: E402
 from longnet_dist.attention.kernels import triton_dilated as kern  # noqa: E402
+from longnet_dist.attention.kernels import triton_rows  # noqa: E402
+from longnet_dist.attention.nesting import KernelFold  # noqa: E402
 
 SHAPE = dict(batch=1, seq_len=262144, heads=12, head_dim=64, w=8192, r=4)
 # kernel -> (the Triton function, the fused_settings.DQ_MODE whose backward launches it, constexprs forced on the
@@ -61,6 +64,11 @@ KERNELS = {
     "dkdv+tma loads+tma dq": ("_bwd_dkdv", "tma", {"TMA": True, "FUSE_DQ": 2}),
     "dq+tma loads": ("_bwd_dq", "kernel", {"TMA": True}),
 }
+# fused_settings.SHARE_KEYS: the branch as a parent scoring pairs for three nested branches (the paper's (4096, 2)
+# has three), and as a branch nested in one of 4096 positions
+PARENT, CHILD = KernelFold(None, ((16384, 8), (32768, 12), (32768, 16))), KernelFold(4096)
+KERNELS.update({f"{name}+{role}": (fn, mode, {}, fold) for role, fold in (("parent", PARENT), ("child", CHILD))
+                for name, (fn, mode, _) in (("fwd", KERNELS["fwd"]), ("dkdv", KERNELS["dkdv"]), ("dq", KERNELS["dq"]))})
 
 
 class Recorder:
@@ -76,20 +84,22 @@ class Recorder:
 @contextlib.contextmanager
 def recording(names=("_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_prep")):
     """Swap the kernels `names` in `kern` for Recorders (fused launches them through the module)."""
-    saved = {name: getattr(kern, name) for name in names}
+    module = {name: triton_rows if name in ("_bwd_prep", "_merge_chains") else kern for name in names}
+    saved = {name: getattr(module[name], name) for name in names}
     recorders = {name: Recorder(fn) for name, fn in saved.items()}
     for name, recorder in recorders.items():
-        setattr(kern, name, recorder)
+        setattr(module[name], name, recorder)
     try:
         yield recorders
     finally:
         for name, fn in saved.items():
-            setattr(kern, name, fn)
+            setattr(module[name], name, fn)
 
 
 def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     """(Triton function, positional arguments, meta arguments) of `kernel`'s launch with `blocks`."""
-    fn_name, mode, forced = KERNELS[kernel]
+    fn_name, mode, forced, *fold = KERNELS[kernel]
+    fold = fold[0] if fold else None
     B, N, H, D, w, r = (SHAPE[key] for key in ("batch", "seq_len", "heads", "head_dim", "w", "r"))
     meta_tensor = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
     q, k, v, grad_out = (meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(4))
@@ -99,11 +109,13 @@ def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     try:
         with recording() as recorders:
             if fn_name == "_fwd":
-                fused_launch.forward_branch(q, k, v, None, meta_tensor(B, N, H, D), lse, w, r, 0, True, D ** -0.5)
+                fused_launch.forward_branch(q, k, v, None, meta_tensor(B, N, H, D), lse, w, r, 0, True, D ** -0.5,
+                                            fold=fold)
             else:
                 fused_settings.DQ_MODE = mode
                 grads = [meta_tensor(B, N, H, D) for _ in range(3)]
-                fused_launch.backward_branch(q, k, v, grad_out, lse, delta, None, *grads, w, r, 0, True, D ** -0.5)
+                fused_launch.backward_branch(q, k, v, grad_out, lse, delta, None, *grads, w, r, 0, True, D ** -0.5,
+                                             fold=fold)
     finally:
         fused_settings.TUNED.clear()
         fused_settings.TUNED.update(saved[0])

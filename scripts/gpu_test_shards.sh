@@ -11,7 +11,7 @@ logs=$(mktemp -d) && trap 'rm -rf "$logs"' EXIT
 pids=() rc=0 failed=()
 for ((i = 0; i < shards; i++)); do
     # -o addopts=-ra: the project's addopts name pytest-timeout, which a bare GPU machine may lack
-    LONGNET_TEST_SHARD="$i/$shards" python3 -m pytest tests/test_cuda_attention.py tests/test_triton_kernels.py -q \
+    LONGNET_TEST_SHARD="$i/$shards" python3 -m pytest tests/test_cuda_attention.py tests/test_triton_kernels.py tests/test_triton_nesting.py -q \
         -p no:cacheprovider -o addopts=-ra > "$logs/$i.log" 2>&1 &
     pids+=($!)
 done

@@ -98,7 +98,9 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
     assert [row["kernel"] for row in rows] == ["fwd", "dkdv", "dkdv+atomic dq", "dkdv+tma dq", "dq", "fwd+tma loads",
-                                               "dkdv+tma loads", "dkdv+tma loads+tma dq", "dq+tma loads"]
+                                               "dkdv+tma loads", "dkdv+tma loads+tma dq", "dq+tma loads",
+                                               "fwd+parent", "dkdv+parent", "dq+parent",  # shared keys
+                                               "fwd+child", "dkdv+child", "dq+child"]
     for row in rows:
         assert row["default"] and 32 <= row["registers"] <= 255 and row["stack_bytes"] >= 0, row
         assert row["dynamic_shared_bytes"] > 0, row
@@ -113,7 +115,8 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
 
 def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     """benchmarks/gpu_kernels.py's tuning steps, which a GPU lease runs first (dQ modes against an fp32
-    run, block shapes with the dQ-fused shapes, TMA loads, small launches, side branches, kernel_tuning.json),
+    run, block shapes with the dQ-fused shapes, TMA loads, small launches, side branches, shared keys,
+    kernel_tuning.json),
     on a small fp16
     problem through Triton's interpreter: their control flow, and a file that fused_settings.load_tuning takes.
     Timings here mean nothing (the interpreter runs every shape with its own blocks)."""
@@ -133,7 +136,7 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     for name, value in shrunk.items():
         monkeypatch.setattr(gk, name, value)
     for name, value in (("DQ_MODE", fused_settings.DQ_MODE), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0),
-                        ("TMA_LOADS", frozenset()), ("SIDE_BRANCHES", 0)):
+                        ("TMA_LOADS", frozenset()), ("SIDE_BRANCHES", 0), ("SHARE_KEYS", False)):
         monkeypatch.setattr(fused_settings, name, value)  # restored afterwards
 
     report = gk.choose_dq_variant(["kernel", "stream", "atomic", "tma"])
@@ -151,15 +154,19 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     side = gk.tune_side_branches()
     assert set(side["seconds"]) == {"0", "1", "2", "3"} and max(side["errors_vs_off"].values()) < 4e-3, side
     assert fused_settings.SIDE_BRANCHES == side["best"]
+    share = gk.tune_share_keys()  # (16, 1) and (32, 2) nest: the second skips half its pairs
+    assert set(share["seconds"]) == {"False", "True"} and max(share["errors_vs_off"].values()) < 4e-3, share
+    assert fused_settings.SHARE_KEYS == share["best"]
     gk.write_tuning(tmp_path)
     chosen = (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS,
-              fused_settings.SIDE_BRANCHES)
+              fused_settings.SIDE_BRANCHES, fused_settings.SHARE_KEYS)
     assert fused_settings.TMA_LOADS == set(tma["chosen"])
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"nothing"}))
+    monkeypatch.setattr(fused_settings, "SHARE_KEYS", not share["best"])
     fused_settings.load_tuning(tmp_path / "kernel_tuning.json")
     assert (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS,
-            fused_settings.SIDE_BRANCHES) == chosen
+            fused_settings.SIDE_BRANCHES, fused_settings.SHARE_KEYS) == chosen
 
 
 def test_the_tuning_steps_stop_at_their_deadline(monkeypatch, capsys):

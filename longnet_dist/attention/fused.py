@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import fused_settings as settings
+from . import nesting
 from .fused_launch import _fused_dq, backward_branch, backward_prep, forward_branch, key_bytes, merge_chains
 from .kernels import branch_range
 
@@ -40,12 +41,12 @@ def head_group(batch: int, seq_len: int, heads: int, head_dim: int, element_size
     return max(1, min(heads, allowed // per_head))
 
 
-def covering_first(branches: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], bool]:
-    """(the branches with the first r = 1 branch moved to the front, whether there is one). A branch
-    with r = 1 covers every (position, head) row, so run first it can write the accumulators instead
+def covering_first(branches: Sequence[tuple]) -> tuple[list[tuple], bool]:
+    """(the branches, (w, r, ...) each, with the first r = 1 branch moved to the front, whether there is one).
+    A branch with r = 1 covers every (position, head) row, so run first it can write the accumulators instead
     of adding to them: they need no zero fill, and its launches read nothing back (FIRST)."""
     order = list(branches)
-    first = next((i for i, (_, r) in enumerate(order) if r == 1), None)
+    first = next((i for i, branch in enumerate(order) if branch[1] == 1), None)
     if first is None:
         return order, False
     return [order.pop(first)] + order, True
@@ -63,9 +64,26 @@ def _dq_stream(device: torch.device, index: int = 0) -> torch.cuda.Stream | None
     return _side_stream(device, index) if settings.DQ_MODE == "stream" and device.type == "cuda" else None
 
 
-def _chains(branches: Sequence[tuple[int, int]], batch: int, seq_len: int, heads: int, head_dim: int,
-            element_size: int, buffers: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], bool]:
-    """(first chain, second chain, covering): the branches in two chains (settings.SIDE_BRANCHES), the first
+@functools.lru_cache(maxsize=64)
+def _kernel_plan(pairs: tuple[tuple[int, int], ...]) -> list[nesting.KernelFold]:
+    return nesting.kernel_plan(pairs)
+
+
+def with_folds(branches: Sequence[tuple[int, int]], seq_len: int) -> list[tuple[int, int, nesting.KernelFold | None]]:
+    """(w, r, fold) of each branch: how it shares keys with the others (nesting.kernel_plan on the effective
+    (min(w, N), r)) when settings.SHARE_KEYS is on and no branch has more than 16 nested in it, else None."""
+    folds = [None] * len(branches)
+    if settings.SHARE_KEYS:
+        plan = _kernel_plan(tuple((min(w, seq_len), r) for w, r in branches))
+        if all(len(f.nested) <= 16 for f in plan):
+            folds = [f if f != nesting.KernelFold() else None for f in plan]
+    return [(w, r, f) for (w, r), f in zip(branches, folds)]
+
+
+def _chains(branches: Sequence[tuple], batch: int, seq_len: int, heads: int, head_dim: int,
+            element_size: int, buffers: int) -> tuple[list[tuple], list[tuple], bool]:
+    """(first chain, second chain, covering): the branches ((w, r, fold), with_folds) in two chains
+    (settings.SIDE_BRANCHES), the first
     led by a covering r = 1 branch if there is one (`covering`, see covering_first). The second chain takes
     the branches of largest r (fewest programs), only while its `buffers` accumulators fit the budget and
     the first chain's cover all heads at once; it keeps at least one branch in the first chain."""
@@ -99,21 +117,21 @@ def _join(device: torch.device) -> None:
             torch.cuda.current_stream(device).wait_stream(_side_stream(device, index))
 
 
-def _second_forward(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, branches: list[tuple[int, int]],
+def _second_forward(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, branches: list[tuple],
                     causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """The second chain's mixture (acc (B, N, H, D) fp32, lse (B, N, H)), launched beside the first chain."""
     B, N, H, D = q.shape
     acc = torch.zeros(B, N, H, D, dtype=torch.float32, device=q.device)
     lse = torch.full((B, N, H), float("-inf"), dtype=torch.float32, device=q.device)
     with _beside(q.device):
-        for w, r in branches:
+        for w, r, fold in branches:
             with branch_range("fwd", w, r):
-                forward_branch(q, k, v, keep, acc, lse, w, r, 0, causal, scale)
+                forward_branch(q, k, v, keep, acc, lse, w, r, 0, causal, scale, fold=fold)
     return acc, lse
 
 
 def _second_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor, delta: Tensor,
-                     keep: Tensor | None, branches: list[tuple[int, int]], causal: bool,
+                     keep: Tensor | None, branches: list[tuple], causal: bool,
                      scale: float) -> tuple[Tensor, ...]:
     """The second chain's gradients (dq, dk, dv), (B, N, H, D) fp32 each, launched beside the first chain."""
     acc = torch.zeros(3, *q.shape, dtype=torch.float32, device=q.device)
@@ -121,10 +139,10 @@ def _second_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Te
     if dq_stream is not None:
         dq_stream.wait_stream(torch.cuda.current_stream(q.device))
     with _beside(q.device):
-        for w, r in branches:
+        for w, r, fold in branches:
             with branch_range("bwd", w, r):
                 backward_branch(q, k, v, grad_out, lse2, delta, keep, *acc.unbind(0), w, r, 0, causal, scale,
-                                dq_stream=dq_stream)
+                                dq_stream=dq_stream, fold=fold)
     return acc.unbind(0)
 
 
@@ -138,7 +156,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int,
     """q, k, v (B, N, H, D), last dim contiguous; keep (B, N) uint8 or None.
     -> out (B, N, H, D) in q.dtype (0 where no branch covers a row), lse (B, N, H) float32 (-inf there)."""
     B, N, H, D = q.shape
-    branches, second, covering = _chains(branches, B, N, H, D, q.element_size(), buffers=1)
+    branches, second, covering = _chains(with_folds(branches, N), B, N, H, D, q.element_size(), buffers=1)
     lse = (torch.empty if covering else functools.partial(torch.full, fill_value=float("-inf")))(
         (B, N, H), dtype=torch.float32, device=q.device)
     direct = q.dtype == torch.float32  # accumulate straight into the output
@@ -152,10 +170,10 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int,
         acc_g = out[:, :, hs] if direct else acc[:, :, : hs.stop - h0]
         if not direct and not covering:
             acc_g.zero_()
-        for i, (w, r) in enumerate(branches):
+        for i, (w, r, fold) in enumerate(branches):
             with branch_range("fwd", w, r):
                 forward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], keep, acc_g, lse[:, :, hs], w, r, h0, causal,
-                               scale, first=covering and i == 0)
+                               scale, first=covering and i == 0, fold=fold)
         if not direct and beside is None:
             out[:, :, hs].copy_(acc_g)
     if beside is not None:  # Eq. 9-10 once more, over the two chains
@@ -170,7 +188,7 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     """Gradients (dq, dk, dv) (B, N, H, D) in q.dtype. `out`, `grad_out` contiguous; `lse` (B, N, H)
     float32 with +inf (or -inf) at rows that carry no gradient."""
     B, N, H, D = q.shape
-    branches, second, covering = _chains(branches, B, N, H, D, q.element_size(), buffers=3)
+    branches, second, covering = _chains(with_folds(branches, N), B, N, H, D, q.element_size(), buffers=3)
     delta, lse2 = backward_prep(out, grad_out, lse)
     direct = q.dtype == torch.float32
     grads = [_accumulator((B, N, H, D), q.dtype, q.device, covering) if direct else
@@ -189,11 +207,11 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
             parts[0].zero_()
         if side is not None:  # dQ launches start after everything queued so far (inputs, zeroed parts)
             side.wait_stream(torch.cuda.current_stream(q.device))
-        for i, (w, r) in enumerate(branches):
+        for i, (w, r, fold) in enumerate(branches):
             with branch_range("bwd", w, r):
                 backward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], grad_out[:, :, hs], lse2[:, :, hs],
                                 delta[:, :, hs], keep, *parts, w, r, h0, causal, scale, dq_stream=side,
-                                first=covering and i == 0)
+                                first=covering and i == 0, fold=fold)
         if side is not None:  # and end before anything queued later (the copy out, frees, the caller)
             torch.cuda.current_stream(q.device).wait_stream(side)
         if not direct and beside is None:

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from . import fused_settings as settings
 from .kernels import triton_dilated as kern
+from .kernels import triton_rows
+from .nesting import KernelFold
 
 
 def _small(grid: tuple[int, int], causal: bool, multiprocessors: int) -> bool:
@@ -69,20 +71,37 @@ def _check_first(first: bool, r: int) -> None:
         raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
 
 
+@functools.lru_cache(maxsize=64)
+def _nest_table(nested: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
+    """The kernels' NEST argument: int32 w_0, r_0, w_1, r_1, ... of the branches nested in a branch."""
+    return torch.tensor([x for pair in nested for x in pair], dtype=torch.int32, device=device)
+
+
+def _nest_args(fold: KernelFold | None, device: torch.device, dummy: Tensor) -> tuple[Tensor, int, dict]:
+    """(NEST, parent_w, {CHILD, NESTED}) of a launch for `fold` (nesting.kernel_plan; None: shares nothing)."""
+    fold = fold or KernelFold()
+    if len(fold.nested) > 16:
+        raise ValueError(f"a branch shares keys with at most 16 nested branches, not {len(fold.nested)}")
+    table = _nest_table(fold.nested, device) if fold.nested else dummy
+    return table, fold.parent or 1, dict(CHILD=fold.parent is not None, NESTED=len(fold.nested))
+
+
 def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Tensor, lse: Tensor, w: int, r: int,
-                   head0: int, causal: bool, scale: float, first: bool = False) -> None:
+                   head0: int, causal: bool, scale: float, first: bool = False, fold: KernelFold | None = None) -> None:
     """Merge branch (w, r) of heads [head0, head0 + H') into `acc` (B, N, H', D) fp32 and `lse` (B, N, H')
     (Eq. 9-10), in place. q, k, v: (B, N, H', D) views of those heads; keep (B, N) uint8 or None.
-    `first`: r = 1 and nothing merged yet: write every row (acc and lse may hold garbage)."""
+    `first`: r = 1 and nothing merged yet: write every row (acc and lse may hold garbage).
+    `fold`: how the branch shares keys with the others (nesting.kernel_plan; None: it does not)."""
     _check_first(first, r)
     B, N, heads, D = q.shape
     blocks = settings.blocks_for("fwd", q.dtype, D)
     grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
+    nest, parent_w, nest_meta = _nest_args(fold, q.device, lse)
     kern._fwd[grid](
-        q, k, v, lse if keep is None else keep, acc, lse, *_strides3(q), *_strides3(k), *_strides3(v),
+        q, k, v, lse if keep is None else keep, nest, acc, lse, *_strides3(q), *_strides3(k), *_strides3(v),
         *_strides3(acc), *_strides3(lse), N, N, min(w, N), r, head0, heads, num_blocks,  # keep's batch stride = N
-        scale * kern.LOG2E, CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, D=D, BLOCK_M=blocks.block_m,
-        BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
+        scale * kern.LOG2E, parent_w, **nest_meta, CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, D=D,
+        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
         num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)),
         TMA=_tma_loads("fwd", k, v))
 
@@ -95,38 +114,40 @@ def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, T
     B, N, H, D = out.shape
     delta, lse2 = (torch.empty(B, H, N, dtype=torch.float32, device=out.device) for _ in range(2))
     grid, block = _row_launch(B * N * H)
-    kern._bwd_prep[grid](out, grad_out, lse, delta, lse2, B * N * H, N, H, D=D, BLOCK=block)
+    triton_rows._bwd_prep[grid](out, grad_out, lse, delta, lse2, B * N * H, N, H, D=D, BLOCK=block)
     return delta.transpose(1, 2), lse2.transpose(1, 2)  # (B, N, H) views
 
 
 def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor, delta: Tensor,
                     keep: Tensor | None, dq: Tensor, dk: Tensor, dv: Tensor, w: int, r: int, head0: int, causal: bool,
-                    scale: float, dq_stream: torch.cuda.Stream | None = None, first: bool = False) -> None:
+                    scale: float, dq_stream: torch.cuda.Stream | None = None, first: bool = False,
+                    fold: KernelFold | None = None) -> None:
     """Add branch (w, r)'s gradients of heads [head0, head0 + H') into the fp32 accumulators dq, dk, dv
     (B, N, H', D, one layout), in place; the other arguments are (B, N, H', ...) views of those heads.
     `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream).
     `first`: r = 1 and nothing added yet: write dk, dv (and dq unless settings.DQ_MODE adds it atomically,
-    "atomic" or "tma": dq must then hold zeros) instead of adding."""
+    "atomic" or "tma": dq must then hold zeros) instead of adding. `fold`: as in forward_branch."""
     _check_first(first, r)
     B, N, heads, D = q.shape
     fuse_dq = _fused_dq(q.device)
     dq_blocks = settings.blocks_for("dq", q.dtype, D)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq),
               N, N)  # ..., keep's batch stride, sequence length
-    meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype))
+    nest, parent_w, nest_meta = _nest_args(fold, q.device, delta)
+    meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype), **nest_meta)
     keep_arg = keep if keep is not None else delta
     multiprocessors = _multiprocessors(q.device)
     dkdv, grid, num_blocks, small = _dkdv_launch(N, w, r, heads, B, q.dtype, D, causal, multiprocessors)
-    kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, dk, dv, dq, *common, min(w, N), r, head0, heads,
-                         num_blocks, scale * kern.LOG2E, scale, FUSE_DQ=fuse_dq, FIRST=first, BLOCK_M=dkdv.block_m,
-                         BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
-                         BLOCK_MAJOR=small, TMA=_tma_loads("dkdv", q, grad_out), **meta)
+    kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, nest, dk, dv, dq, *common, min(w, N), r, head0,
+                         heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FUSE_DQ=fuse_dq, FIRST=first,
+                         BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
+                         num_stages=dkdv.num_stages, BLOCK_MAJOR=small, TMA=_tma_loads("dkdv", q, grad_out), **meta)
     if fuse_dq == 0:
         grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
         with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
-            kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, dq, *common, min(w, N), r, head0, heads,
-                               num_blocks, scale * kern.LOG2E, scale, FIRST=first, BLOCK_M=dq_blocks.block_m,
-                               BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
+            kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, nest, dq, *common, min(w, N), r, head0,
+                               heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FIRST=first,
+                               BLOCK_M=dq_blocks.block_m, BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
                                num_stages=dq_blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
                                TMA=_tma_loads("dq", k, v), **meta)
 
@@ -178,7 +199,7 @@ def merge_chains(acc: Tensor, lse: Tensor, side_acc: Tensor, side_lse: Tensor, o
     """out = the Eq. 9-10 merge of two chains' mixtures of the same rows, and lse updated to match, in one
     launch. acc, side_acc (B, N, H, D) fp32 and lse, side_lse (B, N, H), contiguous; out may be acc."""
     grid, block = _row_launch(lse.numel())
-    kern._merge_chains[grid](acc, lse, side_acc, side_lse, out, lse.numel(), D=acc.shape[-1], BLOCK=block)
+    triton_rows._merge_chains[grid](acc, lse, side_acc, side_lse, out, lse.numel(), D=acc.shape[-1], BLOCK=block)
 
 
 def key_bytes(key_padding_mask: Tensor | None) -> Tensor | None:

@@ -75,6 +75,11 @@ TMA_KERNELS = ("fwd", "dkdv", "dq")
 # fused.ACCUMULATOR_BUDGET_BYTES (N = 32K at H = 12, D = 64, batch 1, but not 64K). Rounding differs from
 # one chain. Written after the H200 lease, so off (0) until a GPU measures it (`gpu_attention.py --tune`).
 SIDE_BRANCHES = 0
+# Nested branches share keys (attention/nesting.py, kernel_plan): a branch nested in a shorter one skips the keys
+# in its queries' own parent segment, which the parent scores for it with weight 1 + c. Exact; the paper's
+# branches score 22% fewer pairs, and the parent pays a 16-wide flag dot and a multiply per pair. Written
+# after the H200 lease, so off until a GPU measures it (`gpu_attention.py --tune` times it on and off).
+SHARE_KEYS = False
 TMA_LOADS: frozenset[str] = frozenset()
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
@@ -83,9 +88,9 @@ TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at impor
 def load_tuning(path: str | os.PathLike) -> None:
     """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
     writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "tma_loads": ["fwd"],
-    "side_branches": 2, "head_dim": 64, "blocks": {"fwd": [block_m, block_n, num_warps, num_stages],
+    "side_branches": 2, "share_keys": true, "head_dim": 64, "blocks": {"fwd": [block_m, block_n, num_warps, num_stages],
     "dkdv": [...], "dkdv_small": [...], "dq": [...]}} (every key optional; blocks need head_dim)."""
-    global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES
+    global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES, SHARE_KEYS
     with open(path) as file:
         data = json.load(file)
     mode = data.get("dq_mode", DQ_MODE)
@@ -108,7 +113,10 @@ def load_tuning(path: str | os.PathLike) -> None:
     side = data.get("side_branches", SIDE_BRANCHES)
     if isinstance(side, bool) or not isinstance(side, int) or side < 0:
         raise ValueError(f"{path}: side_branches={side!r} must be an integer >= 0 (0: one chain)")
-    DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES = mode, waves, frozenset(tma_loads), side
+    share = data.get("share_keys", SHARE_KEYS)
+    if not isinstance(share, bool):
+        raise ValueError(f"{path}: share_keys={share!r} must be true or false")
+    DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES, SHARE_KEYS = mode, waves, frozenset(tma_loads), side, share
     TUNED.update(blocks)
 
 

@@ -23,16 +23,16 @@ branch that nests in none attends its whole segments (a root). `choose` keeps th
 kernel work it saves outweighs what the bias costs (a cost model of aten's CPU kernel); dilated.py uses it
 on the CPU for whole segments without key padding.
 
-The fused GPU kernels (kernels/triton_dilated.py) do not share keys yet. In a kernel the bias is a factor:
-p = exp2(s - m) * (1 + sum_d [p_row kept by d] [key kept by d]), one outer product of two row flags per nested
-branch, and only r_a | w_a is needed (kept-by-d tests positions, not slots); the paper's branches
-w = 2048..32768, r = 1, 2, 4, 6, 12 would then score 22% fewer pairs ((16384, 6) nests in (4096, 2),
-(32768, 12) in (8192, 4)).
+The fused GPU kernels (kernels/triton_dilated.py, kernels/triton_nesting.py) share keys the same way when
+fused_settings.SHARE_KEYS is on (`kernel_plan`). There the bias is a factor on the probabilities,
+p = exp2(s - m) (1 + sum_d [query kept by d] [key kept by d]), and only r_a | w_a is needed (kept-by-d tests
+positions, not slots): the paper's branches w = 2048..32768, r = 1, 2, 4, 6, 12 score 22% fewer pairs
+((16384, 6) nests in (4096, 2), (32768, 12) in (8192, 4); `kernel_pairs`).
 """
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -58,12 +58,22 @@ ROOT = Fold()
 
 
 def _nests(a: tuple[int, int], d: tuple[int, int]) -> bool:
+    """d nests in a on the CPU path (whole slot blocks: r_d | w_a)."""
     (wa, ra), (wd, rd) = a, d
     return wd % wa == 0 and rd % ra == 0 and wa % rd == 0
 
 
-def plan(pairs: Sequence[tuple[int, int]]) -> list[Fold]:
-    """The fold of each branch, `pairs` its effective (w, r)."""
+def nests_in_kernel(a: tuple[int, int], d: tuple[int, int]) -> bool:
+    """d nests in a inside the fused kernels, which test positions, not slots: w_a | w_d, r_a | r_d, r_a | w_a.
+    Then every row d keeps for head h is a row a keeps for h (its offset from a's segment start is = h mod r_a),
+    and this relation is transitive, so any chain of it is a valid tree."""
+    (wa, ra), (wd, rd) = a, d
+    return wd % wa == 0 and rd % ra == 0 and wa % ra == 0
+
+
+def parents(pairs: Sequence[tuple[int, int]], nests=_nests) -> list[int | None]:
+    """Index of the branch each branch nests in (None: a root), `pairs` their effective (w, r): the longest it
+    `nests` in (ties: larger r) whose own ancestors it nests in too."""
     parent: dict[int, int | None] = {}  # filled shortest branch first: a parent comes before its children
 
     def ancestors(i: int):
@@ -72,11 +82,56 @@ def plan(pairs: Sequence[tuple[int, int]]) -> list[Fold]:
             yield i
 
     for d in sorted(range(len(pairs)), key=lambda i: pairs[i]):
-        fits = [a for a in parent if _nests(pairs[a], pairs[d]) and all(_nests(pairs[x], pairs[d]) for x in ancestors(a))]
+        fits = [a for a in parent if nests(pairs[a], pairs[d]) and all(nests(pairs[x], pairs[d]) for x in ancestors(a))]
         parent[d] = max(fits, key=lambda a: pairs[a], default=None)
+    return [parent[i] for i in range(len(pairs))]
+
+
+def descendants(parent: Sequence[int | None], i: int) -> list[int]:
+    """The branches nested in branch i, directly or through others."""
+    def above(d: int):
+        while parent[d] is not None:
+            d = parent[d]
+            yield d
+    return [d for d in range(len(parent)) if i in above(d)]
+
+
+def plan(pairs: Sequence[tuple[int, int]]) -> list[Fold]:
+    """The fold of each branch on the CPU path, `pairs` its effective (w, r)."""
+    parent = parents(pairs)
     return [Fold(None if parent[i] is None else pairs[parent[i]][0],
-                 tuple(sorted(pairs[d][1] for d in range(len(pairs)) if i in ancestors(d))))
-            for i in range(len(pairs))]
+                 tuple(sorted(pairs[d][1] for d in descendants(parent, i)))) for i in range(len(pairs))]
+
+
+@dataclass(frozen=True)
+class KernelFold:
+    """How the fused kernels run a branch that shares keys: `parent` the segment length of the branch it nests
+    in (None: a root; else its queries skip the keys in their own parent segment) and `nested` the (w, r) of
+    the branches nested in it, directly or through others, whose pairs it scores for them (weight 1 + c)."""
+
+    parent: int | None = None
+    nested: tuple[tuple[int, int], ...] = ()
+
+
+def kernel_plan(pairs: Sequence[tuple[int, int]]) -> list[KernelFold]:
+    """The KernelFold of each branch, `pairs` their effective (min(w, N), r)."""
+    parent = parents(pairs, nests_in_kernel)
+    return [KernelFold(None if parent[i] is None else pairs[parent[i]][0],
+                       tuple(pairs[d] for d in descendants(parent, i))) for i in range(len(pairs))]
+
+
+def kernel_pairs(w: int, r: int, fold: KernelFold, causal: bool) -> float:
+    """Score pairs per position and head that the fused kernels compute for branch (w, r) (slot-exact, whole
+    segments of w positions): a root's whole segments, a nested branch's only those across parent segments."""
+    total = 0
+    for h in range(r):  # the slot sets of heads h mod r
+        n = len(range(h, w, r))
+        groups = Counter(p // fold.parent for p in range(h, w, r)).values() if fold.parent else [n]
+        # causal: slot i attends the i + 1 slots up to it, less those of its own parent segment before it
+        same = sum(g * (g + 1) // 2 for g in groups) if causal else sum(g * g for g in groups)
+        everything = n * (n + 1) // 2 if causal else n * n
+        total += everything if fold.parent is None else everything - same
+    return total / (r * w)
 
 
 def calls(w: int, r: int, fold: Fold, causal: bool) -> list[tuple[slice, slice, bool]]:

@@ -11,7 +11,7 @@ each (position, head) row at most once and branches run one launch after another
 needs no atomics. Ragged tails, r not dividing w and H not a multiple of r are all "slot k exists
 iff s + k*r < segment length": per-(segment, head) slot counts, never copies or padding.
 
-Backward (the merged softmax identity, see dilated.py): `_bwd_prep` computes delta = rowsum(dO * O)
+Backward (the merged softmax identity, see dilated.py): `_bwd_prep` (triton_rows.py) computes delta = rowsum(dO * O)
 and lse*log2(e) once for all branches; per branch `_bwd_dkdv` (a program per key block, looping
 over query blocks) recomputes P = exp2(q.k*scale*log2e - lse2) and adds dK, dV into fp32
 accumulators in place. dQ either comes from the same loop (FUSE_DQ: dS K added atomically to the
@@ -21,7 +21,12 @@ flash-attention 3 does, Hopper and newer) or from `_bwd_dq` (a program per query
 over key blocks: 7 products, no atomics).
 
 A branch with r = 1 run first covers every row: its launches store instead of adding (FIRST); two
-chains of branches (fused_settings.SIDE_BRANCHES) are joined by `_merge_chains`. Row tiles arrive
+chains of branches (fused_settings.SIDE_BRANCHES) are joined by `_merge_chains` (triton_rows.py).
+Nested branches may share keys (fused_settings.SHARE_KEYS, triton_nesting.py): a nested branch (CHILD)
+skips the pairs inside its queries' parent segment, and the parent scores them once with weight 1 + c
+(NESTED branches nested in it). Every loop over the other side's slots runs in up to four stretches
+(triton_nesting._regions): unmasked, masked, masked, unmasked, with the skipped blocks between the two
+masked ones. Which slots a program owns: triton_slots.py. Row tiles arrive
 through pointers or (TMA_LOADS) one descriptor per (segment, head): (n_slots, D), row stride r rows.
 
 Masks are computed, never materialised: slot validity and causality from slot indices, key padding
@@ -35,55 +40,11 @@ import os
 import triton
 import triton.language as tl
 
+from .triton_nesting import _apart, _nest_factor, _nest_flags, _nest_setup, _regions
+from .triton_slots import _block_rows, _key_range, _program_block
+from .triton_rows import _mix
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _slots(N, w, r, seg, h):
-    """(position of slot 0, number of slots) of head h in segment `seg` (Eq. 13-15)."""
-    seg_start = seg * w
-    seg_len = tl.minimum(w, N - seg_start)
-    s = h % r
-    return seg_start + s, (seg_len - s + r - 1) // r
-
-
-@triton.jit
-def _program_block(pid, num_blocks, heads, N, w, r, head0, LONGEST_FIRST: tl.constexpr,
-                   BLOCK_MAJOR: tl.constexpr):
-    """Which slot block this program owns: (block, head in the group, position of slot 0, slot count).
-    A (segment, head)'s programs are adjacent (they share its rows in L2), causal query blocks longest first
-    (LONGEST_FIRST; key blocks are so as they come). BLOCK_MAJOR (a launch of few programs): block 0 of
-    every (segment, head) first, then block 1, ...: the whole launch's longest programs start first."""
-    if BLOCK_MAJOR:
-        seg_heads = tl.cdiv(N, w) * heads
-        block, seg_head = pid // seg_heads, pid % seg_heads
-    else:
-        block, seg_head = pid % num_blocks, pid // num_blocks
-    if LONGEST_FIRST:
-        block = num_blocks - 1 - block
-    hh = seg_head % heads
-    row0, n_slots = _slots(N, w, r, seg_head // heads, head0 + hh)
-    return block, hh, row0, n_slots
-
-
-@triton.jit
-def _block_rows(first, BLOCK: tl.constexpr, row0, r, n_slots):
-    """Slots [first, first + BLOCK): (slot indices, which exist, their positions as int64)."""
-    offs = first + tl.arange(0, BLOCK)
-    return offs, offs < n_slots, (row0 + offs * r).to(tl.int64)
-
-
-@triton.jit
-def _key_range(pid_m, n_slots, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key slots a query block attends: [0, full) need no mask, [full, hi) do (the causal diagonal,
-    or the last partial block)."""
-    if CAUSAL:  # keys before the block's first query need no causal mask
-        hi = tl.minimum(n_slots, (pid_m + 1) * BLOCK_M)
-        full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
-    else:
-        hi = n_slots
-        full = n_slots // BLOCK_N * BLOCK_N
-    return full, hi
 
 
 @triton.jit
@@ -102,12 +63,25 @@ def _slot_rows(base, row0, r, stride_n, n_slots, BLOCK: tl.constexpr, D: tl.cons
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
-               n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_KEEP: tl.constexpr,
-               BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """k_src, v_src: this (batch, head)'s base pointers, or (TMA) its slots' descriptors (_slot_rows)."""
+def _past_gap(step, gap_at, gap, CHILD: tl.constexpr):
+    """A loop over [lo, hi) that skips the `gap` slots from `gap_at` on (a nested branch's skipped blocks,
+    triton_nesting._regions) steps through [lo, hi - gap): its block start."""
+    if CHILD:
+        return tl.where(step < gap_at, step, step + gap)
+    else:
+        return step
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi, gap_at, gap,
+               n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+               HAS_KEEP: tl.constexpr, CHILD: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr,
+               D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """k_src, v_src: this (batch, head)'s base pointers, or (TMA) its slots' descriptors (_slot_rows).
+    CHILD, NESTED: shared keys (triton_nesting.py; flags_m, c_j, m_j, inv from _nest_flags / _nest_phases)."""
     offs_d = tl.arange(0, D)
-    for start in range(lo, hi, BLOCK_N):
+    for step in range(lo, hi - gap, BLOCK_N):
+        start = _past_gap(step, gap_at, gap, CHILD)
         offs_n = start + tl.arange(0, BLOCK_N)
         pos_n = (row0 + offs_n * r).to(tl.int64)
         n_ok = offs_n < n_slots
@@ -122,6 +96,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, 
             allowed = n_ok[None, :]
             if CAUSAL:
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+            if CHILD:
+                allowed = allowed & _apart(seg_m, row0, offs_n, r, parent_w)
             qk = tl.where(allowed, qk, float("-inf"))
         if HAS_KEEP:
             real = tl.load(keep_base + pos_n, mask=n_ok, other=0)
@@ -133,6 +109,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, 
             m_new_safe = m_new
         alpha = tl.exp2(m_i - m_new_safe)
         p = tl.exp2(qk - m_new_safe[:, None])
+        if NESTED > 0:  # each pair once, weighted by the branches nested here that keep it
+            p = p * _nest_factor(flags_m, _nest_flags(start, BLOCK_N, c_j, m_j, inv))
         l_i = l_i * alpha + tl.sum(p, 1)
         if TMA:
             v = v_src.load([start, 0])
@@ -146,18 +124,26 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, 
 
 
 @triton.jit
-def _fwd(Q, K, V, KEEP, OA, LA,
+def _fwd(Q, K, V, KEEP, NEST, OA, LA,
          stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
          stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_lh, stride_keep,
-         N, w, r, head0, heads, num_m_blocks, scale2,
+         N, w, r, head0, heads, num_m_blocks, scale2, parent_w,
          CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr,
-         TMA: tl.constexpr):
+         TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if pid_m * BLOCK_M >= n_slots:
         return
+    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
+    a, b_end, c, d = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r, parent_w,
+                              0, hi, full, hi, CHILD, BLOCK_N)  # d = hi: the masked part runs to the end
+    if CHILD and not FIRST:
+        if a + (b_end - a) + (d - c) == 0:  # every key lies in these queries' parent segment: nothing to merge
+            return
     offs_m, m_ok, pos_m = _block_rows(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots)
+    flags_m, c_j, m_j, inv = _nest_setup(NEST, head0 + hh, row0, r, pid_m * BLOCK_M, BLOCK_M, NESTED)
+    seg_m = (row0 + offs_m * r) // parent_w  # the rows' parent segments (CHILD)
     offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
     q = _load_rows(Q + b64 * stride_qb + hh * stride_qh, pos_m, m_ok, stride_qn, D)
@@ -170,11 +156,13 @@ def _fwd(Q, K, V, KEEP, OA, LA,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m,
-                               0, full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m,
-                               full, hi, n_slots, scale2, CAUSAL, True, HAS_KEEP, BLOCK_N, D, PRECISION, TMA)
+    # keys [0, a) unmasked, [a, b_end) and [c, d) masked (_regions): the masked ones in one loop over the gap
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0, a,
+                               a, 0, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, False, HAS_KEEP,
+                               CHILD, NESTED, BLOCK_N, D, PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, a, d,
+                               b_end, c - b_end, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True,
+                               HAS_KEEP, CHILD, NESTED, BLOCK_N, D, PRECISION, TMA)
     # this branch: o_i = acc / l, lse_i = ln(sum exp) (-inf and o_i = 0 where no key was left)
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -194,55 +182,14 @@ def _fwd(Q, K, V, KEEP, OA, LA,
 
 
 @triton.jit
-def _mix(o_a, lse_a, o_b, lse_b):
-    """Eq. 9-10 for two mixtures of the same (BLOCK, D) rows: lse = logsumexp(lse_a, lse_b) and
-    o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b; rows neither covers (both -inf) get o = 0, lse = -inf."""
-    top = tl.maximum(lse_a, lse_b)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    e_a, e_b = tl.exp(lse_a - top), tl.exp(lse_b - top)
-    total = e_a + e_b
-    covered = total > 0.0
-    total_safe = tl.where(covered, total, 1.0)
-    return (o_a * (e_a / total_safe)[:, None] + o_b * (e_b / total_safe)[:, None],
-            tl.where(covered, top + tl.log(total_safe), float("-inf")))
-
-
-@triton.jit
-def _merge_chains(OA, LA, OB, LB, OUT, rows, D: tl.constexpr, BLOCK: tl.constexpr):
-    """Two chains' mixtures of the same rows, (OA, LA) and (OB, LB), (rows, D) and (rows,) fp32 each ->
-    OUT (rows, D, the output dtype; may be OA) and LA (in place) = their Eq. 9-10 merge."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < rows
-    tile = offs[:, None] * D + tl.arange(0, D)[None, :]
-    merged, lse = _mix(tl.load(OA + tile, mask=ok[:, None], other=0.0), tl.load(LA + offs, mask=ok, other=0.0),
-                       tl.load(OB + tile, mask=ok[:, None], other=0.0), tl.load(LB + offs, mask=ok, other=0.0))
-    tl.store(OUT + tile, merged, mask=ok[:, None])
-    tl.store(LA + offs, lse, mask=ok)
-
-
-@triton.jit
-def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row (b, n, h) of the merged output: delta = rowsum(dO * O); lse2 = lse * log2(e), +inf if not
-    finite; both stored (B, H, N), so that a block of one head's slots reads them from one stretch."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < rows
-    offs_d = tl.arange(0, D)
-    o = tl.load(O + offs[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + offs[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    head_major = (offs // (N * H) * H + offs % H) * N + offs // H % N  # (b, n, h) -> (b, h, n)
-    tl.store(DELTA + head_major, tl.sum(o * do, 1), mask=ok)
-    lse = tl.load(LSE + offs, mask=ok, other=0.0)
-    finite = (lse == lse) & (lse < float("inf")) & (lse > float("-inf"))
-    tl.store(LSE2 + head_major, tl.where(finite, lse * 1.4426950408889634, float("inf")), mask=ok)
-
-
-@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don, stride_ln,
-                stride_gn, row0, r, offs_n, key_ok, lo, hi, n_slots, scale2, scale, CAUSAL: tl.constexpr,
-                MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+                stride_gn, row0, r, offs_n, key_ok, lo, hi, gap_at, gap, n_slots, scale2, scale, seg_n, parent_w,
+                flags_n, c_j, m_j, inv, CAUSAL: tl.constexpr, MASKED: tl.constexpr, FUSE_DQ: tl.constexpr,
+                HAS_KEEP: tl.constexpr, CHILD: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
                 D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, D)
-    for start in range(lo, hi, BLOCK_M):
+    for step in range(lo, hi - gap, BLOCK_M):
+        start = _past_gap(step, gap_at, gap, CHILD)
         offs_m, m_ok, pos_m = _block_rows(start, BLOCK_M, row0, r, n_slots)
         if TMA:  # q_src, do_src: descriptors (_slot_rows)
             q, do = q_src.load([start, 0]), do_src.load([start, 0])
@@ -251,8 +198,13 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, strid
         lse2 = tl.load(lse_base + pos_m * stride_ln, mask=m_ok, other=float("inf"))  # missing rows: P = 0
         delta = tl.load(delta_base + pos_m * stride_ln, mask=m_ok, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale2 - lse2[None, :])  # (BN, BM)
-        if MASKED:  # causal diagonal blocks only; invalid or padded keys are dropped at the store
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        if MASKED:  # the causal diagonal, a nested branch's own parent segment; invalid or padded keys are dropped
+            if CAUSAL:  # at the store
+                p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            if CHILD:
+                p_t = tl.where(_apart(seg_n, row0, offs_m, r, parent_w), p_t, 0.0)
+        if NESTED > 0:  # each pair once, weighted by the branches nested here that keep it
+            p_t = p_t * _nest_factor(flags_n, _nest_flags(start, BLOCK_M, c_j, m_j, inv))
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)                                 # (BN, BM)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -270,19 +222,33 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, strid
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
+def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA,
               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
               stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
               stride_gb, stride_gn, stride_gh, stride_keep,
-              N, w, r, head0, heads, num_n_blocks, scale2, scale,
+              N, w, r, head0, heads, num_n_blocks, scale2, scale, parent_w,
               CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FUSE_DQ: tl.constexpr, FIRST: tl.constexpr,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_MAJOR: tl.constexpr, TMA: tl.constexpr):
+              BLOCK_MAJOR: tl.constexpr, TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_n, hh, row0, n_slots = _program_block(pid, num_n_blocks, heads, N, w, r, head0, False, BLOCK_MAJOR)
     if pid_n * BLOCK_N >= n_slots:
         return
+    if CAUSAL:  # queries from the block's first key on; past its last key no causal mask is needed
+        lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+        diag = tl.minimum(((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, n_slots)
+        m_lo = lo
+    else:  # no query needs the causal mask
+        lo, m_lo, diag = 0, n_slots, n_slots
+    # queries [lo, a) unmasked, [a, b_end) and [c, d) masked, [d, n_slots) unmasked (_regions)
+    a, b_end, c, d = _regions(pid_n * BLOCK_N, tl.minimum((pid_n + 1) * BLOCK_N, n_slots) - 1, row0, r, parent_w, lo,
+                              n_slots, m_lo, diag, CHILD, BLOCK_M)
+    if CHILD and not FIRST:
+        if (a - lo) + (b_end - a) + (d - c) + (n_slots - d) == 0:  # no query outside these keys' parent segment
+            return
     offs_n, n_ok, pos_n = _block_rows(pid_n * BLOCK_N, BLOCK_N, row0, r, n_slots)
+    flags_n, c_j, m_j, inv = _nest_setup(NEST, head0 + hh, row0, r, pid_n * BLOCK_N, BLOCK_N, NESTED)
+    seg_n = (row0 + offs_n * r) // parent_w  # the keys' parent segments (CHILD)
     offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
     k = _load_rows(K + b64 * stride_kb + hh * stride_kh, pos_n, n_ok, stride_kn, D)
@@ -303,17 +269,23 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
         keep = keep & (tl.load(KEEP + b64 * stride_keep + pos_n, mask=n_ok, other=0) != 0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    if CAUSAL:  # queries from the block's first key on; past its last key no causal mask is needed
-        lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
-        diag = tl.minimum(((pid_n + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, n_slots)
+    # queries [lo, a) unmasked, [a, b_end) and [c, d) masked in one loop over the gap, [d, n_slots) unmasked.
+    # Without sharing: causal, [lo, diag) masked then [diag, n_slots) unmasked; else [0, n_slots) unmasked
+    if CHILD or not CAUSAL:
         dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
-                             stride_ln, stride_gn, row0, r, offs_n, keep, lo, diag, n_slots, scale2, scale, True,
-                             True, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION, TMA)
-    else:
-        diag = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
-                         stride_ln, stride_gn, row0, r, offs_n, keep, diag, n_slots, n_slots, scale2, scale, CAUSAL,
-                         False, FUSE_DQ, HAS_KEEP, BLOCK_M, D, PRECISION, TMA)
+                             stride_ln, stride_gn, row0, r, offs_n, keep, lo, a, a, 0, n_slots, scale2,
+                             scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP, CHILD,
+                             NESTED, BLOCK_M, D, PRECISION, TMA)
+    if CHILD or CAUSAL:
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
+                             stride_ln, stride_gn, row0, r, offs_n, keep, a, d, b_end, c - b_end, n_slots, scale2,
+                             scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, True, FUSE_DQ, HAS_KEEP, CHILD,
+                             NESTED, BLOCK_M, D, PRECISION, TMA)
+    if CHILD or CAUSAL:
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
+                             stride_ln, stride_gn, row0, r, offs_n, keep, d, n_slots, n_slots, 0, n_slots, scale2,
+                             scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP, CHILD,
+                             NESTED, BLOCK_M, D, PRECISION, TMA)
     g_off = b64 * stride_gb + hh * stride_gh + pos_n[:, None] * stride_gn + offs_d[None, :]
     store = n_ok[:, None]
     dk = tl.where(keep[:, None], dk * scale, 0.0)
@@ -326,11 +298,13 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, DKA, DVA, DQA,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi,
-              n_slots, scale2, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_KEEP: tl.constexpr,
-              BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi, gap_at,
+              gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+              HAS_KEEP: tl.constexpr, CHILD: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr,
+              D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, D)
-    for start in range(lo, hi, BLOCK_N):
+    for step in range(lo, hi - gap, BLOCK_N):
+        start = _past_gap(step, gap_at, gap, CHILD)
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_slots
         pos_n = (row0 + offs_n * r).to(tl.int64)
@@ -347,10 +321,14 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride
             allowed = n_ok[None, :]
             if CAUSAL:
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+            if CHILD:
+                allowed = allowed & _apart(seg_m, row0, offs_n, r, parent_w)
             p = tl.where(allowed, p, 0.0)
         if HAS_KEEP:
             real = tl.load(keep_base + pos_n, mask=n_ok, other=0)
             p = tl.where(real[None, :] != 0, p, 0.0)
+        if NESTED > 0:
+            p = p * _nest_factor(flags_m, _nest_flags(start, BLOCK_N, c_j, m_j, inv))
         dp = tl.dot(do, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
@@ -358,19 +336,27 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
+def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA,
             stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
             stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
             stride_gb, stride_gn, stride_gh, stride_keep,
-            N, w, r, head0, heads, num_m_blocks, scale2, scale,
+            N, w, r, head0, heads, num_m_blocks, scale2, scale, parent_w,
             CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr,
-            TMA: tl.constexpr):
+            TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if pid_m * BLOCK_M >= n_slots:
         return
+    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
+    a, b_end, c, d = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r, parent_w,
+                              0, hi, full, hi, CHILD, BLOCK_N)  # as in _fwd
+    if CHILD and not FIRST:
+        if a + (b_end - a) + (d - c) == 0:
+            return
     offs_m, m_ok, pos_m = _block_rows(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots)
+    flags_m, c_j, m_j, inv = _nest_setup(NEST, head0 + hh, row0, r, pid_m * BLOCK_M, BLOCK_M, NESTED)
+    seg_m = (row0 + offs_m * r) // parent_w  # the rows' parent segments (CHILD)
     offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
     q = _load_rows(Q + b64 * stride_qb + hh * stride_qh, pos_m, m_ok, stride_qn, D)
@@ -385,11 +371,12 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, DQA,
         v_src = _slot_rows(v_src, row0, r, stride_vn, n_slots, BLOCK_N, D)
     keep_base = KEEP + b64 * stride_keep
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0,
-                   full, n_slots, scale2, CAUSAL, False, HAS_KEEP, BLOCK_N, D, PRECISION, TMA)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, full,
-                   hi, n_slots, scale2, CAUSAL, True, HAS_KEEP, BLOCK_N, D, PRECISION, TMA)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0, a, a, 0,
+                   n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, False, HAS_KEEP, CHILD, NESTED,
+                   BLOCK_N, D, PRECISION, TMA)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, a, d, b_end,
+                   c - b_end, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True, HAS_KEEP, CHILD,
+                   NESTED, BLOCK_N, D, PRECISION, TMA)
     g_ptrs = DQA + b64 * stride_gb + hh * stride_gh + pos_m[:, None] * stride_gn + offs_d[None, :]
     dq = dq * scale
     if not FIRST:

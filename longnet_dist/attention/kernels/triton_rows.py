@@ -1,0 +1,49 @@
+"""Row-wise Triton kernels of the fused path (kernels/triton_dilated.py): the Eq. 9-10 merge of two mixtures
+of the same rows, and the backward's per-row preparation (delta, lse in base 2)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mix(o_a, lse_a, o_b, lse_b):
+    """Eq. 9-10 for two mixtures of the same (BLOCK, D) rows: lse = logsumexp(lse_a, lse_b) and
+    o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b; rows neither covers (both -inf) get o = 0, lse = -inf."""
+    top = tl.maximum(lse_a, lse_b)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    e_a, e_b = tl.exp(lse_a - top), tl.exp(lse_b - top)
+    total = e_a + e_b
+    covered = total > 0.0
+    total_safe = tl.where(covered, total, 1.0)
+    return (o_a * (e_a / total_safe)[:, None] + o_b * (e_b / total_safe)[:, None],
+            tl.where(covered, top + tl.log(total_safe), float("-inf")))
+
+
+@triton.jit
+def _merge_chains(OA, LA, OB, LB, OUT, rows, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Two chains' mixtures of the same rows, (OA, LA) and (OB, LB), (rows, D) and (rows,) fp32 each ->
+    OUT (rows, D, the output dtype; may be OA) and LA (in place) = their Eq. 9-10 merge."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < rows
+    tile = offs[:, None] * D + tl.arange(0, D)[None, :]
+    merged, lse = _mix(tl.load(OA + tile, mask=ok[:, None], other=0.0), tl.load(LA + offs, mask=ok, other=0.0),
+                       tl.load(OB + tile, mask=ok[:, None], other=0.0), tl.load(LB + offs, mask=ok, other=0.0))
+    tl.store(OUT + tile, merged, mask=ok[:, None])
+    tl.store(LA + offs, lse, mask=ok)
+
+
+@triton.jit
+def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row (b, n, h) of the merged output: delta = rowsum(dO * O); lse2 = lse * log2(e), +inf if not
+    finite; both stored (B, H, N), so that a block of one head's slots reads them from one stretch."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < rows
+    offs_d = tl.arange(0, D)
+    o = tl.load(O + offs[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + offs[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    head_major = (offs // (N * H) * H + offs % H) * N + offs // H % N  # (b, n, h) -> (b, h, n)
+    tl.store(DELTA + head_major, tl.sum(o * do, 1), mask=ok)
+    lse = tl.load(LSE + offs, mask=ok, other=0.0)
+    finite = (lse == lse) & (lse < float("inf")) & (lse > float("-inf"))
+    tl.store(LSE2 + head_major, tl.where(finite, lse * 1.4426950408889634, float("inf")), mask=ok)
