@@ -4,7 +4,7 @@
 #      reference), as GPU_CHECK_TEST_SHARDS (default 12) pytest processes side by side
 #      (scripts/gpu_test_shards.sh: on a fresh machine their time is mostly Triton compiling);
 #   2. attention: the attention benchmark, dilated vs dense flash (default `--tune --quick
-#      --tune-budget 90`: the dQ modes, block shapes and shared keys tuned at 256K, small launches and side
+#      --tune-budget 90`: the dQ modes, shared keys and block shapes tuned at 256K, small launches and side
 #      branches at 32K, for at most 90 s; then N = 32K, 1M and 4M; then TMA loads) -> gpu_attention.* and
 #      kernel_tuning.json (the dQ mode and blocks chosen; the later stages run with them through
 #      LONGNET_KERNEL_TUNING);
