@@ -109,7 +109,7 @@ class LocalBranch:
 
     def forward(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
         if inputs.backend == "triton":  # sharded runs on CUDA: this branch through the fused kernels
-            return _fused_merge(inputs, merger, self.segment_length, self.dilation)
+            return _fused_merge(inputs, merger, self.segment_length, self.dilation, inputs.folds.get(self))
         layout = self.layout(inputs)
         # Whole segments with r | w: read the rows in place (the backward keeps the gather: aten's CPU
         # flash backward ran 1.6x slower on strided views; on CUDA the fused kernels read in place).
@@ -167,7 +167,7 @@ class LocalBranch:
 
     def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         if inputs.backend == "triton":
-            return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation)
+            return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation, inputs.folds.get(self))
         fold = inputs.folds.get(self, nesting.ROOT)
         if fold != nesting.ROOT:
             return self._backward_shared(inputs, merged, grads, fold)
@@ -241,7 +241,14 @@ class LocalBranch:
 def share_keys(inputs: AttentionInputs, branches: Sequence[Branch]) -> dict:
     """{branch: nesting.Fold} for the branches that share keys (nesting.py): on the CPU kernels, without key
     padding, among the local branches with whole segments and r | w (the others run alone), when the cost
-    model says it pays; else {}."""
+    model says it pays; else {}. Sharded on the fused kernels (backend "triton"): {branch: nesting.KernelFold}
+    among the local branches when fused_settings.SHARE_KEYS is on (fused.with_folds)."""
+    if inputs.backend == "triton":
+        from .fused import with_folds  # imports triton: only when it runs
+
+        local = [b for b in branches if isinstance(b, LocalBranch)]
+        folds = with_folds([(b.segment_length, b.dilation) for b in local], inputs.seq_len)
+        return {b: fold for b, (_, _, fold) in zip(local, folds) if fold is not None}
     if not (SHARE_KEYS and inputs.device.type == "cpu" and inputs.backend in ("cpu_flash", "chunked")
             and inputs.key_padding_mask is None):
         return {}
@@ -322,18 +329,20 @@ def _heads_view(rows: Tensor, seq_len: int, heads: int) -> Tensor:
     return rows[:, : seq_len * heads].view(rows.shape[0], seq_len, heads, *rows.shape[2:])
 
 
-def _fused_merge(inputs: AttentionInputs, merger: BranchMerger, w: int, r: int) -> None:
+def _fused_merge(inputs: AttentionInputs, merger: BranchMerger, w: int, r: int, fold=None) -> None:
     """LocalBranch with backend "triton" (a sharded run on CUDA): branch (w, r) through the fused kernel,
-    merged straight into the merger's fp32 rows, which the spanning branches share."""
+    merged straight into the merger's fp32 rows, which the spanning branches share. `fold`: how it shares
+    keys with the other local branches (nesting.KernelFold, share_keys), or None."""
     from .fused_launch import forward_branch, key_bytes  # imports triton: only when it runs
 
     view = functools.partial(_heads_view, seq_len=inputs.seq_len, heads=inputs.num_heads)
     forward_branch(view(inputs.q), view(inputs.k), view(inputs.v), key_bytes(inputs.key_padding_mask),
-                   view(merger.out), view(merger.lse), w, r, 0, inputs.causal, inputs.scale)
+                   view(merger.out), view(merger.lse), w, r, 0, inputs.causal, inputs.scale, fold=fold)
     merger.mark_merged()
 
 
-def _fused_grads(inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor], w: int, r: int) -> None:
+def _fused_grads(inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor], w: int, r: int,
+                 fold=None) -> None:
     """The backward of `_fused_merge`: adds into the fp32 gradient rows `grads` (dq, dk, dv)."""
     from .fused_launch import backward_branch, backward_prep, key_bytes
 
@@ -344,4 +353,4 @@ def _fused_grads(inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor
     delta, lse2 = merged.shared["delta"]
     backward_branch(view(inputs.q), view(inputs.k), view(inputs.v), view(merged.grad_out), lse2, delta,
                     key_bytes(inputs.key_padding_mask), *(view(g) for g in grads), w, r, 0, inputs.causal,
-                    inputs.scale)
+                    inputs.scale, fold=fold)
