@@ -65,12 +65,16 @@ def test_the_plan_needs_r_a_to_divide_w_a_and_stays_off_when_asked(monkeypatch):
 
 
 @triton.jit
-def _probe_regions(OUT, first, last, row0, r, parent_w, lo, hi, m_lo, m_hi, BLOCK: tl.constexpr):
-    a, b, c, d = _regions(first, last, row0, r, parent_w, lo, hi, m_lo, m_hi, True, BLOCK)
+def _probe_regions(OUT, first, last, row0, r, parent_w, lo, hi, m_lo, m_hi, CAUSAL: tl.constexpr,
+                   OWN_KEYS: tl.constexpr, BLOCK: tl.constexpr):
+    a, m0, m1, gap_at, gap, d = _regions(first, last, row0, r, parent_w, lo, hi, m_lo, m_hi, CAUSAL, OWN_KEYS, True,
+                                         BLOCK)
     tl.store(OUT + 0, a)
-    tl.store(OUT + 1, b)
-    tl.store(OUT + 2, c)
-    tl.store(OUT + 3, d)
+    tl.store(OUT + 1, m0)
+    tl.store(OUT + 2, m1)
+    tl.store(OUT + 3, gap_at)
+    tl.store(OUT + 4, gap)
+    tl.store(OUT + 5, d)
 
 
 @st.composite
@@ -110,10 +114,12 @@ def test_a_nested_branch_skips_exactly_the_pairs_inside_its_parent_segment(case)
         diag = min(-(-(last + 1) // B) * B, n)
         m_lo, m_hi = (lo, diag) if case["causal"] else (n, n)
         hi = n
-    out = torch.zeros(4, dtype=torch.int64, device=DEVICE)
-    _probe_regions[(1,)](out, first, last, row0, r, pw, lo, hi, m_lo, m_hi, BLOCK=B)
-    a, b, c, d = out.tolist()
-    assert lo <= a <= b <= c <= d <= hi, (a, b, c, d)
+    out = torch.zeros(6, dtype=torch.int64, device=DEVICE)
+    _probe_regions[(1,)](out, first, last, row0, r, pw, lo, hi, m_lo, m_hi, CAUSAL=case["causal"],
+                         OWN_KEYS=case["side"] == "keys", BLOCK=B)
+    a, m0, m1, gap_at, gap, d = out.tolist()
+    assert lo <= a <= m0 <= m1 <= d <= hi and m0 <= gap_at <= gap_at + gap <= m1, (a, m0, m1, gap_at, gap, d)
+    assert gap == 0 or not case["causal"], "a causal loop needs no gap"
 
     def seg(slot):
         return (row0 + slot * r) // pw
@@ -127,14 +133,15 @@ def test_a_nested_branch_skips_exactly_the_pairs_inside_its_parent_segment(case)
 
     own_slots = range(first, last + 1)
     blocks = [(x, min(x + B, hi)) for x in range(lo, hi, B)] if lo < hi else []
-    starts = {lo, a, c, d}
+    starts = {lo, m0, gap_at + gap, d}
     for x0, x1 in blocks:
         others = range(x0, x1)
-        if b <= x0 < c:
+        unmasked = x0 < a or x0 >= d
+        if not unmasked and not (m0 <= x0 < m1 and not gap_at <= x0 < gap_at + gap):  # skipped
             assert not any(needed(i, j) for i in own_slots for j in others), ("skipped a needed pair", x0)
             continue
         assert (x0 - next(s for s in sorted(starts, reverse=True) if s <= x0)) % B == 0, "a stretch is off the grid"
-        if x0 < a or x0 >= d:  # unmasked
+        if unmasked:
             assert all(seg(i) != seg(j) for i in own_slots for j in others if j < n), ("unmasked same segment", x0)
             if case["side"] == "queries":
                 assert x1 <= n and all(allowed(i, j) for i in own_slots for j in others), ("needs a mask", x0)

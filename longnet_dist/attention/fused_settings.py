@@ -1,5 +1,6 @@
 """Launch settings of the fused kernels (fused.py): block shapes per kernel, how the backward computes
-dQ, small causal launches, and whether rows arrive through TMA descriptors. The defaults are what the
+dQ, small causal launches, whether rows arrive through TMA descriptors, a second chain of branches, and
+whether nested branches share keys. The defaults are what the
 last GPU sweep measured; `load_tuning` (or LONGNET_KERNEL_TUNING at import) installs a newer sweep's
 choices, the kernel_tuning.json that `benchmarks/gpu_attention.py --tune` writes. fused.py reads these
 names at every launch, so setting them (`fused_settings.DQ_MODE = "kernel"`) takes effect at once.

@@ -63,10 +63,11 @@ def _slot_rows(base, row0, r, stride_n, n_slots, BLOCK: tl.constexpr, D: tl.cons
 
 
 @triton.jit
-def _past_gap(step, gap_at, gap, CHILD: tl.constexpr):
-    """A loop over [lo, hi) that skips the `gap` slots from `gap_at` on (a nested branch's skipped blocks,
-    triton_nesting._regions) steps through [lo, hi - gap): its block start."""
-    if CHILD:
+def _past_gap(step, gap_at, gap, GAP: tl.constexpr):
+    """A loop over [lo, hi) that skips the `gap` slots from `gap_at` on (a nested branch's skipped blocks when
+    not causal, triton_nesting._regions) steps through [lo, hi - gap): its block start. Only GAP kernels select
+    (a select on the loop counter costs the software pipeline some 40 registers)."""
+    if GAP:
         return tl.where(step < gap_at, step, step + gap)
     else:
         return step
@@ -81,7 +82,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, 
     CHILD, NESTED: shared keys (triton_nesting.py; flags_m, c_j, m_j, inv from _nest_flags / _nest_phases)."""
     offs_d = tl.arange(0, D)
     for step in range(lo, hi - gap, BLOCK_N):
-        start = _past_gap(step, gap_at, gap, CHILD)
+        start = _past_gap(step, gap_at, gap, CHILD and not CAUSAL)
         offs_n = start + tl.arange(0, BLOCK_N)
         pos_n = (row0 + offs_n * r).to(tl.int64)
         n_ok = offs_n < n_slots
@@ -136,10 +137,10 @@ def _fwd(Q, K, V, KEEP, NEST, OA, LA,
     if pid_m * BLOCK_M >= n_slots:
         return
     full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
-    a, b_end, c, d = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r, parent_w,
-                              0, hi, full, hi, CHILD, BLOCK_N)  # d = hi: the masked part runs to the end
+    a, m0, m1, gap_at, gap, d = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r,
+                                         parent_w, 0, hi, full, hi, CAUSAL, False, CHILD, BLOCK_N)  # d = hi
     if CHILD and not FIRST:
-        if a + (b_end - a) + (d - c) == 0:  # every key lies in these queries' parent segment: nothing to merge
+        if a + (m1 - m0 - gap) == 0:  # every key lies in these queries' parent segment: nothing to merge
             return
     offs_m, m_ok, pos_m = _block_rows(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots)
     flags_m, c_j, m_j, inv = _nest_setup(NEST, head0 + hh, row0, r, pid_m * BLOCK_M, BLOCK_M, NESTED)
@@ -156,12 +157,12 @@ def _fwd(Q, K, V, KEEP, NEST, OA, LA,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # keys [0, a) unmasked, [a, b_end) and [c, d) masked (_regions): the masked ones in one loop over the gap
+    # keys [0, a) unmasked, [m0, m1) masked less the gap (_regions)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0, a,
                                a, 0, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, False, HAS_KEEP,
                                CHILD, NESTED, BLOCK_N, D, PRECISION, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, a, d,
-                               b_end, c - b_end, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, m0,
+                               m1, gap_at, gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True,
                                HAS_KEEP, CHILD, NESTED, BLOCK_N, D, PRECISION, TMA)
     # this branch: o_i = acc / l, lse_i = ln(sum exp) (-inf and o_i = 0 where no key was left)
     has_key = l_i > 0.0
@@ -189,7 +190,7 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, strid
                 D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, D)
     for step in range(lo, hi - gap, BLOCK_M):
-        start = _past_gap(step, gap_at, gap, CHILD)
+        start = _past_gap(step, gap_at, gap, CHILD and not CAUSAL)
         offs_m, m_ok, pos_m = _block_rows(start, BLOCK_M, row0, r, n_slots)
         if TMA:  # q_src, do_src: descriptors (_slot_rows)
             q, do = q_src.load([start, 0]), do_src.load([start, 0])
@@ -240,11 +241,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA,
         m_lo = lo
     else:  # no query needs the causal mask
         lo, m_lo, diag = 0, n_slots, n_slots
-    # queries [lo, a) unmasked, [a, b_end) and [c, d) masked, [d, n_slots) unmasked (_regions)
-    a, b_end, c, d = _regions(pid_n * BLOCK_N, tl.minimum((pid_n + 1) * BLOCK_N, n_slots) - 1, row0, r, parent_w, lo,
-                              n_slots, m_lo, diag, CHILD, BLOCK_M)
+    # queries [lo, a) unmasked, [m0, m1) masked less the gap, [d, n_slots) unmasked (_regions)
+    a, m0, m1, gap_at, gap, d = _regions(pid_n * BLOCK_N, tl.minimum((pid_n + 1) * BLOCK_N, n_slots) - 1, row0, r,
+                                         parent_w, lo, n_slots, m_lo, diag, CAUSAL, True, CHILD, BLOCK_M)
     if CHILD and not FIRST:
-        if (a - lo) + (b_end - a) + (d - c) + (n_slots - d) == 0:  # no query outside these keys' parent segment
+        if (a - lo) + (m1 - m0 - gap) + (n_slots - d) == 0:  # no query outside these keys' parent segment
             return
     offs_n, n_ok, pos_n = _block_rows(pid_n * BLOCK_N, BLOCK_N, row0, r, n_slots)
     flags_n, c_j, m_j, inv = _nest_setup(NEST, head0 + hh, row0, r, pid_n * BLOCK_N, BLOCK_N, NESTED)
@@ -269,16 +270,16 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA,
         keep = keep & (tl.load(KEEP + b64 * stride_keep + pos_n, mask=n_ok, other=0) != 0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    # queries [lo, a) unmasked, [a, b_end) and [c, d) masked in one loop over the gap, [d, n_slots) unmasked.
+    # queries [lo, a) unmasked, [m0, m1) masked less the gap, [d, n_slots) unmasked (_regions).
     # Without sharing: causal, [lo, diag) masked then [diag, n_slots) unmasked; else [0, n_slots) unmasked
-    if CHILD or not CAUSAL:
+    if not CAUSAL:  # (causal: a = lo)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
                              stride_ln, stride_gn, row0, r, offs_n, keep, lo, a, a, 0, n_slots, scale2,
                              scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP, CHILD,
                              NESTED, BLOCK_M, D, PRECISION, TMA)
     if CHILD or CAUSAL:
         dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
-                             stride_ln, stride_gn, row0, r, offs_n, keep, a, d, b_end, c - b_end, n_slots, scale2,
+                             stride_ln, stride_gn, row0, r, offs_n, keep, m0, m1, gap_at, gap, n_slots, scale2,
                              scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, True, FUSE_DQ, HAS_KEEP, CHILD,
                              NESTED, BLOCK_M, D, PRECISION, TMA)
     if CHILD or CAUSAL:
@@ -304,7 +305,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride
               D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     offs_d = tl.arange(0, D)
     for step in range(lo, hi - gap, BLOCK_N):
-        start = _past_gap(step, gap_at, gap, CHILD)
+        start = _past_gap(step, gap_at, gap, CHILD and not CAUSAL)
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_slots
         pos_n = (row0 + offs_n * r).to(tl.int64)
@@ -349,10 +350,10 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA,
     if pid_m * BLOCK_M >= n_slots:
         return
     full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
-    a, b_end, c, d = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r, parent_w,
-                              0, hi, full, hi, CHILD, BLOCK_N)  # as in _fwd
+    a, m0, m1, gap_at, gap, d = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r,
+                                         parent_w, 0, hi, full, hi, CAUSAL, False, CHILD, BLOCK_N)  # as in _fwd
     if CHILD and not FIRST:
-        if a + (b_end - a) + (d - c) == 0:
+        if a + (m1 - m0 - gap) == 0:
             return
     offs_m, m_ok, pos_m = _block_rows(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots)
     flags_m, c_j, m_j, inv = _nest_setup(NEST, head0 + hh, row0, r, pid_m * BLOCK_M, BLOCK_M, NESTED)
@@ -374,8 +375,8 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA,
     dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0, a, a, 0,
                    n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, False, HAS_KEEP, CHILD, NESTED,
                    BLOCK_N, D, PRECISION, TMA)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, a, d, b_end,
-                   c - b_end, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True, HAS_KEEP, CHILD,
+    dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, m0, m1,
+                   gap_at, gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True, HAS_KEEP, CHILD,
                    NESTED, BLOCK_N, D, PRECISION, TMA)
     g_ptrs = DQA + b64 * stride_gb + hh * stride_gh + pos_m[:, None] * stride_gn + offs_d[None, :]
     dq = dq * scale

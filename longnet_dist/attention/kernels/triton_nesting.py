@@ -69,12 +69,16 @@ def _apart(seg_a, row0, slots_b, r, parent_w):
 
 
 @triton.jit
-def _regions(first, last, row0, r, parent_w, lo, hi, m_lo, m_hi, CHILD: tl.constexpr, BLOCK: tl.constexpr):
-    """How a program whose own block holds slots first..last loops over the other side's slots [lo, hi) in BLOCK
-    steps, when [m_lo, m_hi) needs the kernel's own mask (causal diagonal, last partial block):
-    (a, b, c, d): unmasked [lo, a), masked [a, b) and [c, d), unmasked [d, hi); [b, c) skipped.
+def _regions(first, last, row0, r, parent_w, lo, hi, m_lo, m_hi, CAUSAL: tl.constexpr, OWN_KEYS: tl.constexpr,
+             CHILD: tl.constexpr, BLOCK: tl.constexpr):
+    """How a program whose own block holds slots first..last (queries; OWN_KEYS: keys) loops over the other side's
+    slots [lo, hi) in BLOCK steps, when [m_lo, m_hi) needs the kernel's own mask (causal diagonal, last partial
+    block): (a, m0, m1, gap_at, gap, d): unmasked [lo, a), masked [m0, m1) less the `gap` slots from gap_at on,
+    unmasked [d, hi); the rest skipped.
     A nested branch (CHILD) masks, too, the slots [near_lo, near_hi) of the parent segments its block touches,
-    and skips the whole blocks of them when its block lies in one parent segment."""
+    and skips the whole blocks of them when its block lies in one parent segment. Causal, those lie at one end
+    of the masked stretch (queries: every key from the block's parent segment on is skipped; keys: every query
+    before the end of it is skipped or causally masked), so the loop needs no gap; otherwise they may lie inside."""
     if CHILD:
         seg_first = (row0 + first * r) // parent_w
         seg_last = (row0 + last * r) // parent_w
@@ -85,8 +89,16 @@ def _regions(first, last, row0, r, parent_w, lo, hi, m_lo, m_hi, CHILD: tl.const
         skip_lo = (near_lo + BLOCK - 1) // BLOCK * BLOCK
         skip_hi = tl.where(near_hi >= hi, hi, near_hi // BLOCK * BLOCK)
         whole = (seg_first == seg_last) & (skip_lo < skip_hi)
-        b = tl.where(whole, tl.minimum(tl.maximum(skip_lo, a), d), d)
+        b = tl.where(whole, tl.minimum(tl.maximum(skip_lo, a), d), d)  # skipped: [b, c)
         c = tl.where(whole, tl.minimum(tl.maximum(skip_hi, b), d), d)
+        if CAUSAL:
+            if OWN_KEYS:  # the queries in [a, c) are in the keys' parent segment or before them
+                m0, m1 = tl.where(whole, c, a), d
+            else:  # c = d = hi: the keys from b on are in the queries' parent segment
+                m0, m1 = a, b
+            gap_at, gap = m1, 0
+        else:
+            m0, m1, gap_at, gap = a, d, b, c - b
     else:
-        a, b, c, d = m_lo, m_hi, m_hi, m_hi
-    return a, b, c, d
+        a, m0, m1, gap_at, gap, d = m_lo, m_lo, m_hi, m_hi, 0, m_hi
+    return a, m0, m1, gap_at, gap, d
