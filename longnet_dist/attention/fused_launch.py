@@ -73,8 +73,12 @@ def _check_first(first: bool, r: int) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _nest_table(nested: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
-    """The kernels' NEST argument: int32 w_0, r_0, w_1, r_1, ... of the branches nested in a branch."""
-    return torch.tensor([x for pair in nested for x in pair], dtype=torch.int32, device=device)
+    """The kernels' NEST argument: int32 w_0, r_0, w_1, r_1, ... of the branches nested in a branch. Made once;
+    the copy completes before any stream (a dQ side stream too) can launch a kernel that reads it."""
+    table = torch.tensor([x for pair in nested for x in pair], dtype=torch.int32, device=device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return table
 
 
 def _nest_args(fold: KernelFold | None, device: torch.device, dummy: Tensor) -> tuple[Tensor, int, dict]:
