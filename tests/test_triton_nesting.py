@@ -29,6 +29,9 @@ import triton.language as tl  # noqa: E402
 from longnet_dist.attention.kernels.triton_nesting import _regions  # noqa: E402
 
 PAPER = [(2048, 1), (4096, 2), (8192, 4), (16384, 6), (32768, 12)]
+# logic checks that a GPU would only spend compile time on (each example compiles new kernel variants; a lease's
+# test stage is time-limited): tests/test_cuda_attention.py checks shared keys on a GPU
+INTERPRETER_ONLY = pytest.mark.skipif(DEVICE == "cuda", reason="kernel logic: checked through the interpreter")
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +98,7 @@ def region_cases(draw):
                 side=draw(st.sampled_from(["queries", "keys"])), causal=draw(st.booleans()))
 
 
+@INTERPRETER_ONLY
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(region_cases())
@@ -172,7 +176,8 @@ def nested_kernel_configs(draw):
                 pad=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2**16)))
 
 
-@settings(max_examples=8 if DEVICE == "cpu" else 3, deadline=None,  # on CUDA each example compiles ~10 kernels
+@INTERPRETER_ONLY
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(nested_kernel_configs())
 def test_shared_keys_in_the_kernels_match_the_reference_and_every_branch_alone(cfg):
