@@ -15,11 +15,11 @@ Per kernel and shape: registers per thread, the stack frame (where spilled regis
 spills), shared memory, and from the Triton GPU IR whether the row loads are asynchronous copies into
 shared memory (cp.async / TMA, pipelined over `num_stages`) and whether the products are Hopper warp-group
 MMAs (wgmma). "+parent" and "+child" are the same kernels sharing keys (fused_settings.SHARE_KEYS): scoring
-pairs for three nested branches, or nested in a branch of 4096 positions. The two row-wise kernels (the backward's prep, the join of two chains) are compiled too,
-registers and spills only. Run it under the Triton a GPU lease has (PYTHONPATH to a `pip install
---target` of that version) to know that every kernel compiles there before the lease starts. Needs a
-Triton with its NVIDIA backend and TRITON_INTERPRET unset; no GPU. Writes
-benchmarks/results/kernel_resources.json.
+pairs for three nested branches, or nested in a branch of 4096 positions. The two row-wise kernels (the
+backward's prep, the join of two chains) are compiled too, registers and spills only. Run it under the
+Triton a GPU lease has (PYTHONPATH to a `pip install --target` of that version) to know that every kernel
+compiles there before the lease starts. Needs a Triton with its NVIDIA backend and TRITON_INTERPRET unset;
+no GPU. Writes benchmarks/results/kernel_resources.json.
 """
 from __future__ import annotations
 
@@ -52,23 +52,24 @@ from longnet_dist.attention.nesting import KernelFold  # noqa: E402
 
 SHAPE = dict(batch=1, seq_len=262144, heads=12, head_dim=64, w=8192, r=4)
 # kernel -> (the Triton function, the fused_settings.DQ_MODE whose backward launches it, constexprs forced on the
-# launch: on meta tensors fused sees no CUDA device, so it would pick atomic dQ for "tma" and pointer loads)
+# launch: on meta tensors fused sees no CUDA device, so it would pick atomic dQ for "tma" and pointer loads,
+# the nesting.KernelFold it launches with: None, sharing no keys)
 KERNELS = {
-    "fwd": ("_fwd", None, {}),
-    "dkdv": ("_bwd_dkdv", "kernel", {}),
-    "dkdv+atomic dq": ("_bwd_dkdv", "atomic", {"FUSE_DQ": 1}),
-    "dkdv+tma dq": ("_bwd_dkdv", "tma", {"FUSE_DQ": 2}),
-    "dq": ("_bwd_dq", "kernel", {}),
-    "fwd+tma loads": ("_fwd", None, {"TMA": True}),  # fused_settings.TMA_LOADS
-    "dkdv+tma loads": ("_bwd_dkdv", "kernel", {"TMA": True}),
-    "dkdv+tma loads+tma dq": ("_bwd_dkdv", "tma", {"TMA": True, "FUSE_DQ": 2}),
-    "dq+tma loads": ("_bwd_dq", "kernel", {"TMA": True}),
+    "fwd": ("_fwd", None, {}, None),
+    "dkdv": ("_bwd_dkdv", "kernel", {}, None),
+    "dkdv+atomic dq": ("_bwd_dkdv", "atomic", {"FUSE_DQ": 1}, None),
+    "dkdv+tma dq": ("_bwd_dkdv", "tma", {"FUSE_DQ": 2}, None),
+    "dq": ("_bwd_dq", "kernel", {}, None),
+    "fwd+tma loads": ("_fwd", None, {"TMA": True}, None),  # fused_settings.TMA_LOADS
+    "dkdv+tma loads": ("_bwd_dkdv", "kernel", {"TMA": True}, None),
+    "dkdv+tma loads+tma dq": ("_bwd_dkdv", "tma", {"TMA": True, "FUSE_DQ": 2}, None),
+    "dq+tma loads": ("_bwd_dq", "kernel", {"TMA": True}, None),
 }
 # fused_settings.SHARE_KEYS: the branch as a parent scoring pairs for three nested branches (the paper's (4096, 2)
 # has three), and as a branch nested in one of 4096 positions
 PARENT, CHILD = KernelFold(None, ((16384, 8), (32768, 12), (32768, 16))), KernelFold(4096)
-KERNELS.update({f"{name}+{role}": (fn, mode, {}, fold) for role, fold in (("parent", PARENT), ("child", CHILD))
-                for name, (fn, mode, _) in (("fwd", KERNELS["fwd"]), ("dkdv", KERNELS["dkdv"]), ("dq", KERNELS["dq"]))})
+KERNELS.update({f"{name}+{role}": (*KERNELS[name][:2], {}, fold)
+                for role, fold in (("parent", PARENT), ("child", CHILD)) for name in ("fwd", "dkdv", "dq")})
 
 
 class Recorder:
@@ -83,7 +84,8 @@ class Recorder:
 
 @contextlib.contextmanager
 def recording(names=("_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_prep")):
-    """Swap the kernels `names` in `kern` for Recorders (fused launches them through the module)."""
+    """Swap the kernels `names` for Recorders in their modules, `kern` or `triton_rows` (fused_launch launches
+    them through the modules)."""
     module = {name: triton_rows if name in ("_bwd_prep", "_merge_chains") else kern for name in names}
     saved = {name: getattr(module[name], name) for name in names}
     recorders = {name: Recorder(fn) for name, fn in saved.items()}
@@ -98,8 +100,7 @@ def recording(names=("_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_prep")):
 
 def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     """(Triton function, positional arguments, meta arguments) of `kernel`'s launch with `blocks`."""
-    fn_name, mode, forced, *fold = KERNELS[kernel]
-    fold = fold[0] if fold else None
+    fn_name, mode, forced, fold = KERNELS[kernel]
     B, N, H, D, w, r = (SHAPE[key] for key in ("batch", "seq_len", "heads", "head_dim", "w", "r"))
     meta_tensor = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
     q, k, v, grad_out = (meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(4))

@@ -71,29 +71,27 @@ def nests_in_kernel(a: tuple[int, int], d: tuple[int, int]) -> bool:
     return wd % wa == 0 and rd % ra == 0 and wa % ra == 0
 
 
+def _ancestors(parent, i: int):
+    """The branches above branch i, nearest first (`parent[i]`: the index of i's parent, or None)."""
+    while parent[i] is not None:
+        i = parent[i]
+        yield i
+
+
 def parents(pairs: Sequence[tuple[int, int]], nests=_nests) -> list[int | None]:
     """Index of the branch each branch nests in (None: a root), `pairs` their effective (w, r): the longest it
     `nests` in (ties: larger r) whose own ancestors it nests in too."""
     parent: dict[int, int | None] = {}  # filled shortest branch first: a parent comes before its children
-
-    def ancestors(i: int):
-        while parent.get(i) is not None:
-            i = parent[i]
-            yield i
-
     for d in sorted(range(len(pairs)), key=lambda i: pairs[i]):
-        fits = [a for a in parent if nests(pairs[a], pairs[d]) and all(nests(pairs[x], pairs[d]) for x in ancestors(a))]
+        fits = [a for a in parent
+                if nests(pairs[a], pairs[d]) and all(nests(pairs[x], pairs[d]) for x in _ancestors(parent, a))]
         parent[d] = max(fits, key=lambda a: pairs[a], default=None)
     return [parent[i] for i in range(len(pairs))]
 
 
 def descendants(parent: Sequence[int | None], i: int) -> list[int]:
     """The branches nested in branch i, directly or through others."""
-    def above(d: int):
-        while parent[d] is not None:
-            d = parent[d]
-            yield d
-    return [d for d in range(len(parent)) if i in above(d)]
+    return [d for d in range(len(parent)) if i in _ancestors(parent, d)]
 
 
 def plan(pairs: Sequence[tuple[int, int]]) -> list[Fold]:

@@ -63,6 +63,18 @@ def _slot_rows(base, row0, r, stride_n, n_slots, BLOCK: tl.constexpr, D: tl.cons
 
 
 @triton.jit
+def _key_stretches(pid_m, n_slots, row0, r, parent_w, CAUSAL: tl.constexpr, CHILD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """How query block pid_m (_fwd, _bwd_dq) loops over its key slots: (a, m0, m1, gap_at, gap), keys [0, a)
+    unmasked, [m0, m1) masked less the `gap` slots from gap_at on (triton_nesting._regions; its unmasked tail
+    is empty here, the masked stretch reaching the last key)."""
+    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
+    a, m0, m1, gap_at, gap, _ = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r,
+                                         parent_w, 0, hi, full, hi, CAUSAL, False, CHILD, BLOCK_N)
+    return a, m0, m1, gap_at, gap
+
+
+@triton.jit
 def _past_gap(step, gap_at, gap, GAP: tl.constexpr):
     """A loop over [lo, hi) that skips the `gap` slots from `gap_at` on (a nested branch's skipped blocks when
     not causal, triton_nesting._regions) steps through [lo, hi - gap): its block start. Only GAP kernels select
@@ -136,9 +148,7 @@ def _fwd(Q, K, V, KEEP, NEST, OA, LA,
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if pid_m * BLOCK_M >= n_slots:
         return
-    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
-    a, m0, m1, gap_at, gap, d = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r,
-                                         parent_w, 0, hi, full, hi, CAUSAL, False, CHILD, BLOCK_N)  # d = hi
+    a, m0, m1, gap_at, gap = _key_stretches(pid_m, n_slots, row0, r, parent_w, CAUSAL, CHILD, BLOCK_M, BLOCK_N)
     if CHILD and not FIRST:
         if a + (m1 - m0 - gap) == 0:  # every key lies in these queries' parent segment: nothing to merge
             return
@@ -349,9 +359,7 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA,
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if pid_m * BLOCK_M >= n_slots:
         return
-    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
-    a, m0, m1, gap_at, gap, d = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r,
-                                         parent_w, 0, hi, full, hi, CAUSAL, False, CHILD, BLOCK_N)  # as in _fwd
+    a, m0, m1, gap_at, gap = _key_stretches(pid_m, n_slots, row0, r, parent_w, CAUSAL, CHILD, BLOCK_M, BLOCK_N)
     if CHILD and not FIRST:
         if a + (m1 - m0 - gap) == 0:
             return
