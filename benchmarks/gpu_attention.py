@@ -16,12 +16,12 @@ forward+backward, inputs and the incoming gradient included, divided by N.
 It first checks every way of computing dQ (fused_settings.DQ_MODES: a kernel of its own, the same on a second
 CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
 N = 64K and keeps the fastest correct one. `--tune` then times nested branches sharing keys off and on at
-256K (fused_settings.SHARE_KEYS; it has not run on a GPU yet), sweeps a few block shapes per kernel at
-N = 256K and keeps the fastest (recorded in the JSON), and at N = 32K whether causal dK/dV launches of few
-programs take smaller blocks (fused_settings.SMALL_LAUNCH_WAVES) and how many branches run as a second
-chain on side streams (fused_settings.SIDE_BRANCHES); after the points (it has not run on a
-GPU yet), which kernels read rows through TMA descriptors (fused_settings.TMA_LOADS, 256K), and if any
-does, the dilated points again. Writes benchmarks/results/gpu_attention.json and .png (the JSON after
+256K (fused_settings.SHARE_KEYS), at N = 32K whether causal dK/dV launches of few programs take smaller
+blocks (fused_settings.SMALL_LAUNCH_WAVES) and how many branches run as a second chain on side streams
+(fused_settings.SIDE_BRANCHES; neither has been timed on a GPU yet), then sweeps a few block shapes per
+kernel at N = 256K and keeps the fastest (recorded in the JSON); after the points, which kernels read
+rows through TMA descriptors (fused_settings.TMA_LOADS, 256K; dK/dV and dQ not timed yet), and if that
+changes anything, the dilated points again. Writes benchmarks/results/gpu_attention.json and .png (the JSON after
 every point), and kernel_tuning.json: the settings in use, which a later process installs with
 LONGNET_KERNEL_TUNING=path (fused_settings.load_tuning; scripts/gpu_check.sh's training stage).
 """
@@ -229,16 +229,15 @@ def main() -> None:
     gpu_kernels.DEADLINE = STARTED + args.tune_budget
     payload["dq_variants"] = choose_dq_variant([m for m in fused_settings.DQ_MODES if m not in UNTRIED_DQ_MODES])
     write_tuning(args.results)
-    if args.tune:  # most valuable first (shared keys: 22% fewer pairs, never timed); each choice is handed on
-        share_keys = tune_share_keys()
+    if args.tune:  # never timed first (the block shapes were tuned on an H200 and an H100); each choice handed on
+        tuning = {"share_keys": tune_share_keys()}
+        write_tuning(args.results)
+        tuning["small_launches"] = tune_small_launches()
+        write_tuning(args.results)
+        tuning["side_branches"] = tune_side_branches()
         write_tuning(args.results)
         payload["tuning"] = tune([mode for mode, report in payload["dq_variants"].items()
-                                  if isinstance(report, dict) and report.get("correct")])
-        payload["tuning"]["share_keys"] = share_keys
-        write_tuning(args.results)
-        payload["tuning"]["small_launches"] = tune_small_launches()
-        write_tuning(args.results)
-        payload["tuning"]["side_branches"] = tune_side_branches()
+                                  if isinstance(report, dict) and report.get("correct")]) | tuning
         write_tuning(args.results)
         payload["tuning"]["seconds"] = time.time() - STARTED
 

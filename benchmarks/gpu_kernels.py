@@ -167,7 +167,7 @@ def tune(correct_modes: list[str], n: int | None = None) -> dict:
 
 def tune_tma_loads(n: int | None = None) -> dict:
     """fused_settings.TMA_LOADS, one kernel at a time with the blocks and dQ mode chosen so far (N = n, causal):
-    the forward by its time, then dK/dV and dQ (if a dQ kernel runs) by fwd+bwd time. Each is checked
+    dK/dV and dQ (if a dQ kernel runs) by fwd+bwd time, then the forward by its time. Each is checked
     against pointer loads first (bf16: 2e-2 relative allowed; they should agree but for summation order) and
     kept only if faster."""
     from longnet_dist.attention import fused_settings
@@ -180,7 +180,7 @@ def tune_tma_loads(n: int | None = None) -> dict:
 
     fused_settings.TMA_LOADS = frozenset()
     reference = [x.float() for x in fwd_bwd()]
-    kernels = [kernel for kernel in fused_settings.TMA_KERNELS
+    kernels = [kernel for kernel in sorted(fused_settings.TMA_KERNELS, key=lambda k: k == "fwd")  # an H100 timed fwd
                if kernel != "dq" or fused_settings.DQ_MODE in ("kernel", "stream")]
     report = {}
     for kernel in kernels:

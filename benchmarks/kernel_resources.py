@@ -135,7 +135,8 @@ def compile_launch(fn, args: tuple, meta: dict, arch: int):
         if param.is_constexpr:
             signature[param.name], constexprs[param.name] = "constexpr", value
             continue
-        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        kind, key = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                           not param.do_not_specialize_on_alignment)
         if kind == "constexpr":  # an integer equal to 1
             signature[param.name], constexprs[param.name] = "constexpr", key
         else:

@@ -24,7 +24,7 @@ skipped.
     python3 benchmarks/train.py --device cuda --quick             # one GPU, ~3 minutes
     python3 benchmarks/train.py --device cuda --budget 1800       # one GPU: 32K .. 4M, dense to 256K
 
-Writes benchmarks/results/train{_tag}.json and .png (CUDA default tag: cuda_<gpu>[_quick]) and prints a table.
+Writes benchmarks/results/train{_tag}.json and .png (CUDA: train_cuda_<gpu>[_quick][_tag]) and prints a table.
 """
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ def cuda_sweep(args) -> None:
     if peak is None:
         sys.exit(f"no peak FLOP/s known for {gpu!r} (known: {list(PEAK_FLOPS_BY_GPU)}); pass --peak-flops")
     slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "_")
-    name = f"train_{args.tag}" if args.tag else f"train_cuda_{slug}{'_quick' if args.quick else ''}"
+    name = f"train_cuda_{slug}{'_quick' if args.quick else ''}{'_' + args.tag if args.tag else ''}"
     budget = args.budget or (180.0 if args.quick else 3600.0)
     deadline = time.perf_counter() + budget
     payload = {"benchmark": f"trainer throughput, model=base attention=paper, bf16, ZeRO {args.zero_stage}, batch 1, "

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 from subprocess_env import REPO, repo_first_on_pythonpath
 
@@ -42,6 +45,37 @@ def test_a_malformed_shard_is_one_clear_error():
     result = collected("4/4")
     assert result.returncode != 0
     assert "LONGNET_TEST_SHARD='4/4' must be 'i/n' with 0 <= i < n" in result.stdout + result.stderr
+
+
+FAKE_TESTS = {  # the three files scripts/gpu_test_shards.sh runs, as stand-ins: four pass, one fails
+    "test_cuda_attention.py": "def test_a():\n    pass\n\ndef test_b():\n    pass\n",
+    "test_triton_kernels.py": "def test_c():\n    pass\n\ndef test_d():\n    assert 1 == 2\n",
+    "test_triton_nesting.py": "def test_e():\n    pass\n",
+}
+
+
+@pytest.mark.parametrize("mode", ["shards", "xdist"])
+def test_the_gpu_test_runner_reports_every_test_and_fails_on_a_failure(mode, tmp_path):
+    """scripts/gpu_test_shards.sh in both modes, on stand-in test files beside the project's conftest (its
+    LONGNET_TEST_SHARD split): every test's line on the console as it finishes, the failure's log, rc 1, and
+    the logs kept in GPU_TEST_LOGS."""
+    if mode == "xdist":
+        pytest.importorskip("xdist")  # a dev dependency (pyproject.toml); GPU images have it too
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    for name, text in FAKE_TESTS.items():
+        (tmp_path / "tests" / name).write_text(text)
+    env = {**os.environ, "GPU_TEST_MODE": mode, "GPU_TEST_LOGS": str(tmp_path / "logs")}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_test_shards.sh"), "2"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    for name, test in (("cuda_attention", "a"), ("cuda_attention", "b"), ("triton_kernels", "c"),
+                       ("triton_nesting", "e")):
+        assert re.search(f"(tests/test_{name}.py::test_{test} PASSED|PASSED tests/test_{name}.py::test_{test})", out), out
+    assert re.search("(tests/test_triton_kernels.py::test_d FAILED|FAILED tests/test_triton_kernels.py::test_d)", out), out
+    assert "assert 1 == 2" in out, out  # the failure's detail reaches the console
+    assert any(path.stat().st_size for path in (tmp_path / "logs").iterdir())
 
 
 def test_kernel_names_fall_into_their_categories():

@@ -56,10 +56,11 @@ CASES = {
                                                    dtype=torch.float64),
     # the fused Triton kernels for the local branches (Triton's interpreter on CPU), aten's beside them
     "sp4_causal_mask_fp32_triton": dict(FIVE_BRANCHES, head_dim=16, causal=True, mask=True, dtype=torch.float32,
-                                        backend="triton"),
+                                        backend="triton", share_keys=False),
     "dp2sp2_noncausal_mask_fp32_triton": dict(PAIR_BRANCHES, head_dim=16, causal=False, mask=True,
                                               dtype=torch.float32, backend="triton"),
-    # and with shared keys among the local branches: (16, 2) nests in (8, 1) (fused_settings.SHARE_KEYS)
+    # and with shared keys among the local branches (fused_settings.SHARE_KEYS, the default; off in the case
+    # above): (16, 2) nests in (8, 1)
     "sp4_causal_mask_fp32_triton_shared": dict(FIVE_BRANCHES, head_dim=16, causal=True, mask=True,
                                                dtype=torch.float32, backend="triton", share_keys=True),
     "doubling_N64_P2": dict(DOUBLING, sp=2),
@@ -90,11 +91,9 @@ def _run_case(case: dict, mesh) -> dict:
     q, k, v, mask, grad = case_inputs(case, mesh.dp_rank)
     rows = slice(mesh.sp_rank * case["local_len"], (mesh.sp_rank + 1) * case["local_len"])
     local = [x[:, rows].clone().requires_grad_() for x in (q, k, v)]
-    share = case.get("share_keys", False)
-    if share:
-        from longnet_dist.attention import fused_settings
-        assert not fused_settings.SHARE_KEYS
-        fused_settings.SHARE_KEYS = True
+    from longnet_dist.attention import fused_settings
+
+    default, fused_settings.SHARE_KEYS = fused_settings.SHARE_KEYS, case.get("share_keys", fused_settings.SHARE_KEYS)
     try:
         comm_stats().reset()
         out = dilated_attention(*local, case["segs"], case["rates"], causal=case["causal"],
@@ -105,8 +104,7 @@ def _run_case(case: dict, mesh) -> dict:
         out.backward(grad[:, rows])
         backward = _stats_by_tag(comm_stats().snapshot())
     finally:
-        if share:
-            fused_settings.SHARE_KEYS = False
+        fused_settings.SHARE_KEYS = default
     return dict(out=out.detach(), grads=[x.grad for x in local], forward=forward, backward=backward,
                 sp_rank=mesh.sp_rank, dp_rank=mesh.dp_rank)
 

@@ -66,7 +66,8 @@ DQ_MODE = "stream"
 #   listed:     one TMA descriptor per (segment, head) over its slots (row stride r rows), tiles fetched by
 #               the tensor-memory accelerator, which also zero-fills slots past the end (compute capability
 #               >= 9 and every row 16-byte aligned; elsewhere pointer loads). The same numbers either way.
-# Written after the H200 lease, so empty until a GPU measures it (`gpu_attention.py --tune` times each).
+# On an H100 (stop 19, gpu_attention_h100.log, 256K, shared keys): the forward 6.32 ms with TMA loads against
+# 6.81 with pointer loads, so "fwd" is the default; dK/dV and dQ were not timed yet (`gpu_attention.py --tune`).
 TMA_KERNELS = ("fwd", "dkdv", "dq")
 # Branches run as a second chain beside the first: the SIDE_BRANCHES branches with the largest r (launches of
 # the fewest programs, e.g. (32768, 12) at N = 32K: 12 heads x 22 programs, under two per multiprocessor,
@@ -78,10 +79,10 @@ TMA_KERNELS = ("fwd", "dkdv", "dq")
 SIDE_BRANCHES = 0
 # Nested branches share keys (attention/nesting.py, kernel_plan): a branch nested in a shorter one skips the keys
 # in its queries' own parent segment, which the parent scores for it with weight 1 + c. Exact; the paper's
-# branches score 22% fewer pairs, and the parent pays a 16-wide flag dot and a multiply per pair. Written
-# after the H200 lease, so off until a GPU measures it (`gpu_attention.py --tune` times it on and off).
-SHARE_KEYS = False
-TMA_LOADS: frozenset[str] = frozenset()
+# branches score 22% fewer pairs, and the parent pays a 16-wide flag dot and a multiply per pair. On an H100
+# (stop 19, 256K, fwd+bwd) 25.70 ms on against 26.09 off: on by default (`gpu_attention.py --tune` times both).
+SHARE_KEYS = os.environ.get("LONGNET_SHARE_KEYS", "1") != "0"  # the CPU path's switch too (dilated.SHARE_KEYS)
+TMA_LOADS: frozenset[str] = frozenset({"fwd"})
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
 

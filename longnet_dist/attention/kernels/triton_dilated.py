@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .triton_nesting import _apart, _nest_factor, _nest_flags, _nest_setup, _regions
-from .triton_slots import _block_rows, _key_range, _program_block
+from .triton_slots import _block_rows, _key_range, _program_block, placement
 from .triton_rows import _mix
 
 LOG2E = 1.4426950408889634
@@ -136,7 +136,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, 
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=placement("num_m_blocks"))
 def _fwd(Q, K, V, KEEP, NEST, OA, LA,
          stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
          stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_lh, stride_keep,
@@ -232,7 +232,7 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, strid
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=placement("num_n_blocks"))
 def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA,
               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
               stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
@@ -346,7 +346,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=placement("num_m_blocks"))
 def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA,
             stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
             stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,

@@ -9,6 +9,13 @@ import triton
 import triton.language as tl
 
 
+def placement(count: str) -> list[str]:
+    """The kernels' integers that only place a program (its segment, head and slot block, once per program):
+    left unspecialised (`do_not_specialize`). Triton's JIT would otherwise compile a variant per class of value
+    (divisible by 16, equal to 1), so per head group start and size; one serves them all."""
+    return ["head0", "heads", count]
+
+
 @triton.jit
 def _slots(N, w, r, seg, h):
     """(position of slot 0, number of slots) of head h in segment `seg` (Eq. 13-15)."""
