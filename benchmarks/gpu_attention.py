@@ -21,8 +21,8 @@ blocks (fused_settings.SMALL_LAUNCH_WAVES) and how many branches run as a second
 (fused_settings.SIDE_BRANCHES; neither has been timed on a GPU yet), then sweeps a few block shapes per
 kernel at N = 256K and keeps the fastest (recorded in the JSON); after the points, which kernels read
 rows through TMA descriptors (fused_settings.TMA_LOADS, 256K; dK/dV and dQ not timed yet), and if that
-changes anything, the dilated points again. Writes benchmarks/results/gpu_attention.json and .png (the JSON after
-every point), and kernel_tuning.json: the settings in use, which a later process installs with
+changes anything, the dilated points again. Writes benchmarks/results/gpu_attention.json and .png (the
+JSON after every point), and kernel_tuning.json: the settings in use, which a later process installs with
 LONGNET_KERNEL_TUNING=path (fused_settings.load_tuning; scripts/gpu_check.sh's training stage).
 """
 from __future__ import annotations

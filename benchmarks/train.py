@@ -166,6 +166,10 @@ DENSE_MAX_SEQ_LEN = 262144  # dense attention's cost grows with N^2: beyond this
 # peak GiB a dilated step needed where one was measured (H200, stop 14): a GPU with less memory skips the
 # point instead of spending a minute of its lease compiling towards an out-of-memory error
 MEASURED_PEAK_GIB = {1048576: 36.0, 4194304: 110.4}
+# wall seconds a point's trainer run took on a fresh machine, compiling included (32K and 1M: H100, stop 19;
+# 4M: H200, stop 14): with less of the budget left the point is skipped at once, its time left to later stages
+MEASURED_SECONDS = {(32768, "dilated"): 60, (32768, "dense"): 28, (1048576, "dilated"): 60,
+                    (4194304, "dilated"): 72}
 
 
 def checkpointing_for(seq_len: int, choice: str) -> tuple[str, int]:
@@ -220,6 +224,15 @@ def too_big(seq_len: int, impl: str, host: dict) -> str | None:
     return f"skipped: a step peaked at {needed} GiB on an H200 (stop 14); this GPU has {has} GiB"
 
 
+def too_long(seq_len: int, impl: str, left: float) -> str | None:
+    """A skip status when fewer seconds of the budget are left than the point took where it was measured
+    (MEASURED_SECONDS; at least 20 s for any point); else None."""
+    needed = MEASURED_SECONDS.get((seq_len, impl), 20)
+    if left >= needed:
+        return None
+    return f"skipped: {left:.0f} s of the budget left, a run took {needed} s"
+
+
 def cuda_points(args) -> list[tuple[int, str, int]]:
     if args.quick:
         return QUICK_POINTS
@@ -263,9 +276,9 @@ def cuda_sweep(args) -> None:
         if impl in failed_impls:
             row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
                    "status": "skipped: a shorter sequence failed"}
-        elif left < 20:
+        elif too_long(seq_len, impl, left):
             row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
-                   "status": f"skipped: time budget ({budget:.0f} s) spent"}
+                   "status": too_long(seq_len, impl, left)}
         elif args.checkpointing == "auto" and too_big(seq_len, impl, host):
             row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
                    "status": too_big(seq_len, impl, host)}

@@ -63,7 +63,8 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...: one stage, its log in results/NAME
 for stage in $stages; do
     case $stage in
         tests) export GPU_TEST_LOGS="$results/gpu_tests"  # every test's line and the slowest, in the archive too
-               run "${GPU_CHECK_TESTS_LIMIT:-180}" gpu_tests scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-12}" ;;
+               run "${GPU_CHECK_TESTS_LIMIT:-180}" gpu_tests \
+                   scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-12}" ;;
         profile) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
         attention) run "${GPU_CHECK_ATTENTION_LIMIT:-190}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
                        ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 60} ;;

@@ -4,17 +4,21 @@
 # Usage: scripts/gpu_test_shards.sh [PROCESSES=12]; exits 0 only if every test passed.
 # With pytest-xdist installed (GPU images usually have it) the tests go to N workers as they free up
 # (`-n N --dist load`): on an H100 in stop 19 fixed shards took 37 s to 236 s for the same number of tests.
-# Without it (or with GPU_TEST_MODE=shards), N fixed shards (LONGNET_TEST_SHARD, tests/conftest.py). Either way every test's result is
-# printed as it finishes (-v), so a stage stopped at its time limit still shows what passed, and the slowest
-# tests are listed at the end (--durations). Logs go to GPU_TEST_LOGS (gpu_check.sh: its results folder,
-# packed into its archive), else a temporary folder.
+# Without it (or with GPU_TEST_MODE=shards), N fixed shards (LONGNET_TEST_SHARD, tests/conftest.py).
+# Either way every test's result is printed as it finishes (-v), so a stage stopped at its time limit still
+# shows what passed, and the slowest tests are listed at the end (--durations). Logs go to GPU_TEST_LOGS
+# (gpu_check.sh: its results folder, packed into its archive), else a temporary folder.
 # The files: the CUDA tests and the Triton kernels' tests, which run on CUDA there.
 set -uo pipefail
 processes=${1:-12}
 files=(tests/test_cuda_attention.py tests/test_triton_kernels.py tests/test_triton_nesting.py)
 # -o addopts=-ra: the project's addopts name pytest-timeout, which a bare GPU machine may lack
 options=(-v -p no:cacheprovider -o addopts=-ra --durations=25 --durations-min=1)
-if [ -n "${GPU_TEST_LOGS:-}" ]; then logs=$GPU_TEST_LOGS && mkdir -p "$logs"; else logs=$(mktemp -d) && trap 'rm -rf "$logs"' EXIT; fi
+if [ -n "${GPU_TEST_LOGS:-}" ]; then
+    logs=$GPU_TEST_LOGS && mkdir -p "$logs"
+else
+    logs=$(mktemp -d) && trap 'rm -rf "$logs"' EXIT
+fi
 
 mode=${GPU_TEST_MODE:-auto}  # xdist, shards, or auto: xdist when importable
 [ "$mode" != auto ] || { python3 -c "import xdist" 2>/dev/null && mode=xdist || mode=shards; }
@@ -39,6 +43,8 @@ for i in "${!pids[@]}"; do
 done
 sleep 1 && kill "$follower"  # after its last lines
 for i in "${!pids[@]}"; do
-    grep -q -E "FAILED|ERROR" "$logs/shard$i.log" && { echo "== shard $i/$processes, its log:"; cat "$logs/shard$i.log"; }
+    if grep -q -E "FAILED|ERROR" "$logs/shard$i.log"; then
+        echo "== shard $i/$processes, its log:" && cat "$logs/shard$i.log"
+    fi
 done
 exit $rc
