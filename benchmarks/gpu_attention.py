@@ -247,8 +247,8 @@ def main() -> None:
           f"{'KiB/token':>9}  dQ", flush=True)
     save = functools.partial(write_json, payload, args.results / f"{name}.json")
     run_points(QUICK if args.quick else FULL, payload, save)
-    # What never ran on a GPU goes last (dQ modes, TMA loads): a kernel fault there (sticky in CUDA) cannot
-    # cost the points above. It gets LATE_TUNING_S of its own.
+    # What has not been timed on a GPU goes last (untried dQ modes; TMA loads in dK/dV and dQ): a kernel fault
+    # there (sticky in CUDA) cannot cost the points above. It gets LATE_TUNING_S of its own.
     chosen = fused_settings.DQ_MODE, fused_settings.TMA_LOADS
     gpu_kernels.DEADLINE = time.time() + LATE_TUNING_S
     if UNTRIED_DQ_MODES:
