@@ -31,7 +31,7 @@ train: setup
 bench: setup
 	$(PYTHON) benchmarks/attention.py
 
-# on a CUDA machine (needs no `setup`): CUDA tests + GPU benchmarks in under 8 minutes, results in benchmarks/results/
+# on a CUDA machine (needs no `setup`): CUDA tests + GPU benchmarks + an attention profile, stages limited to 9.5 minutes, results in benchmarks/results/
 gpu-check:
 	scripts/gpu_check.sh
 

@@ -2,6 +2,7 @@
 training step of the `base` LongNet LM, dilated and dense side by side.
 
     python3 benchmarks/gpu_profile.py                      # CUDA, about a minute on an H200
+    python3 benchmarks/gpu_profile.py --attention-only     # the attention profiles alone (seconds, once compiled)
     python3 benchmarks/gpu_profile.py --device cpu --smoke # tiny shapes on the CPU (checks the script)
 
 Attention: bf16, batch 1, H = 12, D = 64, the paper's branches (w = 2048..32768, r = 1..12), causal,
@@ -12,7 +13,8 @@ torch.profiler records every kernel of one step after warm-up; kernels are group
 (`category`): the dilated kernels one by one, dense flash, matmuls, compiled regions, elementwise,
 reductions, copies and fills, the optimizer; and by branch (the kernels inside each
 `kernels.branch_range`, "dilated fwd w=2048 r=1"). Prints per profile the milliseconds per category,
-per branch and the top kernels; writes benchmarks/results/gpu_profile.json (or --results/gpu_profile.json).
+per branch and the top kernels; writes benchmarks/results/gpu_profile.json (or --results/gpu_profile.json;
+gpu_profile_attention.json with --attention-only).
 """
 from __future__ import annotations
 
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (seconds; for checking the script)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for gpu_profile.json")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="no model steps (their compile takes most of a minute): gpu_profile_attention.json")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (use --device cpu --smoke to check the script)")
@@ -151,9 +155,11 @@ def main() -> None:
         model_points = [(32 * K, "dilated"), (32 * K, "dense")]
         shape = dict(dim=768, num_layers=12, num_heads=12, segment_lengths=segments, dilation_rates=dilations)
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.attention_only:
+        model_points = []
     report = {"machine": machine(), "command": " ".join(sys.argv), "dtype": str(dtype), "profiles": []}
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / "gpu_profile.json"
+    path = args.results / ("gpu_profile_attention.json" if args.attention_only else "gpu_profile.json")
     jobs = [("attention", n, impl, attention_step(n, impl, args.device, dtype, heads, head_dim, segments, dilations))
             for n, impl in attention_points]
     for kind, n, impl, step in jobs + [("model step", n, impl, None) for n, impl in model_points]:

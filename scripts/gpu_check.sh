@@ -4,17 +4,21 @@
 #      reference) on GPU_CHECK_TEST_SHARDS (default 12) pytest processes side by side
 #      (scripts/gpu_test_shards.sh: on a fresh machine their time is mostly Triton compiling) -> gpu_tests/;
 #   2. attention: the attention benchmark, dilated vs dense flash (default `--tune --quick
-#      --tune-budget 60`: the dQ modes and shared keys at 256K, small launches and side branches at 32K, block
-#      shapes at 256K, for at most 60 s; then N = 32K, 1M and 4M; then TMA loads) -> gpu_attention.* and
+#      --tune-budget 45`: the dQ modes and shared keys at 256K, small launches and side branches at 32K, block
+#      shapes at 256K, for at most 45 s; then N = 32K, 1M and 4M; then TMA loads) -> gpu_attention.* and
 #      kernel_tuning.json (the settings chosen; the later stages run with them through LONGNET_KERNEL_TUNING);
-#   3. train: the real trainer on the GPU (default `--quick --budget 160`: 32K dilated and dense, 1M and,
+#   3. profile-attention: where one attention forward+backward spends its time, kernel by kernel and branch by
+#      branch, at 32K and 1M, dense beside it (benchmarks/gpu_profile.py --attention-only, ~20 s once the
+#      attention stage has compiled the kernels) -> gpu_profile_attention.json;
+#   4. train: the real trainer on the GPU (default `--quick --budget 160`: 32K dilated and dense, 1M and,
 #      if the budget leaves time, 4M dilated; a 4M step completed on an H200 in stop 14, and a GPU with
 #      less memory than it needed there, an 80 GB H100, skips it at once)
 #      when hydra, omegaconf and deepspeed are importable (carry ../shared/offline_wheels.sh's wheels
 #      to an offline machine) -> train_cuda_*;
 #   opt-in: optimizer (what DeepSpeed's engine adds to an optimizer step, benchmarks/optimizer_step.py,
-#   ~45 s) and profile (where the time goes, kernel by kernel, benchmarks/gpu_profile.py, ~1 minute).
-# Each stage has its own time limit, 180 + 190 + 170 s, so that a hang cannot eat the lease; a training
+#   ~45 s) and profile (the attention and a training step of the model, dilated and dense, kernel by kernel,
+#   benchmarks/gpu_profile.py, 1-2 minutes).
+# Each stage has its own time limit, 180 + 175 + 45 + 170 s, so that a hang cannot eat the lease; a training
 # point that no longer fits is recorded as skipped. What the stages took on a fresh H100 in stop 19
 # (gpu_check_h100.log): the tests more than their then 165 s (all passed in a rerun; the fixed shards
 # were badly balanced), the attention stage 95 s of tuning, 75 s of points (4M: 46 s) and the TMA-loads
@@ -24,7 +28,7 @@
 # GPU_CHECK_ARCHIVE=path.tgz also packs them all into that one file after every stage (a device
 # runner brings back only a few files).
 # On an offline machine carry the wheels of ../shared/offline_wheels.sh in .whl/ (or GPU_CHECK_WHEELS).
-# Stages to run: GPU_CHECK_STAGES="tests attention train" (the default; add or pick "optimizer",
+# Stages to run: GPU_CHECK_STAGES="tests attention profile-attention train" (the default; add or pick "optimizer",
 # "profile"); GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks (the
 # whole attention sweep: GPU_CHECK_ATTENTION_ARGS="--tune" GPU_CHECK_ATTENTION_LIMIT=400);
 # GPU_CHECK_TESTS_LIMIT, GPU_CHECK_ATTENTION_LIMIT, GPU_CHECK_TRAIN_LIMIT change those stages' limits.
@@ -33,7 +37,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 results=${OUT:-benchmarks/results}  # a device runner's output folder, when set: results survive a time-out
 mkdir -p "$results"
-stages=${GPU_CHECK_STAGES:-tests attention train}
+stages=${GPU_CHECK_STAGES:-tests attention profile-attention train}
 started=$(mktemp) && trap 'rm -f "$started"; [ -z "${site:-}" ] || rm -rf "$site"' EXIT  # files newer than this: this run's
 status=0
 # An offline machine without DeepSpeed/Hydra: install the wheels carried in GPU_CHECK_WHEELS (default .whl/,
@@ -66,8 +70,10 @@ for stage in $stages; do
                run "${GPU_CHECK_TESTS_LIMIT:-180}" gpu_tests \
                    scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-12}" ;;
         profile) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
-        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-190}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
-                       ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 60} ;;
+        profile-attention) run 45 gpu_profile_attention python3 benchmarks/gpu_profile.py --attention-only \
+                               --results "$results" ;;
+        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-175}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
+                       ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 45} ;;
         train|optimizer)
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry the wheels of ../shared/offline_wheels.sh in $wheels/)"

@@ -119,6 +119,17 @@ def test_profile_script_runs_on_the_cpu(tmp_path):
         assert all(ms > 0 for ms in profile["branches_ms"].values())
 
 
+def test_profile_script_profiles_the_attention_alone_when_asked(tmp_path):
+    """--attention-only (gpu_check.sh's profile-attention stage): no model steps, its own JSON."""
+    result = subprocess.run([sys.executable, "benchmarks/gpu_profile.py", "--device", "cpu", "--smoke",
+                             "--attention-only", "--results", str(tmp_path)], cwd=REPO,
+                            env=repo_first_on_pythonpath(os.environ), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_profile_attention.json").read_text())
+    assert [(p["kind"], p["impl"]) for p in report["profiles"]] == [("attention", "dilated"), ("attention", "dense")]
+    assert not (tmp_path / "gpu_profile.json").exists()
+
+
 def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
     """The registers / spills tool compiles the in-use block shapes for an H100/H200 without a GPU, with the
     specialisation a real launch gets."""
