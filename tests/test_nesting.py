@@ -3,6 +3,9 @@ against the dense float64 reference and against every branch computed alone."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from hypothesis import strategies as st
 
 from longnet_dist.attention import dilated, dilated_attention, nesting
 from longnet_dist.attention.nesting import Fold
+from subprocess_env import repo_first_on_pythonpath
 from test_dilated_attention import F64_TOL, assert_all_close, make_inputs, run_both
 
 
@@ -158,6 +162,21 @@ def test_no_sharing_where_it_does_not_apply(case, monkeypatch):
     ours, ref = run_both(q, k, v, [8, 16, 32], [1, 2, 4], True, mask)
     assert calls and not any(bias for *_, bias in calls)
     assert_all_close(ours, ref, **F64_TOL)
+
+
+@pytest.mark.parametrize("value, expected", [("0", "False False"), ("1", "True True"), (None, "True True")])
+def test_one_environment_switch_turns_sharing_off_on_the_cpu_and_the_gpu(value, expected):
+    """LONGNET_SHARE_KEYS=0 in the environment: dilated.SHARE_KEYS (CPU path) and fused_settings.SHARE_KEYS (fused
+    GPU kernels) are both off at import; on (the default) otherwise."""
+    env = repo_first_on_pythonpath(os.environ)
+    env.pop("LONGNET_SHARE_KEYS", None)
+    if value is not None:
+        env["LONGNET_SHARE_KEYS"] = value
+    code = ("from longnet_dist.attention import dilated, fused_settings; "
+            "print(dilated.SHARE_KEYS, fused_settings.SHARE_KEYS)")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == expected, result.stdout
 
 
 @pytest.mark.parametrize("causal", [True, False])
