@@ -167,9 +167,9 @@ def tune(correct_modes: list[str], n: int | None = None) -> dict:
 
 def tune_tma_loads(n: int | None = None) -> dict:
     """fused_settings.TMA_LOADS, one kernel at a time with the blocks and dQ mode chosen so far (N = n, causal):
-    dK/dV and dQ (if a dQ kernel runs) by fwd+bwd time, then the forward by its time. Each is checked
-    against pointer loads first (bf16: 2e-2 relative allowed; they should agree but for summation order) and
-    kept only if faster."""
+    dK/dV and dQ (if a dQ kernel runs) by fwd+bwd time, then the forward by its time, each with the others as
+    they stand. Each is checked against pointer loads everywhere (bf16: 2e-2 relative allowed; they should
+    agree but for summation order) and kept only if faster; one the deadline leaves untimed keeps its setting."""
     from longnet_dist.attention import fused_settings
 
     q, k, v, grad = make_inputs(n or TUNE_N, seed=3, requires_grad=True)
@@ -178,8 +178,9 @@ def tune_tma_loads(n: int | None = None) -> dict:
     def fwd():
         return forward("dilated", q.detach(), k.detach(), v.detach(), True)
 
-    fused_settings.TMA_LOADS = frozenset()
-    reference = [x.float() for x in fwd_bwd()]
+    current, fused_settings.TMA_LOADS = fused_settings.TMA_LOADS, frozenset()
+    reference = [x.float() for x in fwd_bwd()]  # pointer loads everywhere
+    fused_settings.TMA_LOADS = current  # a kernel not timed (out of tuning time) keeps its setting
     kernels = [kernel for kernel in sorted(fused_settings.TMA_KERNELS, key=lambda k: k == "fwd")  # an H100 timed fwd
                if kernel != "dq" or fused_settings.DQ_MODE in ("kernel", "stream")]
     report = {}
@@ -187,19 +188,20 @@ def tune_tma_loads(n: int | None = None) -> dict:
         if out_of_time(f"tma loads {kernel}"):
             break
         timed = fwd if kernel == "fwd" else fwd_bwd
-        before = fused_settings.TMA_LOADS
+        without, with_ = fused_settings.TMA_LOADS - {kernel}, fused_settings.TMA_LOADS | {kernel}
         try:
+            fused_settings.TMA_LOADS = without
             pointer = cuda_time(timed, REPEATS)
-            fused_settings.TMA_LOADS = before | {kernel}
+            fused_settings.TMA_LOADS = with_
             off = max(relative_errors([x.float() for x in fwd_bwd()], reference))
             tma = cuda_time(timed, REPEATS)
-        except Exception as error:  # this GPU or Triton cannot build it: pointer loads stay
-            fused_settings.TMA_LOADS = before
+        except Exception as error:  # this GPU or Triton cannot build it: pointer loads
+            fused_settings.TMA_LOADS = without
             report[kernel] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             print(f"tune tma loads {kernel}: {report[kernel]['error']}", flush=True)
             continue
         keep = off < 2e-2 and tma < pointer
-        fused_settings.TMA_LOADS = before | {kernel} if keep else before
+        fused_settings.TMA_LOADS = with_ if keep else without
         report[kernel] = {"pointer_s": pointer, "tma_s": tma, "error_vs_pointer": off, "kept": keep}
         print(f"tune tma loads {kernel} ({'fwd' if kernel == 'fwd' else 'fwd+bwd'}): pointer {pointer * 1e3:.2f} ms, "
               f"tma {tma * 1e3:.2f} ms (err {off:.1e}): {'kept' if keep else 'pointer loads'}", flush=True)
