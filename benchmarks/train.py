@@ -273,15 +273,10 @@ def cuda_sweep(args) -> None:
     for seq_len, impl, steps in cuda_points(args):
         left = deadline - time.perf_counter()
         print(f"seq_len {seq_len:>8}, {impl} ({left:.0f} s of the budget left) ...", flush=True)
-        if impl in failed_impls:
-            row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
-                   "status": "skipped: a shorter sequence failed"}
-        elif too_long(seq_len, impl, left):
-            row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
-                   "status": too_long(seq_len, impl, left)}
-        elif args.checkpointing == "auto" and too_big(seq_len, impl, host):
-            row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention",
-                   "status": too_big(seq_len, impl, host)}
+        skipped = ("skipped: a shorter sequence failed" if impl in failed_impls else too_long(seq_len, impl, left)
+                   or (too_big(seq_len, impl, host) if args.checkpointing == "auto" else None))
+        if skipped:
+            row = {"seq_len": seq_len, "attention_impl": impl, "series": f"{impl} attention", "status": skipped}
         else:
             row = cuda_point(seq_len, impl, steps, args, peak, timeout=min(args.timeout, left))
         if row["status"] not in ("ok",) and not row["status"].startswith("skipped"):

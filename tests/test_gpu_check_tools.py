@@ -100,11 +100,16 @@ def test_kernel_names_fall_into_their_categories():
     assert category("some_new_kernel") == "other"
 
 
-def test_profile_script_runs_on_the_cpu(tmp_path):
-    result = subprocess.run([sys.executable, "benchmarks/gpu_profile.py", "--device", "cpu", "--smoke",
+def profile_smoke(tmp_path, *options: str) -> None:
+    """benchmarks/gpu_profile.py --device cpu --smoke into tmp_path; it must succeed."""
+    result = subprocess.run([sys.executable, "benchmarks/gpu_profile.py", "--device", "cpu", "--smoke", *options,
                              "--results", str(tmp_path)], cwd=REPO, env=repo_first_on_pythonpath(os.environ),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_profile_script_runs_on_the_cpu(tmp_path):
+    profile_smoke(tmp_path)
     report = json.loads((tmp_path / "gpu_profile.json").read_text())
     kinds = [(p["kind"], p["impl"]) for p in report["profiles"]]
     assert kinds == [("attention", "dilated"), ("attention", "dense"), ("model step", "dilated"),
@@ -121,10 +126,7 @@ def test_profile_script_runs_on_the_cpu(tmp_path):
 
 def test_profile_script_profiles_the_attention_alone_when_asked(tmp_path):
     """--attention-only (gpu_check.sh's profile-attention stage): no model steps, its own JSON."""
-    result = subprocess.run([sys.executable, "benchmarks/gpu_profile.py", "--device", "cpu", "--smoke",
-                             "--attention-only", "--results", str(tmp_path)], cwd=REPO,
-                            env=repo_first_on_pythonpath(os.environ), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    profile_smoke(tmp_path, "--attention-only")
     report = json.loads((tmp_path / "gpu_profile_attention.json").read_text())
     assert [(p["kind"], p["impl"]) for p in report["profiles"]] == [("attention", "dilated"), ("attention", "dense")]
     assert not (tmp_path / "gpu_profile.json").exists()

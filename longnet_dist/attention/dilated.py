@@ -22,7 +22,6 @@ adds one whose segments span several ranks.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol, Sequence
@@ -260,7 +259,7 @@ def share_keys(inputs: AttentionInputs, branches: Sequence[Branch]) -> dict:
 
 
 # nested branches score shared keys once on the CPU (nesting.py); LONGNET_SHARE_KEYS=0: every branch alone
-SHARE_KEYS = os.environ.get("LONGNET_SHARE_KEYS", "1") != "0"
+SHARE_KEYS = nesting.SHARE_KEYS_BY_DEFAULT
 BACKWARD_CHUNK_BYTES = 256 * 2**20  # a local branch's backward temporaries, per chunk of whole segments
 FORWARD_CHUNK_BYTES = 16 * 2**20    # one in-place forward kernel call's output: under glibc's 32 MiB mmap threshold
 

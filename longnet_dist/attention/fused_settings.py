@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import nesting
 from .kernels import triton_dilated as kern
 
 
@@ -81,7 +82,7 @@ SIDE_BRANCHES = 0
 # in its queries' own parent segment, which the parent scores for it with weight 1 + c. Exact; the paper's
 # branches score 22% fewer pairs, and the parent pays a 16-wide flag dot and a multiply per pair. On an H100
 # (stop 19, 256K, fwd+bwd) 25.70 ms on against 26.09 off: on by default (`gpu_attention.py --tune` times both).
-SHARE_KEYS = os.environ.get("LONGNET_SHARE_KEYS", "1") != "0"  # the CPU path's switch too (dilated.SHARE_KEYS)
+SHARE_KEYS = nesting.SHARE_KEYS_BY_DEFAULT  # LONGNET_SHARE_KEYS=0: off, as on the CPU path
 TMA_LOADS: frozenset[str] = frozenset({"fwd"})
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)

@@ -32,6 +32,7 @@ positions, not slots): the paper's branches w = 2048..32768, r = 1, 2, 4, 6, 12 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -42,6 +43,9 @@ from torch import Tensor
 BIAS_BYTES = 64 * 2**20  # largest (Lq, Lk) bias one call may take: w/r = 2048 slots in float64 (16 MiB in float32)
 BIAS_COST = 0.1          # a call with a bias costs about 10% more (aten CPU flash, fwd+bwd, measured 5-19%)
 MIN_SAVING = 0.1         # share keys only when the cost model saves at least this fraction of the kernel work
+# LONGNET_SHARE_KEYS=0 in the environment: every branch alone, on the CPU path (dilated.SHARE_KEYS) and in the
+# fused kernels (fused_settings.SHARE_KEYS), which both start from this
+SHARE_KEYS_BY_DEFAULT = os.environ.get("LONGNET_SHARE_KEYS", "1") != "0"
 
 
 @dataclass(frozen=True)
