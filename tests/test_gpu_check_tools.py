@@ -266,14 +266,14 @@ def test_the_training_stage_skips_a_point_that_needed_more_memory_than_the_gpu_h
 
 
 def test_the_training_stage_skips_a_point_that_no_longer_fits_its_budget():
-    """benchmarks/train.py: with less of the budget left than a point took where it was measured (1M: 60 s on
+    """benchmarks/train.py: with less of the budget left than a point took where it was measured (1M: 65 s on
     an H100), the point is recorded as skipped at once (on the H100 in stop 19 it started with 22 s left and
     timed out, which also skipped the 4M point as "a shorter sequence failed")."""
     import train as bench
 
     status = bench.too_long(1048576, "dilated", 22.0)
-    assert status.startswith("skipped") and "22 s of the budget left" in status and "60 s" in status, status
-    assert bench.too_long(1048576, "dilated", 61.0) is None
+    assert status.startswith("skipped") and "22 s of the budget left" in status and "65 s" in status, status
+    assert bench.too_long(1048576, "dilated", 64.0) and bench.too_long(1048576, "dilated", 66.0) is None
     assert bench.too_long(65536, "dilated", 19.0) and bench.too_long(65536, "dilated", 21.0) is None  # unmeasured
 
 
