@@ -15,9 +15,9 @@
 #      less memory than it needed there, an 80 GB H100, skips it at once)
 #      when hydra, omegaconf and deepspeed are importable (carry ../shared/offline_wheels.sh's wheels
 #      to an offline machine) -> train_cuda_*;
-#   opt-in: optimizer (what DeepSpeed's engine adds to an optimizer step, benchmarks/optimizer_step.py,
-#   ~45 s) and profile (the attention and a training step of the model, dilated and dense, kernel by kernel,
-#   benchmarks/gpu_profile.py, 1-2 minutes).
+#   opt-in: optimizer (what DeepSpeed's engine adds to an optimizer step at ZeRO 0 and at ZeRO 1 with fp32
+#   gradient accumulation, benchmarks/optimizer_step.py, ~45 s each) and profile (the attention and a training
+#   step of the model, dilated and dense, kernel by kernel, benchmarks/gpu_profile.py, 1-2 minutes).
 # Each stage has its own time limit, 180 + 175 + 45 + 170 s, so that a hang cannot eat the lease; a training
 # point that no longer fits is recorded as skipped. What the stages took on a fresh H100 in stop 19
 # (gpu_check_h100.log): the tests more than their then 165 s (all passed in a rerun; the fixed shards
@@ -81,7 +81,11 @@ for stage in $stages; do
                    run "${GPU_CHECK_TRAIN_LIMIT:-170}" train_cuda python3 benchmarks/train.py --device cuda \
                        ${GPU_CHECK_TRAIN_ARGS:---quick --budget 160}
                else
+                   # DeepSpeed's two bf16 wrappers: stage 0 (FP16_UnfusedOptimizer, today's) and stage 1 with fp32
+                   # gradient accumulation (BF16_Optimizer)
                    run 45 optimizer_step python3 benchmarks/optimizer_step.py --device cuda
+                   run 45 optimizer_step_zero1 python3 benchmarks/optimizer_step.py --device cuda --zero-stage 1 \
+                       --grad-accum-dtype fp32
                fi
                # these two write into benchmarks/results/: copy what this run wrote next to the other results
                [ "$results" = benchmarks/results ] || find benchmarks/results -maxdepth 1 -type f -newer "$started" \

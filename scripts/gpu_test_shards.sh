@@ -8,10 +8,11 @@
 # Either way every test's result is printed as it finishes (-v), so a stage stopped at its time limit still
 # shows what passed, and the slowest tests are listed at the end (--durations). Logs go to GPU_TEST_LOGS
 # (gpu_check.sh: its results folder, packed into its archive), else a temporary folder.
-# The files: the CUDA tests and the Triton kernels' tests, which run on CUDA there.
+# The files: the CUDA tests (one GPU, and 2 ranks sharing it) and the Triton kernels' tests, which run on CUDA there.
 set -uo pipefail
 processes=${1:-12}
-files=(tests/test_cuda_attention.py tests/test_triton_kernels.py tests/test_triton_nesting.py)
+files=(tests/test_cuda_attention.py tests/test_cuda_sequence_parallel.py tests/test_triton_kernels.py
+       tests/test_triton_nesting.py)
 # -o addopts=-ra: the project's addopts name pytest-timeout, which a bare GPU machine may lack
 options=(-v -p no:cacheprovider -o addopts=-ra --durations=25 --durations-min=1)
 if [ -n "${GPU_TEST_LOGS:-}" ]; then

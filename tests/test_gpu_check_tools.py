@@ -47,8 +47,9 @@ def test_a_malformed_shard_is_one_clear_error():
     assert "LONGNET_TEST_SHARD='4/4' must be 'i/n' with 0 <= i < n" in result.stdout + result.stderr
 
 
-FAKE_TESTS = {  # the three files scripts/gpu_test_shards.sh runs, as stand-ins: four pass, one fails
+FAKE_TESTS = {  # the four files scripts/gpu_test_shards.sh runs, as stand-ins: five pass, one fails
     "test_cuda_attention.py": "def test_a():\n    pass\n\ndef test_b():\n    pass\n",
+    "test_cuda_sequence_parallel.py": "def test_f():\n    pass\n",
     "test_triton_kernels.py": "def test_c():\n    pass\n\ndef test_d():\n    assert 1 == 2\n",
     "test_triton_nesting.py": "def test_e():\n    pass\n",
 }
@@ -74,7 +75,7 @@ def test_the_gpu_test_runner_reports_every_test_and_fails_on_a_failure(mode, tmp
         return bool(re.search(f"({test} {outcome}|{outcome} {test})", out))
 
     for test in ("test_cuda_attention.py::test_a", "test_cuda_attention.py::test_b", "test_triton_kernels.py::test_c",
-                 "test_triton_nesting.py::test_e"):
+                 "test_triton_nesting.py::test_e", "test_cuda_sequence_parallel.py::test_f"):
         assert reported(f"tests/{test}", "PASSED"), out
     assert reported("tests/test_triton_kernels.py::test_d", "FAILED"), out
     assert "assert 1 == 2" in out, out  # the failure's detail reaches the console

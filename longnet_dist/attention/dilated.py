@@ -218,14 +218,17 @@ class LocalBranch:
         # rows): under glibc's mmap threshold, so they reuse the heap (a 256K backward in 256 MiB chunks
         # faulted fresh pages and took 4.9x a 64K one)
         per_position = max(1, -(-H // step) * inputs.head_dim * inputs.heads[0].element_size() // r)
-        tensors = (*inputs.rows, merged.grad_out, merged.out, merged.lse)  # (B, N * H[, D]) rows
+        tensors = (merged.grad_out, merged.out, merged.lse)  # (B, N * H[, D]) rows
         for b, start, stop, layout in self._chunks(inputs, FORWARD_CHUNK_BYTES, per_position):
             part = (slice(b, b + 1), slice(start * H, stop * H))
             regions = nesting.calls(layout.effective_segment, r, fold, inputs.causal)
             for g in groups:
-                # (1, n_seg, w/r, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy
-                q, k, v, grad_out, out, lse = (layout.offset_view(x[part], g, flat=False, head_step=step)
-                                               for x in tensors)
+                # (1, n_seg, w/r, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy.
+                # q, k, v as given (B, N, H, D), e.g. strided views of a fused qkv projection: read like the
+                # forward, so they are not first copied whole into rows
+                q, k, v = (layout.offset_view(x[b: b + 1, start:stop], g, flat=False, heads=True, head_step=step)
+                           for x in inputs.heads)
+                grad_out, out, lse = (layout.offset_view(x[part], g, flat=False, head_step=step) for x in tensors)
                 sums = [layout.offset_view(x[part], g, flat=False, head_step=step) for x in grads]
                 for rows, keys, causal in regions:
                     dq, dk, dv = attention_backward(
