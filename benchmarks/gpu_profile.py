@@ -10,7 +10,8 @@ N = 32K and 1M (fused Triton kernels) and dense flash (SDPA) at 32K. Model step:
 (85M parameters), bf16 weights, compiled token-wise regions (model.compile=auto), no activation
 checkpointing, torch AdamW (fused on CUDA), seq 32K, dilated and `attention_impl=dense`.
 torch.profiler records every kernel of one step after warm-up; kernels are grouped by name
-(`category`): the dilated kernels one by one, dense flash, matmuls, compiled regions, elementwise,
+(`longnet_dist.train.profiling.category`, as the trainer's `trainer.profile_step` groups them): the
+dilated kernels one by one, dense flash, matmuls, compiled regions, elementwise,
 reductions, copies and fills, the optimizer; and by branch (the kernels inside each
 `kernels.branch_range`, "dilated fwd w=2048 r=1"). Prints per profile the milliseconds per category,
 per branch and the top kernels; writes benchmarks/results/gpu_profile.json (or --results/gpu_profile.json;
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,47 +32,11 @@ from common import RESULTS, machine  # noqa: E402
 
 from longnet_dist.attention import dilated_attention  # noqa: E402
 from longnet_dist.model import LongNetConfig, LongNetLM  # noqa: E402
+from longnet_dist.train import profiling  # noqa: E402
+from longnet_dist.train.profiling import category  # noqa: E402,F401 - the categories' home; tests import it here
 
 SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
 K, M = 1024, 1024 * 1024
-# (category, pattern searched in the lower-cased kernel or op name), first match wins; Triton
-# kernels keep their function's name (kernels/triton_dilated.py)
-CATEGORIES = [
-    ("dilated fwd", r"^_fwd\b"), ("dilated dK/dV", r"^_bwd_dkdv\b"), ("dilated dQ", r"^_bwd_dq\b"),
-    ("dilated prep / merge", r"^_bwd_prep\b|^_merge_chains\b"),
-    ("flash (dense / aten)", r"flash|fmha|efficient_attention|scaled_dot_product"),
-    ("optimizer", r"multi_tensor|adam|foreach"), ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::mm|addmm|bmm"),
-    ("compiled region", r"^triton_|compiledfunction|torch-compiled"), ("copy / fill", r"memcpy|memset|copy|fill|zero"),
-    ("reduction", r"reduce|sum|norm"), ("elementwise", r"elementwise|vectorized|aten::"),
-]
-
-
-def category(name: str) -> str:
-    lowered = name.lower()
-    return next((label for label, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
-
-
-def summarize(prof, device: str, top: int = 15) -> dict:
-    """Kernel (CUDA) or op (CPU) self times of one profile: per category and the `top` largest."""
-    rows, branches = [], {}
-    for event in prof.key_averages():
-        if event.key.startswith("dilated ") and " w=" in event.key:  # kernels.branch_range: one branch's work
-            branches[event.key] = (event.device_time_total if device == "cuda" else event.cpu_time_total) / 1000
-        if device == "cuda":
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = event.self_device_time_total
-        else:
-            us = event.self_cpu_time_total
-        if us > 0:
-            rows.append({"name": event.key[:160], "calls": event.count, "ms": us / 1000, "category": category(event.key)})
-    total = sum(r["ms"] for r in rows) or 1.0
-    by_category: dict[str, float] = {}
-    for r in rows:
-        by_category[r["category"]] = by_category.get(r["category"], 0.0) + r["ms"]
-    rows.sort(key=lambda r: -r["ms"])
-    return {"total_ms": total, "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
-            "branches_ms": dict(sorted(branches.items())), "top": rows[:top]}
 
 
 def profiled(step, device: str, warmup: int) -> tuple[dict, float]:
@@ -85,13 +49,9 @@ def profiled(step, device: str, warmup: int) -> tuple[dict, float]:
     step()
     sync()
     seconds = time.perf_counter() - start
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with profiling.profiled(torch.device(device)) as found:
         step()
-        sync()
-    return summarize(prof, device), seconds
+    return found["summary"], seconds
 
 
 def attention_step(n: int, impl: str, device: str, dtype: torch.dtype, heads: int, head_dim: int, segments, dilations):
@@ -121,16 +81,6 @@ def model_step(n: int, impl: str, device: str, dtype: torch.dtype, shape: dict):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
-
-
-def print_summary(label: str, summary: dict, seconds: float) -> None:
-    print(f"\n== {label}: {seconds * 1000:.2f} ms per step (unprofiled), {summary['total_ms']:.2f} ms of kernels")
-    for name, ms in summary["categories"].items():
-        print(f"   {name:<22} {ms:10.2f} ms {100 * ms / summary['total_ms']:5.1f}%")
-    for name, ms in summary["branches_ms"].items():
-        print(f"   {name:<30} {ms:10.2f} ms")
-    for row in summary["top"][:8]:
-        print(f"   {row['ms']:10.2f} ms x{row['calls']:<4} {row['name'][:100]}")
 
 
 def main() -> None:
@@ -167,7 +117,7 @@ def main() -> None:
             step = model_step(n, impl, args.device, dtype, shape)
         summary, seconds = profiled(step, args.device, warmup=2)
         label = f"{kind}, {impl}, N = {n:,}"
-        print_summary(label, summary, seconds)
+        print("\n" + profiling.format_summary(label + " (the time per step unprofiled)", summary, seconds))
         report["profiles"].append({"kind": kind, "impl": impl, "n": n, "step_s": seconds, **summary})
         path.write_text(json.dumps(report, indent=2) + "\n")  # after every profile: a time-out keeps the rest
         del step

@@ -15,14 +15,16 @@ CUDA (--device cuda): `model=base attention=paper`, bf16 (DeepSpeed bf16, ZeRO s
 compiled token-wise regions (model.compile=auto), dilated attention against the same model with
 dense causal flash attention (model.attention_impl=dense). Tokens/s and MFU are the median over the
 steps after the first (which carries the compile warm-up); peak memory is
-torch.cuda.max_memory_allocated. --quick: 32K dilated + dense, 1M and 4M dilated, within --budget
-seconds (default 180) including start-up and compilation; points that do not fit are recorded as
-skipped.
+torch.cuda.max_memory_allocated. --profile runs one more step at 32K under torch.profiler
+(trainer.profile_step) and keeps its kernel time by category in the row. --quick: 32K dilated + dense,
+1M and 4M dilated, within --budget seconds (default 180) including start-up and compilation; points
+that do not fit are recorded as skipped.
 
     python3 benchmarks/train.py --seq-lens 16384 --processes 1 --tag cpu_check     # one CPU point
     python3 benchmarks/train.py                                   # CPU: 16K, 64K, 256K, 512K, 1M tokens
     python3 benchmarks/train.py --device cuda --quick             # one GPU, ~3 minutes
     python3 benchmarks/train.py --device cuda --budget 1800       # one GPU: 32K .. 4M, dense to 256K
+    python3 benchmarks/train.py --device cuda --seq-lens 32768 --steps 3 --profile --tag profile  # where 32K goes
 
 Writes benchmarks/results/train{_tag}.json and .png (CUDA: train_cuda_<gpu>[_quick][_tag]) and prints a table.
 """
@@ -77,16 +79,20 @@ def measure_matmul_peak(threads: int, seconds: float = 3.0) -> float:
     return best
 
 
-def run_trainer(overrides: list[str], nproc: int, threads: int, timeout: float, memory_limit: int | None) -> dict:
+def run_trainer(overrides: list[str], nproc: int, threads: int, timeout: float, memory_limit: int | None,
+                read_back: tuple[str, ...] = (), environment: dict[str, str] | None = None) -> dict:
     """One trainer run (`python -m longnet_dist.train`, torchrun for nproc > 1) in its own process
-    group, killed whole past `timeout`; returns its metrics records (+ status) or the failure."""
+    group, killed whole past `timeout`; returns its metrics records (+ status) or the failure, and
+    "files": the JSON files of `read_back` (names in the run directory) that it wrote. `environment`
+    adds variables to the run's (defaults: this process's values win)."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as output_dir:
         launcher = [sys.executable]
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                          "--master_port", str(free_port())]
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep carried wheels
-        env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
+        env = dict(environment or {}, **os.environ)
+        env.update(WANDB_MODE="disabled", OMP_NUM_THREADS=str(threads), PYTHONPATH=path)
         command = [*launcher, "-m", "longnet_dist.train", *overrides, "logger=none", "resume=null",
                    f"trainer.output_dir={output_dir}"]
         started = time.perf_counter()
@@ -108,7 +114,9 @@ def run_trainer(overrides: list[str], nproc: int, threads: int, timeout: float, 
                 text in log for text in ("can't allocate memory", "out of memory", "OutOfMemoryError"))
             return {"status": "out of memory" if out_of_memory else f"failed (exit {process.returncode})",
                     "log_tail": log[-1500:]}
-        return {"status": "ok", "wall_s": wall, "records": records}
+        files = {name: json.loads((Path(output_dir) / name).read_text()) for name in read_back
+                 if (Path(output_dir) / name).exists()}
+        return {"status": "ok", "wall_s": wall, "records": records, "files": files}
 
 
 def cpu_point(seq_len: int, nproc: int, steps: int, peak_flops: float, timeout: float,
@@ -127,6 +135,7 @@ def cpu_point(seq_len: int, nproc: int, steps: int, peak_flops: float, timeout: 
     limit = int(memory_fraction * available_memory_bytes() / nproc) or None  # per process (torchrun's children inherit it)
     result = run_trainer(overrides, nproc, threads, timeout, limit)
     records = result.pop("records", None)
+    result.pop("files", None)
     return {**result, "memory_limit_per_process": limit, **(records[-1] if records else {})}
 
 
@@ -171,6 +180,8 @@ MEASURED_PEAK_GIB = {1048576: 36.0, 4194304: 110.4}
 # point is skipped at once, its time left to later stages
 MEASURED_SECONDS = {(32768, "dilated"): 60, (32768, "dense"): 28, (1048576, "dilated"): 65,
                     (4194304, "dilated"): 72}
+# --profile: points up to this length (a profiled 1M step records tens of thousands of kernels)
+PROFILE_MAX_SEQ_LEN = 32768
 
 
 def checkpointing_for(seq_len: int, choice: str) -> tuple[str, int]:
@@ -185,24 +196,34 @@ def checkpointing_for(seq_len: int, choice: str) -> tuple[str, int]:
 
 
 def cuda_point(seq_len: int, impl: str, steps: int, args, peak_flops: float, timeout: float) -> dict:
-    """One trainer run of `model=base attention=paper` in bf16 on GPU 0; medians over steps 2.."""
+    """One trainer run of `model=base attention=paper` in bf16 on GPU 0; medians over steps 2... With
+    --profile (up to PROFILE_MAX_SEQ_LEN tokens) one more step runs under torch.profiler
+    (trainer.profile_step), left out of the medians: its kernels by category go into the row's "profile"."""
     policy, group = checkpointing_for(seq_len, args.checkpointing)
+    profile_step = steps + 1 if args.profile and seq_len <= PROFILE_MAX_SEQ_LEN else None
+    runs = profile_step or steps
     overrides = [
         "model=base", "attention=paper", f"deepspeed=zero{args.zero_stage}", "deepspeed.bf16.enabled=true",
         f"model.attention_impl={impl}", f"model.activation_checkpointing={policy}", f"model.checkpoint_group_size={group}",
         f"model.compile={args.compile}",
         f"data.seq_len={seq_len}", "data.micro_batch_size=1", "data.val_fraction=0.2",  # validation >= 4M tokens
-        f"trainer.max_steps={steps}", f"trainer.warmup_steps={steps}", "trainer.log_every=1", "trainer.eval_every=0",
-        "trainer.keep_last_checkpoints=1", f"trainer.save_every={steps}", f"trainer.peak_flops={peak_flops}",
-        "trainer.torch_adam=true", "trainer.progress_bar=false", *args.override,
+        f"trainer.max_steps={runs}", f"trainer.warmup_steps={steps}", "trainer.log_every=1", "trainer.eval_every=0",
+        "trainer.keep_last_checkpoints=1", f"trainer.save_every={runs}", f"trainer.peak_flops={peak_flops}",
+        "trainer.torch_adam=true", "trainer.progress_bar=false", f"trainer.profile_step={profile_step or 'null'}",
+        *args.override,
     ]
-    os.environ.setdefault("DS_ACCELERATOR", "cuda")
     row = {"seq_len": seq_len, "attention_impl": impl, "activation_checkpointing": policy,
            "checkpoint_group_size": group, "steps": steps,
            "series": f"{impl} attention"}
-    result = run_trainer(overrides, 1, os.cpu_count() or 1, timeout, None)
-    records = result.pop("records", None)
+    profile_file = f"profile_step_{profile_step}.json"
+    result = run_trainer(overrides, 1, os.cpu_count() or 1, timeout, None, read_back=(profile_file,),
+                         environment={"DS_ACCELERATOR": "cuda"})
+    records, files = result.pop("records", None), result.pop("files", {})
     row.update(result)
+    if profile_file in files:
+        row["profile"] = files[profile_file]
+    if records and profile_step:
+        records = [r for r in records if r["step"] != profile_step]  # the profiled step runs slower
     if records:
         timed = records[1:] or records  # the first step compiles (a one-step run reports it anyway)
         step_s = sorted(seq_len / r["tokens_per_s"] for r in timed)
@@ -361,6 +382,9 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
                         help="cuda: DeepSpeed ZeRO stage (0: least engine overhead on one GPU)")
     parser.add_argument("--override", nargs="*", default=[], help="cuda: extra trainer overrides (key=value)")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"cuda: profile one more step of each point up to {PROFILE_MAX_SEQ_LEN} tokens "
+                             "(trainer.profile_step; the row's 'profile': kernel time by category, wall time)")
     args = parser.parse_args()
     (cuda_sweep if args.device == "cuda" else cpu_sweep)(args)
 

@@ -15,9 +15,11 @@
 #      less memory than it needed there, an 80 GB H100, skips it at once)
 #      when hydra, omegaconf and deepspeed are importable (carry ../shared/offline_wheels.sh's wheels
 #      to an offline machine) -> train_cuda_*;
-#   opt-in: optimizer (what DeepSpeed's engine adds to an optimizer step at ZeRO 0 and at ZeRO 1 with fp32
-#   gradient accumulation, benchmarks/optimizer_step.py, ~45 s each) and profile (the attention and a training
-#   step of the model, dilated and dense, kernel by kernel, benchmarks/gpu_profile.py, 1-2 minutes).
+#   opt-in: profile (one step of the real trainer at 32K, dilated and dense, under torch.profiler: kernel time
+#   by category beside the step's wall time, `benchmarks/train.py --profile`, ~100 s) -> train_cuda_*_profile;
+#   optimizer (what DeepSpeed's engine adds to an optimizer step at ZeRO 0 and at ZeRO 1 with fp32 gradient
+#   accumulation, benchmarks/optimizer_step.py, ~45 s each); profile-model (the attention and a training step
+#   of the bare model, no engine, dilated and dense, benchmarks/gpu_profile.py, 1-2 minutes).
 # Each stage has its own time limit, 180 + 175 + 45 + 170 s, so that a hang cannot eat the lease; a training
 # point that no longer fits is recorded as skipped. What the stages took on a fresh H100 in stop 19
 # (gpu_check_h100.log): the tests more than their then 165 s (all passed in a rerun; the fixed shards
@@ -28,8 +30,8 @@
 # GPU_CHECK_ARCHIVE=path.tgz also packs them all into that one file after every stage (a device
 # runner brings back only a few files).
 # On an offline machine carry the wheels of ../shared/offline_wheels.sh in .whl/ (or GPU_CHECK_WHEELS).
-# Stages to run: GPU_CHECK_STAGES="tests attention profile-attention train" (the default; add or pick "optimizer",
-# "profile"); GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks (the
+# Stages to run: GPU_CHECK_STAGES="tests attention profile-attention train" (the default; add or pick "profile",
+# "optimizer", "profile-model"); GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks (the
 # whole attention sweep: GPU_CHECK_ATTENTION_ARGS="--tune" GPU_CHECK_ATTENTION_LIMIT=400);
 # GPU_CHECK_TESTS_LIMIT, GPU_CHECK_ATTENTION_LIMIT, GPU_CHECK_TRAIN_LIMIT change those stages' limits.
 set -uo pipefail
@@ -69,17 +71,20 @@ for stage in $stages; do
         tests) export GPU_TEST_LOGS="$results/gpu_tests"  # every test's line and the slowest, in the archive too
                run "${GPU_CHECK_TESTS_LIMIT:-180}" gpu_tests \
                    scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-12}" ;;
-        profile) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
+        profile-model) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
         profile-attention) run 45 gpu_profile_attention python3 benchmarks/gpu_profile.py --attention-only \
                                --results "$results" ;;
         attention) run "${GPU_CHECK_ATTENTION_LIMIT:-175}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
                        ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 45} ;;
-        train|optimizer)
+        train|optimizer|profile)
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry the wheels of ../shared/offline_wheels.sh in $wheels/)"
                elif [ "$stage" = train ]; then
                    run "${GPU_CHECK_TRAIN_LIMIT:-170}" train_cuda python3 benchmarks/train.py --device cuda \
                        ${GPU_CHECK_TRAIN_ARGS:---quick --budget 160}
+               elif [ "$stage" = profile ]; then
+                   run 120 train_profile python3 benchmarks/train.py --device cuda --seq-lens 32768 --steps 3 \
+                       --profile --budget 110 --tag profile
                else
                    # DeepSpeed's two bf16 wrappers: stage 0 (FP16_UnfusedOptimizer, today's) and stage 1 with fp32
                    # gradient accumulation (BF16_Optimizer)

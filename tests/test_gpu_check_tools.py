@@ -278,6 +278,37 @@ def test_the_training_stage_skips_a_point_that_no_longer_fits_its_budget():
     assert bench.too_long(65536, "dilated", 19.0) and bench.too_long(65536, "dilated", 21.0) is None  # unmeasured
 
 
+def test_the_training_stage_profiles_one_more_step_and_leaves_it_out_of_the_medians(monkeypatch):
+    """benchmarks/train.py --profile: a 32K point runs steps + 1 steps with trainer.profile_step on the last, keeps
+    that step's profile in its row and out of the medians; a 1M point is not profiled."""
+    import argparse
+
+    import train as bench
+
+    calls = []
+
+    def fake_run(overrides, nproc, threads, timeout, memory_limit, read_back=(), environment=None):
+        calls.append((overrides, read_back))
+        assert environment == {"DS_ACCELERATOR": "cuda"}  # the trainer's, not this process's (later runs here)
+        steps = int(next(o for o in overrides if o.startswith("trainer.max_steps=")).split("=")[1])
+        tokens_per_s = {1: 1e3, 2: 4e3, 3: 5e3, 4: 6e3, 5: 1e2}  # step 5 (profiled) slowest
+        records = [{"step": i, "tokens_per_s": tokens_per_s[i], "mfu": i / 10, "peak_mem_bytes": 2**30, "loss": 1.0}
+                   for i in range(1, steps + 1)]
+        files = {name: {"step": 5, "categories": {"matmul": 1.0}} for name in read_back if name.endswith("_5.json")}
+        return {"status": "ok", "wall_s": 1.0, "records": records, "files": files}
+
+    monkeypatch.setattr(bench, "run_trainer", fake_run)
+    args = argparse.Namespace(profile=True, checkpointing="auto", zero_stage=0, compile="auto", override=[])
+    row = bench.cuda_point(32768, "dilated", 4, args, 1e15, timeout=60)
+    overrides, read_back = calls[-1]
+    assert "trainer.max_steps=5" in overrides and "trainer.profile_step=5" in overrides
+    assert read_back == ("profile_step_5.json",) and row["profile"]["categories"] == {"matmul": 1.0}
+    assert row["timed_steps"] == 3 and row["tokens_per_s"] == 5e3  # steps 2-4: the profiled step 5 left out
+    row = bench.cuda_point(1048576, "dilated", 2, args, 1e15, timeout=60)
+    assert "trainer.max_steps=2" in calls[-1][0] and "trainer.profile_step=null" in calls[-1][0]
+    assert "profile" not in row and "DS_ACCELERATOR" not in os.environ
+
+
 def test_the_attention_stage_records_summarises_and_plots_its_points(tmp_path, monkeypatch, capsys):
     """benchmarks/gpu_attention.py's bookkeeping, which only a lease runs otherwise: each point is printed and
     saved as it comes (a failed one recorded, the sweep going on), the targets are computed from the fastest

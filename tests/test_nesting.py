@@ -218,31 +218,3 @@ def test_shared_keys_in_low_precision(dtype, tol):
     assert ours[0].dtype == dtype
     assert_all_close(ours, ref, **tol)
 
-
-def _nan_empty(real_empty):
-    """torch.empty whose floating-point tensors start as NaN: a row left unwritten would show."""
-    def empty(*args, **kwargs):
-        made = real_empty(*args, **kwargs)
-        return made.fill_(float("nan")) if made.is_floating_point() else made
-    return empty
-
-
-@pytest.mark.parametrize("segs, rates, pad, writes", [
-    ([8, 16, 32], [1, 2, 4], 0.0, (True, True)),     # shared keys: the root r = 1 writes forward and backward
-    ([8, 16, 32], [1, 2, 4], 0.3, (True, False)),    # key padding, every branch alone: only the forward writes
-    ([16, 32], [2, 4], 0.0, (False, False)),         # the first branch (a root) has r = 2: both passes fill first
-])
-@pytest.mark.parametrize("causal", [True, False])
-def test_a_first_branch_that_writes_every_row_leaves_none_unwritten(segs, rates, pad, writes, causal, monkeypatch):
-    """The first branch writes (not adds) the merged rows and the gradient sums when it covers every row
-    (LocalBranch.writes_every_row), so they start uninitialised (torch.empty): made NaN here, chunk by
-    chunk (one segment per chunk), with 3 head groups and batch 2, the results still equal the reference."""
-    monkeypatch.setattr(dilated, "FORWARD_CHUNK_BYTES", 1)
-    (q, k, v), mask = make_inputs(2, 64, 5, 8, seed=11, pad_fraction=pad)
-    branches = [dilated.LocalBranch(w, r) for w, r in zip(segs, rates)]
-    inputs = dilated.AttentionInputs((q, k, v), 2, 64, 5, mask, causal, 0.5, "cpu_flash")
-    inputs.folds = dilated.share_keys(inputs, branches)
-    assert (dilated._first_writes(inputs, branches, False), dilated._first_writes(inputs, branches, True)) == writes
-    monkeypatch.setattr(torch, "empty", _nan_empty(torch.empty))
-    ours, ref = run_both(q, k, v, segs, rates, causal, mask)
-    assert_all_close(ours, ref, **F64_TOL)

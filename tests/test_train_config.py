@@ -66,6 +66,7 @@ def test_unknown_key_override_fails_in_hydra():
     (["attention.dilation_rates=[1,2]"], 1, "must have the same length"),
     (["model.num_heads=3"], 1, "num_heads=3"),
     (["trainer.nonfinite_loss=ignore"], 1, "'ignore' is not one of"),
+    (["trainer.profile_step=0"], 1, r"trainer.profile_step=0 must be an integer >= 1"),
     (["+deepspeed.optimizer.type=Adam"], 1, "deepspeed.optimizer -> set trainer.lr"),
     (["deepspeed.zero_optimization.stage=4"], 1, "stage=4 must be 0, 1, 2 or 3"),
     (["logger.backend=tensorboard"], 1, "logger.backend='tensorboard'"),

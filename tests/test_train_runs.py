@@ -159,3 +159,16 @@ def test_a_validation_split_shorter_than_seq_len_only_matters_with_evaluation(tm
     output, _ = failed.communicate(timeout=300)
     assert failed.returncode != 0
     assert "validation.bin has" in output and "one sample of seq_len=1024 needs 1025" in output, output[-2000:]
+
+
+def test_profile_step_writes_where_that_steps_time_goes(tmp_path):
+    """trainer.profile_step=2: step 2 runs under torch.profiler; profile_step_2.json holds its wall time and its
+    ops (CPU here, kernels on a GPU) by category, the attention's branches among them, and the log prints it."""
+    output = launch(tmp_path, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=2",
+                    "trainer.profile_step=2")
+    profile = json.loads((tmp_path / "profile_step_2.json").read_text())
+    assert profile["step"] == 2 and profile["step_s"] > 0 and profile["tokens"] == 256
+    assert {"matmul", "flash (dense / aten)"} <= profile["categories"].keys(), profile["categories"]
+    assert profile["total_ms"] == pytest.approx(sum(profile["categories"].values()))
+    assert "dilated fwd w=64 r=1" in profile["branches_ms"] and profile["top"], profile
+    assert "step 2 profiled" in output and not (tmp_path / "profile_step_1.json").exists()

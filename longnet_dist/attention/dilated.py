@@ -106,18 +106,6 @@ class LocalBranch:
     def prefetch(self, inputs: AttentionInputs) -> None:
         """Nothing to fetch: every row this branch needs is local."""
 
-    def writes_every_row(self, inputs: AttentionInputs, backward: bool) -> bool:
-        """Whether this branch, run first, can write (not add) every row of the merged output and lse (forward)
-        or of the gradient sums (backward), so that they need no fill: r = 1 read in place on the CPU, where
-        each chunk, head group and slot is one kernel call's row exactly once (the backward only when this
-        branch shares keys as a root: `_backward_shared`, whose one call per segment covers every key too)."""
-        if self.dilation != 1 or inputs.backend == "triton" or inputs.device.type != "cpu":
-            return False
-        if not self.layout(inputs).viewable:
-            return False
-        fold = inputs.folds.get(self, nesting.ROOT)
-        return fold.parent is None and (not backward or fold != nesting.ROOT)
-
     def forward(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
         if inputs.backend == "triton":  # sharded runs on CUDA: this branch through the fused kernels
             return _fused_merge(inputs, merger, self.segment_length, self.dilation, inputs.folds.get(self))
@@ -176,13 +164,12 @@ class LocalBranch:
                 yield b, start, stop, branch_layout(stop - start, inputs.num_heads, self.segment_length,
                                                     self.dilation, inputs.device)
 
-    def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor], write: bool = False) -> None:
-        """Adds this branch's dq, dk, dv into `grads`; with `write` (only where `writes_every_row`) it writes them."""
+    def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         if inputs.backend == "triton":
             return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation, inputs.folds.get(self))
         fold = inputs.folds.get(self, nesting.ROOT)
         if fold != nesting.ROOT:
-            return self._backward_shared(inputs, merged, grads, fold, write)
+            return self._backward_shared(inputs, merged, grads, fold)
         # five gathered inputs, three kernel outputs and three fp32 accumulators per row
         span = chunk_positions(inputs, self.segment_length, BACKWARD_CHUNK_BYTES,
                                11 * inputs.num_heads * inputs.head_dim * 4 * inputs.batch)
@@ -221,7 +208,7 @@ class LocalBranch:
 
 
     def _backward_shared(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor],
-                         fold: nesting.Fold, write: bool = False) -> None:
+                         fold: nesting.Fold) -> None:
         """`backward` of a branch that shares keys (nesting.py): per chunk, head group and call of the
         forward, its rows copied out of the strided views (aten's CPU flash backward runs 1.6x slower on
         views) and the gradients added back through them."""
@@ -250,10 +237,7 @@ class LocalBranch:
                         *(x[:, :, rows].flatten(0, 1) for x in (out, lse)), causal=causal, scale=inputs.scale,
                         backend=inputs.backend, bias=nesting.bias(r, g, fold, rows, keys, q.dtype, q.device))
                     for total, grad, slots in zip(sums, (dq, dk, dv), (rows, keys, keys)):
-                        if write:
-                            total[:, :, slots] = grad[None]
-                        else:
-                            total[:, :, slots] += grad[None]
+                        total[:, :, slots] += grad[None]
 
 
 def share_keys(inputs: AttentionInputs, branches: Sequence[Branch]) -> dict:
@@ -296,7 +280,7 @@ def run_branches_forward(inputs: AttentionInputs, branches: Sequence[Branch]) ->
         branch.prefetch(inputs)
     inputs.folds = share_keys(inputs, branches)
     merger = BranchMerger(inputs.batch, inputs.seq_len * inputs.num_heads, inputs.head_dim,
-                          lse_dtype(inputs.dtype), inputs.device, filled=not _first_writes(inputs, branches, False))
+                          lse_dtype(inputs.dtype), inputs.device)
     for branch in branches:
         with branch_range("fwd", branch.segment_length, branch.dilation):
             branch.forward(inputs, merger)
@@ -313,23 +297,12 @@ def run_branches_backward(inputs: AttentionInputs, branches: Sequence[Branch], m
     acc = lse_dtype(inputs.dtype)
     # one spare row at the end absorbs scatters from invalid slots
     rows = inputs.seq_len * inputs.num_heads + 1
+    grads = [torch.zeros(inputs.batch, rows, inputs.head_dim, dtype=acc, device=inputs.device) for _ in range(3)]
     inputs.folds = share_keys(inputs, branches)
-    writes = _first_writes(inputs, branches, True)
-    make = torch.empty if writes else torch.zeros  # the first branch writes every row but the spare one
-    grads = [make(inputs.batch, rows, inputs.head_dim, dtype=acc, device=inputs.device) for _ in range(3)]
-    for i, branch in enumerate(branches):
+    for branch in branches:
         with branch_range("bwd", branch.segment_length, branch.dilation):
-            if i == 0 and writes:
-                branch.backward(inputs, merged, grads, write=True)
-            else:
-                branch.backward(inputs, merged, grads)
+            branch.backward(inputs, merged, grads)
     return [g[:, :-1].to(inputs.dtype) for g in grads]
-
-
-def _first_writes(inputs: AttentionInputs, branches: Sequence[Branch], backward: bool) -> bool:
-    """Whether the first branch writes every row of the pass's sums (LocalBranch.writes_every_row)."""
-    first = branches[0] if branches else None
-    return isinstance(first, LocalBranch) and first.writes_every_row(inputs, backward)
 
 
 class _DilatedAttentionFunction(torch.autograd.Function):

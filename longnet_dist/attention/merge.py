@@ -31,16 +31,10 @@ class BranchMerger:
     """Accumulates branch outputs (Eq. 9-10) into dense rows (B, N * H + 1, D); the last row is a spare
     that swallows invalid slots, so scatters need no masking."""
 
-    def __init__(self, batch: int, rows: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 filled: bool = True):
-        """`filled` False: rows start uninitialised, for a first branch that writes every one of them."""
+    def __init__(self, batch: int, rows: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.rows = rows
-        if filled:
-            self.out = torch.zeros(batch, rows + 1, head_dim, dtype=dtype, device=device)
-            self.lse = torch.full((batch, rows + 1), float("-inf"), dtype=dtype, device=device)
-        else:
-            self.out = torch.empty(batch, rows + 1, head_dim, dtype=dtype, device=device)
-            self.lse = torch.empty(batch, rows + 1, dtype=dtype, device=device)
+        self.out = torch.zeros(batch, rows + 1, head_dim, dtype=dtype, device=device)
+        self.lse = torch.full((batch, rows + 1), float("-inf"), dtype=dtype, device=device)
         self._empty = True
 
     def add(self, index: Tensor, out: Tensor, lse: Tensor) -> None:

@@ -125,6 +125,7 @@ class TrainerSchema:
     peak_flops: float = MISSING
     progress_bar: bool = MISSING
     num_threads: Optional[int] = MISSING
+    profile_step: Optional[int] = None
 
 
 @dataclass
@@ -229,6 +230,8 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
         _positive("trainer.keep_last_checkpoints", trainer.keep_last_checkpoints)
     if trainer.num_threads is not None:
         _positive("trainer.num_threads", trainer.num_threads)
+    if trainer.profile_step is not None:
+        _positive("trainer.profile_step", trainer.profile_step)
     if not trainer.lr > 0 or not 0 <= trainer.min_lr_ratio <= 1 or trainer.weight_decay < 0 or trainer.grad_clip < 0:
         raise ValueError(f"trainer.lr={trainer.lr} must be > 0, min_lr_ratio={trainer.min_lr_ratio} in [0, 1], "
                          f"weight_decay={trainer.weight_decay} and grad_clip={trainer.grad_clip} >= 0")

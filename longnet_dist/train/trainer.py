@@ -28,6 +28,7 @@ from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import deepspeed_config, describe_branches, model_config, validate_config
 from .engine import build_engine, ensure_process_group, stage0_grad_norm
+from .profiling import format_summary, profiled, write_step_profile
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
 from .loss import sequence_parallel_loss
@@ -189,9 +190,13 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     with logging_redirect_tqdm():  # log lines print above the progress bar
         while step < trainer.max_steps:
             step_started = time.perf_counter()
-            loss, grad_norm, lr = _train_step(engine, train_loader, mesh.sequence_group, gas, step + 1,
-                                              trainer.nonfinite_loss, diagnostics_dir)
+            with profiled(engine.device, enabled=trainer.profile_step == step + 1) as found:
+                loss, grad_norm, lr = _train_step(engine, train_loader, mesh.sequence_group, gas, step + 1,
+                                                  trainer.nonfinite_loss, diagnostics_dir)
             step += 1
+            if found and is_main:  # this step ran under torch.profiler: its time includes the profiler's
+                path = write_step_profile(output_dir, step, found, {"tokens": tokens_per_step})
+                logger.write(format_summary(f"step {step} profiled ({path})", found["summary"], found["seconds"]))
             interval.seconds += time.perf_counter() - step_started
             interval.steps, interval.loss_sum = interval.steps + 1, interval.loss_sum + loss
             if grad_norm is not None:

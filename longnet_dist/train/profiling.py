@@ -1,0 +1,95 @@
+"""Where a step's time goes: torch.profiler over one step, its kernels (CUDA) or ops (CPU) grouped by kind.
+
+`trainer.profile_step=N` profiles optimizer step N of a run (DeepSpeed engine, data, loss and all) and writes
+<run dir>/profile_step_N.json: the step's wall time, its kernels' summed time by category (a wall time well
+above the kernels' sum means the GPU waited on the host), the time inside each attention branch
+(`kernels.branch_range`) and the largest kernels. benchmarks/gpu_profile.py uses the same summary for its
+attention-only and bare-model profiles. Importing this module needs torch only (no Hydra, no DeepSpeed).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+# (category, pattern searched in the lower-cased kernel or op name), first match wins; Triton kernels keep
+# their function's name (attention/kernels/triton_dilated.py)
+CATEGORIES = [
+    ("dilated fwd", r"^_fwd\b"), ("dilated dK/dV", r"^_bwd_dkdv\b"), ("dilated dQ", r"^_bwd_dq\b"),
+    ("dilated prep / merge", r"^_bwd_prep\b|^_merge_chains\b"),
+    ("flash (dense / aten)", r"flash|fmha|efficient_attention|scaled_dot_product"),
+    ("optimizer", r"multi_tensor|adam|foreach"), ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::mm|addmm|bmm"),
+    ("compiled region", r"^triton_|compiledfunction|torch-compiled"), ("copy / fill", r"memcpy|memset|copy|fill|zero"),
+    ("reduction", r"reduce|sum|norm"), ("elementwise", r"elementwise|vectorized|aten::"),
+]
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    return next((label for label, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
+
+
+def summarize(prof, device: str, top: int = 15) -> dict:
+    """Kernel (CUDA) or op (CPU) self times of one profile: per category, per attention branch and the
+    `top` largest."""
+    rows, branches = [], {}
+    for event in prof.key_averages():
+        if event.key.startswith("dilated ") and " w=" in event.key:  # kernels.branch_range: one branch's work
+            branches[event.key] = (event.device_time_total if device == "cuda" else event.cpu_time_total) / 1000
+        if device == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.self_device_time_total
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            rows.append({"name": event.key[:160], "calls": event.count, "ms": us / 1000, "category": category(event.key)})
+    total = sum(r["ms"] for r in rows) or 1.0
+    by_category: dict[str, float] = {}
+    for r in rows:
+        by_category[r["category"]] = by_category.get(r["category"], 0.0) + r["ms"]
+    rows.sort(key=lambda r: -r["ms"])
+    return {"total_ms": total, "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+            "branches_ms": dict(sorted(branches.items())), "top": rows[:top]}
+
+
+def format_summary(label: str, summary: dict, seconds: float, rows: int = 8) -> str:
+    """The summary as lines of text: wall time, kernel time, categories, branches, the largest kernels."""
+    lines = [f"== {label}: {seconds * 1000:.2f} ms per step, {summary['total_ms']:.2f} ms of kernels"]
+    lines += [f"   {name:<22} {ms:10.2f} ms {100 * ms / summary['total_ms']:5.1f}%"
+              for name, ms in summary["categories"].items()]
+    lines += [f"   {name:<30} {ms:10.2f} ms" for name, ms in summary["branches_ms"].items()]
+    lines += [f"   {row['ms']:10.2f} ms x{row['calls']:<4} {row['name'][:100]}" for row in summary["top"][:rows]]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def profiled(device: torch.device, enabled: bool = True):
+    """Profile the block (CPU ops, and CUDA kernels on a CUDA device); yields a dict that holds, after the
+    block, "summary" (`summarize`) and "seconds" (the block's wall time, the device synchronised)."""
+    found: dict = {}
+    if not enabled:
+        yield found
+        return
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        started = time.perf_counter()
+        yield found
+        sync()
+        found["seconds"] = time.perf_counter() - started
+    found["summary"] = summarize(prof, "cuda" if cuda else "cpu")
+
+
+def write_step_profile(output_dir: Path, step: int, found: dict, extra: dict | None = None) -> Path:
+    """<output_dir>/profile_step_<step>.json from a `profiled` block's result."""
+    path = Path(output_dir) / f"profile_step_{step}.json"
+    path.write_text(json.dumps({"step": step, "step_s": found["seconds"], **(extra or {}), **found["summary"]},
+                               indent=2) + "\n")
+    return path
