@@ -28,11 +28,11 @@ from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import deepspeed_config, describe_branches, model_config, validate_config
 from .engine import build_engine, ensure_process_group, stage0_grad_norm
-from .profiling import format_summary, profiled, write_step_profile
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
 from .loss import sequence_parallel_loss
 from .metrics import MetricsLogger, peak_memory_bytes
+from .profiling import format_summary, profiled, write_step_profile
 from .state import client_state, resolve_resume, restore_rng
 
 IGNORE_INDEX = PAD_ID  # labels equal to the pad id carry no loss
