@@ -54,7 +54,14 @@ def summarize(prof, device: str, top: int = 15) -> dict:
         by_category[r["category"]] = by_category.get(r["category"], 0.0) + r["ms"]
     rows.sort(key=lambda r: -r["ms"])
     return {"total_ms": total, "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
-            "branches_ms": dict(sorted(branches.items())), "top": rows[:top]}
+            "branches_ms": dict(sorted(branches.items(), key=_branch_order)), "top": rows[:top]}
+
+
+def _branch_order(item: tuple[str, float]) -> tuple[bool, int, str]:
+    """"dilated fwd w=2048 r=1": forward before backward, then by segment length."""
+    name = item[0]
+    found = re.search(r"w=(\d+)", name)
+    return " fwd " not in name, int(found.group(1)) if found else 0, name
 
 
 def format_summary(label: str, summary: dict, seconds: float, rows: int = 8) -> str:
