@@ -92,7 +92,7 @@ for stage in $stages; do
                    run 45 optimizer_step_zero1 python3 benchmarks/optimizer_step.py --device cuda --zero-stage 1 \
                        --grad-accum-dtype fp32
                fi
-               # these two write into benchmarks/results/: copy what this run wrote next to the other results
+               # these write into benchmarks/results/: copy what this run wrote next to the other results
                [ "$results" = benchmarks/results ] || find benchmarks/results -maxdepth 1 -type f -newer "$started" \
                    \( -name 'train_cuda*' -o -name 'optimizer_step_cuda*' \) -exec cp -f {} "$results"/ \; ;;
         *) echo "unknown stage $stage"; status=1 ;;
