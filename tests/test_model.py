@@ -1,6 +1,9 @@
 """LongNetLM: shapes, loss against torch's cross-entropy, causality, checkpointing, counts and FLOPs."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +76,22 @@ def test_memory_savers_give_the_same_loss_and_gradients(overrides):
     torch.testing.assert_close(saved_loss, loss, **TOL)
     for name, grad in grads.items():
         torch.testing.assert_close(saved_grads[name], grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                    reason="CPU tensors reach the fused kernels only through Triton's interpreter")
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_the_fused_kernels_train_the_model_as_the_cpu_kernels_do(checkpointing):
+    """The model on the fused Triton kernels (CUDA's default; here through the interpreter, fp32): q and k
+    from rotary, v a strided view of the qkv projection, recomputed under checkpointing. The loss and every
+    parameter's gradient equal the model on aten's CPU kernels (fp32: summation order only)."""
+    ids = tokens()
+    settings = dict(activation_checkpointing=checkpointing, segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4])
+    loss, grads = _loss_and_grads(build(attention_backend="cpu_flash", **settings), ids)
+    fused_loss, fused_grads = _loss_and_grads(build(attention_backend="triton", **settings), ids)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_tied_embeddings_share_one_matrix_and_count_once():
