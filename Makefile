@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test train bench gpu-check clean slurm-up slurm-down
+.PHONY: setup test train bench gpu-check gpu-profile clean slurm-up slurm-down
 
 # torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
@@ -34,6 +34,12 @@ bench: setup
 # on a CUDA machine (needs no `setup`): CUDA tests + GPU benchmarks + an attention profile, stages limited to 9.5 minutes, results in benchmarks/results/
 gpu-check:
 	scripts/gpu_check.sh
+
+# after gpu-check, on the same machine (its kernel_tuning.json): one real trainer step at 32K profiled, dilated and
+# dense, and DeepSpeed's two bf16 optimizer wrappers timed; about 3.5 minutes
+gpu-profile:
+	LONGNET_KERNEL_TUNING=$${LONGNET_KERNEL_TUNING:-$$(ls -t $${OUT:-benchmarks/results}/kernel_tuning.json 2>/dev/null | head -1)} \
+	GPU_CHECK_STAGES="profile optimizer" scripts/gpu_check.sh
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info slurm-*.out slurm-*.err
