@@ -213,6 +213,10 @@ def main() -> None:
                         help="seconds from the start after which the tuning tries nothing new (each step keeps its "
                              "best so far; kernel_tuning.json is written after every step), leaving the rest of a "
                              "time-limited stage to the measured points")
+    parser.add_argument("--dq-modes", nargs="+", metavar="MODE", default=None,
+                        help="the ways to compute dQ to check and time first (default: all of fused_settings.DQ_MODES; "
+                             "the GPU check passes 'stream kernel', measured fastest on an H200 and an H100, so "
+                             "its tuning budget goes to the settings never timed)")
     parser.add_argument("--tag", default="", help="results go to gpu_attention_<tag>.json/png")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args()
@@ -227,7 +231,11 @@ def main() -> None:
     from longnet_dist.attention import fused_settings
 
     gpu_kernels.DEADLINE = STARTED + args.tune_budget
-    payload["dq_variants"] = choose_dq_variant([m for m in fused_settings.DQ_MODES if m not in UNTRIED_DQ_MODES])
+    unknown = sorted(set(args.dq_modes or ()) - set(fused_settings.DQ_MODES))
+    if unknown:
+        sys.exit(f"--dq-modes {' '.join(unknown)}: not one of {list(fused_settings.DQ_MODES)}")
+    payload["dq_variants"] = choose_dq_variant([m for m in args.dq_modes or fused_settings.DQ_MODES
+                                                if m not in UNTRIED_DQ_MODES])
     write_tuning(args.results)
     if args.tune:  # never timed first (the block shapes were tuned on an H200 and an H100); each choice handed on
         tuning = {"share_keys": tune_share_keys()}

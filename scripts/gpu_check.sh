@@ -4,8 +4,10 @@
 #      reference) on GPU_CHECK_TEST_SHARDS (default 12) pytest processes side by side
 #      (scripts/gpu_test_shards.sh: on a fresh machine their time is mostly Triton compiling) -> gpu_tests/;
 #   2. attention: the attention benchmark, dilated vs dense flash (default `--tune --quick
-#      --tune-budget 45`: the dQ modes and shared keys at 256K, small launches and side branches at 32K, block
-#      shapes at 256K, for at most 45 s; then N = 32K, 1M and 4M; then TMA loads) -> gpu_attention.* and
+#      --tune-budget 45 --dq-modes stream kernel`: those two dQ modes, which share their kernels ("atomic"
+#      and "tma" were slower on an H200 and an H100), and shared keys at 256K, small launches and side
+#      branches at 32K, block shapes at 256K, for at most 45 s; then N = 32K, 1M and 4M; then TMA loads)
+#      -> gpu_attention.* and
 #      kernel_tuning.json (the settings chosen; the later stages run with them through LONGNET_KERNEL_TUNING);
 #   3. profile-attention: where one attention forward+backward spends its time, kernel by kernel and branch by
 #      branch, at 32K and 1M, dense beside it (benchmarks/gpu_profile.py --attention-only, ~20 s once the
@@ -75,7 +77,7 @@ for stage in $stages; do
         profile-attention) run 45 gpu_profile_attention python3 benchmarks/gpu_profile.py --attention-only \
                                --results "$results" ;;
         attention) run "${GPU_CHECK_ATTENTION_LIMIT:-175}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
-                       ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 45} ;;
+                       ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 45 --dq-modes stream kernel} ;;
         train|optimizer|profile)
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry the wheels of ../shared/offline_wheels.sh in $wheels/)"
