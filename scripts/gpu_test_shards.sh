@@ -30,22 +30,26 @@ if [ "$mode" = xdist ]; then
     exit "${PIPESTATUS[0]}"
 fi
 
-pids=() rc=0
+pids=() rc=0 shard_logs=()
 for ((i = 0; i < processes; i++)); do
-    LONGNET_TEST_SHARD="$i/$processes" python3 -m pytest "${files[@]}" "${options[@]}" > "$logs/shard$i.log" 2>&1 &
+    shard_logs+=("$logs/shard$i.log") && : > "${shard_logs[$i]}"  # made now: a background job opens it later
+    LONGNET_TEST_SHARD="$i/$processes" python3 -m pytest "${files[@]}" "${options[@]}" > "${shard_logs[$i]}" 2>&1 &
     pids+=($!)
 done
-# each shard's results as they come (one line per test), then its summary
-tail -q -n +1 -F "$logs"/shard*.log 2>/dev/null > >(grep --line-buffered -E "PASSED|FAILED|ERROR|SKIPPED") &
+# each shard's results as they come (one line per test), then its summary. Every log exists before the follower
+# starts (a glob over logs that background jobs had not yet created missed a shard on a loaded machine), and the
+# follower stops once `running` ends, after reading the logs once more (tail --pid), not after a fixed wait
+sleep infinity & running=$!
+tail -q -n +1 -F --pid="$running" "${shard_logs[@]}" 2>/dev/null | grep --line-buffered -E "PASSED|FAILED|ERROR|SKIPPED" &
 follower=$!
 for i in "${!pids[@]}"; do
     if wait "${pids[$i]}"; then status=passed; else rc=1; status=FAILED; fi
-    echo "-- shard $i/$processes $status: $(tail -n 1 "$logs/shard$i.log")"
+    echo "-- shard $i/$processes $status: $(tail -n 1 "${shard_logs[$i]}")"
 done
-sleep 1 && kill "$follower"  # after its last lines
+kill "$running" && wait "$follower"
 for i in "${!pids[@]}"; do
-    if grep -q -E "FAILED|ERROR" "$logs/shard$i.log"; then
-        echo "== shard $i/$processes, its log:" && cat "$logs/shard$i.log"
+    if grep -q -E "FAILED|ERROR" "${shard_logs[$i]}"; then
+        echo "== shard $i/$processes, its log:" && cat "${shard_logs[$i]}"
     fi
 done
 exit $rc
