@@ -33,7 +33,6 @@ from common import RESULTS, machine  # noqa: E402
 from longnet_dist.attention import dilated_attention  # noqa: E402
 from longnet_dist.model import LongNetConfig, LongNetLM  # noqa: E402
 from longnet_dist.train import profiling  # noqa: E402
-from longnet_dist.train.profiling import category  # noqa: E402,F401 - the categories' home; tests import it here
 
 SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
 K, M = 1024, 1024 * 1024

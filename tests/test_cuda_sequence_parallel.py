@@ -9,7 +9,7 @@ tests/test_sequence_parallel.py checks the communication itself (bytes, ranks, s
 LONGNET_SHARDED_TEST_DEVICE=cpu runs the same test through Triton's interpreter (a check of the test).
 
 Tolerances: those of tests/test_cuda_attention.py for each dtype (relative L2 with a per-element floor,
-reference.dilated_errors' measure). Against the single-device result the same bound: both round at the
+reference.error_norms). Against the single-device result the same bound: both round at the
 dtype's precision, in different orders (the spanning branches' keys arrive in per-rank parts).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from longnet_dist.attention import dilated_attention, segment_spans
 from longnet_dist.distributed import build_mesh
 from longnet_dist.distributed.testing import run_multiprocess
-from reference import reference_dilated_attention
+from reference import error_norms, reference_dilated_attention
 
 DEVICE = os.environ.get("LONGNET_SHARDED_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -90,13 +90,6 @@ def _worker(rank: int, world_size: int) -> dict:
     return results
 
 
-def _errors(got: list[torch.Tensor], expected: list[torch.Tensor]) -> dict[str, float]:
-    for name, a in zip(("out", "dq", "dk", "dv"), got):
-        assert torch.isfinite(a).all(), f"{name} has non-finite values"
-    return {name: ((a.double().cpu() - b.double().cpu()).norm() / (b.double().norm() + 1e-2 * b.numel() ** 0.5)).item()
-            for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected)}
-
-
 def _single(case: dict, dense: bool) -> list[torch.Tensor]:
     """[out, dq, dk, dv] of the whole sequence on one device: the float64 reference, or the fused kernels."""
     q, k, v, grad, mask = case_inputs(case)
@@ -121,7 +114,7 @@ def test_sharded_on_gpu_matches_dense_reference_and_single_device():
     for name, case in CASES.items():
         sharded = [torch.cat(parts, dim=1) for parts in zip(*(r[name] for r in per_rank))]
         for against in ("dense reference", "single device"):
-            errors = _errors(sharded, _single(case, dense=against == "dense reference"))
+            errors = error_norms(sharded, _single(case, dense=against == "dense reference"))
             if max(errors.values()) >= TOLERANCE[case["dtype"]]:
                 failures.append(f"{name} against the {against}: {errors}")
     assert not failures, "\n".join(failures)

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
+from longnet_dist.train.profiling import category
 from subprocess_env import REPO, repo_first_on_pythonpath
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from gpu_profile import category  # noqa: E402
 
 
 def collected(shard: str | None) -> subprocess.CompletedProcess:

@@ -190,11 +190,11 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     with logging_redirect_tqdm():  # log lines print above the progress bar
         while step < trainer.max_steps:
             step_started = time.perf_counter()
-            with profiled(engine.device, enabled=trainer.profile_step == step + 1) as found:
+            with profiled(engine.device, enabled=is_main and trainer.profile_step == step + 1) as found:
                 loss, grad_norm, lr = _train_step(engine, train_loader, mesh.sequence_group, gas, step + 1,
                                                   trainer.nonfinite_loss, diagnostics_dir)
             step += 1
-            if found and is_main:  # this step ran under torch.profiler: its time includes the profiler's
+            if found:  # this step ran under torch.profiler (rank 0): its time includes the profiler's
                 path = write_step_profile(output_dir, step, found, {"tokens": tokens_per_step})
                 logger.write(format_summary(f"step {step} profiled ({path})", found["summary"], found["seconds"]))
             interval.seconds += time.perf_counter() - step_started
