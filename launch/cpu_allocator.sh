@@ -5,7 +5,7 @@
 #
 # glibc serves every tensor above 32 MiB with a fresh mmap and unmaps it on free, so a long-sequence
 # CPU step pays page faults and page zeroing for each large tensor, every step. tcmalloc keeps freed
-# memory for reuse: training steps ran up to 1.27x faster with a lower peak (README, "tcmalloc on CPU
+# memory for reuse: training steps ran up to 1.27x faster with a lower peak (docs/performance.md, "tcmalloc on CPU
 # runs", measured with benchmarks/train.py). Install: apt-get install libtcmalloc-minimal4
 # (Debian/Ubuntu) or gperftools elsewhere.
 # LONGNET_TCMALLOC: auto (default: use it when found), 0 (never), 1 (required: fail when missing).
