@@ -12,13 +12,15 @@
 #   3. profile-attention: where one attention forward+backward spends its time, kernel by kernel and branch by
 #      branch, at 32K and 1M, dense beside it (benchmarks/gpu_profile.py --attention-only, ~20 s once the
 #      attention stage has compiled the kernels) -> gpu_profile_attention.json;
-#   4. train: the real trainer on the GPU (default `--quick --budget 160`: 32K dilated and dense, 1M and,
-#      if the budget leaves time, 4M dilated; a 4M step completed on an H200 in stop 14, and a GPU with
-#      less memory than it needed there, an 80 GB H100, skips it at once)
+#   4. train: the real trainer on the GPU (default `--quick --budget 160 --profile`: 32K dilated and dense,
+#      1M and, if the budget leaves time, 4M dilated; a 4M step completed on an H200 in stop 14, and a GPU
+#      with less memory than it needed there, an 80 GB H100, skips it at once; one more 32K step of each
+#      model runs under torch.profiler, trainer.profile_step, left out of the timings: its kernel time by
+#      category beside the step's wall time goes into the row's "profile")
 #      when hydra, omegaconf and deepspeed are importable (carry ../shared/offline_wheels.sh's wheels
 #      to an offline machine) -> train_cuda_*;
-#   opt-in: profile (one step of the real trainer at 32K, dilated and dense, under torch.profiler: kernel time
-#   by category beside the step's wall time, `benchmarks/train.py --profile`, ~100 s) -> train_cuda_*_profile;
+#   opt-in: profile (the same 32K profile in trainer runs of its own, `benchmarks/train.py --profile`, ~100 s)
+#   -> train_cuda_*_profile;
 #   optimizer (what DeepSpeed's engine adds to an optimizer step at ZeRO 0 and at ZeRO 1 with fp32 gradient
 #   accumulation, benchmarks/optimizer_step.py, ~45 s each); profile-model (the attention and a training step
 #   of the bare model, no engine, dilated and dense, benchmarks/gpu_profile.py, 1-2 minutes).
@@ -83,7 +85,7 @@ for stage in $stages; do
                    echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry the wheels of ../shared/offline_wheels.sh in $wheels/)"
                elif [ "$stage" = train ]; then
                    run "${GPU_CHECK_TRAIN_LIMIT:-170}" train_cuda python3 benchmarks/train.py --device cuda \
-                       ${GPU_CHECK_TRAIN_ARGS:---quick --budget 160}
+                       ${GPU_CHECK_TRAIN_ARGS:---quick --budget 160 --profile}
                elif [ "$stage" = profile ]; then
                    run 120 train_profile python3 benchmarks/train.py --device cuda --seq-lens 32768 --steps 3 \
                        --profile --budget 110 --tag profile

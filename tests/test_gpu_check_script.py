@@ -1,0 +1,105 @@
+"""scripts/gpu_check.sh, the one command of a short GPU lease, checked on the CPU with stand-in commands:
+which stages run with which arguments, that the kernel tuning reaches the later stages, that results land
+in $OUT and in the archive after every stage, and that a failing or hanging stage costs only itself.
+
+A stand-in `python3` first on PATH logs each call (its arguments and LONGNET_KERNEL_TUNING) and writes
+what the real scripts would: kernel_tuning.json for the attention stage, a train_cuda JSON into
+benchmarks/results/ for the training stage. FAKE_FAIL / FAKE_HANG name a script whose call fails / hangs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+from subprocess_env import REPO
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "$*|${LONGNET_KERNEL_TUNING:-}" >> "$FAKE_LOG"
+args="$*"
+case "$args" in
+    "-c import hydra, omegaconf, deepspeed") exit "${FAKE_DEPS_RC:-0}" ;;
+    -c*) exit 0 ;;
+esac
+[[ "$args" != *"${FAKE_HANG:-<none>}"* ]] || exec sleep 60
+[[ "$args" != *"${FAKE_FAIL:-<none>}"* ]] || { echo "stand-in failure"; exit 3; }
+case "$args" in
+    *gpu_attention.py*) results=$(sed -E 's/.*--results ([^ ]+).*/\1/' <<< "$args")
+                        echo '{"dq_mode": "stream"}' > "$results/kernel_tuning.json" ;;
+    *benchmarks/train.py*) echo '{"rows": []}' > benchmarks/results/train_cuda_standin.json ;;
+    *"-m pytest"*) echo "tests/test_cuda_attention.py::test_a PASSED"; echo "1 passed" ;;
+esac
+echo "ran: $args"
+"""
+
+
+def gpu_check(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[tuple[str, str]], Path]:
+    """Runs a copy of the two scripts in a project folder of their own (so the stand-ins write nothing into
+    this checkout); returns the result, the logged (arguments, LONGNET_KERNEL_TUNING) calls and $OUT."""
+    root, bin_dir, out = tmp_path / "project", tmp_path / "bin", tmp_path / "out"
+    for folder in (root / "scripts", root / "benchmarks" / "results", bin_dir, out):
+        folder.mkdir(parents=True)
+    for script in ("gpu_check.sh", "gpu_test_shards.sh"):
+        shutil.copy2(REPO / "scripts" / script, root / "scripts" / script)
+    (bin_dir / "python3").write_text(FAKE_PYTHON)
+    (bin_dir / "python3").chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.touch()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "LONGNET_", "OUT"))}
+    clean.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), OUT=str(out), **env)
+    result = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=clean,
+                            capture_output=True, text=True, timeout=120)
+    calls = [tuple(line.split("|", 1)) for line in log.read_text().splitlines()]
+    return result, [c for c in calls if not c[0].startswith("-c ")], out
+
+
+def test_the_default_stages_run_in_order_and_hand_on_the_tuning(tmp_path):
+    archive = tmp_path / "check.tgz"
+    result, calls, out = gpu_check(tmp_path, GPU_CHECK_ARCHIVE=str(archive))
+    assert result.returncode == 0, result.stdout + result.stderr
+    scripts = [args.split()[0] if not args.startswith("-m pytest") else "pytest" for args, _ in calls]
+    assert scripts == ["pytest", "benchmarks/gpu_attention.py", "benchmarks/gpu_profile.py", "benchmarks/train.py"]
+    by_script = dict(zip(scripts, calls))
+    assert by_script["pytest"][0].count("tests/test_cuda") == 2  # the CUDA tests, the sharded one included
+    assert by_script["benchmarks/gpu_attention.py"][0].endswith("--tune --quick --tune-budget 45 --dq-modes stream kernel")
+    assert "--attention-only" in by_script["benchmarks/gpu_profile.py"][0]
+    # the training stage profiles a 32K step by default, with the attention stage's tuning
+    assert by_script["benchmarks/train.py"][0] == "benchmarks/train.py --device cuda --quick --budget 160 --profile"
+    tuning = str((out / "kernel_tuning.json").resolve())
+    assert by_script["benchmarks/train.py"][1] == tuning and by_script["benchmarks/gpu_profile.py"][1] == tuning
+    assert by_script["benchmarks/gpu_attention.py"][1] == ""  # nothing tuned before the tuning stage
+    # each stage's log and the training stage's JSON (written into benchmarks/results/) are in $OUT and the archive
+    expected = {"gpu_tests.log", "gpu_attention.log", "gpu_profile_attention.log", "train_cuda.log",
+                "kernel_tuning.json", "train_cuda_standin.json"}
+    assert expected <= {p.name for p in out.iterdir()}
+    with tarfile.open(archive) as packed:
+        assert expected <= {Path(name).name for name in packed.getnames()}
+    assert "== train_cuda exit 0" in result.stdout
+
+
+def test_a_failing_stage_fails_the_check_but_the_others_still_run(tmp_path):
+    result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="attention train", FAKE_FAIL="gpu_attention.py")
+    assert result.returncode == 1
+    assert "== gpu_attention exit 3" in result.stdout and "stand-in failure" in (out / "gpu_attention.log").read_text()
+    assert [args.split()[0] for args, _ in calls] == ["benchmarks/gpu_attention.py", "benchmarks/train.py"]
+    assert calls[-1][1] == ""  # no tuning was written, so none is handed on
+
+
+def test_a_hanging_stage_stops_at_its_limit(tmp_path):
+    started = time.monotonic()
+    result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="train", GPU_CHECK_TRAIN_LIMIT="2",
+                                   FAKE_HANG="benchmarks/train.py")
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1 and "== train_cuda exit 124" in result.stdout
+    assert (out / "train_cuda.log").exists()
+
+
+def test_without_deepspeed_the_training_stages_are_skipped_and_an_unknown_stage_is_an_error(tmp_path):
+    result, calls, _ = gpu_check(tmp_path, GPU_CHECK_STAGES="train optimizer bogus", FAKE_DEPS_RC="1")
+    assert result.returncode == 1
+    assert calls == []
+    assert result.stdout.count("skipped: hydra/omegaconf/deepspeed not importable") == 2
+    assert "unknown stage bogus" in result.stdout
