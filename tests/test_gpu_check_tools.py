@@ -101,6 +101,30 @@ def test_kernel_names_fall_into_their_categories():
     assert category("some_new_kernel") == "other"
 
 
+
+def test_a_profile_that_cannot_be_summarised_does_not_stop_the_step(monkeypatch, tmp_path):
+    """trainer.profile_step on a machine whose profiler records something unexpected: the step's result and
+    wall time stand, the summary names the error (log line and JSON); the step's own errors still propagate."""
+    import torch
+
+    from longnet_dist.train import profiling
+
+    def broken(prof, device, top=15):
+        raise AttributeError("'FunctionEventAvg' object has no attribute 'self_device_time_total'")
+
+    monkeypatch.setattr(profiling, "summarize", broken)
+    with profiling.profiled(torch.device("cpu")) as found:
+        product = torch.ones(4, 4) @ torch.ones(4, 4)
+    assert product.sum() == 64 and found["seconds"] > 0
+    assert found["summary"] == {"error": "could not summarise the profile: AttributeError: 'FunctionEventAvg' "
+                                         "object has no attribute 'self_device_time_total'"}
+    assert "ms per step; could not summarise the profile: AttributeError" in \
+        profiling.format_summary("step 3 profiled", found["summary"], found["seconds"])
+    assert json.loads(profiling.write_step_profile(tmp_path, 3, found).read_text())["error"].startswith("could not")
+    with pytest.raises(ValueError, match="the step failed"):
+        with profiling.profiled(torch.device("cpu")):
+            raise ValueError("the step failed")
+
 def profile_smoke(tmp_path, *options: str) -> None:
     """benchmarks/gpu_profile.py --device cpu --smoke into tmp_path; it must succeed."""
     result = subprocess.run([sys.executable, "benchmarks/gpu_profile.py", "--device", "cpu", "--smoke", *options,

@@ -66,6 +66,8 @@ def _branch_order(item: tuple[str, float]) -> tuple[bool, int, str]:
 
 def format_summary(label: str, summary: dict, seconds: float, rows: int = 8) -> str:
     """The summary as lines of text: wall time, kernel time, categories, branches, the largest kernels."""
+    if "error" in summary:
+        return f"== {label}: {seconds * 1000:.2f} ms per step; {summary['error']}"
     lines = [f"== {label}: {seconds * 1000:.2f} ms per step, {summary['total_ms']:.2f} ms of kernels"]
     lines += [f"   {name:<22} {ms:10.2f} ms {100 * ms / summary['total_ms']:5.1f}%"
               for name, ms in summary["categories"].items()]
@@ -77,7 +79,9 @@ def format_summary(label: str, summary: dict, seconds: float, rows: int = 8) -> 
 @contextlib.contextmanager
 def profiled(device: torch.device, enabled: bool = True):
     """Profile the block (CPU ops, and CUDA kernels on a CUDA device); yields a dict that holds, after the
-    block, "summary" (`summarize`) and "seconds" (the block's wall time, the device synchronised)."""
+    block, "summary" (`summarize`, or {"error": ...} if the profile could not be summarised: the block's
+    own errors propagate, the profiler's do not) and "seconds" (the block's wall time, the device
+    synchronised)."""
     found: dict = {}
     if not enabled:
         yield found
@@ -91,7 +95,10 @@ def profiled(device: torch.device, enabled: bool = True):
         yield found
         sync()
         found["seconds"] = time.perf_counter() - started
-    found["summary"] = summarize(prof, "cuda" if cuda else "cpu")
+    try:
+        found["summary"] = summarize(prof, "cuda" if cuda else "cpu")
+    except Exception as error:  # what the profiler recorded must not stop a training run: the step itself ran
+        found["summary"] = {"error": f"could not summarise the profile: {type(error).__name__}: {error}"}
 
 
 def write_step_profile(output_dir: Path, step: int, found: dict, extra: dict | None = None) -> Path:
