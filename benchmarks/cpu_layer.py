@@ -6,7 +6,7 @@
 
 E = 256, H = 4 (D = 64), w = 2048, 4096, 8192, r = 1, 2, 4, causal, fp32, batch 1 (aten's CPU flash
 kernel), four biased projections, no positions (the official layer's shape without xPos).
-"in place" (the default path): whole segments with r | w, so each head offset's rows are a strided
+"in place" (the default path): whole segments, so each head offset's rows are a strided
 view that the kernel reads directly and the merge updates in place, and the nested branches share
 keys (attention/nesting.py: the 4096- and 8192-branches score only the keys outside their rows' 2048-
 and 4096-segments, the 2048-branch scores the shared ones with a bias). "unshared": in place, every

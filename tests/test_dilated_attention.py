@@ -60,6 +60,54 @@ def test_matches_dense_reference_float64(cfg):
     assert_all_close(ours, ref, **F64_TOL)
 
 
+@st.composite
+def whole_segment_configs(draw):
+    """Branches whose segments tile N (w | N, or w >= N: one segment): the CPU path reads them in place."""
+    N = draw(st.integers(1, 96))
+    divisors = [d for d in range(1, N + 1) if N % d == 0] + [N + 7]
+    segs = sorted(draw(st.lists(st.sampled_from(divisors), min_size=1, max_size=3)))
+    rates = [draw(st.integers(1, min(w, 13))) for w in segs]  # r > N when w > N: offsets with no row
+    return dict(B=draw(st.integers(1, 2)), N=N, H=draw(st.integers(1, 7)), D=draw(st.sampled_from([4, 8])),
+                segs=segs, rates=rates, causal=draw(st.booleans()), pad=draw(st.sampled_from([0.0, 0.3])),
+                seed=draw(st.integers(0, 2**16)), backend=draw(st.sampled_from(["cpu_flash", "chunked"])))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(whole_segment_configs())
+def test_whole_segments_are_read_in_place_for_any_dilation(cfg):
+    """Whole segments with r dividing w or not (the paper's r = 6, 12), r larger than the segment, H not a
+    multiple of r, key padding, causal or not, batch 2, both kernels: forward and backward read every
+    branch's rows through strided views (layout.offset_view; no gather, no index_add) and match the
+    float64 reference, output and all three gradients."""
+    from longnet_dist.attention import layout
+
+    def no_gather(self, rows):
+        raise AssertionError("whole segments gathered rows")
+
+    (q, k, v), mask = make_inputs(cfg["B"], cfg["N"], cfg["H"], cfg["D"], seed=cfg["seed"], pad_fraction=cfg["pad"])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(layout.BranchLayout, "gather", no_gather)
+        ours, ref = run_both(q, k, v, cfg["segs"], cfg["rates"], cfg["causal"], mask, cfg["backend"])
+    assert_all_close(ours, ref, **F64_TOL)
+
+
+def test_offset_views_hold_exactly_the_rows_each_head_keeps():
+    """r = 6 does not divide w = 16: offsets s < 16 mod 6 = 4 keep 3 slots per segment, the others 2
+    (positions s, s + 6, s + 12 < 16), each head h = s (mod 6) its own offset; r = 5 > N = 4 (one
+    segment): offset 4 keeps nothing."""
+    from longnet_dist.attention.layout import BranchLayout
+
+    N, H = 32, 8
+    x = torch.arange(N * H).view(1, N, H, 1)  # row value = position * H + head
+    lay = BranchLayout(N, H, 16, 6)
+    assert [lay.offset_slots(g) for g in range(6)] == [3, 3, 3, 3, 2, 2]
+    for g in range(6):
+        view = lay.offset_view(x, g, heads=True, flat=False)             # (1, n_seg, m_s, H_s, 1)
+        positions = [[j * 16 + g + 6 * k for k in range(lay.offset_slots(g))] for j in range(2)]
+        expected = torch.tensor([[[p * H + h for h in range(g, H, 6)] for p in seg] for seg in positions])
+        assert torch.equal(view[0, ..., 0], expected), g
+    assert BranchLayout(4, 5, 4, 5).offset_slots(4) == 0
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype, tol", [
     # fp32: flash accumulates in fp32 over <= 64 keys; errors ~1e-6 relative, gradients a bit more.
@@ -85,7 +133,7 @@ def test_paper_like_config_float64():
 @pytest.mark.parametrize("backend", ["cpu_flash", "chunked"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_forward_in_chunks_reads_in_place_and_changes_no_bit(backend, causal, monkeypatch):
-    """Whole segments with r | w: the CPU forward reads each head offset's rows as views (no gather) and
+    """Whole segments: the CPU forward reads each head offset's rows as views (no gather) and
     runs one batch element and about FORWARD_CHUNK_BYTES of kernel output at a time. One segment per
     chunk must give the same result as one chunk per batch element (every segment is computed alone
     either way), with key padding, batch 2 and H not a multiple of r, and match the reference. Bit for
@@ -122,10 +170,10 @@ def test_forward_in_chunks_reads_in_place_and_changes_no_bit(backend, causal, mo
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_strided_inputs_are_read_in_place_and_copied_only_for_the_backward(causal, monkeypatch):
+def test_strided_inputs_are_read_in_place_forward_and_backward(causal, monkeypatch):
     """q, k, v as a fused qkv projection gives them (strided views of one (B, N, 3, H, D) tensor): the CPU
-    in-place forward reads them as they are, with no rows made (no copy), and the backward makes the rows
-    once for all branches. Same results as contiguous inputs, forward and gradients."""
+    in-place forward and backward read them as they are (whole segments, key padding): no rows are made of
+    them (no whole copy). Same results as contiguous inputs, forward and gradients."""
     from longnet_dist.attention import dilated
 
     (q, k, v), mask = make_inputs(2, 96, 5, 8, pad_fraction=0.2, seed=6)
@@ -140,8 +188,8 @@ def test_strided_inputs_are_read_in_place_and_copied_only_for_the_backward(causa
     out = dilated_attention(*packed.unbind(2), segs, rates, causal=causal, key_padding_mask=mask)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     (d_packed,) = torch.autograd.grad(out, packed, grad)
-    # the backward: the incoming gradient as rows (contiguous: a view), then q, k, v's rows, copied once
-    assert made == [True, False, False, False]
+    # the backward: only the incoming gradient as rows (contiguous: a view); q, k, v are read through their views
+    assert made == [True]
     ours, _ = run_both(q, k, v, segs, rates, causal, mask)  # contiguous inputs
     torch.testing.assert_close(out, ours[0], rtol=1e-13, atol=1e-15)
     for name, a, b in zip(("dq", "dk", "dv"), d_packed.unbind(2), ours[1:]):

@@ -3,17 +3,18 @@
 Forward, per branch (w_i, r_i): gather the branch's rows of q, k, v into a batch of short sequences
 (layout.py), run a kernel that returns output and log-sum-exp (kernels/), and merge it into the
 running mixture by log-sum-exp (merge.py, Eq. 9-10). Nothing of size N x N or w x w is ever built.
-On the CPU, whole segments with r | w skip the gather in the forward: each head offset's rows are a
-strided view (layout.offset_view) that the kernel reads and the merge updates in place, and branches
-that nest score the keys they share once (nesting.py: a bias on the shorter branch, rectangles of the
-keys outside it on the longer; `share_keys`, LONGNET_SHARE_KEYS=0 turns it off). On CUDA the
+On the CPU, whole segments skip the gather (r dividing w or not): each head offset's rows are a strided
+view (layout.offset_view) that the kernel reads, the merge updates in place and the backward copies per
+call and adds its gradients back through; only a ragged last segment gathers. Branches that nest score
+the keys they share once (nesting.py: a bias on the shorter branch, rectangles of the keys outside it on
+the longer; `share_keys`, LONGNET_SHARE_KEYS=0 turns it off). On CUDA the
 one-device path is fused.py (all of this inside Triton kernels); this module serves the CPU, the
 portable kernel and sequence-parallel branches.
 
 Backward is exact and needs no gradient through the lse: the merged output is one softmax over the
 multiset of all keys the branches give a query, so each branch's gradient is the standard attention
 backward run with the *merged* output and the *merged* lse (the ring-attention identity). Each branch
-re-gathers its rows (cheap, memory-bound) instead of keeping sparse copies alive between passes.
+reads its rows again (views; a gather for a ragged tail) instead of keeping sparse copies alive between passes.
 
 A branch is any object with `prefetch(inputs)`, `forward(inputs, merger)` and
 `backward(inputs, merged, grads)`; `LocalBranch` runs on one device, the sequence-parallel module
@@ -110,8 +111,7 @@ class LocalBranch:
         if inputs.backend == "triton":  # sharded runs on CUDA: this branch through the fused kernels
             return _fused_merge(inputs, merger, self.segment_length, self.dilation, inputs.folds.get(self))
         layout = self.layout(inputs)
-        # Whole segments with r | w: read the rows in place (the backward keeps the gather: aten's CPU
-        # flash backward ran 1.6x slower on strided views; on CUDA the fused kernels read in place).
+        # Whole segments: read the rows in place (on CUDA the fused kernels do; a ragged tail gathers)
         if layout.viewable and inputs.device.type == "cpu":
             return self._forward_in_place(inputs, merger, inputs.folds.get(self, nesting.ROOT))
         q, k, v = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v))  # (B * n_seg, m, H, D)
@@ -122,7 +122,7 @@ class LocalBranch:
                    layout.sparse_to_rows(lse, inputs.batch))
 
     def _forward_in_place(self, inputs: AttentionInputs, merger: BranchMerger, fold: nesting.Fold) -> None:
-        """`forward` for whole segments with r | w: each head group's rows are a strided view that the
+        """`forward` for whole segments (r dividing w or not): each head group's rows are a strided view that the
         kernel reads and the merge updates in place, one kernel call per head group (the heads of one
         offset, or of one bias when the branch shares keys: nesting.py) and per region of `fold`. It runs
         one batch element and one chunk of whole segments at a time, each call's output about
@@ -138,11 +138,12 @@ class LocalBranch:
             part = (slice(b, b + 1), slice(start * H, stop * H))  # rows of positions [start, stop)
             real = None if mask is None else mask[b: b + 1, start:stop]
             regions = nesting.calls(layout.effective_segment, r, fold, inputs.causal)
-            for g in groups:  # q, k, v: (n_seg, w/r, H_g, D) views of the inputs as given
+            for g in (g for g in groups if layout.offset_slots(g)):  # (w < r: an offset past w keeps no row)
+                # q, k, v: (n_seg, m_s, H_g, D) views of the inputs as given
                 q, k, v = (layout.offset_view(x[b: b + 1, start:stop], g, heads=True, head_step=step)
                            for x in inputs.heads)
                 out_view, lse_view = (layout.offset_view(x[part], g, flat=False, head_step=step)
-                                      for x in (merger.out, merger.lse))  # (1, n_seg, w/r, H_g[, D])
+                                      for x in (merger.out, merger.lse))  # (1, n_seg, m_s, H_g[, D])
                 valid = layout.offset_key_valid(real, g, step)
                 for rows, keys, causal in regions:
                     out, lse = attention_forward(q[:, rows], k[:, keys], v[:, keys], causal=causal, scale=inputs.scale,
@@ -167,9 +168,9 @@ class LocalBranch:
     def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         if inputs.backend == "triton":
             return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation, inputs.folds.get(self))
-        fold = inputs.folds.get(self, nesting.ROOT)
-        if fold != nesting.ROOT:
-            return self._backward_shared(inputs, merged, grads, fold)
+        if self.layout(inputs).viewable and inputs.device.type == "cpu":
+            return self._backward_in_place(inputs, merged, grads, inputs.folds.get(self, nesting.ROOT))
+        # a ragged tail (or aten's CUDA kernels): gather the rows, scatter the gradients
         # five gathered inputs, three kernel outputs and three fp32 accumulators per row
         span = chunk_positions(inputs, self.segment_length, BACKWARD_CHUNK_BYTES,
                                11 * inputs.num_heads * inputs.head_dim * 4 * inputs.batch)
@@ -207,12 +208,13 @@ class LocalBranch:
             total.index_add_(1, layout.scatter_index, layout.sparse_to_rows(part, inputs.batch).to(total.dtype))
 
 
-    def _backward_shared(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor],
-                         fold: nesting.Fold) -> None:
-        """`backward` of a branch that shares keys (nesting.py): per chunk, head group and call of the
-        forward, its rows copied out of the strided views (aten's CPU flash backward runs 1.6x slower on
-        views) and the gradients added back through them."""
-        H, r = inputs.num_heads, self.dilation
+    def _backward_in_place(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor],
+                           fold: nesting.Fold) -> None:
+        """`backward` for whole segments, alone or sharing keys (`fold`, nesting.py): per chunk, head group and
+        call of the forward, its rows copied out of the strided views (aten's CPU flash backward runs 1.6x
+        slower on views) and the gradients added back through them. Every temporary is call-sized: no
+        index_select, no index_add, no sequence-sized zeros per chunk (the gather path's fresh pages)."""
+        H, r, mask = inputs.num_heads, self.dilation, inputs.key_padding_mask
         step, groups = nesting.head_groups(r, fold, H)
         # each call's copies and gradients about FORWARD_CHUNK_BYTES apiece (ceil(H/step) heads, 1/r of the
         # rows): under glibc's mmap threshold, so they reuse the heap (a 256K backward in 256 MiB chunks
@@ -222,20 +224,22 @@ class LocalBranch:
         for b, start, stop, layout in self._chunks(inputs, FORWARD_CHUNK_BYTES, per_position):
             part = (slice(b, b + 1), slice(start * H, stop * H))
             regions = nesting.calls(layout.effective_segment, r, fold, inputs.causal)
-            for g in groups:
-                # (1, n_seg, w/r, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy.
+            for g in (g for g in groups if layout.offset_slots(g)):
+                # (1, n_seg, m_s, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy.
                 # q, k, v as given (B, N, H, D), e.g. strided views of a fused qkv projection: read like the
                 # forward, so they are not first copied whole into rows
                 q, k, v = (layout.offset_view(x[b: b + 1, start:stop], g, flat=False, heads=True, head_step=step)
                            for x in inputs.heads)
                 grad_out, out, lse = (layout.offset_view(x[part], g, flat=False, head_step=step) for x in tensors)
                 sums = [layout.offset_view(x[part], g, flat=False, head_step=step) for x in grads]
+                valid = layout.offset_key_valid(None if mask is None else mask[b: b + 1, start:stop], g, step)
                 for rows, keys, causal in regions:
                     dq, dk, dv = attention_backward(
                         *(x[:, :, rows].flatten(0, 1) for x in (grad_out, q)),
                         *(x[:, :, keys].flatten(0, 1) for x in (k, v)),
                         *(x[:, :, rows].flatten(0, 1) for x in (out, lse)), causal=causal, scale=inputs.scale,
-                        backend=inputs.backend, bias=nesting.bias(r, g, fold, rows, keys, q.dtype, q.device))
+                        key_valid=None if valid is None else valid[:, keys], backend=inputs.backend,
+                        bias=nesting.bias(r, g, fold, rows, keys, q.dtype, q.device))
                     for total, grad, slots in zip(sums, (dq, dk, dv), (rows, keys, keys)):
                         total[:, :, slots] += grad[None]
 
@@ -255,7 +259,7 @@ def share_keys(inputs: AttentionInputs, branches: Sequence[Branch]) -> dict:
             and inputs.key_padding_mask is None):
         return {}
     layouts = {b: b.layout(inputs) for b in branches if isinstance(b, LocalBranch)}
-    able = [b for b, x in layouts.items() if x.viewable]
+    able = [b for b, x in layouts.items() if x.viewable and x.effective_segment % b.dilation == 0]
     folds = nesting.choose([(layouts[b].effective_segment, b.dilation) for b in able], inputs.causal,
                            inputs.heads[0].element_size())
     return {} if folds is None else dict(zip(able, folds))

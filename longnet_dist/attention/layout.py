@@ -9,6 +9,10 @@ m = ceil(w / r) slots per segment and head, so a standard attention kernel can r
 past a segment's end (ragged tail, or offset s pushing the last row out) are *invalid*: as keys they
 are masked, as queries their results are dropped. Rows are addressed in the flattened (N * H) view
 of a contiguous (B, N, H, D) tensor: row index = position * H + head.
+
+With whole segments (w divides N, or w >= N) no copy is needed: the rows the heads h = s (mod r) keep
+are one strided view of q, k or v as given (`offset_view`: segment stride w rows, slot stride r rows,
+head stride r), with exactly ceil((w - s) / r) slots, so nothing is invalid and r need not divide w.
 """
 from __future__ import annotations
 
@@ -91,37 +95,49 @@ class BranchLayout:
 
     @property
     def viewable(self) -> bool:
-        """Whole segments and r dividing w: each head offset's rows are a strided view, no copy needed."""
-        return (self.phase == 0 and self.seq_len % self.effective_segment == 0
-                and self.effective_segment % self.dilation == 0)
+        """Whole segments: each head offset's rows are a strided view, no copy needed (any r, dividing w or not)."""
+        return self.phase == 0 and self.seq_len % self.effective_segment == 0
 
     @property
     def offsets(self) -> range:
         """The head offsets s in use: heads h = s, s + r, ... keep rows a + s + k*r (Eq. 13-15)."""
         return range(min(self.dilation, self.num_heads))
 
+    def offset_slots(self, offset: int) -> int:
+        """Slots per segment of the heads h = offset (mod r): positions s + k*r < w, s = offset mod r (w/r when
+        r divides w; otherwise the first w mod r offsets keep one row more)."""
+        return -(-(self.effective_segment - offset % self.dilation) // self.dilation)
+
     def offset_view(self, rows: Tensor, offset: int, flat: bool = True, heads: bool = False,
                     head_step: int | None = None) -> Tensor:
         """(B, N * H [+ 1], ...) rows, or with `heads` (B, N, H, ...) with any strides -> the rows that heads
-        h = offset (mod r) keep, without copying: (B * n_seg, w/r, H_s, ...) (`flat`; a copy only when the
+        h = offset (mod r) keep, without copying: (B * n_seg, m_s, H_s, ...) (`flat`; a copy only when the
         batch cannot merge with the segments, e.g. rows with a spare row), or the writable view
-        (B, n_seg, w/r, H_s, ...). `head_step` (a multiple of r) takes only heads h = offset (mod head_step).
-        Needs `viewable`."""
-        w, r, H = self.effective_segment, self.dilation, self.num_heads
-        source, rest = (rows, rows.shape[3:]) if heads else (rows[:, : self.seq_len * H], rows.shape[2:])
-        grid = source.view(rows.shape[0], self.seq_len // w, w // r, r, H, *rest)
-        picked = grid[:, :, :, offset % r, offset::head_step or r]    # (B, n_seg, w/r, H_s, ...)
-        return picked.flatten(0, 1) if flat else picked
+        (B, n_seg, m_s, H_s, ...), m_s = offset_slots(offset): segment j's rows j*w + s + k*r, strides w and
+        r rows, so r need not divide w. `head_step` (a multiple of r) takes only heads h = offset (mod
+        head_step). Needs `viewable`."""
+        w, r, H, n = self.effective_segment, self.dilation, self.num_heads, self.seq_len
+        grid = rows if heads else rows[:, : n * H].view(rows.shape[0], n, H, *rows.shape[2:])  # (B, N, H, ...)
+        step = head_step or r
+        stride_b, stride_n, stride_h, *rest = grid.stride()
+        picked = grid.as_strided((grid.shape[0], n // w, self.offset_slots(offset), len(range(offset, H, step)),
+                                  *grid.shape[3:]),
+                                 (stride_b, w * stride_n, r * stride_n, step * stride_h, *rest),
+                                 grid.storage_offset() + (offset % r) * stride_n + offset * stride_h)
+        return picked.flatten(0, 1) if flat else picked                  # (B [* n_seg], [n_seg,] m_s, H_s, ...)
 
     def offset_key_valid(self, key_padding_mask: Tensor | None, offset: int,
                          head_step: int | None = None) -> Tensor | None:
-        """(B * n_seg, w/r, H_s) keys of `offset_view`'s heads that may be attended, or None (no padding)."""
+        """(B * n_seg, m_s, H_s) keys of `offset_view`'s heads that may be attended, or None (no padding)."""
         if key_padding_mask is None:
             return None
         w, r = self.effective_segment, self.dilation
-        real = key_padding_mask.view(-1, self.seq_len // w, w // r, r)[:, :, :, offset % r].flatten(0, 1)  # (B*n_seg, w/r)
+        stride_b, stride_n = key_padding_mask.stride()
+        real = key_padding_mask.as_strided((key_padding_mask.shape[0], self.seq_len // w, self.offset_slots(offset)),
+                                           (stride_b, w * stride_n, r * stride_n),
+                                           key_padding_mask.storage_offset() + (offset % r) * stride_n)
         heads = len(range(offset, self.num_heads, head_step or r))
-        return real.unsqueeze(-1).expand(-1, -1, heads)
+        return real.flatten(0, 1).unsqueeze(-1).expand(-1, -1, heads)  # (B * n_seg, m_s, H_s)
 
     def gather(self, rows: Tensor) -> Tensor:
         """(B, N * H [+ 1], ...) rows -> (B * n_seg, m, H, ...) sparse batch of this branch."""

@@ -139,9 +139,10 @@ def kernel_pairs(w: int, r: int, fold: KernelFold, causal: bool) -> float:
 def calls(w: int, r: int, fold: Fold, causal: bool) -> list[tuple[slice, slice, bool]]:
     """(query slots, key slots, causal) of each kernel call a segment of branch (w, r) needs: slot k is
     position segment start + s + k r."""
-    n = w // r
-    if fold.parent is None:
+    if fold.parent is None:  # every slot: ceil(w / r) covers the offsets that keep one more when r does not divide w
+        n = -(-w // r)
         return [(slice(0, n), slice(0, n), causal)]
+    n = w // r  # a branch that nests divides its segments (r | r_d | w_a | w)
     m = fold.parent // r  # slots per parent segment
     out = []
     for first in range(0, n, m):
