@@ -1,15 +1,17 @@
 """Dilated attention on the CPU for the project's branch sets: rows read in place against rows gathered.
 
-    python3 benchmarks/cpu_branch_sets.py            # about 5 minutes on 2 cores
+    python3 benchmarks/cpu_branch_sets.py                        # about 5 minutes on 2 cores
+    python3 benchmarks/cpu_branch_sets.py --n 60000 --tag ragged  # every branch with a ragged last segment
 
 One attention (no projections), N = 65536, H = 12, D = 64 (the paper's head shape), fp32, causal, batch 1,
 aten's CPU flash kernel. Branch sets: the paper's (r = 6, 12 do not divide w), `attention=long`'s first
 three (the cost model keeps them unshared), and powers of two (they nest and share keys). "in place" is the
 default path: with whole segments each head offset's rows are strided views of q, k, v (r dividing w or
 not), the forward merges into them in place and the backward copies per kernel call and adds its gradients
-back through them. "gathered" is the path a ragged last segment takes: index_select copies of every
-branch's rows, index_add of the gradients, and no shared keys. The two alternate within each repeat, best
-of `--repeats`; the forward is timed alone too. Writes benchmarks/results/cpu_branch_sets.json and .png.
+back through them (a ragged last segment as a chunk of its own). "gathered" is the older path, which aten's
+CUDA kernels still take in sharded runs: index_select copies of every branch's rows, index_add of the
+gradients, and no shared keys. The two alternate within each repeat, best
+of `--repeats`; the forward is timed alone too. Writes benchmarks/results/cpu_branch_sets[_TAG].json and .png.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tag", default="", help="write cpu_branch_sets_TAG.json / .png")
     args = parser.parse_args()
     torch.manual_seed(0)
     run_once([512], [1], 4096, args.heads, True)  # warm-up
@@ -70,14 +73,15 @@ def main() -> None:
             print(f"{name:16} {row['pass']:17} {best['in_place']:11.3f} {best['gathered']:11.3f} {row['ratio']:20.3f}",
                   flush=True)
     host = machine()
-    path = save("cpu_branch_sets", {"machine": host, "n": args.n, "heads": args.heads, "head_dim": 64,
+    name = "cpu_branch_sets" + (f"_{args.tag}" if args.tag else "")
+    path = save(name, {"machine": host, "n": args.n, "heads": args.heads, "head_dim": 64,
                                     "dtype": "float32", "causal": True, "repeats": args.repeats,
                                     "command": " ".join(sys.argv), "rows": rows})
-    plot(rows, host, args)
-    print(f"wrote {path} and {RESULTS / 'cpu_branch_sets.png'}")
+    plot(rows, host, args, name)
+    print(f"wrote {path} and {RESULTS / (name + '.png')}")
 
 
-def plot(rows: list[dict], host: dict, args) -> None:
+def plot(rows: list[dict], host: dict, args, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,10 +94,10 @@ def plot(rows: list[dict], host: dict, args) -> None:
     ax.set_xticks(list(xs), [f"{r['branches']}\n{r['pass']}" for r in rows], fontsize=7)
     ax.set_ylabel("seconds (best of repeats)")
     ax.legend(fontsize=8)
-    ax.set_title(f"Dilated attention, N={args.n // 1024}K, H={args.heads}, D=64, fp32, causal - {host['cpu']}, "
+    ax.set_title(f"Dilated attention, N={args.n:,}, H={args.heads}, D=64, fp32, causal - {host['cpu']}, "
                  f"{host['cores']} cores", fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "cpu_branch_sets.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

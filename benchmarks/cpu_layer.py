@@ -39,11 +39,11 @@ from longnet_dist.attention import layout as layout_module  # noqa: E402
 
 SEGMENTS, DILATIONS, EMBED, HEADS = [2048, 4096, 8192], [1, 2, 4], 256, 4
 POINTS = [(16384, True), (65536, True), (65536, False), (262144, False)]  # (N, with backward)
-IN_PLACE = layout_module.BranchLayout.viewable
+IN_PLACE = layout_module.BranchLayout.in_place
 
 
 def use_in_place(enabled: bool, shared: bool = True) -> None:
-    layout_module.BranchLayout.viewable = IN_PLACE if enabled else property(lambda self: False)
+    layout_module.BranchLayout.in_place = IN_PLACE if enabled else property(lambda self: False)
     dilated.SHARE_KEYS = shared
 
 

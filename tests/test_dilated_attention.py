@@ -61,34 +61,52 @@ def test_matches_dense_reference_float64(cfg):
 
 
 @st.composite
-def whole_segment_configs(draw):
-    """Branches whose segments tile N (w | N, or w >= N: one segment): the CPU path reads them in place."""
+def in_place_configs(draw):
+    """Segments that tile N (w | N), leave a ragged last segment, or exceed N (one segment)."""
     N = draw(st.integers(1, 96))
-    divisors = [d for d in range(1, N + 1) if N % d == 0] + [N + 7]
-    segs = sorted(draw(st.lists(st.sampled_from(divisors), min_size=1, max_size=3)))
+    divisors = [d for d in range(1, N + 1) if N % d == 0]
+    segs = sorted(draw(st.lists(st.one_of(st.sampled_from(divisors), st.integers(1, N + 9)), min_size=1, max_size=3)))
     rates = [draw(st.integers(1, min(w, 13))) for w in segs]  # r > N when w > N: offsets with no row
     return dict(B=draw(st.integers(1, 2)), N=N, H=draw(st.integers(1, 7)), D=draw(st.sampled_from([4, 8])),
                 segs=segs, rates=rates, causal=draw(st.booleans()), pad=draw(st.sampled_from([0.0, 0.3])),
-                seed=draw(st.integers(0, 2**16)), backend=draw(st.sampled_from(["cpu_flash", "chunked"])))
+                seed=draw(st.integers(0, 2**16)), backend=draw(st.sampled_from(["cpu_flash", "chunked"])),
+                one_segment_per_chunk=draw(st.booleans()))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(whole_segment_configs())
-def test_whole_segments_are_read_in_place_for_any_dilation(cfg):
-    """Whole segments with r dividing w or not (the paper's r = 6, 12), r larger than the segment, H not a
-    multiple of r, key padding, causal or not, batch 2, both kernels: forward and backward read every
-    branch's rows through strided views (layout.offset_view; no gather, no index_add) and match the
-    float64 reference, output and all three gradients."""
-    from longnet_dist.attention import layout
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(in_place_configs())
+def test_every_local_branch_is_read_in_place_on_the_cpu(cfg):
+    """Any N and branches: r dividing w or not (the paper's r = 6, 12), a ragged last segment (a chunk of its
+    own), r larger than the segment, H not a multiple of r, key padding, causal or not, batch 2, both
+    kernels, chunks of the default size or of one segment each: forward and backward read every branch's
+    rows through strided views (layout.offset_view; no gather, no index_add) and match the float64
+    reference, output and all three gradients."""
+    from longnet_dist.attention import dilated, layout
 
     def no_gather(self, rows):
-        raise AssertionError("whole segments gathered rows")
+        raise AssertionError("a local branch gathered rows on the CPU")
 
     (q, k, v), mask = make_inputs(cfg["B"], cfg["N"], cfg["H"], cfg["D"], seed=cfg["seed"], pad_fraction=cfg["pad"])
     with pytest.MonkeyPatch.context() as m:
         m.setattr(layout.BranchLayout, "gather", no_gather)
+        if cfg["one_segment_per_chunk"]:
+            m.setattr(dilated, "FORWARD_CHUNK_BYTES", 1)
         ours, ref = run_both(q, k, v, cfg["segs"], cfg["rates"], cfg["causal"], mask, cfg["backend"])
     assert_all_close(ours, ref, **F64_TOL)
+
+
+def test_a_ragged_last_segment_is_a_chunk_of_its_own():
+    """N = 70, w = 16, 96 bytes per position, a 4608-byte budget: three segments per chunk over the 64
+    positions of whole segments (the second chunk stops there), then the last 6 as one segment (viewable
+    layouts all)."""
+    from longnet_dist.attention import dilated
+
+    (q, k, v), _ = make_inputs(1, 70, 4, 8)
+    inputs = dilated.AttentionInputs((q, k, v), 1, 70, 4, None, True, 1.0, None)
+    chunks = list(dilated.LocalBranch(16, 3)._chunks(inputs, 4608, 96))
+    assert [(start, stop) for _, start, stop, _ in chunks] == [(0, 48), (48, 64), (64, 70)]
+    assert all(lay.viewable for *_, lay in chunks) and chunks[-1][3].effective_segment == 6
+    assert [(s, e) for _, s, e, _ in dilated.LocalBranch(128, 3)._chunks(inputs, 3072, 96)] == [(0, 70)]
 
 
 def test_offset_views_hold_exactly_the_rows_each_head_keeps():
@@ -199,13 +217,15 @@ def test_strided_inputs_are_read_in_place_forward_and_backward(causal, monkeypat
 @pytest.mark.parametrize("backend", ["cpu_flash", "chunked"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_in_chunks_of_segments_changes_no_bit(backend, causal, monkeypatch):
-    """A local branch's backward runs a chunk of whole segments at a time (bounded temporaries):
+    """The gather path of a local branch (aten's CUDA kernels in sharded runs; forced here on the CPU, which
+    reads rows in place) runs its backward a chunk of whole segments at a time (bounded temporaries):
     forcing one segment per chunk must give the same gradients, with a ragged tail, r not dividing w,
     H not a multiple of r and key padding, and still match the reference. Bit for bit with the
     portable kernel; aten's CPU flash backward rounds differently with the batch it is given (a few
     float64 ulps: its work split depends on the batch of segments), hence 1e-13 there."""
-    from longnet_dist.attention import dilated
+    from longnet_dist.attention import dilated, layout
 
+    monkeypatch.setattr(layout.BranchLayout, "in_place", property(lambda self: False))
     (q, k, v), mask = make_inputs(2, 70, 5, 8, pad_fraction=0.2, seed=3)
     segs, rates = [8, 12, 32], [1, 3, 4]
     whole = run_both(q, k, v, segs, rates, causal, mask, backend=backend)

@@ -3,9 +3,9 @@
 Forward, per branch (w_i, r_i): gather the branch's rows of q, k, v into a batch of short sequences
 (layout.py), run a kernel that returns output and log-sum-exp (kernels/), and merge it into the
 running mixture by log-sum-exp (merge.py, Eq. 9-10). Nothing of size N x N or w x w is ever built.
-On the CPU, whole segments skip the gather (r dividing w or not): each head offset's rows are a strided
-view (layout.offset_view) that the kernel reads, the merge updates in place and the backward copies per
-call and adds its gradients back through; only a ragged last segment gathers. Branches that nest score
+On the CPU nothing is gathered (r dividing w or not): each head offset's rows in a chunk of whole segments,
+or in a ragged last segment, are a strided view (layout.offset_view) that the kernel reads, the merge
+updates in place and the backward copies per call and adds its gradients back through. Branches that nest score
 the keys they share once (nesting.py: a bias on the shorter branch, rectangles of the keys outside it on
 the longer; `share_keys`, LONGNET_SHARE_KEYS=0 turns it off). On CUDA the
 one-device path is fused.py (all of this inside Triton kernels); this module serves the CPU, the
@@ -111,8 +111,8 @@ class LocalBranch:
         if inputs.backend == "triton":  # sharded runs on CUDA: this branch through the fused kernels
             return _fused_merge(inputs, merger, self.segment_length, self.dilation, inputs.folds.get(self))
         layout = self.layout(inputs)
-        # Whole segments: read the rows in place (on CUDA the fused kernels do; a ragged tail gathers)
-        if layout.viewable and inputs.device.type == "cpu":
+        # on the CPU read the rows in place, a chunk of segments at a time (on CUDA the fused kernels do)
+        if layout.in_place and inputs.device.type == "cpu":
             return self._forward_in_place(inputs, merger, inputs.folds.get(self, nesting.ROOT))
         q, k, v = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v))  # (B * n_seg, m, H, D)
         out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
@@ -122,8 +122,8 @@ class LocalBranch:
                    layout.sparse_to_rows(lse, inputs.batch))
 
     def _forward_in_place(self, inputs: AttentionInputs, merger: BranchMerger, fold: nesting.Fold) -> None:
-        """`forward` for whole segments (r dividing w or not): each head group's rows are a strided view that the
-        kernel reads and the merge updates in place, one kernel call per head group (the heads of one
+        """`forward` on the CPU (r dividing w or not; a ragged last segment alone): each head group's rows are a
+        strided view that the kernel reads and the merge updates in place, one kernel call per head group (the heads of one
         offset, or of one bias when the branch shares keys: nesting.py) and per region of `fold`. It runs
         one batch element and one chunk of whole segments at a time, each call's output about
         FORWARD_CHUNK_BYTES: every temporary stays chunk-sized (glibc reuses its heap for them instead of
@@ -157,20 +157,23 @@ class LocalBranch:
 
     def _chunks(self, inputs: AttentionInputs, budget: int, per_position: int):
         """(batch element, first position, end position, layout) of chunks of whole segments, about
-        `budget` bytes at `per_position` bytes per position."""
-        span = chunk_positions(inputs, self.segment_length, budget, per_position)
+        `budget` bytes at `per_position` bytes per position; a ragged last segment is a chunk of its own
+        (its layout: one segment of its length), so every chunk's layout is viewable."""
+        span, w, n = chunk_positions(inputs, self.segment_length, budget, per_position), self.segment_length, inputs.seq_len
+        whole = n - n % w  # positions in whole segments (w > N: none, the one segment is the ragged one)
+        bounds = [(start, min(start + span, whole)) for start in range(0, whole, span)]
+        if whole < n:
+            bounds.append((whole, n))
         for b in range(inputs.batch):
-            for start in range(0, inputs.seq_len, span):
-                stop = min(start + span, inputs.seq_len)
-                yield b, start, stop, branch_layout(stop - start, inputs.num_heads, self.segment_length,
-                                                    self.dilation, inputs.device)
+            for start, stop in bounds:
+                yield b, start, stop, branch_layout(stop - start, inputs.num_heads, w, self.dilation, inputs.device)
 
     def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         if inputs.backend == "triton":
             return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation, inputs.folds.get(self))
-        if self.layout(inputs).viewable and inputs.device.type == "cpu":
+        if self.layout(inputs).in_place and inputs.device.type == "cpu":
             return self._backward_in_place(inputs, merged, grads, inputs.folds.get(self, nesting.ROOT))
-        # a ragged tail (or aten's CUDA kernels): gather the rows, scatter the gradients
+        # aten's CUDA kernels (sharded runs with backend cuda_flash): gather the rows, scatter the gradients
         # five gathered inputs, three kernel outputs and three fp32 accumulators per row
         span = chunk_positions(inputs, self.segment_length, BACKWARD_CHUNK_BYTES,
                                11 * inputs.num_heads * inputs.head_dim * 4 * inputs.batch)
@@ -210,7 +213,7 @@ class LocalBranch:
 
     def _backward_in_place(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor],
                            fold: nesting.Fold) -> None:
-        """`backward` for whole segments, alone or sharing keys (`fold`, nesting.py): per chunk, head group and
+        """`backward` on the CPU, alone or sharing keys (`fold`, nesting.py): per chunk, head group and
         call of the forward, its rows copied out of the strided views (aten's CPU flash backward runs 1.6x
         slower on views) and the gradients added back through them. Every temporary is call-sized: no
         index_select, no index_add, no sequence-sized zeros per chunk (the gather path's fresh pages)."""

@@ -13,6 +13,7 @@ of a contiguous (B, N, H, D) tensor: row index = position * H + head.
 With whole segments (w divides N, or w >= N) no copy is needed: the rows the heads h = s (mod r) keep
 are one strided view of q, k or v as given (`offset_view`: segment stride w rows, slot stride r rows,
 head stride r), with exactly ceil((w - s) / r) slots, so nothing is invalid and r need not divide w.
+A ragged last segment is a layout of its own (N = its length: one segment), viewable the same way.
 """
 from __future__ import annotations
 
@@ -97,6 +98,13 @@ class BranchLayout:
     def viewable(self) -> bool:
         """Whole segments: each head offset's rows are a strided view, no copy needed (any r, dividing w or not)."""
         return self.phase == 0 and self.seq_len % self.effective_segment == 0
+
+    @property
+    def in_place(self) -> bool:
+        """A local branch reads its rows in place, a chunk of whole segments at a time, a ragged last segment
+        as a chunk of its own (its own layout: one segment, viewable); only a shard of a longer segment
+        (phase) cannot."""
+        return self.phase == 0
 
     @property
     def offsets(self) -> range:
