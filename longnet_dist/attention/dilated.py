@@ -3,18 +3,19 @@
 Forward, per branch (w_i, r_i): gather the branch's rows of q, k, v into a batch of short sequences
 (layout.py), run a kernel that returns output and log-sum-exp (kernels/), and merge it into the
 running mixture by log-sum-exp (merge.py, Eq. 9-10). Nothing of size N x N or w x w is ever built.
-On the CPU nothing is gathered (r dividing w or not): each head offset's rows in a chunk of whole segments,
-or in a ragged last segment, are a strided view (layout.offset_view) that the kernel reads, the merge
-updates in place and the backward copies per call and adds its gradients back through. Branches that nest score
-the keys they share once (nesting.py: a bias on the shorter branch, rectangles of the keys outside it on
-the longer; `share_keys`, LONGNET_SHARE_KEYS=0 turns it off). On CUDA the
+On the CPU nothing is gathered (r dividing w or not): each head offset's rows in a chunk of whole
+segments, or in a ragged last segment, are a strided view (layout.offset_view) that the kernel reads,
+the merge updates in place and the backward copies per call and adds its gradients back through.
+Branches that nest score the keys they share once (nesting.py: a bias on the shorter branch, rectangles
+of the keys outside it on the longer; `share_keys`, LONGNET_SHARE_KEYS=0 turns it off). On CUDA the
 one-device path is fused.py (all of this inside Triton kernels); this module serves the CPU, the
 portable kernel and sequence-parallel branches.
 
 Backward is exact and needs no gradient through the lse: the merged output is one softmax over the
 multiset of all keys the branches give a query, so each branch's gradient is the standard attention
 backward run with the *merged* output and the *merged* lse (the ring-attention identity). Each branch
-reads its rows again (views; a gather for a ragged tail) instead of keeping sparse copies alive between passes.
+reads its rows again (views on the CPU, a gather for aten's CUDA kernels) instead of keeping sparse
+copies alive between passes.
 
 A branch is any object with `prefetch(inputs)`, `forward(inputs, merger)` and
 `backward(inputs, merged, grads)`; `LocalBranch` runs on one device, the sequence-parallel module
@@ -122,13 +123,13 @@ class LocalBranch:
                    layout.sparse_to_rows(lse, inputs.batch))
 
     def _forward_in_place(self, inputs: AttentionInputs, merger: BranchMerger, fold: nesting.Fold) -> None:
-        """`forward` on the CPU (r dividing w or not; a ragged last segment alone): each head group's rows are a
-        strided view that the kernel reads and the merge updates in place, one kernel call per head group (the heads of one
-        offset, or of one bias when the branch shares keys: nesting.py) and per region of `fold`. It runs
-        one batch element and one chunk of whole segments at a time, each call's output about
-        FORWARD_CHUNK_BYTES: every temporary stays chunk-sized (glibc reuses its heap for them instead of
-        mapping and faulting fresh pages, which made a 256K forward cost 4.4-4.7x a 64K one) and the views
-        stay views (batch 1)."""
+        """`forward` on the CPU (r dividing w or not; a ragged last segment alone): each head group's rows
+        are a strided view that the kernel reads and the merge updates in place, one kernel call per head
+        group (the heads of one offset, or of one bias when the branch shares keys: nesting.py) and per
+        region of `fold`. It runs one batch element and one chunk of whole segments at a time, each call's
+        output about FORWARD_CHUNK_BYTES: every temporary stays chunk-sized (glibc reuses its heap for them
+        instead of mapping and faulting fresh pages, which made a 256K forward cost 4.4-4.7x a 64K one) and
+        the views stay views (batch 1)."""
         H, r, mask = inputs.num_heads, self.dilation, inputs.key_padding_mask
         step, groups = nesting.head_groups(r, fold, H)
         # chunks sized for one head offset's call: 1/r of the rows, ceil(H/r) heads (a sparse branch takes
@@ -159,7 +160,8 @@ class LocalBranch:
         """(batch element, first position, end position, layout) of chunks of whole segments, about
         `budget` bytes at `per_position` bytes per position; a ragged last segment is a chunk of its own
         (its layout: one segment of its length), so every chunk's layout is viewable."""
-        span, w, n = chunk_positions(inputs, self.segment_length, budget, per_position), self.segment_length, inputs.seq_len
+        w, n = self.segment_length, inputs.seq_len
+        span = chunk_positions(inputs, w, budget, per_position)
         whole = n - n % w  # positions in whole segments (w > N: none, the one segment is the ragged one)
         bounds = [(start, min(start + span, whole)) for start in range(0, whole, span)]
         if whole < n:
