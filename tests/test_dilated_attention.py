@@ -33,6 +33,11 @@ def run_both(q, k, v, segs, rates, causal, mask, backend=None):
     return ours, ref
 
 
+def no_gather(layout, rows):
+    """Stands in for BranchLayout.gather where the CPU path must read rows in place."""
+    raise AssertionError("a local branch gathered rows on the CPU")
+
+
 def assert_all_close(ours, ref, **tol):
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         torch.testing.assert_close(a.double(), b, msg=lambda m: f"{name}: {m}", **tol)
@@ -82,9 +87,6 @@ def test_every_local_branch_is_read_in_place_on_the_cpu(cfg):
     rows through strided views (layout.offset_view; no gather, no index_add) and match the float64
     reference, output and all three gradients."""
     from longnet_dist.attention import dilated, layout
-
-    def no_gather(self, rows):
-        raise AssertionError("a local branch gathered rows on the CPU")
 
     (q, k, v), mask = make_inputs(cfg["B"], cfg["N"], cfg["H"], cfg["D"], seed=cfg["seed"], pad_fraction=cfg["pad"])
     with pytest.MonkeyPatch.context() as m:
@@ -158,9 +160,6 @@ def test_forward_in_chunks_reads_in_place_and_changes_no_bit(backend, causal, mo
     bit with aten's CPU flash kernel; the portable kernel's batched matmuls (einsum) round differently
     with the batch they are given (float64 ulps), hence 1e-13 there."""
     from longnet_dist.attention import dilated, layout
-
-    def no_gather(self, rows):
-        raise AssertionError("the in-place forward gathered rows")
 
     calls = []
     kernel = dilated.attention_forward

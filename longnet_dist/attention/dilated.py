@@ -135,26 +135,32 @@ class LocalBranch:
         # chunks sized for one head offset's call: 1/r of the rows, ceil(H/r) heads (a sparse branch takes
         # longer chunks; a sharing branch's head groups, ceil(H/step) heads, make smaller calls)
         per_position = max(1, -(-H // r) * inputs.head_dim * inputs.heads[0].element_size() // r)
-        for b, start, stop, layout in self._chunks(inputs, FORWARD_CHUNK_BYTES, per_position):
+        for b, start, stop, layout, g, regions in self._head_group_calls(inputs, fold, groups, per_position):
             part = (slice(b, b + 1), slice(start * H, stop * H))  # rows of positions [start, stop)
-            real = None if mask is None else mask[b: b + 1, start:stop]
-            regions = nesting.calls(layout.effective_segment, r, fold, inputs.causal)
-            for g in (g for g in groups if layout.offset_slots(g)):  # (w < r: an offset past w keeps no row)
-                # q, k, v: (n_seg, m_s, H_g, D) views of the inputs as given
-                q, k, v = (layout.offset_view(x[b: b + 1, start:stop], g, heads=True, head_step=step)
-                           for x in inputs.heads)
-                out_view, lse_view = (layout.offset_view(x[part], g, flat=False, head_step=step)
-                                      for x in (merger.out, merger.lse))  # (1, n_seg, m_s, H_g[, D])
-                valid = layout.offset_key_valid(real, g, step)
-                for rows, keys, causal in regions:
-                    out, lse = attention_forward(q[:, rows], k[:, keys], v[:, keys], causal=causal, scale=inputs.scale,
-                                                 key_valid=None if valid is None else valid[:, keys],
-                                                 backend=inputs.backend,
-                                                 bias=nesting.bias(r, g, fold, rows, keys, q.dtype, q.device))
-                    merger.add_into(out_view[:, :, rows], lse_view[:, :, rows], out[None], lse[None])
-                    if fold.parent is not None:  # its query slots may come twice (keys before and after them)
-                        merger.mark_merged()
+            # q, k, v: (n_seg, m_s, H_g, D) views of the inputs as given
+            q, k, v = (layout.offset_view(x[b: b + 1, start:stop], g, heads=True, head_step=step) for x in inputs.heads)
+            out_view, lse_view = (layout.offset_view(x[part], g, flat=False, head_step=step)
+                                  for x in (merger.out, merger.lse))  # (1, n_seg, m_s, H_g[, D])
+            valid = layout.offset_key_valid(None if mask is None else mask[b: b + 1, start:stop], g, step)
+            for rows, keys, causal in regions:
+                out, lse = attention_forward(q[:, rows], k[:, keys], v[:, keys], causal=causal, scale=inputs.scale,
+                                             key_valid=None if valid is None else valid[:, keys],
+                                             backend=inputs.backend,
+                                             bias=nesting.bias(r, g, fold, rows, keys, q.dtype, q.device))
+                merger.add_into(out_view[:, :, rows], lse_view[:, :, rows], out[None], lse[None])
+                if fold.parent is not None:  # its query slots may come twice (keys before and after them)
+                    merger.mark_merged()
         merger.mark_merged()
+
+    def _head_group_calls(self, inputs: AttentionInputs, fold: nesting.Fold, groups: range, per_position: int):
+        """(batch element, first position, end position, layout, head group, regions) of the in-place
+        passes: per chunk (`_chunks`, FORWARD_CHUNK_BYTES), each head group with rows in it (w < r: an offset
+        past a short segment keeps none) and the kernel calls `nesting.calls` gives its segments."""
+        for b, start, stop, layout in self._chunks(inputs, FORWARD_CHUNK_BYTES, per_position):
+            regions = nesting.calls(layout.effective_segment, self.dilation, fold, inputs.causal)
+            for g in groups:
+                if layout.offset_slots(g):
+                    yield b, start, stop, layout, g, regions
 
     def _chunks(self, inputs: AttentionInputs, budget: int, per_position: int):
         """(batch element, first position, end position, layout) of chunks of whole segments, about
@@ -226,27 +232,25 @@ class LocalBranch:
         # faulted fresh pages and took 4.9x a 64K one)
         per_position = max(1, -(-H // step) * inputs.head_dim * inputs.heads[0].element_size() // r)
         tensors = (merged.grad_out, merged.out, merged.lse)  # (B, N * H[, D]) rows
-        for b, start, stop, layout in self._chunks(inputs, FORWARD_CHUNK_BYTES, per_position):
+        for b, start, stop, layout, g, regions in self._head_group_calls(inputs, fold, groups, per_position):
             part = (slice(b, b + 1), slice(start * H, stop * H))
-            regions = nesting.calls(layout.effective_segment, r, fold, inputs.causal)
-            for g in (g for g in groups if layout.offset_slots(g)):
-                # (1, n_seg, m_s, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy.
-                # q, k, v as given (B, N, H, D), e.g. strided views of a fused qkv projection: read like the
-                # forward, so they are not first copied whole into rows
-                q, k, v = (layout.offset_view(x[b: b + 1, start:stop], g, flat=False, heads=True, head_step=step)
-                           for x in inputs.heads)
-                grad_out, out, lse = (layout.offset_view(x[part], g, flat=False, head_step=step) for x in tensors)
-                sums = [layout.offset_view(x[part], g, flat=False, head_step=step) for x in grads]
-                valid = layout.offset_key_valid(None if mask is None else mask[b: b + 1, start:stop], g, step)
-                for rows, keys, causal in regions:
-                    dq, dk, dv = attention_backward(
-                        *(x[:, :, rows].flatten(0, 1) for x in (grad_out, q)),
-                        *(x[:, :, keys].flatten(0, 1) for x in (k, v)),
-                        *(x[:, :, rows].flatten(0, 1) for x in (out, lse)), causal=causal, scale=inputs.scale,
-                        key_valid=None if valid is None else valid[:, keys], backend=inputs.backend,
-                        bias=nesting.bias(r, g, fold, rows, keys, q.dtype, q.device))
-                    for total, grad, slots in zip(sums, (dq, dk, dv), (rows, keys, keys)):
-                        total[:, :, slots] += grad[None]
+            # (1, n_seg, m_s, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy.
+            # q, k, v as given (B, N, H, D), e.g. strided views of a fused qkv projection: read like the
+            # forward, so they are not first copied whole into rows
+            q, k, v = (layout.offset_view(x[b: b + 1, start:stop], g, flat=False, heads=True, head_step=step)
+                       for x in inputs.heads)
+            grad_out, out, lse = (layout.offset_view(x[part], g, flat=False, head_step=step) for x in tensors)
+            sums = [layout.offset_view(x[part], g, flat=False, head_step=step) for x in grads]
+            valid = layout.offset_key_valid(None if mask is None else mask[b: b + 1, start:stop], g, step)
+            for rows, keys, causal in regions:
+                dq, dk, dv = attention_backward(
+                    *(x[:, :, rows].flatten(0, 1) for x in (grad_out, q)),
+                    *(x[:, :, keys].flatten(0, 1) for x in (k, v)),
+                    *(x[:, :, rows].flatten(0, 1) for x in (out, lse)), causal=causal, scale=inputs.scale,
+                    key_valid=None if valid is None else valid[:, keys], backend=inputs.backend,
+                    bias=nesting.bias(r, g, fold, rows, keys, q.dtype, q.device))
+                for total, grad, slots in zip(sums, (dq, dk, dv), (rows, keys, keys)):
+                    total[:, :, slots] += grad[None]
 
 
 def share_keys(inputs: AttentionInputs, branches: Sequence[Branch]) -> dict:

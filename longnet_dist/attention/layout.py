@@ -116,6 +116,14 @@ class BranchLayout:
         r divides w; otherwise the first w mod r offsets keep one row more)."""
         return -(-(self.effective_segment - offset % self.dilation) // self.dilation)
 
+    def _slot_view(self, x: Tensor, offset: int) -> Tensor:
+        """(B, N, ...) with any strides -> (B, n_seg, m_s, ...) view of the positions j*w + s + k*r that heads
+        h = offset (mod r) keep: segment stride w, slot stride r (m_s = offset_slots(offset))."""
+        w, r = self.effective_segment, self.dilation
+        stride_b, stride_n, *rest = x.stride()
+        return x.as_strided((x.shape[0], self.seq_len // w, self.offset_slots(offset), *x.shape[2:]),
+                            (stride_b, w * stride_n, r * stride_n, *rest), x.storage_offset() + (offset % r) * stride_n)
+
     def offset_view(self, rows: Tensor, offset: int, flat: bool = True, heads: bool = False,
                     head_step: int | None = None) -> Tensor:
         """(B, N * H [+ 1], ...) rows, or with `heads` (B, N, H, ...) with any strides -> the rows that heads
@@ -124,28 +132,19 @@ class BranchLayout:
         (B, n_seg, m_s, H_s, ...), m_s = offset_slots(offset): segment j's rows j*w + s + k*r, strides w and
         r rows, so r need not divide w. `head_step` (a multiple of r) takes only heads h = offset (mod
         head_step). Needs `viewable`."""
-        w, r, H, n = self.effective_segment, self.dilation, self.num_heads, self.seq_len
+        H, n = self.num_heads, self.seq_len
         grid = rows if heads else rows[:, : n * H].view(rows.shape[0], n, H, *rows.shape[2:])  # (B, N, H, ...)
-        step = head_step or r
-        stride_b, stride_n, stride_h, *rest = grid.stride()
-        picked = grid.as_strided((grid.shape[0], n // w, self.offset_slots(offset), len(range(offset, H, step)),
-                                  *grid.shape[3:]),
-                                 (stride_b, w * stride_n, r * stride_n, step * stride_h, *rest),
-                                 grid.storage_offset() + (offset % r) * stride_n + offset * stride_h)
-        return picked.flatten(0, 1) if flat else picked                  # (B [* n_seg], [n_seg,] m_s, H_s, ...)
+        picked = self._slot_view(grid, offset)[:, :, :, offset::head_step or self.dilation]  # (B, n_seg, m_s, H_s, ...)
+        return picked.flatten(0, 1) if flat else picked
 
     def offset_key_valid(self, key_padding_mask: Tensor | None, offset: int,
                          head_step: int | None = None) -> Tensor | None:
         """(B * n_seg, m_s, H_s) keys of `offset_view`'s heads that may be attended, or None (no padding)."""
         if key_padding_mask is None:
             return None
-        w, r = self.effective_segment, self.dilation
-        stride_b, stride_n = key_padding_mask.stride()
-        real = key_padding_mask.as_strided((key_padding_mask.shape[0], self.seq_len // w, self.offset_slots(offset)),
-                                           (stride_b, w * stride_n, r * stride_n),
-                                           key_padding_mask.storage_offset() + (offset % r) * stride_n)
-        heads = len(range(offset, self.num_heads, head_step or r))
-        return real.flatten(0, 1).unsqueeze(-1).expand(-1, -1, heads)  # (B * n_seg, m_s, H_s)
+        real = self._slot_view(key_padding_mask, offset).flatten(0, 1)              # (B * n_seg, m_s)
+        heads = len(range(offset, self.num_heads, head_step or self.dilation))
+        return real.unsqueeze(-1).expand(-1, -1, heads)                          # (B * n_seg, m_s, H_s)
 
     def gather(self, rows: Tensor) -> Tensor:
         """(B, N * H [+ 1], ...) rows -> (B * n_seg, m, H, ...) sparse batch of this branch."""
