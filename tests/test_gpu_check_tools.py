@@ -101,7 +101,6 @@ def test_kernel_names_fall_into_their_categories():
     assert category("some_new_kernel") == "other"
 
 
-
 def test_a_profile_that_cannot_be_summarised_does_not_stop_the_step(monkeypatch, tmp_path):
     """trainer.profile_step on a machine whose profiler records something unexpected: the step's result and
     wall time stand, the summary names the error (log line and JSON); the step's own errors still propagate."""
@@ -124,6 +123,7 @@ def test_a_profile_that_cannot_be_summarised_does_not_stop_the_step(monkeypatch,
     with pytest.raises(ValueError, match="the step failed"):
         with profiling.profiled(torch.device("cpu")):
             raise ValueError("the step failed")
+
 
 def profile_smoke(tmp_path, *options: str) -> None:
     """benchmarks/gpu_profile.py --device cpu --smoke into tmp_path; it must succeed."""
