@@ -36,17 +36,23 @@ for ((i = 0; i < processes; i++)); do
     LONGNET_TEST_SHARD="$i/$processes" python3 -m pytest "${files[@]}" "${options[@]}" > "${shard_logs[$i]}" 2>&1 &
     pids+=($!)
 done
-# each shard's results as they come (one line per test), then its summary. Every log exists before the follower
-# starts (a glob over logs that background jobs had not yet created missed a shard on a loaded machine), and the
-# follower stops once `running` ends, after reading the logs once more (tail --pid), not after a fixed wait
+# each shard's results as they come (one line per test), then its summary. One follower per log: a single
+# `tail` over several files interleaves them by the chunk, not by the line, so one shard's half-written
+# "id " line ran into another's text and its result was lost (CI, stop 21). Each grep writes whole lines.
+# Every log exists before its follower starts (a glob over logs that background jobs had not yet created
+# missed a shard on a loaded machine), and the followers stop once `running` ends, after reading their log
+# once more (tail --pid), not after a fixed wait
 sleep infinity & running=$!
-tail -q -n +1 -F --pid="$running" "${shard_logs[@]}" 2>/dev/null | grep --line-buffered -E "PASSED|FAILED|ERROR|SKIPPED" &
-follower=$!
+followers=()
+for log in "${shard_logs[@]}"; do
+    tail -n +1 -F --pid="$running" "$log" 2>/dev/null | grep --line-buffered -E "PASSED|FAILED|ERROR|SKIPPED" &
+    followers+=($!)
+done
 for i in "${!pids[@]}"; do
     if wait "${pids[$i]}"; then status=passed; else rc=1; status=FAILED; fi
     echo "-- shard $i/$processes $status: $(tail -n 1 "${shard_logs[$i]}")"
 done
-kill "$running" && wait "$follower"
+kill "$running" && wait "${followers[@]}"
 for i in "${!pids[@]}"; do
     if grep -q -E "FAILED|ERROR" "${shard_logs[$i]}"; then
         echo "== shard $i/$processes, its log:" && cat "${shard_logs[$i]}"
