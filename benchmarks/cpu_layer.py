@@ -14,14 +14,19 @@ branch alone (dilated.SHARE_KEYS off). "gather": neither (index_select copies, i
 "torchscale": microsoft/torchscale's DilatedAttention from a source checkout (`--torchscale` or
 TORCHSCALE_SRC; see torchscale_layer.py), its flash call on the same aten kernel.
 Each point alternates the layers and keeps the best of `--repeats`, so all see the same noise.
-Also reports forward time(256K) / time(64K) for each (4.0 would be perfectly linear) and the page
-faults of each best run (a fresh glibc mapping faults every page it touches). `--layers in_place
---tag alone` times one layer in a process of its own (the others' allocations then leave its heap
-alone). Writes benchmarks/results/cpu_layer[_TAG].json and .png.
+Each layer runs in a worker process of its own (same seed, same weights), so one layer's heap is not
+shaped by another's: in one shared process glibc served a 64K layer's 64 MiB tensors from the free
+heap that the previous layers had left (16-33K page faults instead of 82K), but never a 256K layer's,
+and the growth ratio measured that luck (4.5-4.9 for ours, 3.6-4.1 alone). `--one-process` runs them
+all in this process, as stops 16-21 did. Also reports forward time(256K) / time(64K) for each (4.0
+would be perfectly linear) and the page faults of each best run (a fresh glibc mapping faults every
+page it touches). Writes benchmarks/results/cpu_layer[_TAG].json and .png.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import os
 import resource
 import sys
@@ -62,6 +67,7 @@ def run_once(forward, n: int, backward: bool) -> tuple[float, int]:
 
 def layers(torchscale_src: str | None) -> dict:
     """name -> forward function, each with its own weights (same shapes)."""
+    torch.manual_seed(0)
     ours = DilatedAttention(EMBED, HEADS, SEGMENTS, DILATIONS, causal=True, rotary=False, bias=True)
 
     def path(in_place: bool, shared: bool = True):
@@ -78,6 +84,45 @@ def layers(torchscale_src: str | None) -> dict:
     return found
 
 
+def _serve(name: str, torchscale_src: str | None, connection) -> None:
+    """A worker process: builds the layers, then times `name` for each (n, backward) it receives until None."""
+    forward = layers(torchscale_src)[name]
+    run_once(forward, 4096, True)  # warm-up
+    connection.send("ready")
+    while (job := connection.recv()) is not None:
+        connection.send(run_once(forward, *job))
+
+
+class Worker:
+    """One layer timed in a process of its own: `worker(n, backward)` -> (seconds, minor page faults)."""
+
+    def __init__(self, name: str, torchscale_src: str | None):
+        context = multiprocessing.get_context("spawn")
+        self.connection, theirs = context.Pipe()
+        self.process = context.Process(target=_serve, args=(name, torchscale_src, theirs), daemon=True)
+        self.process.start()
+        if self.connection.recv() != "ready":
+            raise RuntimeError(f"the {name} worker did not start")
+
+    def __call__(self, n: int, backward: bool) -> tuple[float, int]:
+        self.connection.send((n, backward))
+        return self.connection.recv()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
+def timers(names: list[str], torchscale_src: str | None, one_process: bool) -> dict:
+    """name -> a function (n, backward) -> (seconds, page faults) of one pass."""
+    if not one_process:
+        return {name: Worker(name, torchscale_src) for name in names}
+    found = layers(torchscale_src)
+    for name in names:
+        run_once(found[name], 4096, True)  # warm-up
+    return {name: functools.partial(run_once, found[name]) for name in names}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -87,14 +132,16 @@ def main() -> None:
                         help="root of a microsoft/torchscale checkout (default: $TORCHSCALE_SRC; omitted: not compared)")
     parser.add_argument("--layers", nargs="+", choices=["in_place", "unshared", "gather", "torchscale"],
                         help="time only these (default: all found)")
+    parser.add_argument("--one-process", action="store_true",
+                        help="time every layer in this process (their allocations then shape each other's heap)")
     parser.add_argument("--tag", default="", help="write cpu_layer_TAG.json / .png")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    compared = {k: v for k, v in layers(args.torchscale).items() if not args.layers or k in args.layers}
-    for forward in compared.values():
-        run_once(forward, 4096, True)  # warm-up
     if args.profile:
-        return profile(compared)
+        found = layers(args.torchscale)
+        return profile({k: v for k, v in found.items() if not args.layers or k in args.layers})
+    names = [k for k in ("in_place", "unshared", "gather", "torchscale")
+             if (k != "torchscale" or args.torchscale) and (not args.layers or k in args.layers)]
+    compared = timers(names, args.torchscale, args.one_process)
     points = []
     # in place / each, when both ran
     ratios = {"ratio": "gather", "ratio_vs_unshared": "unshared", "ratio_vs_torchscale": "torchscale"}
@@ -104,15 +151,16 @@ def main() -> None:
     for n, backward in POINTS:
         best = dict.fromkeys(compared, (float("inf"), 0))
         for _ in range(args.repeats):
-            for name, forward in compared.items():
-                best[name] = min(best[name], run_once(forward, n, backward))
-        use_in_place(True)
+            for name, timer in compared.items():
+                best[name] = min(best[name], timer(n, backward))
         point = {"n": n, "pass": "forward+backward" if backward else "forward",
                  **{f"{k}_s": v[0] for k, v in best.items()}, **{f"{k}_page_faults": v[1] for k, v in best.items()},
                  **{key: best["in_place"][0] / best[other][0] for key, other in ratios.items()}}
         points.append(point)
         print(f"{n:>8} {point['pass'][:8]:8} " + " ".join(f"{t:12.3f} {f:8d}" for t, f in best.values())
               + "".join(f" {point[key]:20.3f}" for key in ratios), flush=True)
+    for timer in compared.values():
+        getattr(timer, "close", lambda: None)()
     forward = {p["n"]: p for p in points if p["pass"] == "forward"}
     growth = {name: forward[262144][f"{name}_s"] / forward[65536][f"{name}_s"] for name in compared}
     print("forward time(256K) / time(64K): " + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()))
@@ -120,7 +168,8 @@ def main() -> None:
     name = "cpu_layer" + (f"_{args.tag}" if args.tag else "")
     path = save(name, {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "embed_dim": EMBED,
                               "heads": HEADS, "dtype": "float32", "causal": True, "rotary": False, "bias": True,
-                              "repeats": args.repeats, "torchscale": torchscale_revision(args.torchscale),
+                              "repeats": args.repeats, "processes": "one" if args.one_process else "one per layer",
+                              "torchscale": torchscale_revision(args.torchscale),
                               "command": " ".join(sys.argv), "allocator": os.environ.get("LD_PRELOAD") or "glibc",
                               "points": points, "forward_growth_256k_over_64k": growth})
     plot(points, host, list(compared), name)
@@ -133,6 +182,7 @@ def profile(compared: dict, n: int = 16384) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     for name, forward in compared.items():
+        run_once(forward, 4096, True)  # warm-up
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             run_once(forward, n, True)
         events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
