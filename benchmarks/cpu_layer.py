@@ -117,7 +117,9 @@ class Worker:
 def timers(names: list[str], torchscale_src: str | None, one_process: bool) -> dict:
     """name -> a function (n, backward) -> (seconds, page faults) of one pass."""
     if not one_process:
-        return {name: Worker(name, torchscale_src) for name in names}
+        # only the torchscale worker builds torchscale's layer (ours is built first in every process, so its
+        # weights are the same either way)
+        return {name: Worker(name, torchscale_src if name == "torchscale" else None) for name in names}
     found = layers(torchscale_src)
     for name in names:
         run_once(found[name], 4096, True)  # warm-up
