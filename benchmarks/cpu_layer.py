@@ -11,6 +11,9 @@ view that the kernel reads directly and the merge updates in place, and the nest
 keys (attention/nesting.py: the 4096- and 8192-branches score only the keys outside their rows' 2048-
 and 4096-segments, the 2048-branch scores the shared ones with a bias). "unshared": in place, every
 branch alone (dilated.SHARE_KEYS off). "gather": neither (index_select copies, index_copy merge).
+"unpacked": in place, but q, k, v handed over as three views of the fused projection, so autograd's
+unbind joins their gradients with a copy (the layer's path until stop 23; it now passes them packed:
+functional.packed_dilated_attention).
 "torchscale": microsoft/torchscale's DilatedAttention from a source checkout (`--torchscale` or
 TORCHSCALE_SRC; see torchscale_layer.py), its flash call on the same aten kernel.
 Each point alternates the layers and keeps the best of `--repeats`, so all see the same noise.
@@ -46,6 +49,7 @@ from longnet_dist.attention import layout as layout_module  # noqa: E402
 SEGMENTS, DILATIONS, EMBED, HEADS = [2048, 4096, 8192], [1, 2, 4], 256, 4
 POINTS = [(16384, True), (65536, True), (65536, False), (262144, False)]  # (N, with backward)
 IN_PLACE = layout_module.BranchLayout.in_place
+LAYERS = ("in_place", "unshared", "gather", "unpacked")  # ours; "torchscale" with --torchscale
 
 
 def use_in_place(enabled: bool, shared: bool = True) -> None:
@@ -77,7 +81,13 @@ def layers(torchscale_src: str | None) -> dict:
             return ours(x)
         return forward
 
-    found = {"in_place": path(True), "unshared": path(True, shared=False), "gather": path(False)}
+    def unpacked(x):  # q, k, v as three views: autograd's unbind stacks dq, dk, dv (a copy)
+        use_in_place(True)
+        qkv = ours.qkv(x).view(*x.shape[:2], 3, HEADS, EMBED // HEADS)
+        return ours.out(ours.attend(*qkv.unbind(2)).flatten(2))
+
+    found = {"in_place": path(True), "unshared": path(True, shared=False), "gather": path(False),
+             "unpacked": unpacked}
     if torchscale_src:
         from torchscale_layer import torchscale_layer
 
@@ -133,7 +143,7 @@ def main() -> None:
                         help="only print a torch.profiler table of one 16K forward+backward per layer (ops by self time)")
     parser.add_argument("--torchscale", default=os.environ.get("TORCHSCALE_SRC"),
                         help="root of a microsoft/torchscale checkout (default: $TORCHSCALE_SRC; omitted: not compared)")
-    parser.add_argument("--layers", nargs="+", choices=["in_place", "unshared", "gather", "torchscale"],
+    parser.add_argument("--layers", nargs="+", choices=[*LAYERS, "torchscale"],
                         help="time only these (default: all found)")
     parser.add_argument("--one-process", action="store_true",
                         help="time every layer in this process (their allocations then shape each other's heap)")
@@ -142,12 +152,13 @@ def main() -> None:
     if args.profile:
         found = layers(args.torchscale)
         return profile({k: v for k, v in found.items() if not args.layers or k in args.layers})
-    names = [k for k in ("in_place", "unshared", "gather", "torchscale")
+    names = [k for k in (*LAYERS, "torchscale")
              if (k != "torchscale" or args.torchscale) and (not args.layers or k in args.layers)]
     compared = timers(names, args.torchscale, args.one_process)
     points = []
     # in place / each, when both ran
-    ratios = {"ratio": "gather", "ratio_vs_unshared": "unshared", "ratio_vs_torchscale": "torchscale"}
+    ratios = {"ratio": "gather", "ratio_vs_unshared": "unshared", "ratio_vs_unpacked": "unpacked",
+              "ratio_vs_torchscale": "torchscale"}
     ratios = {key: other for key, other in ratios.items() if {"in_place", other} <= compared.keys()}
     print(f"{'N':>8} {'pass':8} " + " ".join(f"{name + ' s':>12} {'faults':>8}" for name in compared)
           + "".join(f" {'in place/' + other:>20}" for other in ratios.values()))
@@ -217,6 +228,7 @@ def plot(points: list[dict], host: dict, names: list[str], name: str) -> None:
     xs = range(len(points))
     bars = [("in_place", "ours: rows read in place, nested branches share keys"),
             ("unshared", "ours, rows read in place, every branch alone"), ("gather", "ours, rows gathered"),
+            ("unpacked", "ours, in place, gradients joined by unbind"),
             ("torchscale", "torchscale (same aten kernel)")]
     bars = [(key, label) for key, label in bars if key in names]
     width = 0.8 / len(bars)

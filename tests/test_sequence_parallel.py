@@ -8,6 +8,7 @@ float64 reference of tests/reference.py). Meshes in the one world of 4: dp 1 x s
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import longnet_dist.attention.sequence_parallel as sequence_parallel
-from longnet_dist.attention import dilated_attention, segment_spans
+from longnet_dist.attention import dilated_attention, packed_dilated_attention, segment_spans
 from longnet_dist.attention.sequence_parallel import (BACKWARD_KV_TAG, FORWARD_KV_TAG, FORWARD_MASK_TAG,
                                                        SpanningBranch, comm_volume)
 from longnet_dist.distributed import build_mesh, comm_stats
@@ -45,6 +46,8 @@ CASES = {
     "sp4_noncausal_mask": dict(FIVE_BRANCHES, causal=False, mask=True, dtype=torch.float64),
     "sp4_causal_mask": dict(FIVE_BRANCHES, causal=True, mask=True, dtype=torch.float64),
     "sp4_causal_mask_fp32": dict(FIVE_BRANCHES, causal=True, mask=True, dtype=torch.float32),
+    # a fused projection's packed qkv (packed_dilated_attention): spanning branches, so gradients come as rows
+    "sp4_causal_mask_packed": dict(FIVE_BRANCHES, causal=True, mask=True, dtype=torch.float64, packed=True),
     "dp2sp2_noncausal_mask": dict(PAIR_BRANCHES, causal=False, mask=True, dtype=torch.float64),
     "dp2sp2_causal_mask": dict(PAIR_BRANCHES, causal=True, mask=True, dtype=torch.float64),
     # r = 3 and 6 do not divide l = 16 (nor w = 32, 64): ranks hold ceil(16/r) slots, some of them
@@ -91,21 +94,27 @@ def _run_case(case: dict, mesh) -> dict:
     q, k, v, mask, grad = case_inputs(case, mesh.dp_rank)
     rows = slice(mesh.sp_rank * case["local_len"], (mesh.sp_rank + 1) * case["local_len"])
     local = [x[:, rows].clone().requires_grad_() for x in (q, k, v)]
+    if case.get("packed"):  # one (B, N, 3, H, D) leaf, its gradient unbound afterwards
+        packed = torch.stack([x.detach() for x in local], dim=2).requires_grad_()
+        local = list(packed.unbind(2))
     from longnet_dist.attention import fused_settings
 
     default, fused_settings.SHARE_KEYS = fused_settings.SHARE_KEYS, case.get("share_keys", fused_settings.SHARE_KEYS)
     try:
         comm_stats().reset()
-        out = dilated_attention(*local, case["segs"], case["rates"], causal=case["causal"],
-                                key_padding_mask=None if mask is None else mask[:, rows],
-                                sequence_group=mesh.sequence_group, backend=case.get("backend"))
+        attend = functools.partial(packed_dilated_attention, packed) if case.get("packed") else \
+            functools.partial(dilated_attention, *local)
+        out = attend(case["segs"], case["rates"], causal=case["causal"],
+                     key_padding_mask=None if mask is None else mask[:, rows],
+                     sequence_group=mesh.sequence_group, backend=case.get("backend"))
         forward = _stats_by_tag(comm_stats().snapshot())
         comm_stats().reset()
         out.backward(grad[:, rows])
         backward = _stats_by_tag(comm_stats().snapshot())
     finally:
         fused_settings.SHARE_KEYS = default
-    return dict(out=out.detach(), grads=[x.grad for x in local], forward=forward, backward=backward,
+    grads = list(packed.grad.unbind(2)) if case.get("packed") else [x.grad for x in local]
+    return dict(out=out.detach(), grads=grads, forward=forward, backward=backward,
                 sp_rank=mesh.sp_rank, dp_rank=mesh.dp_rank)
 
 

@@ -108,13 +108,17 @@ class LocalBranch:
     def prefetch(self, inputs: AttentionInputs) -> None:
         """Nothing to fetch: every row this branch needs is local."""
 
+    def reads_in_place(self, inputs: AttentionInputs) -> bool:
+        """On the CPU the rows are read in place, a chunk of segments at a time (on CUDA the fused kernels do);
+        its backward then adds into gradients of either form (run_branches_backward)."""
+        return inputs.backend != "triton" and inputs.device.type == "cpu" and self.layout(inputs).in_place
+
     def forward(self, inputs: AttentionInputs, merger: BranchMerger) -> None:
         if inputs.backend == "triton":  # sharded runs on CUDA: this branch through the fused kernels
             return _fused_merge(inputs, merger, self.segment_length, self.dilation, inputs.folds.get(self))
-        layout = self.layout(inputs)
-        # on the CPU read the rows in place, a chunk of segments at a time (on CUDA the fused kernels do)
-        if layout.in_place and inputs.device.type == "cpu":
+        if self.reads_in_place(inputs):
             return self._forward_in_place(inputs, merger, inputs.folds.get(self, nesting.ROOT))
+        layout = self.layout(inputs)
         q, k, v = (layout.gather(x) for x in (inputs.q, inputs.k, inputs.v))  # (B * n_seg, m, H, D)
         out, lse = attention_forward(q, k, v, causal=inputs.causal, scale=inputs.scale,
                                      key_valid=layout.key_valid(inputs.key_padding_mask, inputs.causal, inputs.batch),
@@ -179,7 +183,7 @@ class LocalBranch:
     def backward(self, inputs: AttentionInputs, merged: MergedRows, grads: list[Tensor]) -> None:
         if inputs.backend == "triton":
             return _fused_grads(inputs, merged, grads, self.segment_length, self.dilation, inputs.folds.get(self))
-        if self.layout(inputs).in_place and inputs.device.type == "cpu":
+        if self.reads_in_place(inputs):
             return self._backward_in_place(inputs, merged, grads, inputs.folds.get(self, nesting.ROOT))
         # aten's CUDA kernels (sharded runs with backend cuda_flash): gather the rows, scatter the gradients
         # five gathered inputs, three kernel outputs and three fp32 accumulators per row
@@ -232,6 +236,8 @@ class LocalBranch:
         # faulted fresh pages and took 4.9x a 64K one)
         per_position = max(1, -(-H // step) * inputs.head_dim * inputs.heads[0].element_size() // r)
         tensors = (merged.grad_out, merged.out, merged.lse)  # (B, N * H[, D]) rows
+        # the gradients as (B, N, H, D): rows (B, N * H + 1, D) are viewed so, a packed buffer's are so already
+        grads = [_heads_view(x, inputs.seq_len, H) if x.dim() == 3 else x for x in grads]
         for b, start, stop, layout, g, regions in self._head_group_calls(inputs, fold, groups, per_position):
             part = (slice(b, b + 1), slice(start * H, stop * H))
             # (1, n_seg, m_s, H_g[, D]) views; a slice of slots, flattened to (n_seg, L, H_g[, D]), is a copy.
@@ -240,7 +246,8 @@ class LocalBranch:
             q, k, v = (layout.offset_view(x[b: b + 1, start:stop], g, flat=False, heads=True, head_step=step)
                        for x in inputs.heads)
             grad_out, out, lse = (layout.offset_view(x[part], g, flat=False, head_step=step) for x in tensors)
-            sums = [layout.offset_view(x[part], g, flat=False, head_step=step) for x in grads]
+            sums = [layout.offset_view(x[b: b + 1, start:stop], g, flat=False, heads=True, head_step=step)
+                    for x in grads]
             valid = layout.offset_key_valid(None if mask is None else mask[b: b + 1, start:stop], g, step)
             for rows, keys, causal in regions:
                 dq, dk, dv = attention_backward(
@@ -305,22 +312,40 @@ def run_branches_forward(inputs: AttentionInputs, branches: Sequence[Branch]) ->
     return out.to(inputs.dtype), lse
 
 
-def run_branches_backward(inputs: AttentionInputs, branches: Sequence[Branch], merged: MergedRows) -> list[Tensor]:
-    """Gradients (dq, dk, dv) as rows (B, N * H, D) in the input dtype."""
+def run_branches_backward(inputs: AttentionInputs, branches: Sequence[Branch], merged: MergedRows,
+                          packed: bool = False) -> list[Tensor] | Tensor:
+    """Gradients (dq, dk, dv) as rows (B, N * H, D) in the input dtype; with `packed`, one (B, N, 3, H, D)
+    tensor (the gradient of a fused projection's qkv). When every branch reads its rows in place, a packed
+    gradient is accumulated where it is returned: no copy of dq, dk, dv into one tensor (autograd's unbind
+    would make one, a pass over 3 * N * H * D values, at 16K tokens 48 MiB of fresh pages)."""
     acc = lse_dtype(inputs.dtype)
-    # one spare row at the end absorbs scatters from invalid slots
-    rows = inputs.seq_len * inputs.num_heads + 1
-    grads = [torch.zeros(inputs.batch, rows, inputs.head_dim, dtype=acc, device=inputs.device) for _ in range(3)]
+    B, N, H, D = inputs.batch, inputs.seq_len, inputs.num_heads, inputs.head_dim
     inputs.folds = share_keys(inputs, branches)
+    in_place = packed and all(isinstance(b, LocalBranch) and b.reads_in_place(inputs) for b in branches)
+    if in_place:
+        buffer = torch.zeros(B, N, 3, H, D, dtype=acc, device=inputs.device)
+        grads = list(buffer.unbind(2))  # (B, N, H, D) views: LocalBranch's in-place backward adds into them
+    else:  # rows, one spare row at the end absorbs scatters from invalid slots
+        grads = [torch.zeros(B, N * H + 1, D, dtype=acc, device=inputs.device) for _ in range(3)]
     for branch in branches:
         with branch_range("bwd", branch.segment_length, branch.dilation):
             branch.backward(inputs, merged, grads)
+    if in_place:
+        return buffer.to(inputs.dtype)
+    if packed:  # what autograd's unbind would make of the three
+        return torch.stack([_heads_view(g, N, H).to(inputs.dtype) for g in grads], dim=2)
     return [g[:, :-1].to(inputs.dtype) for g in grads]
 
 
 class _DilatedAttentionFunction(torch.autograd.Function):
+    """Dilated attention of q, k, v (B, N, H, D); or, with k and v None, of q = a fused projection's
+    packed qkv (B, N, 3, H, D), whose gradient then comes back packed (run_branches_backward)."""
+
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, branches, causal, scale, backend):
+        ctx.packed = k is None
+        if ctx.packed:
+            q, k, v = q.unbind(2)  # strided (B, N, H, D) views, read in place
         B, N, H, D = q.shape
         inputs = AttentionInputs((q, k, v), B, N, H, key_padding_mask, causal, scale, backend)
         out, lse = run_branches_forward(inputs, branches)
@@ -334,9 +359,11 @@ class _DilatedAttentionFunction(torch.autograd.Function):
         branches, B, N, H, causal, scale, backend = ctx.settings
         inputs = AttentionInputs((q, k, v), B, N, H, key_padding_mask, causal, scale, backend)
         merged = MergedRows(to_rows(grad_out.to(q.dtype)), out, lse)
-        dq, dk, dv = run_branches_backward(inputs, branches, merged)
+        grads = run_branches_backward(inputs, branches, merged, packed=ctx.packed)
+        if ctx.packed:
+            return grads, None, None, None, None, None, None, None
         shape = (B, N, H, q.shape[-1])
-        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None, None, None
+        return *(g.view(shape) for g in grads), None, None, None, None, None
 
 
 def _heads_view(rows: Tensor, seq_len: int, heads: int) -> Tensor:

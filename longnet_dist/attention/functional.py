@@ -25,6 +25,26 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
     `backend` forces a kernel family (see kernels/__init__.py); on CUDA the default is the fused
     Triton kernels ("triton"); sharded, the local branches run fused and the spanning ones aten's kernels.
     """
+    return _dilated_attention((q, k, v), None, segment_lengths, dilation_rates, causal, key_padding_mask, scale,
+                              sequence_group, backend)
+
+
+def packed_dilated_attention(qkv: Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                             *, causal: bool = False, key_padding_mask: Tensor | None = None,
+                             scale: float | None = None, sequence_group=None, backend: str | None = None) -> Tensor:
+    """`dilated_attention(*qkv.unbind(2), ...)` of a fused projection's qkv (B, N, 3, H, D): the same result
+    and gradient. On the CPU kernels the gradient is accumulated in that packed layout, so no copy joins
+    dq, dk and dv (the backward of `unbind`); the fused CUDA kernels take the three views as before."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (batch, seq, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    return _dilated_attention(qkv.unbind(2), qkv, segment_lengths, dilation_rates, causal, key_padding_mask, scale,
+                              sequence_group, backend)
+
+
+def _dilated_attention(qkv_views: tuple[Tensor, Tensor, Tensor], packed: Tensor | None, segment_lengths,
+                       dilation_rates, causal, key_padding_mask, scale, sequence_group, backend) -> Tensor:
+    """Both entry points: `packed` is the (B, N, 3, H, D) tensor whose views `qkv_views` are, or None."""
+    q, k, v = qkv_views
     if sequence_group is not None:  # floor 2 -> floor 1 only when sharding is asked for
         from longnet_dist.distributed.group_types import as_sequence_group
         sequence_group = as_sequence_group(sequence_group)  # TypeError/ValueError for anything else
@@ -43,4 +63,5 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence
         from .sequence_parallel import plan_branches  # floor 2 -> floor 1 only when sharding is asked for
         branches = plan_branches(q.shape[1], segment_lengths, dilation_rates, sequence_group)
     # sharded with "triton": local branches run fused, spanning ones aten's kernels (kernels.branch_backend)
+    q, k, v = (packed, None, None) if packed is not None else (q, k, v)  # packed: one gradient (B, N, 3, H, D)
     return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale, kind)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_branches
-from .functional import dilated_attention
+from .functional import dilated_attention, packed_dilated_attention
 from .rotary import apply_rotary, rotary_angles
 
 
@@ -32,8 +32,13 @@ class DilatedAttention(nn.Module):
 
         `rotary_tables` (cos, sin from `rotary_angles`, shared by all layers) replace `positions`.
         """
-        q, k, v = self.project(x, positions=positions, rotary_tables=rotary_tables)
-        attn = self.attend(q, k, v, key_padding_mask=key_padding_mask, sequence_group=sequence_group)
+        if self.rotary:
+            q, k, v = self.project(x, positions=positions, rotary_tables=rotary_tables)
+            attn = self.attend(q, k, v, key_padding_mask=key_padding_mask, sequence_group=sequence_group)
+        else:  # q, k, v stay one tensor: their gradient is accumulated as one (no copy joins dq, dk, dv)
+            B, N, _ = x.shape
+            qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+            attn = packed_dilated_attention(qkv, **self._options(key_padding_mask, sequence_group))
         return self.out(attn.flatten(2))
 
     def project(self, x: Tensor, *, positions: Tensor | None = None,
@@ -54,9 +59,11 @@ class DilatedAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
                sequence_group=None) -> Tensor:
         """Dilated attention (B, N, H, D) of projected q, k, v (B, N, H, D)."""
-        return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, causal=self.causal,
-                                 key_padding_mask=key_padding_mask, sequence_group=sequence_group,
-                                 backend=self.backend)
+        return dilated_attention(q, k, v, **self._options(key_padding_mask, sequence_group))
+
+    def _options(self, key_padding_mask: Tensor | None, sequence_group) -> dict:
+        return dict(segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates, causal=self.causal,
+                    key_padding_mask=key_padding_mask, sequence_group=sequence_group, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, segment_lengths={self.segment_lengths}, "

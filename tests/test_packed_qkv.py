@@ -1,0 +1,112 @@
+"""packed_dilated_attention: a fused projection's qkv (B, N, 3, H, D) in, its gradient accumulated packed.
+
+It must equal `dilated_attention(*qkv.unbind(2))` bit for bit, forward and gradient (same kernel calls,
+same additions in the same order; only where the sums live differs), on every path: rows read in
+place (the gradient then never passes through a joining copy) and rows gathered (the gradient is
+stacked, as autograd's unbind would). Sharded: tests/test_sequence_parallel.py, case
+"sp4_causal_mask_packed".
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from torch.profiler import ProfilerActivity, profile
+
+from longnet_dist.attention import DilatedAttention, dilated_attention, packed_dilated_attention
+from longnet_dist.attention.dilated import LocalBranch
+from reference import reference_dilated_attention
+from test_dilated_attention import F64_TOL, configs, make_inputs
+
+
+def packed_inputs(cfg: dict):
+    (q, k, v), mask = make_inputs(cfg["B"], cfg["N"], cfg["H"], cfg["D"], seed=cfg["seed"], pad_fraction=cfg["pad"])
+    qkv = torch.stack([x.detach() for x in (q, k, v)], dim=2).requires_grad_()  # (B, N, 3, H, D)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(cfg["seed"] + 1), dtype=q.dtype)
+    return qkv, mask, grad
+
+
+def both_ways(qkv, mask, grad, cfg: dict):
+    """(out, dqkv) of the packed entry and of the three views, same options."""
+    options = dict(causal=cfg["causal"], key_padding_mask=mask, backend=cfg.get("backend"))
+    results = []
+    for attend in (lambda: packed_dilated_attention(qkv, cfg["segs"], cfg["rates"], **options),
+                   lambda: dilated_attention(*qkv.unbind(2), cfg["segs"], cfg["rates"], **options)):
+        out = attend()
+        results.append((out, *torch.autograd.grad(out, qkv, grad)))
+    return results
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs())
+def test_packed_equals_the_three_views_bit_for_bit_and_the_reference(cfg):
+    """Random shapes: ragged tails, H not a multiple of r, r not dividing w, key padding, causal or not."""
+    qkv, mask, grad = packed_inputs(cfg)
+    (out, d_packed), (out_views, d_views) = both_ways(qkv, mask, grad, cfg)
+    assert torch.equal(out, out_views) and torch.equal(d_packed, d_views)
+    q64 = qkv.detach().clone().requires_grad_()
+    ref = reference_dilated_attention(*q64.unbind(2), cfg["segs"], cfg["rates"], causal=cfg["causal"],
+                                      key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, **F64_TOL)
+    torch.testing.assert_close(d_packed, torch.autograd.grad(ref, q64, grad)[0], **F64_TOL)
+
+
+def backward_ops(out, qkv, grad) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(out, qkv, grad)
+    return {event.key for event in prof.key_averages()}
+
+
+CASE = dict(B=2, N=96, H=5, D=8, segs=[8, 16, 32], rates=[1, 2, 4], causal=True, pad=0.2, seed=3)
+
+
+def test_read_in_place_the_gradient_is_never_copied_together():
+    """The three views' gradient is joined by a stack (a copy of dq, dk, dv); the packed one is not."""
+    qkv, mask, grad = packed_inputs(CASE)
+    options = dict(causal=True, key_padding_mask=mask)
+    views = backward_ops(dilated_attention(*qkv.unbind(2), CASE["segs"], CASE["rates"], **options), qkv, grad)
+    assert "aten::stack" in views  # what the test would see if the packed path joined its gradients
+    packed = backward_ops(packed_dilated_attention(qkv, CASE["segs"], CASE["rates"], **options), qkv, grad)
+    assert not {"aten::stack", "aten::cat"} & packed
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gathered_rows_fall_back_to_a_stack_with_the_same_bits(causal, monkeypatch):
+    """Branches that gather their rows (aten's CUDA kernels, a shard of a longer segment) add into row
+    accumulators; the packed gradient is then stacked from them, bit for bit the three views' gradient."""
+    monkeypatch.setattr(LocalBranch, "reads_in_place", lambda self, inputs: False)
+    cfg = dict(CASE, causal=causal)
+    qkv, mask, grad = packed_inputs(cfg)
+    (out, d_packed), (out_views, d_views) = both_ways(qkv, mask, grad, cfg)
+    assert torch.equal(out, out_views) and torch.equal(d_packed, d_views)
+    assert "aten::stack" in backward_ops(packed_dilated_attention(qkv, cfg["segs"], cfg["rates"], causal=causal,
+                                                                  key_padding_mask=mask), qkv, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_without_rotary_takes_the_packed_path(dtype):
+    """DilatedAttention(rotary=False) feeds its fused projection packed: the same output and parameter
+    gradients as through the three views, in the input dtype (low precision converts once, packed)."""
+    torch.manual_seed(0)
+    layer = DilatedAttention(40, 5, [8, 16], [1, 2], causal=True, rotary=False).to(dtype)
+    x = torch.randn(2, 48, 40, dtype=dtype)
+
+    def run(through_views: bool):
+        layer.zero_grad()
+        if through_views:
+            qkv = layer.qkv(x).view(2, 48, 3, 5, 8)
+            out = layer.out(dilated_attention(*qkv.unbind(2), [8, 16], [1, 2], causal=True).flatten(2))
+        else:
+            out = layer(x)
+        out.float().square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in layer.parameters()]
+
+    packed, views = run(False), run(True)
+    assert torch.equal(packed[0], views[0])
+    for a, b in zip(packed[1], views[1]):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
+def test_packed_shape_error_names_the_shape():
+    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seq, 3, heads, head_dim\), got \(1, 16, 2, 4\)"):
+        packed_dilated_attention(torch.randn(1, 16, 2, 4), [8], [1])
