@@ -98,10 +98,13 @@ def test_layer_without_rotary_takes_the_packed_path(dtype):
             out = layer.out(dilated_attention(*qkv.unbind(2), [8, 16], [1, 2], causal=True).flatten(2))
         else:
             out = layer(x)
-        out.float().square().mean().backward()
-        return out.detach(), [p.grad.clone() for p in layer.parameters()]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out.float().square().mean().backward()
+        joined = {"aten::stack", "aten::cat"} & {event.key for event in prof.key_averages()}
+        return out.detach(), [p.grad.clone() for p in layer.parameters()], joined
 
     packed, views = run(False), run(True)
+    assert not packed[2] and "aten::stack" in views[2]  # the layer's backward joins no gradients
     assert torch.equal(packed[0], views[0])
     for a, b in zip(packed[1], views[1]):
         assert a.dtype == dtype and torch.equal(a, b)

@@ -96,7 +96,6 @@ def _run_case(case: dict, mesh) -> dict:
     local = [x[:, rows].clone().requires_grad_() for x in (q, k, v)]
     if case.get("packed"):  # one (B, N, 3, H, D) leaf, its gradient unbound afterwards
         packed = torch.stack([x.detach() for x in local], dim=2).requires_grad_()
-        local = list(packed.unbind(2))
     from longnet_dist.attention import fused_settings
 
     default, fused_settings.SHARE_KEYS = fused_settings.SHARE_KEYS, case.get("share_keys", fused_settings.SHARE_KEYS)
