@@ -221,7 +221,10 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     assert all(report[mode]["correct"] for mode in ("kernel", "stream", "atomic", "tma")), report
     assert max(max(report[mode]["errors_out_dq_dk_dv"]) for mode in fused_settings.DQ_MODES) < 4e-3  # fp16 vs fp32
     tuned = gk.tune(list(fused_settings.DQ_MODES))
-    assert set(tuned["dkdv"]["seconds"]) == {"(32, 128, 4, 4) stream", "(32, 64, 4, 4) tma"}
+    # dK/dV is tuned with the dQ mode the timings chose when it runs a dQ kernel of its own, else with "stream";
+    # which one the interpreter's timings choose varies from run to run
+    separate = report["chosen"] if report["chosen"] in ("kernel", "stream") else "stream"
+    assert set(tuned["dkdv"]["seconds"]) == {f"(32, 128, 4, 4) {separate}", "(32, 64, 4, 4) tma"}
     fused_settings.DQ_MODE = "kernel"  # so that the dQ kernel's loads are tuned too
     tma = gk.tune_tma_loads()
     assert set(tma) == {"fwd", "dkdv", "dq", "chosen"}, tma
