@@ -51,10 +51,15 @@ def test_packed_equals_the_three_views_bit_for_bit_and_the_reference(cfg):
     torch.testing.assert_close(d_packed, torch.autograd.grad(ref, q64, grad)[0], **F64_TOL)
 
 
-def backward_ops(out, qkv, grad) -> set[str]:
+def ops_run(backward) -> set[str]:
+    """The names of the ops that `backward()` runs."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        torch.autograd.grad(out, qkv, grad)
+        backward()
     return {event.key for event in prof.key_averages()}
+
+
+def backward_ops(out, qkv, grad) -> set[str]:
+    return ops_run(lambda: torch.autograd.grad(out, qkv, grad))
 
 
 CASE = dict(B=2, N=96, H=5, D=8, segs=[8, 16, 32], rates=[1, 2, 4], causal=True, pad=0.2, seed=3)
@@ -98,9 +103,7 @@ def test_layer_without_rotary_takes_the_packed_path(dtype):
             out = layer.out(dilated_attention(*qkv.unbind(2), [8, 16], [1, 2], causal=True).flatten(2))
         else:
             out = layer(x)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            out.float().square().mean().backward()
-        joined = {"aten::stack", "aten::cat"} & {event.key for event in prof.key_averages()}
+        joined = {"aten::stack", "aten::cat"} & ops_run(out.float().square().mean().backward)
         return out.detach(), [p.grad.clone() for p in layer.parameters()], joined
 
     packed, views = run(False), run(True)
