@@ -4,7 +4,8 @@ It must equal `dilated_attention(*qkv.unbind(2))` bit for bit, forward and gradi
 same additions in the same order; only where the sums live differs), on every path: rows read in
 place (the gradient then never passes through a joining copy) and rows gathered (the gradient is
 stacked, as autograd's unbind would). Sharded: tests/test_sequence_parallel.py, case
-"sp4_causal_mask_packed".
+"sp4_causal_mask_packed". With rotary, `rotate_packed` must equal `apply_rotary` bit for bit, and the
+layer and the LM's blocks that use both must equal their three-tensor paths.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from torch.profiler import ProfilerActivity, profile
 
-from longnet_dist.attention import DilatedAttention, dilated_attention, packed_dilated_attention
+from longnet_dist.attention import (DilatedAttention, apply_rotary, dilated_attention, packed_dilated_attention,
+                                    rotary_angles, rotate_packed)
 from longnet_dist.attention.dilated import LocalBranch
+from longnet_dist.model.lm import LongNetConfig, LongNetLM
 from reference import reference_dilated_attention
 from test_dilated_attention import F64_TOL, configs, make_inputs
 
@@ -88,19 +91,21 @@ def test_gathered_rows_fall_back_to_a_stack_with_the_same_bits(causal, monkeypat
                                                                   key_padding_mask=mask), qkv, grad)
 
 
+@pytest.mark.parametrize("rotary", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_without_rotary_takes_the_packed_path(dtype):
-    """DilatedAttention(rotary=False) feeds its fused projection packed: the same output and parameter
-    gradients as through the three views, in the input dtype (low precision converts once, packed)."""
+def test_layer_takes_the_packed_path(dtype, rotary):
+    """DilatedAttention feeds its fused projection packed (rotary: q and k rotated into one new packed
+    tensor, rotate_packed): the same output and parameter gradients as through three views of it, in the
+    input dtype (low precision converts once, packed)."""
     torch.manual_seed(0)
-    layer = DilatedAttention(40, 5, [8, 16], [1, 2], causal=True, rotary=False).to(dtype)
+    layer = DilatedAttention(40, 5, [8, 16], [1, 2], causal=True, rotary=rotary).to(dtype)
     x = torch.randn(2, 48, 40, dtype=dtype)
 
     def run(through_views: bool):
         layer.zero_grad()
         if through_views:
-            qkv = layer.qkv(x).view(2, 48, 3, 5, 8)
-            out = layer.out(dilated_attention(*qkv.unbind(2), [8, 16], [1, 2], causal=True).flatten(2))
+            q, k, v = layer.project(x)  # rotary: q, k rotated as apply_rotary does, v a view
+            out = layer.out(dilated_attention(q, k, v, [8, 16], [1, 2], causal=True).flatten(2))
         else:
             out = layer(x)
         joined = {"aten::stack", "aten::cat"} & ops_run(out.float().square().mean().backward)
@@ -113,6 +118,71 @@ def test_layer_without_rotary_takes_the_packed_path(dtype):
         assert a.dtype == dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rotate_packed_is_apply_rotary_bit_for_bit(dtype):
+    """rotate_packed writes q and k rotated and v as it is into one tensor; forward and gradient equal the
+    composition (apply_rotary on q and k, then a concatenation) bit for bit: the same products and sums."""
+    B, N, H, D = 2, 37, 3, 8
+    tables = rotary_angles(torch.arange(5, 5 + N), D, dtype=dtype)  # positions of a shard: not from 0
+    x = torch.randn(B, N, 3, H, D, dtype=dtype, requires_grad=True)
+    grad = torch.randn(B, N, 3, H, D, dtype=dtype)
+    out = rotate_packed(x, tables)
+    qk = apply_rotary(x[:, :, :2].reshape(B, N, 2 * H, D), tables=tables).view(B, N, 2, H, D)
+    composed = torch.cat([qk, x[:, :, 2:]], dim=2)
+    assert torch.equal(out, composed)
+    assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (out, composed)))
+    assert not {"aten::cat", "aten::stack"} & ops_run(lambda: torch.autograd.grad(rotate_packed(x, tables), x, grad))
+
+
+def test_rotate_packed_with_tables_of_another_dtype_rotates_in_theirs():
+    """bf16 qkv with float32 tables (the layer's own tables): rotated in float32 and rounded once to bf16,
+    forward and gradient, bit for bit as apply_rotary does."""
+    x = torch.randn(2, 16, 3, 2, 8, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(x.shape, dtype=torch.bfloat16)
+    tables = rotary_angles(torch.arange(16), 8)
+    out = rotate_packed(x, tables)
+    qk = apply_rotary(x[:, :, :2].reshape(2, 16, 4, 8), tables=tables).view(2, 16, 2, 2, 8)
+    composed = torch.cat([qk, x[:, :, 2:]], dim=2)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, composed)
+    assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (out, composed)))
+
+
+@pytest.mark.parametrize("policy", ["none", "selective", "full"])
+def test_lm_blocks_hand_attention_one_packed_tensor(policy):
+    """LongNetLM's eager blocks pass q, k, v packed (Block.packed): the loss and every gradient equal the
+    three-tensor path bit for bit (compiled blocks keep it), under each checkpointing policy, and the
+    backward stacks no dq, dk, dv."""
+    config = LongNetConfig(vocab_size=64, dim=32, num_layers=2, num_heads=2, segment_lengths=[8, 16],
+                           dilation_rates=[1, 2], activation_checkpointing=policy)
+    torch.manual_seed(0)
+    model = LongNetLM(config)
+    ids = torch.randint(0, 64, (2, 48))
+    runs = []
+    for packed in (True, False):
+        for block in model.blocks:
+            block.packed = packed
+        model.zero_grad()
+        loss = model(ids, labels=ids).mean()
+        ops = ops_run(loss.backward)
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()], ops))
+    (loss, grads, ops), (loss_views, grads_views, ops_views) = runs
+    assert "aten::stack" in ops_views and "aten::stack" not in ops
+    assert torch.equal(loss, loss_views)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_views))
+
+
 def test_packed_shape_error_names_the_shape():
     with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seq, 3, heads, head_dim\), got \(1, 16, 2, 4\)"):
         packed_dilated_attention(torch.randn(1, 16, 2, 4), [8], [1])
+
+
+def test_rotate_packed_compiles_to_the_composition():
+    """Under torch.compile rotate_packed traces apply_rotary's composition (no graph break): the same values
+    and gradient as eager."""
+    x = torch.randn(1, 12, 3, 2, 8, requires_grad=True)
+    tables = rotary_angles(torch.arange(12), 8)
+    compiled = torch.compile(rotate_packed, backend="aot_eager", fullgraph=True)
+    out, eager = compiled(x, tables), rotate_packed(x, tables)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    grad = torch.randn(out.shape)
+    torch.testing.assert_close(*(torch.autograd.grad(y, x, grad)[0] for y in (out, eager)), rtol=0, atol=0)

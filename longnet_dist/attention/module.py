@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .checks import check_branches
 from .functional import dilated_attention, packed_dilated_attention
-from .rotary import apply_rotary, rotary_angles
+from .rotary import apply_rotary, rotary_angles, rotate_packed
 
 
 class DilatedAttention(nn.Module):
@@ -31,35 +31,39 @@ class DilatedAttention(nn.Module):
         """x (B, N, E) -> (B, N, E); `positions` (N,) are the global positions of x's rows (rotary).
 
         `rotary_tables` (cos, sin from `rotary_angles`, shared by all layers) replace `positions`.
+        q, k, v stay one packed tensor throughout, so their gradient is accumulated as one (no copy joins
+        dq, dk and dv on the CPU kernels).
         """
-        if self.rotary:
-            q, k, v = self.project(x, positions=positions, rotary_tables=rotary_tables)
-            attn = self.attend(q, k, v, key_padding_mask=key_padding_mask, sequence_group=sequence_group)
-        else:  # q, k, v stay one tensor: their gradient is accumulated as one (no copy joins dq, dk, dv)
-            B, N, _ = x.shape
-            qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
-            attn = packed_dilated_attention(qkv, **self._options(key_padding_mask, sequence_group))
+        qkv = self.project(x, positions=positions, rotary_tables=rotary_tables, packed=True)
+        attn = self.attend_packed(qkv, key_padding_mask=key_padding_mask, sequence_group=sequence_group)
         return self.out(attn.flatten(2))
 
-    def project(self, x: Tensor, *, positions: Tensor | None = None,
-                rotary_tables: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, N, E) -> q, k, v (B, N, H, D), q and k rotated: the token-wise part before attention."""
+    def project(self, x: Tensor, *, positions: Tensor | None = None, rotary_tables: tuple[Tensor, Tensor] | None = None,
+                packed: bool = False) -> tuple[Tensor, Tensor, Tensor] | Tensor:
+        """x (B, N, E) -> q, k, v (B, N, H, D), q and k rotated: the token-wise part before attention.
+        `packed`: one (B, N, 3, H, D) tensor instead (`rotate_packed`), for `attend_packed`."""
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
         qkv = self.qkv(x).view(B, N, 3, H, D)
-        if not self.rotary:
-            return qkv.unbind(2)
-        if rotary_tables is None:
-            positions = torch.arange(N, device=x.device) if positions is None else positions
-            rotary_tables = rotary_angles(positions, D, self.rotary_base)
-        qk = apply_rotary(qkv[:, :, :2].reshape(B, N, 2 * H, D), tables=rotary_tables)  # q and k heads at once
-        q, k = qk.view(B, N, 2, H, D).unbind(2)
-        return q, k, qkv[:, :, 2]
+        if self.rotary:
+            if rotary_tables is None:
+                positions = torch.arange(N, device=x.device) if positions is None else positions
+                rotary_tables = rotary_angles(positions, D, self.rotary_base)
+            if packed:
+                return rotate_packed(qkv, rotary_tables)
+            qk = apply_rotary(qkv[:, :, :2].reshape(B, N, 2 * H, D), tables=rotary_tables)  # q and k heads at once
+            q, k = qk.view(B, N, 2, H, D).unbind(2)
+            return q, k, qkv[:, :, 2]
+        return qkv if packed else qkv.unbind(2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
                sequence_group=None) -> Tensor:
         """Dilated attention (B, N, H, D) of projected q, k, v (B, N, H, D)."""
         return dilated_attention(q, k, v, **self._options(key_padding_mask, sequence_group))
+
+    def attend_packed(self, qkv: Tensor, *, key_padding_mask: Tensor | None = None, sequence_group=None) -> Tensor:
+        """`attend(*qkv.unbind(2))` of a packed projection qkv (B, N, 3, H, D), its gradient kept packed."""
+        return packed_dilated_attention(qkv, **self._options(key_padding_mask, sequence_group))
 
     def _options(self, key_padding_mask: Tensor | None, sequence_group) -> dict:
         return dict(segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates, causal=self.causal,

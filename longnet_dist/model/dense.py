@@ -21,6 +21,9 @@ class DenseAttention(DilatedAttention):
         heads_first = [t.transpose(1, 2) for t in (q, k, v)]  # (B, H, N, D) views
         return F.scaled_dot_product_attention(*heads_first, is_causal=self.causal).transpose(1, 2)  # (B, N, H, D)
 
+    def attend_packed(self, qkv: Tensor, *, key_padding_mask: Tensor | None = None, sequence_group=None) -> Tensor:
+        return self.attend(*qkv.unbind(2), key_padding_mask=key_padding_mask, sequence_group=sequence_group)
+
 
 def attention_class(impl: str) -> type[DilatedAttention]:
     if impl == "dilated":

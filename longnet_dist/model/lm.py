@@ -98,24 +98,32 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config.norm, config.dim)
         self.mlp = make_mlp(config.mlp, config.dim, config.mlp_hidden_dim)
         self.before_attention, self.after_attention = self._before_attention, self._after_attention
+        # eager regions hand q, k, v to the attention as one packed tensor (rotary written straight into it,
+        # the gradient accumulated packed: attention/rotary.py rotate_packed); compiled ones as three
+        # tensors, which inductor writes from the projection in one fused kernel
+        self.packed = True
 
     def compile_regions(self, backend: str = "inductor", fullgraph: bool = False) -> None:
         """Compile both token-wise regions (the attention call between them stays eager)."""
         self.before_attention = compile_region(self._before_attention, backend, fullgraph)
         self.after_attention = compile_region(self._after_attention, backend, fullgraph)
+        self.packed = False
 
     def forward(self, x: Tensor, positions: Tensor | None, sequence_group=None,
                 rotary_tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """x (B, N, E) -> (B, N, E); `rotary_tables` (cos, sin), each (1, N, 1, D/2), default from positions."""
         if rotary_tables is None:
             rotary_tables = rotary_tables_of(positions, x, self.attn.head_dim, self.rotary_base)
-        q, k, v = token_wise(self.before_attention, x, *rotary_tables, chunk_size=self.chunk_before,
-                             recompute=self.recompute_before)  # (B, N, H, D) each
-        attn = self.attn.attend(q, k, v, sequence_group=sequence_group)  # (B, N, H, D)
+        qkv = token_wise(self.before_attention, x, *rotary_tables, chunk_size=self.chunk_before,
+                         recompute=self.recompute_before)  # (B, N, 3, H, D), or q, k, v (B, N, H, D) each
+        if self.packed:
+            attn = self.attn.attend_packed(qkv, sequence_group=sequence_group)  # (B, N, H, D)
+        else:
+            attn = self.attn.attend(*qkv, sequence_group=sequence_group)
         return token_wise(self.after_attention, x, attn, chunk_size=self.chunk_after, recompute=self.recompute_after)
 
-    def _before_attention(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.attn.project(self.attn_norm(x), rotary_tables=(cos, sin))
+    def _before_attention(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor] | Tensor:
+        return self.attn.project(self.attn_norm(x), rotary_tables=(cos, sin), packed=self.packed)
 
     def _after_attention(self, x: Tensor, attn: Tensor) -> Tensor:
         x = x + self.attn.out(attn.flatten(2))  # (B, N, E)
