@@ -100,14 +100,14 @@ class Block(nn.Module):
         self.before_attention, self.after_attention = self._before_attention, self._after_attention
         # eager regions hand q, k, v to the attention as one packed tensor (rotary written straight into it,
         # the gradient accumulated packed: attention/rotary.py rotate_packed); compiled ones as three
-        # tensors, which inductor writes from the projection in one fused kernel
+        # tensors, whose rotation inductor fuses itself (the GPU path as measured)
         self.packed = True
 
     def compile_regions(self, backend: str = "inductor", fullgraph: bool = False) -> None:
         """Compile both token-wise regions (the attention call between them stays eager)."""
+        self.packed = False
         self.before_attention = compile_region(self._before_attention, backend, fullgraph)
         self.after_attention = compile_region(self._after_attention, backend, fullgraph)
-        self.packed = False
 
     def forward(self, x: Tensor, positions: Tensor | None, sequence_group=None,
                 rotary_tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
