@@ -39,10 +39,14 @@ LONG = ([2048, 8192, 32768], [1, 4, 16])            # the first three of configs
 PATHS = {"packed": True, "three_tensors": False}
 
 
-def step(model: LongNetLM, ids: torch.Tensor, packed: bool) -> tuple[float, int]:
-    """(seconds, minor page faults) of one forward+backward."""
+def use_packed(model: LongNetLM, packed: bool) -> None:
     for block in model.blocks:
         block.packed = packed
+
+
+def step(model: LongNetLM, ids: torch.Tensor, packed: bool) -> tuple[float, int]:
+    """(seconds, minor page faults) of one forward+backward."""
+    use_packed(model, packed)
     model.zero_grad(set_to_none=True)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
@@ -52,8 +56,7 @@ def step(model: LongNetLM, ids: torch.Tensor, packed: bool) -> tuple[float, int]
 
 def saved_bytes(model: LongNetLM, ids: torch.Tensor, packed: bool) -> int:
     """Bytes of the distinct storages that autograd saves for one forward's backward."""
-    for block in model.blocks:
-        block.packed = packed
+    use_packed(model, packed)
     storages = {}
 
     def keep(tensor):

@@ -118,6 +118,13 @@ def test_layer_takes_the_packed_path(dtype, rotary):
         assert a.dtype == dtype and torch.equal(a, b)
 
 
+def composition(x, tables):
+    """What rotate_packed must equal: apply_rotary on the 2H heads of q and k, then v concatenated."""
+    B, N, _, H, D = x.shape
+    qk = apply_rotary(x[:, :, :2].reshape(B, N, 2 * H, D), tables=tables).view(B, N, 2, H, D)
+    return torch.cat([qk, x[:, :, 2:]], dim=2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_rotate_packed_is_apply_rotary_bit_for_bit(dtype):
     """rotate_packed writes q and k rotated and v as it is into one tensor; forward and gradient equal the
@@ -126,9 +133,7 @@ def test_rotate_packed_is_apply_rotary_bit_for_bit(dtype):
     tables = rotary_angles(torch.arange(5, 5 + N), D, dtype=dtype)  # positions of a shard: not from 0
     x = torch.randn(B, N, 3, H, D, dtype=dtype, requires_grad=True)
     grad = torch.randn(B, N, 3, H, D, dtype=dtype)
-    out = rotate_packed(x, tables)
-    qk = apply_rotary(x[:, :, :2].reshape(B, N, 2 * H, D), tables=tables).view(B, N, 2, H, D)
-    composed = torch.cat([qk, x[:, :, 2:]], dim=2)
+    out, composed = rotate_packed(x, tables), composition(x, tables)
     assert torch.equal(out, composed)
     assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (out, composed)))
     assert not {"aten::cat", "aten::stack"} & ops_run(lambda: torch.autograd.grad(rotate_packed(x, tables), x, grad))
@@ -140,9 +145,7 @@ def test_rotate_packed_with_tables_of_another_dtype_rotates_in_theirs():
     x = torch.randn(2, 16, 3, 2, 8, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(x.shape, dtype=torch.bfloat16)
     tables = rotary_angles(torch.arange(16), 8)
-    out = rotate_packed(x, tables)
-    qk = apply_rotary(x[:, :, :2].reshape(2, 16, 4, 8), tables=tables).view(2, 16, 2, 2, 8)
-    composed = torch.cat([qk, x[:, :, 2:]], dim=2)
+    out, composed = rotate_packed(x, tables), composition(x, tables)
     assert out.dtype == torch.bfloat16 and torch.equal(out, composed)
     assert torch.equal(*(torch.autograd.grad(y, x, grad)[0] for y in (out, composed)))
 

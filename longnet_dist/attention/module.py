@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .checks import check_branches
 from .functional import dilated_attention, packed_dilated_attention
-from .rotary import apply_rotary, rotary_angles, rotate_packed
+from .rotary import rotary_angles, rotate_packed, rotate_qk
 
 
 class DilatedAttention(nn.Module):
@@ -51,8 +51,7 @@ class DilatedAttention(nn.Module):
                 rotary_tables = rotary_angles(positions, D, self.rotary_base)
             if packed:
                 return rotate_packed(qkv, rotary_tables)
-            qk = apply_rotary(qkv[:, :, :2].reshape(B, N, 2 * H, D), tables=rotary_tables)  # q and k heads at once
-            q, k = qk.view(B, N, 2, H, D).unbind(2)
+            q, k = rotate_qk(qkv, rotary_tables).unbind(2)
             return q, k, qkv[:, :, 2]
         return qkv if packed else qkv.unbind(2)
 

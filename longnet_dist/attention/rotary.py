@@ -42,10 +42,15 @@ def rotate_packed(qkv: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
     same order). Code being compiled takes the composition (inductor fuses it itself).
     """
     if torch.compiler.is_compiling():
-        B, N, _, H, D = qkv.shape
-        qk = apply_rotary(qkv[:, :, :2].reshape(B, N, 2 * H, D), tables=tables).view(B, N, 2, H, D)
-        return torch.cat([qk, qkv[:, :, 2:]], dim=2)
+        return torch.cat([rotate_qk(qkv, tables), qkv[:, :, 2:]], dim=2)
     return _RotatePacked.apply(qkv, *tables)
+
+
+def rotate_qk(qkv: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
+    """q and k of a fused projection's qkv (B, N, 3, H, D), rotated by `apply_rotary` as 2H heads at once:
+    (B, N, 2, H, D)."""
+    B, N, _, H, D = qkv.shape
+    return apply_rotary(qkv[:, :, :2].reshape(B, N, 2 * H, D), tables=tables).view(B, N, 2, H, D)
 
 
 def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> None:
