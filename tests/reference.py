@@ -5,6 +5,8 @@ ordinary masked softmax, and mixes the branches literally by Eq. 9-10. O(N^2): f
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -67,6 +69,22 @@ def dilated_errors(device, B, N, H, D, segs, rates, causal, pad, dtype, seed=0, 
     """Errors of `dilated_attention` (out, dq, dk, dv) on `device` in `dtype` against this reference in
     float64: L2 error over the reference's norm plus 1e-2 per element of the O(1) inputs (a gradient
     can be exactly 0, e.g. with one key per query). Asserts that every value is finite."""
+    return dilated_case(device, B, N, H, D, segs, rates, causal, pad, dtype, seed, backend).errors
+
+
+@dataclass
+class DilatedCase:
+    """One `dilated_errors` run: the inputs it drew (q, k, v, the output's gradient, in float64 on the CPU; the
+    key padding mask or None), our [out, dq, dk, dv] on the device and their errors, so that a test can hold
+    another run on the same inputs against ours without running ours again."""
+
+    inputs: tuple
+    mask: torch.Tensor | None
+    ours: list
+    errors: dict
+
+
+def dilated_case(device, B, N, H, D, segs, rates, causal, pad, dtype, seed=0, backend="triton") -> DilatedCase:
     from longnet_dist.attention import dilated_attention
 
     g = torch.Generator().manual_seed(seed)
@@ -78,7 +96,8 @@ def dilated_errors(device, B, N, H, D, segs, rates, causal, pad, dtype, seed=0, 
     ours = [out, *torch.autograd.grad(out, ours_in, grad.to(device, dtype))]
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = reference_dilated_attention(*ref_in, segs, rates, causal=causal, key_padding_mask=mask)
-    return error_norms(ours, [ref, *torch.autograd.grad(ref, ref_in, grad)])
+    errors = error_norms(ours, [ref, *torch.autograd.grad(ref, ref_in, grad)])
+    return DilatedCase((q, k, v, grad), mask, ours, errors)
 
 
 def error_norms(ours, refs) -> dict[str, float]:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from longnet_dist.attention import fused, fused_settings, nesting
-from reference import dilated_errors
+from reference import dilated_case, dilated_errors
 from test_triton_kernels import DEVICE, DQ_MODES, fused_outputs_and_grads
 
 triton = pytest.importorskip("triton")
@@ -185,18 +185,17 @@ def test_shared_keys_in_the_kernels_match_the_reference_and_every_branch_alone(c
     multiple of r, key padding, batch 2, causal or not): float32 against float64, and against the kernels with
     every branch alone."""
     args = (cfg["B"], cfg["N"], cfg["H"], cfg["D"], cfg["segs"], cfg["rates"], cfg["causal"], cfg["pad"])
-    errors = dilated_errors(DEVICE, *args, torch.float32, cfg["seed"])
-    assert max(errors.values()) < 1e-4, errors
-    g = torch.Generator().manual_seed(cfg["seed"])
-    q, k, v, grad = (torch.randn(*args[:3], 16, generator=g).to(DEVICE) for _ in range(4))
-    options = dict(causal=cfg["causal"])
-    shared = fused_outputs_and_grads(q, k, v, grad, cfg["segs"], cfg["rates"], **options)
+    case = dilated_case(DEVICE, *args, torch.float32, cfg["seed"])  # the kernels sharing keys (the default)
+    assert max(case.errors.values()) < 1e-4, case.errors
+    q, k, v, grad = (x.to(DEVICE, torch.float32) for x in case.inputs)
+    mask = None if case.mask is None else case.mask.to(DEVICE)
     fused_settings.SHARE_KEYS = False  # (the autouse fixture restores it after the test; each example sets it)
     try:
-        alone = fused_outputs_and_grads(q, k, v, grad, cfg["segs"], cfg["rates"], **options)
+        alone = fused_outputs_and_grads(q, k, v, grad, cfg["segs"], cfg["rates"], causal=cfg["causal"],
+                                        key_padding_mask=mask)
     finally:
         fused_settings.SHARE_KEYS = True
-    for name, x, y in zip(("out", "dq", "dk", "dv"), shared, alone):
+    for name, x, y in zip(("out", "dq", "dk", "dv"), case.ours, alone):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
