@@ -17,8 +17,14 @@ setup:
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	$(PYTHON) -c "import torch, sys; sys.exit(torch.version.cuda is not None)" && $(PIP) install -q "triton>=3.9" || true
 
+# The fused kernels' interpreter tests (one core each, no subprocesses) first, on two pytest-xdist workers of one
+# thread each; then every other test in order (they start ranks and servers of their own). Both always run.
+INTERPRETED := tests/test_triton_kernels.py tests/test_triton_nesting.py
 test: setup
-	WANDB_MODE=disabled $(PYTHON) -m pytest tests -q
+	status=0; \
+	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PYTHON) -m pytest $(INTERPRETED) -q -n 2 || status=$$?; \
+	WANDB_MODE=disabled $(PYTHON) -m pytest tests -q $(addprefix --ignore=,$(INTERPRETED)) || status=$$?; \
+	exit $$status
 
 # One run directory per `make train` (named like the trainer's default output_dir, fixed once per make
 # call so both commands see the same one); the run ends by printing a sample from its final checkpoint.
