@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from longnet_dist.distributed.testing import run_multiprocess
+from subprocess_env import REPO, repo_first_on_pythonpath
 from longnet_dist.generate import generate_ids, generate_text
 from longnet_dist.model import LongNetConfig, LongNetLM
 from longnet_dist.model.io import save_exported
@@ -25,7 +26,6 @@ from longnet_dist.train.__main__ import CONFIG_DIR
 from longnet_dist.train.checkpoint import CheckpointError, CorruptCheckpointError
 from longnet_dist.train.export import export
 
-REPO = Path(__file__).resolve().parents[1]
 IDS = torch.arange(40).remainder(200).view(1, 40) + 30  # (1, 40) byte ids: 40 rows cross the 16-row segments
 GENERATE_DEFAULTS = OmegaConf.load(CONFIG_DIR / "generate.yaml")
 
@@ -86,7 +86,7 @@ def test_export_loads_without_deepspeed_and_gives_identical_logits(run_dirs, tmp
         f"ids = torch.arange(40).remainder(200).view(1, 40) + 30\n"
         f"torch.save(model(ids).detach(), {str(tmp_path / 'logits.pt')!r})\n"
         "assert not any(name.startswith('deepspeed') for name in sys.modules if sys.modules[name] is not None)\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = repo_first_on_pythonpath(dict(os.environ, OMP_NUM_THREADS="1"))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-6)
@@ -127,7 +127,7 @@ def test_each_generated_step_has_the_logits_of_a_full_forward_pass(one_thread):
 
 
 def cli(*overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    env = repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
     return subprocess.run([sys.executable, "-m", "longnet_dist.generate", *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 

@@ -1,3 +1,4 @@
+import ast
 import os
 from pathlib import Path
 
@@ -15,3 +16,36 @@ def test_repo_alone_without_pythonpath():
     assert repo_first_on_pythonpath({"HOME": "/h"}, Path("/repo")) == {"HOME": "/h", "PYTHONPATH": "/repo"}
     assert repo_first_on_pythonpath({"PYTHONPATH": ""}, Path("/repo")) == {"PYTHONPATH": "/repo"}
     assert (REPO / "longnet_dist" / "__init__.py").is_file()
+
+
+def _pythonpath_writes(source: str) -> list[int]:
+    """Lines of `source` that set PYTHONPATH themselves: a keyword (dict(os.environ, PYTHONPATH=...)), a dict
+    key ({"PYTHONPATH": ...}) or an item assignment (env["PYTHONPATH"] = ...)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.keyword) and node.arg == "PYTHONPATH":
+            lines.append(node.value.lineno)
+        elif isinstance(node, ast.Dict):
+            lines += [key.lineno for key in node.keys if isinstance(key, ast.Constant) and key.value == "PYTHONPATH"]
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            lines += [target.lineno for target in targets if isinstance(target, ast.Subscript)
+                      and isinstance(target.slice, ast.Constant) and target.slice.value == "PYTHONPATH"]
+    return sorted(lines)
+
+
+def test_the_guard_sees_every_way_of_setting_pythonpath():
+    source = ('a = dict(os.environ, PYTHONPATH=str(REPO))\nb = {**os.environ, "PYTHONPATH": "/repo"}\n'
+              'c["PYTHONPATH"] = "/repo"\nd = os.environ.get("PYTHONPATH", "")\n')
+    assert _pythonpath_writes(source) == [1, 2, 3]
+
+
+def test_no_test_replaces_pythonpath_for_its_subprocesses():
+    """Subprocesses of the tests get PYTHONPATH from repo_first_on_pythonpath only, which keeps what the
+    environment had: a machine that finds its packages through PYTHONPATH (a GPU lease's carried wheels)
+    would otherwise lose them in every subprocess."""
+    tests = Path(__file__).resolve().parent
+    offenders = {path.name: lines for path in sorted(tests.glob("*.py"))
+                 if path.name not in {"subprocess_env.py", Path(__file__).name}
+                 and (lines := _pythonpath_writes(path.read_text()))}
+    assert offenders == {}, f"set PYTHONPATH through subprocess_env.repo_first_on_pythonpath instead: {offenders}"

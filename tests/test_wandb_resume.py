@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from subprocess_env import REPO, repo_first_on_pythonpath
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 TINY = ["model=tiny", "data.seq_len=256", "attention=geometric", "attention.base_segment_length=64",
         "trainer.warmup_steps=2", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=100",
@@ -23,7 +24,7 @@ TINY = ["model=tiny", "data.seq_len=256", "attention=geometric", "attention.base
 
 
 def train(output_dir: Path, *overrides: str, run_id: str | None = None) -> str:
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1"))
     env.pop("WANDB_RUN_ID", None)
     if run_id is not None:
         env["WANDB_RUN_ID"] = run_id
