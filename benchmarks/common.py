@@ -24,10 +24,26 @@ def machine() -> dict:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "platform": platform.platform()}
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "host_memory": host_memory()}
     if torch.cuda.is_available():
         info.update(gpu_info())
     return info
+
+
+MEMORY_VARIABLES = ("LD_PRELOAD", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
+
+
+def host_memory() -> dict:
+    """What shapes the CPU timings through page faults: the allocator settings in the environment (tcmalloc
+    preloaded, glibc tunables, torch's huge pages for tensors of 2 MiB and more) and the kernel's transparent
+    huge page mode (the bracketed word of /sys/kernel/mm/transparent_hugepage/enabled)."""
+    settings = {name: os.environ[name] for name in MEMORY_VARIABLES if os.environ.get(name)}
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        settings["transparent_hugepage"] = mode.split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        pass
+    return settings
 
 
 GPU_QUERY = ("import json, torch; p = torch.cuda.get_device_properties(0); print(json.dumps({'gpu': p.name, "

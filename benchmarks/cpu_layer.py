@@ -24,7 +24,8 @@ so the growth ratio partly measured the neighbours' heap (ours 4.2-4.9 there, 4.
 their own; the spread between runs stays: docs/performance.md, "Stop 22"). `--one-process` runs them
 all in this process, as stops 16-21 did. Also reports forward time(256K) / time(64K) for each (4.0
 would be perfectly linear) and the page faults of each best run (a fresh glibc mapping faults every
-page it touches). Writes benchmarks/results/cpu_layer[_TAG].json and .png.
+page it touches). Writes benchmarks/results/cpu_layer[_TAG].json and .png; the JSON's
+machine.host_memory names the allocator settings in force (tcmalloc, glibc tunables, THP_MEM_ALLOC_ENABLE).
 """
 from __future__ import annotations
 
