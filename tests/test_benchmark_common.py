@@ -19,4 +19,5 @@ def test_the_machine_record_names_the_memory_settings_that_shape_cpu_timings(mon
     assert set(plain) <= {"transparent_hugepage"}
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
-    assert machine()["host_memory"] == {**plain, "THP_MEM_ALLOC_ENABLE": "1", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
+    expected = {**plain, "THP_MEM_ALLOC_ENABLE": "1", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
+    assert machine()["host_memory"] == expected

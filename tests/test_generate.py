@@ -18,13 +18,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from longnet_dist.distributed.testing import run_multiprocess
-from subprocess_env import REPO, repo_first_on_pythonpath
 from longnet_dist.generate import generate_ids, generate_text
 from longnet_dist.model import LongNetConfig, LongNetLM
 from longnet_dist.model.io import save_exported
 from longnet_dist.train.__main__ import CONFIG_DIR
 from longnet_dist.train.checkpoint import CheckpointError, CorruptCheckpointError
 from longnet_dist.train.export import export
+from subprocess_env import REPO, repo_first_on_pythonpath
 
 IDS = torch.arange(40).remainder(200).view(1, 40) + 30  # (1, 40) byte ids: 40 rows cross the 16-row segments
 GENERATE_DEFAULTS = OmegaConf.load(CONFIG_DIR / "generate.yaml")
