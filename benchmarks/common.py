@@ -75,9 +75,10 @@ def timed(fn, repeats: int = 1) -> float:
 
 
 def save(name: str, payload: dict) -> Path:
+    """Writes results/<name>.json; a payload without its own "command" gets this process's command line."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps({"command": " ".join(sys.argv), **payload}, indent=2) + "\n")
     return path
 
 
