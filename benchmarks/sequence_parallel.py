@@ -206,7 +206,8 @@ def main() -> None:
     print_tables(measured, paper, settings)
     info = machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = dict(machine=info, command=" ".join(sys.argv), settings=settings, measured=measured, paper_model=PAPER_MODEL,
+    result = dict(machine=info, command=" ".join(sys.argv), settings=settings, measured=measured,
+                  paper_model=PAPER_MODEL,
                   paper_configs={str(n): paper_configs(n) for n in PAPER_TOKENS}, paper_scale=paper,
                   formula="per spanning branch and rank, each way: (count-1) * 2 * B * (l/r) * H * D * el "
                           "forward and the same backward; ring / full all-gather: 2 * (N - N/P) * H * D * el",
