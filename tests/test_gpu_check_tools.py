@@ -375,3 +375,39 @@ def test_the_attention_stage_records_summarises_and_plots_its_points(tmp_path, m
     assert targets["peak_kb_per_token_4m"] == 14.0
     ga.plot(payload["points"], tmp_path / "gpu_attention.png", "test")
     assert (tmp_path / "gpu_attention.png").stat().st_size > 0
+
+
+def test_annotated_ranges_are_not_counted_twice_in_the_kernel_time():
+    """A CUDA profile holds each `kernels.branch_range` (and "Optimizer.step#...") twice: as a user annotation
+    whose device time spans its kernels, and as the kernels themselves. The summary counts the kernels once
+    and keeps the range only as the branch's time (stop 27's H200 profile had put 3.4 of 7.1 ms in "other")."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from longnet_dist.train.profiling import summarize
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def event(key, us, annotation=False, device_type=cuda):
+        return SimpleNamespace(key=key, count=1, device_type=device_type, is_user_annotation=annotation,
+                               self_device_time_total=us, device_time_total=us, self_cpu_time_total=0,
+                               cpu_time_total=0)
+
+    events = [event("dilated fwd w=2048 r=1", 700, annotation=True), event("_fwd", 500), event("_bwd_dq", 200),
+              event("Optimizer.step#AdamW.step", 300, annotation=True),
+              event("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", 300),
+              event("aten::mm", 9000, device_type=torch.autograd.DeviceType.CPU)]
+    summary = summarize(SimpleNamespace(key_averages=lambda: events), "cuda")
+    assert summary["total_ms"] == pytest.approx(1.0)
+    assert summary["categories"] == {"dilated fwd": 0.5, "optimizer": 0.3, "dilated dQ": 0.2}
+    assert summary["branches_ms"] == {"dilated fwd w=2048 r=1": 0.7}
+    assert [row["name"] for row in summary["top"]] == ["_fwd", events[4].key, "_bwd_dq"]
+
+    with torch.profiler.profile() as prof:  # the same on a real CPU profile: the range is a branch, not an op
+        with torch.profiler.record_function("dilated bwd w=4096 r=2"):
+            torch.ones(64, 64) @ torch.ones(64, 64)
+    summary = summarize(prof, "cpu")
+    assert "dilated bwd w=4096 r=2" in summary["branches_ms"]
+    assert all(not row["name"].startswith("dilated ") for row in summary["top"])
+    assert "other" not in summary["categories"]
