@@ -328,9 +328,10 @@ def test_the_training_stage_profiles_one_more_step_and_leaves_it_out_of_the_medi
         return {"status": "ok", "wall_s": 1.0, "records": records, "files": files}
 
     monkeypatch.setattr(bench, "run_trainer", fake_run)
-    args = argparse.Namespace(profile=True, checkpointing="auto", zero_stage=0, compile="auto", override=[])
+    args = argparse.Namespace(profile=True, checkpointing="auto", deepspeed="bf16", compile="auto", override=[])
     row = bench.cuda_point(32768, "dilated", 4, args, 1e15, timeout=60)
     overrides, read_back = calls[-1]
+    assert "deepspeed=bf16" in overrides  # BF16_Optimizer: the wrapper with the least overhead on a GPU
     assert "trainer.max_steps=5" in overrides and "trainer.profile_step=5" in overrides
     assert read_back == ("profile_step_5.json",) and row["profile"]["categories"] == {"matmul": 1.0}
     assert row["timed_steps"] == 3 and row["tokens_per_s"] == 5e3  # steps 2-4: the profiled step 5 left out

@@ -38,7 +38,8 @@ def test_overrides_reach_the_built_model_and_its_attention():
         assert type(block.mlp).__name__ == "GeluMLP"
 
 
-@pytest.mark.parametrize("group,stage", [("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero2_offload", 2)])
+@pytest.mark.parametrize("group,stage", [("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero2_offload", 2),
+                                         ("bf16", 1)])
 def test_deepspeed_dict_combines_the_group_with_trainer_values(group, stage):
     cfg = make_config(f"deepspeed={group}", "trainer.lr=0.01", "trainer.max_steps=77", "trainer.warmup_steps=7",
                       "trainer.gradient_accumulation_steps=3", "data.micro_batch_size=2")
@@ -49,6 +50,9 @@ def test_deepspeed_dict_combines_the_group_with_trainer_values(group, stage):
     assert ds["scheduler"]["params"]["total_num_steps"] == 77 and ds["scheduler"]["params"]["warmup_num_steps"] == 7
     assert ds["gradient_accumulation_steps"] == 3 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ("offload_optimizer" in ds["zero_optimization"]) == (group == "zero2_offload")
+    # `bf16`: the mix DeepSpeed runs with BF16_Optimizer (bf16 weights, fp32 gradient accumulation, stage 1)
+    assert ds["bf16"]["enabled"] == (group == "bf16")
+    assert ds.get("data_types", {}).get("grad_accum_dtype") == ("fp32" if group == "bf16" else None)
 
 
 def test_unknown_key_override_fails_in_hydra():
@@ -69,6 +73,8 @@ def test_unknown_key_override_fails_in_hydra():
     (["trainer.profile_step=0"], 1, r"trainer.profile_step=0 must be an integer >= 1"),
     (["+deepspeed.optimizer.type=Adam"], 1, "deepspeed.optimizer -> set trainer.lr"),
     (["deepspeed.zero_optimization.stage=4"], 1, "stage=4 must be 0, 1, 2 or 3"),
+    (["deepspeed=bf16", "deepspeed.zero_optimization.stage=0"], 1, "grad_accum_dtype=fp32 with bf16 needs"),
+    (["deepspeed=bf16", "deepspeed.data_types.grad_accum_dtype=fp64"], 1, "grad_accum_dtype='fp64' must be"),
     (["logger.backend=tensorboard"], 1, "logger.backend='tensorboard'"),
     (["resume=/no/such/checkpoint"], 1, "no such path"),
 ])

@@ -258,6 +258,14 @@ def _validate_deepspeed(ds_cfg: DictConfig) -> None:
     stage = OmegaConf.select(ds_cfg, "zero_optimization.stage", default=0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    accumulate = OmegaConf.select(ds_cfg, "data_types.grad_accum_dtype", default=None)
+    if accumulate not in (None, "fp32", "fp16", "bf16"):
+        raise ValueError(f"deepspeed.data_types.grad_accum_dtype={accumulate!r} must be fp32, fp16, bf16 or null "
+                         "(the model's dtype)")
+    if accumulate == "fp32" and OmegaConf.select(ds_cfg, "bf16.enabled", default=False) and stage == 0:
+        # DeepSpeed would raise NotImplementedError deep inside deepspeed.initialize
+        raise ValueError("deepspeed.data_types.grad_accum_dtype=fp32 with bf16 needs deepspeed.zero_optimization.stage"
+                         "=1 (DeepSpeed's BF16_Optimizer; `deepspeed=bf16` sets both), not stage 0")
 
 
 def _validate_logger(logger_cfg: DictConfig) -> None:

@@ -165,7 +165,8 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     logger.write(
         f"LongNet LM: {num_params / 1e6:.2f}M parameters, {step_flops_per_token / 1e6:.1f} MFLOP/token at seq_len "
         f"{data_cfg.seq_len} | world {mesh.world_size} = dp {mesh.dp_size} x sp {mesh.sp_size} | "
-        f"ZeRO stage {engine.zero_optimization_stage()}, {'bf16' if engine.bfloat16_enabled() else 'fp32'} | "
+        f"ZeRO stage {engine.zero_optimization_stage()}, {'bf16' if engine.bfloat16_enabled() else 'fp32'} "
+        f"({type(engine.optimizer).__name__}) | "
         f"{tokens_per_step:,} tokens/step | train {corpus['train'].num_tokens:,} tokens, "
         f"validation {corpus['validation'].num_tokens:,} | run dir {output_dir}"
         + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else ""))
