@@ -275,7 +275,7 @@ def test_the_tuning_steps_stop_at_their_deadline(monkeypatch, capsys):
     tuned = gk.tune(["kernel", "tma"])
     assert [len(tuned[kernel]["seconds"]) for kernel in ("fwd", "dkdv", "dq")] == [1, 1, 1], tuned
     assert gk.tune_tma_loads() == {"chosen": []}
-    monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"fwd"}))  # the default: kept when not timed
+    monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"fwd"}))  # a choice not timed is kept
     assert gk.tune_tma_loads() == {"chosen": ["fwd"]}
     assert set(gk.tune_small_launches()["seconds"]) == {"0 None"}
     assert gk.tune_side_branches()["seconds"].keys() == {"0"}

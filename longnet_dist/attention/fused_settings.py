@@ -29,13 +29,14 @@ class Blocks:
 
 # (kernel, fp32?) -> blocks. 16-bit: the fastest of `benchmarks/gpu_attention.py --tune` on an H200 (D = 64,
 # paper branches, N = 256K, causal; results/gpu_attention_{sweep_,}h200.log): forward 64x64 x 3 stages
-# 6.11 ms, 6.36 with 4, 7.19 at 128x64; dK/dV and dQ: the second sweep's best within 0.2% (noise).
+# 6.11 ms, 6.36 with 4, 7.19 at 128x64; dK/dV: the second sweep's best within 0.2% (noise); dQ 64x32 x 4 stages
+# 24.73 ms against 25.08 for 64x64 x 3 (stop 27's H200 sweep, gpu_attention_h200.log; stop 14's chose it too).
 # The sweep can install others in TUNED. fp32 (IEEE dots, no tensor cores): smaller tiles, not tuned.
 DEFAULT_BLOCKS = {
     ("fwd", False): Blocks(64, 64, 4, 3),
     ("dkdv", False): Blocks(32, 128, 4, 4),
     ("dkdv_small", False): Blocks(64, 64, 4, 3),  # 27.8 ms at 256K against 26.4: see SMALL_LAUNCH_WAVES
-    ("dq", False): Blocks(64, 64, 4, 3),
+    ("dq", False): Blocks(64, 32, 4, 4),
     ("fwd", True): Blocks(64, 32, 4, 2),
     ("dkdv", True): Blocks(32, 64, 4, 2),
     ("dkdv_small", True): Blocks(32, 64, 4, 2),
@@ -68,7 +69,9 @@ DQ_MODE = "stream"
 #               the tensor-memory accelerator, which also zero-fills slots past the end (compute capability
 #               >= 9 and every row 16-byte aligned; elsewhere pointer loads). The same numbers either way.
 # On an H100 (stop 19, gpu_attention_h100.log, 256K, shared keys): the forward 6.32 ms with TMA loads against
-# 6.81 with pointer loads, so "fwd" is the default; dK/dV and dQ were not timed yet (`gpu_attention.py --tune`).
+# 6.81 with pointer loads. On an H200 (stop 27, gpu_attention_h200.log, 256K fwd+bwd): TMA in dK/dV 24.72 ms
+# against 24.89, in dQ 24.78 against 24.60; the 32K fwd+bwd then ran 3.67 ms against 4.13 (noisy: 3.54-4.13
+# in that run). So "fwd" and "dkdv" are the default (`gpu_attention.py --tune` times each anew).
 TMA_KERNELS = ("fwd", "dkdv", "dq")
 # Branches run as a second chain beside the first: the SIDE_BRANCHES branches with the largest r (launches of
 # the fewest programs, e.g. (32768, 12) at N = 32K: 12 heads x 22 programs, under two per multiprocessor,
@@ -83,7 +86,7 @@ SIDE_BRANCHES = 0
 # branches score 22% fewer pairs, and the parent pays a 16-wide flag dot and a multiply per pair. On an H100
 # (stop 19, 256K, fwd+bwd) 25.70 ms on against 26.09 off: on by default (`gpu_attention.py --tune` times both).
 SHARE_KEYS = nesting.SHARE_KEYS_BY_DEFAULT  # LONGNET_SHARE_KEYS=0: off, as on the CPU path
-TMA_LOADS: frozenset[str] = frozenset({"fwd"})
+TMA_LOADS: frozenset[str] = frozenset({"fwd", "dkdv"})
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
 
