@@ -115,6 +115,7 @@ def test_paper_branches_fused_agree_with_aten_path():
         assert_close_to(ref, torch.bfloat16, backend, backend)
 
 
+@pytest.mark.gpu_heavy
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_shared_keys_match_reference(dtype, causal, monkeypatch):

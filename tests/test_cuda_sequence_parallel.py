@@ -105,6 +105,7 @@ def _single(case: dict, dense: bool) -> list[torch.Tensor]:
     return [out.detach(), *torch.autograd.grad(out, inputs, grad_in)]
 
 
+@pytest.mark.gpu_heavy
 def test_sharded_on_gpu_matches_dense_reference_and_single_device():
     """Every case, the 2 ranks' shards concatenated: out, dq, dk, dv against the float64 reference and against
     the single-device fused result. One test (one spawn of the ranks, whose kernels compile once): the GPU

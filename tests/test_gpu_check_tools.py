@@ -3,6 +3,7 @@ by scripts/gpu_test_shards.sh), the kernel profile script (benchmarks/gpu_profil
 steps, kernel_resources.py and the training stage's memory check."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,11 +18,15 @@ from subprocess_env import REPO, repo_first_on_pythonpath
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def collected(shard: str | None) -> subprocess.CompletedProcess:
+@functools.lru_cache(maxsize=None)  # a collection of test_cuda_attention.py takes ~8 s here: once per arguments
+def collected(shard: str | None, heavy_first: bool = False) -> subprocess.CompletedProcess:
     env = repo_first_on_pythonpath(os.environ)
     env.pop("LONGNET_TEST_SHARD", None)
+    env.pop("LONGNET_HEAVY_FIRST", None)
     if shard is not None:
         env["LONGNET_TEST_SHARD"] = shard
+    if heavy_first:
+        env["LONGNET_HEAVY_FIRST"] = "1"
     return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                            "tests/test_cuda_attention.py"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -39,6 +44,16 @@ def test_shards_split_the_tests_exactly_once():
     assert len(everything) > 10
     assert sorted(sum(parts, [])) == sorted(everything)
     assert all(abs(len(part) - len(everything) / 3) < 1 for part in parts)
+
+
+def test_heavy_tests_are_collected_first_for_the_gpu_runner():
+    """LONGNET_HEAVY_FIRST=1 (scripts/gpu_test_shards.sh) moves the gpu_heavy tests to the front, the rest in
+    their order (sharding, after it, then spreads them over the shards)."""
+    everything = collected_ids(collected(None))
+    heavy = [test for test in everything if "test_shared_keys_match_reference[" in test]
+    assert len(heavy) == 6
+    reordered = collected_ids(collected(None, heavy_first=True))
+    assert reordered == heavy + [test for test in everything if test not in heavy]
 
 
 def test_a_malformed_shard_is_one_clear_error():

@@ -49,6 +49,7 @@ def configs(draw):
 # On CUDA each drawn shape compiles new kernel variants (the JIT specialises integers by divisibility by 16 and
 # equality to 1): about 3 per example, 1-2 s each, in one process. 30 examples made this one test the long pole of
 # the GPU check's test stage; the interpreter checks the logic with 30 on the CPU, a GPU the compiled code with 12.
+@pytest.mark.gpu_heavy
 @settings(max_examples=30 if DEVICE == "cpu" else 12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
 def test_fused_float32_matches_dense_reference(cfg):
@@ -266,6 +267,7 @@ def test_small_launches_change_only_the_order_of_programs(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.gpu_heavy
 @pytest.mark.parametrize("dq_mode", ["kernel", "atomic"])
 def test_tma_loads_read_the_same_rows_as_pointer_loads(dq_mode, monkeypatch):
     """fused_settings.TMA_LOADS: the loops' row tiles through one descriptor per (segment, head) (row stride
