@@ -28,9 +28,10 @@ class Blocks:
 
 
 # (kernel, fp32?) -> blocks. 16-bit: the fastest of `benchmarks/gpu_attention.py --tune` on an H200 (D = 64,
-# paper branches, N = 256K, causal; results/gpu_attention_{sweep_,}h200.log): forward 64x64 x 3 stages
-# 6.11 ms, 6.36 with 4, 7.19 at 128x64; dK/dV: the second sweep's best within 0.2% (noise); dQ 64x32 x 4 stages
-# 24.73 ms against 25.08 for 64x64 x 3 (stop 27's H200 sweep, gpu_attention_h200.log; stop 14's chose it too).
+# paper branches, N = 256K, causal; results/gpu_attention_sweep_h200.log, gpu_attention_h200_s14.log): forward
+# 64x64 x 3 stages 6.11 ms, 6.36 with 4, 7.19 at 128x64; dK/dV: the second sweep's best within 0.2% (noise);
+# dQ 64x32 x 4 stages 24.73 ms against 25.08 for 64x64 x 3 (stop 27's H200 sweep, gpu_attention_h200.log;
+# stop 14's chose it too).
 # The sweep can install others in TUNED. fp32 (IEEE dots, no tensor cores): smaller tiles, not tuned.
 DEFAULT_BLOCKS = {
     ("fwd", False): Blocks(64, 64, 4, 3),
@@ -59,7 +60,7 @@ INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
 #   "atomic": dQ from the dK/dV loop, added atomically (5 products; rounding order varies run to run);
 #   "tma":    the same, each (BLOCK_M, D) dQ tile added by one TMA bulk reduction instead of an atomic
 #             per element (compute capability >= 9; elsewhere it is "atomic").
-# On an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd; gpu_attention_h200.log): stream 26.6 ms,
+# On an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd; gpu_attention_h200_s14.log): stream 26.6 ms,
 # kernel 29.0, tma 31.1, atomic 34.5, all within 2.5e-3 of fp32 (gpu_attention.py times them anew).
 DQ_MODES = ("kernel", "stream", "atomic", "tma")
 DQ_MODE = "stream"
