@@ -27,6 +27,19 @@ def test_default_config_is_valid():
     assert cfg.model.name == "small" and cfg.data.seq_len == 4096 and cfg.resume == "auto"
 
 
+def test_the_gpu_experiment_trains_with_the_bf16_optimizer_and_the_paper_branches():
+    """experiment=gpu_base: DeepSpeed's BF16_Optimizer mix (ZeRO-1, bf16, fp32 gradient accumulation), the
+    paper's branches, 32K windows; it validates on 8 ranks as dp 4 x sp 2 (its docstring's example)."""
+    cfg = make_config("experiment=gpu_base", "distributed.sequence_parallel_size=2")
+    validate_config(cfg, world_size=8)
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"] is True
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    assert cfg.model.name == "base" and cfg.data.seq_len == 32768
+    assert list(cfg.attention.segment_lengths) == [2048, 4096, 8192, 16384, 32768]
+    assert list(cfg.attention.dilation_rates) == [1, 2, 4, 6, 12]
+
+
 def test_overrides_reach_the_built_model_and_its_attention():
     cfg = make_config("model=tiny", "model.num_layers=3", "model.mlp=gelu", "data.seq_len=512",
                       "attention.segment_lengths=[32,128,512]", "attention.dilation_rates=[1,2,8]")
