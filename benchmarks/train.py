@@ -288,8 +288,8 @@ def cuda_sweep(args) -> None:
     name = f"train_cuda_{slug}{'_quick' if args.quick else ''}{'_' + args.tag if args.tag else ''}"
     budget = args.budget or (180.0 if args.quick else 3600.0)
     deadline = time.perf_counter() + budget
-    payload = {"benchmark": f"trainer throughput, model=base attention=paper, bf16, deepspeed={args.deepspeed}, batch 1, "
-                            "one GPU",
+    payload = {"benchmark": f"trainer throughput, model=base attention=paper, bf16, deepspeed={args.deepspeed}, "
+                            "batch 1, one GPU",
                "machine": host, "peak_flops": peak, "budget_s": budget, "command": " ".join(sys.argv), "rows": []}
     failed_impls: set[str] = set()
     for seq_len, impl, steps in cuda_points(args):
