@@ -27,7 +27,7 @@ from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import deepspeed_config, describe_branches, model_config, validate_config
-from .engine import build_engine, ensure_process_group, stage0_grad_norm
+from .engine import build_engine, ensure_process_group, optimizer_advice, stage0_grad_norm
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
 from .loss import sequence_parallel_loss
@@ -171,6 +171,9 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         f"validation {corpus['validation'].num_tokens:,} | run dir {output_dir}"
         + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else ""))
     logger.write(describe_branches(cfg))
+    advice = optimizer_advice(type(engine.optimizer).__name__, on_gpu=next(engine.module.parameters()).is_cuda)
+    if advice:
+        logger.write(f"note: {advice}")
 
     def save(at_step: int) -> Path:
         return save_checkpoint(engine, checkpoint_root, at_step, client_state(
