@@ -45,14 +45,17 @@ UNTRIED_DQ_MODES: tuple[str, ...] = ()
 CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune: the first is the default,
     # then the runner-up of the H200 sweeps (gpu_attention_{sweep_,}h200.log; each shape costs a compile)
     "fwd": [(64, 64, 4, 3), (64, 64, 4, 4)],
-    "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3)],  # 16x128 tied with 32x128; the 8-warp shapes: 29-42 ms vs 26.4
+    # 16x128 tied with 32x128; the 8-warp shapes: 29-42 ms vs 26.4 in stop 14, before TMA loads and shared keys.
+    # The default spills 200-344 bytes in every variant (kernel_resources.json); 64x64 x 8 warps does not
+    # (188-219 registers): timed again, last (stop 27's tuning used 31 s of its 45, room for one more shape)
+    "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3)],
     # dK/dV computing dQ too ("tma", 5 matrix products per block pair instead of 7): shapes that compile
     # without spills with it (kernel_resources.py; the default, with which "tma" was timed in stop 14,
     # spills 208 bytes). At 1M the backward runs at 0.75 of dense flash's rate, about 5/7: per product
     # it is as fast, so a 5-product backward that keeps up is the largest lever left.
     "dkdv_fused_dq": [(32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
                       (32, 128, 8, 3)],
-    "dq": [(64, 64, 4, 3), (64, 32, 4, 4)],
+    "dq": [(64, 32, 4, 4), (64, 64, 4, 3)],
     # causal launches of few programs (fused_settings.SMALL_LAUNCH_WAVES): 64 keys per program (half the
     # default's), with 64 or 32 queries per step (both compile without spills for sm_90)
     "dkdv_small": [(64, 64, 4, 3), (32, 64, 4, 4)],
