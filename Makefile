@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test train bench gpu-check gpu-optimizer clean slurm-up slurm-down
+.PHONY: setup test train bench gpu-check gpu-optimizer gpu-dq-fused clean slurm-up slurm-down
 
 # torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
@@ -37,7 +37,7 @@ train: setup
 bench: setup
 	$(PYTHON) benchmarks/attention.py
 
-# on a CUDA machine (needs no `setup`): CUDA tests + GPU benchmarks + an attention profile, stages limited to 9.5 minutes, results in benchmarks/results/
+# on a CUDA machine (needs no `setup`): CUDA tests + GPU benchmarks + an attention profile, stages limited to 10.5 minutes, results in benchmarks/results/
 gpu-check:
 	scripts/gpu_check.sh
 
@@ -46,6 +46,13 @@ gpu-check:
 gpu-optimizer:
 	LONGNET_KERNEL_TUNING=$${LONGNET_KERNEL_TUNING:-$$(ls -t $${OUT:-benchmarks/results}/kernel_tuning.json 2>/dev/null | head -1)} \
 	GPU_CHECK_STAGES=optimizer scripts/gpu_check.sh
+
+# after gpu-check, on the same machine (its kernel_tuning.json): the backward with dQ from the dK/dV loop ("tma",
+# "atomic": 5 matrix products per block pair instead of 7) on the block shapes that do not spill, against the
+# separate dQ kernel, then 32K and 1M with the fastest; results in <results>/dq_fused/; about 2 minutes
+gpu-dq-fused:
+	LONGNET_KERNEL_TUNING=$${LONGNET_KERNEL_TUNING:-$$(ls -t $${OUT:-benchmarks/results}/kernel_tuning.json 2>/dev/null | head -1)} \
+	GPU_CHECK_STAGES=dq-fused scripts/gpu_check.sh
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info slurm-*.out slurm-*.err

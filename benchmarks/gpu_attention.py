@@ -219,6 +219,10 @@ def main() -> None:
                         help="the ways to compute dQ to check and time first (default: all of fused_settings.DQ_MODES; "
                              "the GPU check passes 'stream kernel', measured fastest on an H200 and an H100, so "
                              "its tuning budget goes to the settings never timed)")
+    parser.add_argument("--backward-only", action="store_true",
+                        help="check and time --dq-modes, tune only the backward's block shapes (for 'tma' and "
+                             "'atomic': dQ from the dK/dV loop, over the shapes that do not spill), then time the "
+                             "dilated 32K and 1M points with the winner (`make gpu-dq-fused`)")
     parser.add_argument("--tag", default="", help="results go to gpu_attention_<tag>.json/png")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args()
@@ -239,6 +243,14 @@ def main() -> None:
     payload["dq_variants"] = choose_dq_variant([m for m in args.dq_modes or fused_settings.DQ_MODES
                                                 if m not in UNTRIED_DQ_MODES])
     write_tuning(args.results)
+    if args.backward_only:  # the 5-product backward against the 7-product one, on shapes that do not spill
+        payload["tuning"] = tune([mode for mode, report in payload["dq_variants"].items()
+                                  if isinstance(report, dict) and report.get("correct")], kernels=("dkdv", "dq"))
+        write_tuning(args.results)
+        run_points([p for p in QUICK if p[0] == "dilated" and p[1] in (32 * K, M)], payload,
+                   functools.partial(write_json, payload, args.results / f"{name}.json"))
+        print(f"wrote {args.results / name}.json")
+        return
     if args.tune:  # never timed first (the block shapes were tuned on an H200 and an H100); each choice handed on
         tuning = {"share_keys": tune_share_keys()}
         write_tuning(args.results)

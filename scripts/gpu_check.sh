@@ -22,7 +22,9 @@
 #   opt-in: profile (the same 32K profile in trainer runs of its own, `benchmarks/train.py --profile`, ~100 s)
 #   -> train_cuda_*_profile;
 #   optimizer (what DeepSpeed's engine adds to an optimizer step at ZeRO 0 and at ZeRO 1 with fp32 gradient
-#   accumulation, benchmarks/optimizer_step.py, ~45 s each); profile-model (the attention and a training step
+#   accumulation, benchmarks/optimizer_step.py, ~45 s each); dq-fused (`make gpu-dq-fused`: the backward with dQ
+#   from the dK/dV loop on the shapes that do not spill, against the separate dQ kernel, at 256K, then 32K and 1M
+#   with the winner, `gpu_attention.py --backward-only` -> dq_fused/); profile-model (the attention and a training step
 #   of the bare model, no engine, dilated and dense, benchmarks/gpu_profile.py, 1-2 minutes).
 # Each stage has its own time limit, 240 + 175 + 45 + 170 s, so that a hang cannot eat the lease; a training
 # point that no longer fits is recorded as skipped. What the stages took on a fresh H100 in stop 19
@@ -79,6 +81,9 @@ for stage in $stages; do
                run "${GPU_CHECK_TESTS_LIMIT:-240}" gpu_tests \
                    scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-12}" ;;
         profile-model) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
+        dq-fused) run "${GPU_CHECK_DQ_FUSED_LIMIT:-150}" gpu_attention_dq_fused python3 benchmarks/gpu_attention.py \
+                      --results "$results/dq_fused" --tag dq_fused --backward-only --tune-budget 110 \
+                      --dq-modes stream tma atomic ;;
         profile-attention) run 45 gpu_profile_attention python3 benchmarks/gpu_profile.py --attention-only \
                                --results "$results" ;;
         attention) run "${GPU_CHECK_ATTENTION_LIMIT:-175}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \

@@ -28,7 +28,7 @@ esac
 [[ "$args" != *"${FAKE_FAIL:-<none>}"* ]] || { echo "stand-in failure"; exit 3; }
 case "$args" in
     *gpu_attention.py*) results=$(sed -E 's/.*--results ([^ ]+).*/\1/' <<< "$args")
-                        echo '{"dq_mode": "stream"}' > "$results/kernel_tuning.json" ;;
+                        mkdir -p "$results" && echo '{"dq_mode": "stream"}' > "$results/kernel_tuning.json" ;;
     *benchmarks/train.py*) echo '{"rows": []}' > benchmarks/results/train_cuda_standin.json ;;
     *"-m pytest"*) echo "tests/test_cuda_attention.py::test_a PASSED"; echo "1 passed" ;;
 esac
@@ -79,6 +79,23 @@ def test_the_default_stages_run_in_order_and_hand_on_the_tuning(tmp_path):
     with tarfile.open(archive) as packed:
         assert expected <= {Path(name).name for name in packed.getnames()}
     assert "== train_cuda exit 0" in result.stdout
+
+
+def test_the_fused_dq_stage_starts_from_the_checks_tuning_and_keeps_its_own_apart(tmp_path):
+    """`make gpu-dq-fused` after the check: the backward-only run gets the attention stage's tuning, writes into
+    dq_fused/ (in $OUT and the archive), and the tuning handed to later stages stays the check's."""
+    archive = tmp_path / "check.tgz"
+    result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="attention dq-fused train",
+                                   GPU_CHECK_ARCHIVE=str(archive))
+    assert result.returncode == 0, result.stdout + result.stderr
+    tuning = str((out / "kernel_tuning.json").resolve())
+    (fused_args, fused_tuning), (train_args, train_tuning) = calls[1], calls[2]
+    assert "--backward-only" in fused_args and f"--results {out}/dq_fused" in fused_args
+    assert fused_args.endswith("--dq-modes stream tma atomic")
+    assert fused_tuning == tuning and train_args.startswith("benchmarks/train.py") and train_tuning == tuning
+    assert (out / "dq_fused" / "kernel_tuning.json").exists() and (out / "gpu_attention_dq_fused.log").exists()
+    with tarfile.open(archive) as packed:
+        assert "./dq_fused/kernel_tuning.json" in packed.getnames()
 
 
 def test_a_failing_stage_fails_the_check_but_the_others_still_run(tmp_path):

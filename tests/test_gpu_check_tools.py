@@ -239,7 +239,9 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     # dK/dV is tuned with the dQ mode the timings chose when it runs a dQ kernel of its own, else with "stream";
     # which one the interpreter's timings choose varies from run to run
     separate = report["chosen"] if report["chosen"] in ("kernel", "stream") else "stream"
-    assert set(tuned["dkdv"]["seconds"]) == {f"(32, 128, 4, 4) {separate}", "(32, 64, 4, 4) tma"}
+    assert set(tuned["dkdv"]["seconds"]) == {f"(32, 128, 4, 4) {separate}", "(32, 64, 4, 4) tma",
+                                             "(32, 64, 4, 4) atomic"}
+    assert set(gk.tune(["kernel"], kernels=("dkdv",))) == {"dkdv"}  # `gpu_attention.py --backward-only`
     fused_settings.DQ_MODE = "kernel"  # so that the dQ kernel's loads are tuned too
     tma = gk.tune_tma_loads()
     assert set(tma) == {"fwd", "dkdv", "dq", "chosen"}, tma
@@ -391,6 +393,41 @@ def test_the_attention_stage_records_summarises_and_plots_its_points(tmp_path, m
     assert targets["peak_kb_per_token_4m"] == 14.0
     ga.plot(payload["points"], tmp_path / "gpu_attention.png", "test")
     assert (tmp_path / "gpu_attention.png").stat().st_size > 0
+
+
+def test_the_backward_only_run_tunes_the_backward_and_times_32k_and_1m(tmp_path, monkeypatch):
+    """`gpu_attention.py --backward-only` (`make gpu-dq-fused`), its control flow with stand-ins for the GPU
+    parts: the dQ modes given are checked, only the backward's kernels are tuned, with the modes that checked
+    correct, and the dilated 32K and 1M points are timed and saved with the tuning."""
+    import gpu_attention as ga
+
+    calls = {}
+
+    def fake_tune(correct_modes, n=None, kernels=("fwd", "dkdv", "dq")):
+        calls["tune"] = (correct_modes, kernels)
+        return {"dkdv": {"best": [64, 64, 8, 3], "dq_mode": "tma"}}
+
+    def fake_measure(kind, n, causal, repeats):
+        calls.setdefault("points", []).append((kind, n))
+        return {"kind": kind, "n": n, "causal": causal, "forward_backward_s": 0.09, "forward_backward_tflops": 250.0,
+                "peak_bytes_per_token": 14 * 1024.0}
+
+    monkeypatch.setattr(ga.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ga, "machine", lambda: {"gpu": "stand-in GPU", "torch": ga.torch.__version__})
+    monkeypatch.setattr(ga, "choose_dq_variant", lambda modes: {
+        "stream": {"correct": True}, "tma": {"correct": True}, "atomic": {"correct": False}, "chosen": "stream"})
+    monkeypatch.setattr(ga, "tune", fake_tune)
+    monkeypatch.setattr(ga, "measure", fake_measure)
+    monkeypatch.setattr(ga, "write_tuning", lambda folder: (folder / "kernel_tuning.json").write_text("{}"))
+    monkeypatch.setattr(sys, "argv", ["gpu_attention.py", "--results", str(tmp_path / "dq_fused"), "--tag", "dq_fused",
+                                      "--backward-only", "--dq-modes", "stream", "tma", "atomic"])
+    ga.main()
+    assert calls["tune"] == (["stream", "tma"], ("dkdv", "dq"))
+    assert calls["points"] == [("dilated", 32 * ga.K), ("dilated", ga.M)]
+    saved = json.loads((tmp_path / "dq_fused" / "gpu_attention_dq_fused.json").read_text())
+    assert saved["tuning"]["dkdv"]["dq_mode"] == "tma" and len(saved["points"]) == 2
+    assert saved["targets"]["million_forward_backward_s"] == 0.09
+    assert (tmp_path / "dq_fused" / "kernel_tuning.json").exists()
 
 
 def test_annotated_ranges_are_not_counted_twice_in_the_kernel_time():
