@@ -53,8 +53,9 @@ CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune:
     # without spills with it (kernel_resources.py; the default, with which "tma" was timed in stop 14,
     # spills 208 bytes). At 1M the backward runs at 0.75 of dense flash's rate, about 5/7: per product
     # it is as fast, so a 5-product backward that keeps up is the largest lever left (stop 27, H200: the
-    # backward 71.5 ms against the forward's 22.9; about 20 ms to gain). None of these shapes has been timed
-    # to the end yet (the H100's budget ran out at the second): the widest without spills first.
+    # backward 71.5 ms against the forward's 22.9; about 20 ms to gain). Of these only 32x64 x 4 warps has been
+    # timed (H100, stop 19: 27.84 ms against 25.69 for the separate kernel; the budget ran out at the next):
+    # the widest without spills first.
     "dkdv_fused_dq": [(64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 3),
                       (32, 128, 8, 3)],
     "dq": [(64, 32, 4, 4), (64, 64, 4, 3)],
