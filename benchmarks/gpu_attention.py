@@ -240,6 +240,7 @@ def main() -> None:
     unknown = sorted(set(args.dq_modes or ()) - set(fused_settings.DQ_MODES))
     if unknown:
         sys.exit(f"--dq-modes {' '.join(unknown)}: not one of {list(fused_settings.DQ_MODES)}")
+    save = functools.partial(write_json, payload, args.results / f"{name}.json")
     payload["dq_variants"] = choose_dq_variant([m for m in args.dq_modes or fused_settings.DQ_MODES
                                                 if m not in UNTRIED_DQ_MODES])
     write_tuning(args.results)
@@ -247,8 +248,7 @@ def main() -> None:
         payload["tuning"] = tune([mode for mode, report in payload["dq_variants"].items()
                                   if isinstance(report, dict) and report.get("correct")], kernels=("dkdv", "dq"))
         write_tuning(args.results)
-        run_points([p for p in QUICK if p[0] == "dilated" and p[1] in (32 * K, M)], payload,
-                   functools.partial(write_json, payload, args.results / f"{name}.json"))
+        run_points([p for p in QUICK if p[0] == "dilated" and p[1] in (32 * K, M)], payload, save)
         print(f"wrote {args.results / name}.json")
         return
     if args.tune:  # never timed first (the block shapes were tuned on an H200 and an H100); each choice handed on
@@ -267,7 +267,6 @@ def main() -> None:
     payload["blocks"].update({f"tuned_{k[0]}": vars(b) for k, b in fused_settings.TUNED.items()})
     print(f"{'kernel':8} {'mode':7} {'N':>8} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} "
           f"{'KiB/token':>9}  dQ", flush=True)
-    save = functools.partial(write_json, payload, args.results / f"{name}.json")
     run_points(QUICK if args.quick else FULL, payload, save)
     # What has not been timed on a GPU goes last (untried dQ modes; TMA loads in dK/dV and dQ): a kernel fault
     # there (sticky in CUDA) cannot cost the points above. It gets LATE_TUNING_S of its own.

@@ -65,6 +65,14 @@ def assert_same_training(run: Path, expected: Path) -> None:
         assert records(run, key)[0] == pytest.approx(records(expected, key)[0], rel=LOSS_RTOL), key
 
 
+def assert_resumed_at_step_6_repeats(resumed: Path, original: Path) -> None:
+    """A run resumed from step 6 logged steps 7..STEPS, each loss exactly the original run's (same ops, same
+    order, CPU)."""
+    train, expected = records(resumed)[0], records(original)[0]
+    assert sorted(train) == list(range(7, STEPS + 1))
+    assert train == {step: expected[step] for step in train}
+
+
 def model_weights(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
     path = output_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
@@ -120,9 +128,7 @@ def test_bf16_optimizer_tracks_fp32_and_resumes_bit_identically(reference, tmp_p
     for key, rtol in (("loss", 3e-3), ("grad_norm", 2e-2)):
         assert records(tmp_path / "run", key)[0] == pytest.approx(records(reference, key)[0], rel=rtol), key
     launch(tmp_path / "resumed", *common, f"resume={tmp_path / 'run' / 'checkpoints' / 'step_00000006'}", nproc=2)
-    train, expected = records(tmp_path / "resumed")[0], records(tmp_path / "run")[0]
-    assert sorted(train) == list(range(7, STEPS + 1))
-    assert train == {step: expected[step] for step in train}
+    assert_resumed_at_step_6_repeats(tmp_path / "resumed", tmp_path / "run")
 
 
 def test_data_parallel_run_matches_one_process_with_the_same_global_batch(tmp_path):
@@ -134,11 +140,8 @@ def test_data_parallel_run_matches_one_process_with_the_same_global_batch(tmp_pa
 
 def test_resume_from_step_6_reproduces_steps_7_to_12_bit_identically(reference, tmp_path):
     launch(tmp_path, f"resume={reference / 'checkpoints' / 'step_00000006'}")
-    train, evals = records(tmp_path)
-    expected_train, expected_evals = records(reference)
-    assert sorted(train) == list(range(7, STEPS + 1))
-    assert train == {step: expected_train[step] for step in train}  # exact: same ops, same order, fp32 CPU
-    assert evals[12] == expected_evals[12]
+    assert_resumed_at_step_6_repeats(tmp_path, reference)
+    assert records(tmp_path)[1][12] == records(reference)[1][12]
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_auto_continues(tmp_path):

@@ -162,16 +162,17 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     logger = MetricsLogger(output_dir, run_config["logger"], run_config, enabled=is_main,
                            resumed=resume_from is not None)
     logger.forget_after(step)
+    wrapper = type(engine.optimizer).__name__  # DeepSpeed's optimizer wrapper (or the bare torch optimizer)
     logger.write(
         f"LongNet LM: {num_params / 1e6:.2f}M parameters, {step_flops_per_token / 1e6:.1f} MFLOP/token at seq_len "
         f"{data_cfg.seq_len} | world {mesh.world_size} = dp {mesh.dp_size} x sp {mesh.sp_size} | "
         f"ZeRO stage {engine.zero_optimization_stage()}, {'bf16' if engine.bfloat16_enabled() else 'fp32'} "
-        f"({type(engine.optimizer).__name__}) | "
+        f"({wrapper}) | "
         f"{tokens_per_step:,} tokens/step | train {corpus['train'].num_tokens:,} tokens, "
         f"validation {corpus['validation'].num_tokens:,} | run dir {output_dir}"
         + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else ""))
     logger.write(describe_branches(cfg))
-    advice = optimizer_advice(type(engine.optimizer).__name__, on_gpu=next(engine.module.parameters()).is_cuda)
+    advice = optimizer_advice(wrapper, on_gpu=next(engine.module.parameters()).is_cuda)
     if advice:
         logger.write(f"note: {advice}")
 
