@@ -49,7 +49,7 @@ gpu-optimizer:
 
 # after gpu-check, on the same machine (its kernel_tuning.json): the backward with dQ from the dK/dV loop ("tma",
 # "atomic": 5 matrix products per block pair instead of 7) on the block shapes that do not spill, against the
-# separate dQ kernel, then 32K and 1M with the fastest; results in <results>/dq_fused/; at most 150 s
+# separate dQ kernel, then 32K and 1M with the fastest; results in <results>/dq_fused/; at most 240 s
 gpu-dq-fused:
 	LONGNET_KERNEL_TUNING=$${LONGNET_KERNEL_TUNING:-$$(ls -t $${OUT:-benchmarks/results}/kernel_tuning.json 2>/dev/null | head -1)} \
 	GPU_CHECK_STAGES=dq-fused scripts/gpu_check.sh

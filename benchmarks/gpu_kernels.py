@@ -45,19 +45,14 @@ UNTRIED_DQ_MODES: tuple[str, ...] = ()
 CANDIDATES = {  # (block_m, block_n, warps, stages) per kernel, tried by --tune: the first is the default,
     # then the runner-up of the H200 sweeps (gpu_attention_{sweep_,}h200.log; each shape costs a compile)
     "fwd": [(64, 64, 4, 3), (64, 64, 4, 4)],
-    # 16x128 tied with 32x128; the 8-warp shapes: 29-42 ms vs 26.4 in stop 14, before TMA loads and shared keys.
-    # The default spills 200-344 bytes in every variant (kernel_resources.json); 64x64 x 8 warps does not
-    # (188-219 registers): timed again, last (stop 27's tuning used 31 s of its 45, room for one more shape)
-    "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3)],
-    # dK/dV computing dQ too ("tma", 5 matrix products per block pair instead of 7): shapes that compile
-    # without spills with it (kernel_resources.py; the default, with which "tma" was timed in stop 14,
-    # spills 208 bytes). At 1M the backward runs at 0.75 of dense flash's rate, about 5/7: per product
-    # it is as fast, so a 5-product backward that keeps up is the largest lever left (stop 27, H200: the
-    # backward 71.5 ms against the forward's 22.9; about 20 ms to gain). Of these only 32x64 x 4 warps has been
-    # timed (H100, stop 19: 27.84 ms against 25.69 for the separate kernel; the budget ran out at the next):
-    # the widest without spills first.
-    "dkdv_fused_dq": [(64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 3),
-                      (32, 128, 8, 3)],
+    # 16x128 tied with 32x128; the 8-warp shapes: 29-42 ms vs 26.4 in stop 14; 64x64 x 8 warps 25.02 ms against
+    # 24.69 in stop 28 (H200, 256K). With a separate dQ kernel ("kernel", "stream").
+    "dkdv": [(32, 128, 4, 4), (64, 64, 4, 3)],
+    # dK/dV computing dQ too ("tma", "atomic": 5 matrix products per block pair instead of 7), the "dkdv_dq"
+    # blocks: stop 28's H200 sweep (gpu_attention_dq_fused_h200.log, fwd+bwd at 256K with "tma") timed twelve
+    # shapes: 64x64 x 4 warps 23.35-23.97 ms with 2, 3 or 4 stages; 64x128 x 8 warps 25.58; 32x64 x 4 warps 27.30;
+    # 128x128 x 8 warps 30.52; the others 28-49 (8 warps at 64 keys per program, 128 queries per step).
+    "dkdv_fused_dq": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 3)],
     "dq": [(64, 32, 4, 4), (64, 64, 4, 3)],
     # causal launches of few programs (fused_settings.SMALL_LAUNCH_WAVES): 64 keys per program (half the
     # default's), with 64 or 32 queries per step (both compile without spills for sm_90)
@@ -123,11 +118,13 @@ def cuda_time(fn, repeats: int, warm_up: bool = True) -> float:
     return statistics.median(times)
 
 
-def tune(correct_modes: list[str], n: int | None = None, kernels: tuple[str, ...] = ("fwd", "dkdv", "dq")) -> dict:
+def tune(correct_modes: list[str], n: int | None = None, kernels: tuple[str, ...] = ("fwd", "dkdv", "dq"),
+         separate_shapes: int | None = None) -> dict:
     """Fastest block shapes per kernel (of `kernels`) at N = n (causal): forward first, then dK/dV with a dQ
     kernel of its own (the chosen mode, or "stream") over CANDIDATES["dkdv"] and, for "tma" and "atomic" if
     they checked correct, with dQ from the dK/dV loop over CANDIDATES["dkdv_fused_dq"]; then dQ unless that
-    won. Backward combos are checked against the kernel's first one (both bf16: 2e-2 relative allowed)."""
+    won. Backward combos are checked against the kernel's first one (both bf16: 2e-2 relative allowed).
+    separate_shapes: how many of CANDIDATES["dkdv"] to time with the separate dQ kernel (default all)."""
     from longnet_dist.attention import fused_settings
 
     q, k, v, grad = make_inputs(n or TUNE_N, requires_grad=True)
@@ -137,15 +134,19 @@ def tune(correct_modes: list[str], n: int | None = None, kernels: tuple[str, ...
     for kernel in kernels:
         if kernel == "dq" and fused_settings.DQ_MODE in ("atomic", "tma"):  # no dQ kernel to tune
             break
-        combos = [(shape, separate if kernel == "dkdv" else fused_settings.DQ_MODE) for shape in CANDIDATES[kernel]]
+        shapes = CANDIDATES[kernel][:separate_shapes] if kernel == "dkdv" else CANDIDATES[kernel]
+        combos = [(shape, separate if kernel == "dkdv" else fused_settings.DQ_MODE) for shape in shapes]
         if kernel == "dkdv":
             combos += [(shape, mode) for mode in ("tma", "atomic") if mode in correct_modes
                        for shape in CANDIDATES["dkdv_fused_dq"]]
         timings, reference = {}, None
+        def blocks_key(mode):  # the dK/dV kernel that computes dQ too has blocks of its own
+            return ("dkdv_dq" if kernel == "dkdv" and mode in ("tma", "atomic") else kernel, False, HEAD_DIM)
+
         for shape, mode in combos:
             if timings and out_of_time(f"{kernel} {shape} {mode}"):  # the first combo always runs
                 break
-            fused_settings.TUNED[(kernel, False, HEAD_DIM)] = fused_settings.Blocks(*shape)
+            fused_settings.TUNED[blocks_key(mode)] = fused_settings.Blocks(*shape)
             fused_settings.DQ_MODE = mode
             try:
                 if kernel == "fwd":
@@ -163,7 +164,9 @@ def tune(correct_modes: list[str], n: int | None = None, kernels: tuple[str, ...
             except Exception as error:  # a shape that does not fit (shared memory): skip it
                 print(f"tune {kernel} {shape} {mode}: {type(error).__name__}: {str(error)[:120]}")
         (best, mode) = min(timings, key=timings.get)
-        fused_settings.TUNED[(kernel, False, HEAD_DIM)] = fused_settings.Blocks(*best)
+        for key in {blocks_key(m) for _, m in timings}:  # each blocks key keeps its fastest shape
+            fastest = min((t, shape) for (shape, m), t in timings.items() if blocks_key(m) == key)[1]
+            fused_settings.TUNED[key] = fused_settings.Blocks(*fastest)
         fused_settings.DQ_MODE = mode
         chosen[kernel] = {"best": best, "dq_mode": mode,
                           "seconds": {f"{shape} {m}": t for (shape, m), t in timings.items()}}

@@ -4,8 +4,9 @@
 #      reference) on GPU_CHECK_TEST_SHARDS (default 12) pytest processes side by side
 #      (scripts/gpu_test_shards.sh: on a fresh machine their time is mostly Triton compiling) -> gpu_tests/;
 #   2. attention: the attention benchmark, dilated vs dense flash (default `--tune --quick
-#      --tune-budget 45 --dq-modes stream kernel`: those two dQ modes, which share their kernels ("atomic"
-#      and "tma" were slower on an H200 and an H100), and shared keys at 256K, small launches and side
+#      --tune-budget 45 --dq-modes tma stream`: those two dQ modes, the fastest on an H200 in stop 28 (dQ from
+#      the dK/dV loop by TMA reductions, and a dQ kernel of its own on a second stream), and shared keys at 256K,
+#      small launches and side
 #      branches at 32K, block shapes at 256K, for at most 45 s; then N = 32K, 1M and 4M; then TMA loads)
 #      -> gpu_attention.* and
 #      kernel_tuning.json (the settings chosen; the later stages run with them through LONGNET_KERNEL_TUNING);
@@ -81,13 +82,13 @@ for stage in $stages; do
                run "${GPU_CHECK_TESTS_LIMIT:-240}" gpu_tests \
                    scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-12}" ;;
         profile-model) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
-        dq-fused) run "${GPU_CHECK_DQ_FUSED_LIMIT:-150}" gpu_attention_dq_fused python3 benchmarks/gpu_attention.py \
-                      --results "$results/dq_fused" --tag dq_fused --backward-only --tune-budget 110 \
+        dq-fused) run "${GPU_CHECK_DQ_FUSED_LIMIT:-240}" gpu_attention_dq_fused python3 benchmarks/gpu_attention.py \
+                      --results "$results/dq_fused" --tag dq_fused --backward-only --tune-budget 190 \
                       --dq-modes stream tma atomic ;;
         profile-attention) run 45 gpu_profile_attention python3 benchmarks/gpu_profile.py --attention-only \
                                --results "$results" ;;
         attention) run "${GPU_CHECK_ATTENTION_LIMIT:-175}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
-                       ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 45 --dq-modes stream kernel} ;;
+                       ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 45 --dq-modes tma stream} ;;
         train|optimizer|profile)
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry the wheels of ../shared/offline_wheels.sh in $wheels/)"

@@ -65,7 +65,7 @@ def test_the_default_stages_run_in_order_and_hand_on_the_tuning(tmp_path):
     by_script = dict(zip(scripts, calls))
     assert by_script["pytest"][0].count("tests/test_cuda") == 2  # the CUDA tests, the sharded one included
     assert by_script["benchmarks/gpu_attention.py"][0].endswith(
-        "--tune --quick --tune-budget 45 --dq-modes stream kernel")
+        "--tune --quick --tune-budget 45 --dq-modes tma stream")
     assert "--attention-only" in by_script["benchmarks/gpu_profile.py"][0]
     # the training stage profiles a 32K step by default, with the attention stage's tuning
     assert by_script["benchmarks/train.py"][0] == "benchmarks/train.py --device cuda --quick --budget 160 --profile"

@@ -105,6 +105,7 @@ def test_kernel_names_fall_into_their_categories():
     assert category("_bwd_dkdv") == "dilated dK/dV"
     assert category("_bwd_dq") == "dilated dQ"
     assert category("_bwd_prep") == category("_merge_chains") == "dilated prep / merge"
+    assert category("_store_heads") == "copy / fill"  # the head groups' accumulators into the outputs
     assert category("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>") \
         == "flash (dense / aten)"
     assert category("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT") == "matmul"
@@ -241,6 +242,9 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     separate = report["chosen"] if report["chosen"] in ("kernel", "stream") else "stream"
     assert set(tuned["dkdv"]["seconds"]) == {f"(32, 128, 4, 4) {separate}", "(32, 64, 4, 4) tma",
                                              "(32, 64, 4, 4) atomic"}
+    # the dK/dV kernel with dQ inside keeps blocks of its own: each variant its fastest shape
+    assert fused_settings.TUNED[("dkdv", False, 16)] == fused_settings.Blocks(32, 128, 4, 4)
+    assert fused_settings.TUNED[("dkdv_dq", False, 16)] == fused_settings.Blocks(32, 64, 4, 4)
     assert set(gk.tune(["kernel"], kernels=("dkdv",))) == {"dkdv"}  # `gpu_attention.py --backward-only`
     fused_settings.DQ_MODE = "kernel"  # so that the dQ kernel's loads are tuned too
     tma = gk.tune_tma_loads()
@@ -403,8 +407,8 @@ def test_the_backward_only_run_tunes_the_backward_and_times_32k_and_1m(tmp_path,
 
     calls = {}
 
-    def fake_tune(correct_modes, n=None, kernels=("fwd", "dkdv", "dq")):
-        calls["tune"] = (correct_modes, kernels)
+    def fake_tune(correct_modes, n=None, kernels=("fwd", "dkdv", "dq"), separate_shapes=None):
+        calls["tune"] = (correct_modes, kernels, separate_shapes)
         return {"dkdv": {"best": [64, 64, 8, 3], "dq_mode": "tma"}}
 
     def fake_measure(kind, n, causal, repeats):
@@ -422,7 +426,7 @@ def test_the_backward_only_run_tunes_the_backward_and_times_32k_and_1m(tmp_path,
     monkeypatch.setattr(sys, "argv", ["gpu_attention.py", "--results", str(tmp_path / "dq_fused"), "--tag", "dq_fused",
                                       "--backward-only", "--dq-modes", "stream", "tma", "atomic"])
     ga.main()
-    assert calls["tune"] == (["stream", "tma"], ("dkdv", "dq"))
+    assert calls["tune"] == (["stream", "tma"], ("dkdv",), 1)  # the separate dQ kernel's default blocks only
     assert calls["points"] == [("dilated", 32 * ga.K), ("dilated", ga.M)]
     saved = json.loads((tmp_path / "dq_fused" / "gpu_attention_dq_fused.json").read_text())
     assert saved["tuning"]["dkdv"]["dq_mode"] == "tma" and len(saved["points"]) == 2

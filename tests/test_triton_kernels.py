@@ -85,6 +85,22 @@ def test_head_groups_give_the_same_result(monkeypatch):
     assert grouped == pytest.approx(whole, rel=1e-6, abs=1e-9)
 
 
+def test_store_heads_puts_a_head_group_in_place():
+    """The head group's fp32 accumulators into the output (fused_launch.store_heads): the first g heads of a
+    (B, N, G, D) buffer (a last group smaller than the others) at heads [h0, h0 + g), rounded as torch rounds;
+    the other heads untouched."""
+    from longnet_dist.attention.fused_launch import store_heads
+
+    acc = torch.randn(2, 37, 3, 16, device=DEVICE)
+    out = torch.randn(2, 37, 5, 16, device=DEVICE).half()
+    expected = out.clone()
+    expected[:, :, 3:5] = acc[:, :, :2]
+    store_heads(acc[:, :, :2], out, 3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        store_heads(acc[:, :, :2], out.transpose(1, 2), 0)
+
+
 @pytest.mark.parametrize("dq_mode", DQ_MODES)
 def test_fused_matches_gather_path_float32(dq_mode, monkeypatch):
     """The fused kernels against their plain-torch twin (gather -> per-branch kernel -> merge)."""

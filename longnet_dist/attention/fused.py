@@ -11,7 +11,8 @@ fp32 gradient accumulators in place (the merged-softmax identity of dilated.py).
 Memory: the fp32 accumulators are the only buffers of size N beyond inputs and outputs. For long
 sequences they cover a group of heads at a time (`head_group`), so one layer's forward+backward
 holds about as much as dense flash attention: q, k, v, out, dO, dq, dk, dv in the input dtype plus
-fp32 accumulators no larger than one of those tensors.
+fp32 accumulators no larger than one of those tensors. A 16-bit run stores each group's accumulators into
+its heads of the outputs with one row-wise launch per tensor (fused_launch.store_heads).
 
 How each launch runs (block shapes, how dQ is computed, TMA loads, small launches, a second chain of
 branches on side streams) is read from fused_settings.py at every call.
@@ -27,7 +28,8 @@ from torch import Tensor
 
 from . import fused_settings as settings
 from . import nesting
-from .fused_launch import _fused_dq, backward_branch, backward_prep, forward_branch, key_bytes, merge_chains
+from .fused_launch import (_fused_dq, backward_branch, backward_prep, forward_branch, key_bytes, merge_chains,
+                           store_heads)
 from .kernels import branch_range
 
 ACCUMULATOR_BUDGET_BYTES = 512 * 2**20  # below this the accumulators cover all heads at once
@@ -175,7 +177,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int,
                 forward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], keep, acc_g, lse[:, :, hs], w, r, h0, causal,
                                scale, first=covering and i == 0, fold=fold)
         if not direct and beside is None:
-            out[:, :, hs].copy_(acc_g)
+            store_heads(acc_g, out, h0)
     if beside is not None:  # Eq. 9-10 once more, over the two chains
         _join(q.device)
         merge_chains(acc, lse, *beside, out)
@@ -216,7 +218,7 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
             torch.cuda.current_stream(q.device).wait_stream(side)
         if not direct and beside is None:
             for total, part in zip(grads, parts):
-                total[:, :, hs].copy_(part)
+                store_heads(part, total, h0)
     if beside is not None:  # the two chains' sums (one head group: parts cover all heads)
         _join(q.device)
         for total, part, extra in zip(grads, parts, beside):

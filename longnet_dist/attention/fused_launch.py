@@ -24,9 +24,11 @@ def _small(grid: tuple[int, int], causal: bool, multiprocessors: int) -> bool:
 
 
 def _dkdv_launch(seq_len: int, w: int, r: int, heads: int, batch: int, dtype: torch.dtype, head_dim: int,
-                 causal: bool, multiprocessors: int) -> tuple[settings.Blocks, tuple[int, int], int, bool]:
-    """(blocks, grid, blocks per (segment, head), small?) of branch (w, r)'s dK/dV launch (SMALL_LAUNCH_WAVES)."""
-    blocks = settings.blocks_for("dkdv", dtype, head_dim)
+                 causal: bool, multiprocessors: int, fuse_dq: bool = False
+                 ) -> tuple[settings.Blocks, tuple[int, int], int, bool]:
+    """(blocks, grid, blocks per (segment, head), small?) of branch (w, r)'s dK/dV launch (SMALL_LAUNCH_WAVES;
+    `fuse_dq`: the kernel computes dQ too, with the "dkdv_dq" blocks)."""
+    blocks = settings.blocks_for("dkdv_dq" if fuse_dq else "dkdv", dtype, head_dim)
     grid, num_blocks = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
     small = _small(grid, causal, multiprocessors)
     if small:
@@ -141,7 +143,8 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype), **nest_meta)
     keep_arg = keep if keep is not None else delta
     multiprocessors = _multiprocessors(q.device)
-    dkdv, grid, num_blocks, small = _dkdv_launch(N, w, r, heads, B, q.dtype, D, causal, multiprocessors)
+    dkdv, grid, num_blocks, small = _dkdv_launch(N, w, r, heads, B, q.dtype, D, causal, multiprocessors,
+                                                 fuse_dq != 0)
     kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, nest, dk, dv, dq, *common, min(w, N), r, head0,
                          heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FUSE_DQ=fuse_dq, FIRST=first,
                          BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
@@ -204,6 +207,18 @@ def merge_chains(acc: Tensor, lse: Tensor, side_acc: Tensor, side_lse: Tensor, o
     launch. acc, side_acc (B, N, H, D) fp32 and lse, side_lse (B, N, H), contiguous; out may be acc."""
     grid, block = _row_launch(lse.numel())
     triton_rows._merge_chains[grid](acc, lse, side_acc, side_lse, out, lse.numel(), D=acc.shape[-1], BLOCK=block)
+
+
+def store_heads(part: Tensor, total: Tensor, head0: int) -> None:
+    """total[:, :, head0 : head0 + g] = part (B, N, g, D) fp32, in total's dtype, in one launch: a view of the
+    first g heads of a contiguous (B, N, G, D) accumulator into a contiguous (B, N, H, D) output."""
+    B, N, group, D = part.shape
+    if part.stride() != (N * part.stride(1), part.stride(1), D, 1) or not total.is_contiguous():
+        raise ValueError(f"store_heads wants a head slice of a contiguous accumulator and a contiguous output, "
+                         f"not strides {part.stride()} and {total.stride()}")
+    grid, block = _row_launch(B * N * group)
+    triton_rows._store_heads[grid](part, total, B * N * group, group, part.stride(1) // D, total.shape[2], head0,
+                                   D=D, BLOCK=block)
 
 
 def key_bytes(key_padding_mask: Tensor | None) -> Tensor | None:

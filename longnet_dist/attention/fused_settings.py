@@ -31,15 +31,20 @@ class Blocks:
 # paper branches, N = 256K, causal; results/gpu_attention_sweep_h200.log, gpu_attention_h200_s14.log): forward
 # 64x64 x 3 stages 6.11 ms, 6.36 with 4, 7.19 at 128x64; dK/dV: the second sweep's best within 0.2% (noise);
 # dQ 64x32 x 4 stages 24.73 ms against 25.08 for 64x64 x 3 (stop 27's H200 sweep, gpu_attention_h200.log;
-# stop 14's chose it too).
+# stop 14's chose it too). "dkdv_dq": the dK/dV kernel that computes dQ too (DQ_MODE "tma" or "atomic"), which
+# needs registers for one more accumulator: 64x64 x 4 warps (no spills) 23.45 ms with "tma" against 24.0-48.7
+# for the other eleven shapes of stop 28's H200 sweep (gpu_attention_dq_fused_h200.log; 2 stages 23.35,
+# within noise of 3).
 # The sweep can install others in TUNED. fp32 (IEEE dots, no tensor cores): smaller tiles, not tuned.
 DEFAULT_BLOCKS = {
     ("fwd", False): Blocks(64, 64, 4, 3),
     ("dkdv", False): Blocks(32, 128, 4, 4),
+    ("dkdv_dq", False): Blocks(64, 64, 4, 3),
     ("dkdv_small", False): Blocks(64, 64, 4, 3),  # 27.8 ms at 256K against 26.4: see SMALL_LAUNCH_WAVES
     ("dq", False): Blocks(64, 32, 4, 4),
     ("fwd", True): Blocks(64, 32, 4, 2),
     ("dkdv", True): Blocks(32, 64, 4, 2),
+    ("dkdv_dq", True): Blocks(32, 64, 4, 2),
     ("dkdv_small", True): Blocks(32, 64, 4, 2),
     ("dq", True): Blocks(64, 32, 4, 2),
 }
@@ -60,10 +65,14 @@ INTERPRETER_BLOCKS = Blocks(16, 16, 1, 1)
 #   "atomic": dQ from the dK/dV loop, added atomically (5 products; rounding order varies run to run);
 #   "tma":    the same, each (BLOCK_M, D) dQ tile added by one TMA bulk reduction instead of an atomic
 #             per element (compute capability >= 9; elsewhere it is "atomic").
-# On an H200 (bf16, paper branches, N = 256K, causal, fwd+bwd; gpu_attention_h200_s14.log): stream 26.6 ms,
-# kernel 29.0, tma 31.1, atomic 34.5, all within 2.5e-3 of fp32 (gpu_attention.py times them anew).
+# "atomic" and "tma" run the dK/dV kernel with the "dkdv_dq" blocks. On an H200 (bf16, paper branches, N = 256K,
+# causal, fwd+bwd; stop 28, gpu_attention_dq_fused_h200.log): tma 23.67 ms, stream 24.69, atomic 25.91; at 1M
+# the fwd+bwd took 88.2 ms with tma against 94.4 with stream (stop 27). Stop 14 had timed tma slower (31.1 ms
+# against 26.6) with the separate kernel's blocks, with which it spills registers. All within 2.5e-3 of fp32.
+# "tma" and "atomic" add dQ in an order that varies run to run; "kernel" and "stream" give the same bits
+# every run (set DQ_MODE = "stream" for bit-reproducible gradients).
 DQ_MODES = ("kernel", "stream", "atomic", "tma")
-DQ_MODE = "stream"
+DQ_MODE = "tma"
 # How each kernel's loop reads its row tiles (k and v in "fwd" and "dq", q and dO in "dkdv"):
 #   not listed: pointer loads, each thread computing its rows' addresses (async copies to shared memory);
 #   listed:     one TMA descriptor per (segment, head) over its slots (row stride r rows), tiles fetched by
@@ -96,7 +105,8 @@ def load_tuning(path: str | os.PathLike) -> None:
     """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
     writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "tma_loads": ["fwd"],
     "side_branches": 2, "share_keys": true, "head_dim": 64, "blocks": {"fwd": [block_m, block_n, num_warps, num_stages],
-    "dkdv": [...], "dkdv_small": [...], "dq": [...]}} (every key optional; blocks need head_dim)."""
+    "dkdv": [...], "dkdv_dq": [...], "dkdv_small": [...], "dq": [...]}} (every key optional; blocks need
+    head_dim)."""
     global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES, SHARE_KEYS
     with open(path) as file:
         data = json.load(file)
@@ -108,7 +118,7 @@ def load_tuning(path: str | os.PathLike) -> None:
     blocks = {}
     for kernel, shape in data.get("blocks", {}).items():
         if (kernel, False) not in DEFAULT_BLOCKS or len(shape) != 4 or not all(int(x) > 0 for x in shape):
-            raise ValueError(f"{path}: blocks[{kernel!r}]={shape!r}; want one of fwd, dkdv, dkdv_small, dq mapped to "
+            raise ValueError(f"{path}: blocks[{kernel!r}]={shape!r}; want one of fwd, dkdv, dkdv_dq, dkdv_small, dq mapped to "
                              "[block_m, block_n, num_warps, num_stages] (positive integers)")
         blocks[(kernel, False, int(data["head_dim"]))] = Blocks(*(int(x) for x in shape))
     waves = data.get("small_launch_waves", SMALL_LAUNCH_WAVES)

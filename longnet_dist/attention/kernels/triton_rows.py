@@ -1,5 +1,6 @@
 """Row-wise Triton kernels of the fused path (kernels/triton_dilated.py): the Eq. 9-10 merge of two mixtures
-of the same rows, and the backward's per-row preparation (delta, lse in base 2)."""
+of the same rows, the backward's per-row preparation (delta, lse in base 2), and the store of a head group's
+fp32 accumulators into the output's dtype."""
 from __future__ import annotations
 
 import triton
@@ -47,3 +48,18 @@ def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, N, H, D: tl.constexpr, BLOCK: tl.co
     lse = tl.load(LSE + offs, mask=ok, other=0.0)
     finite = (lse == lse) & (lse < float("inf")) & (lse > float("-inf"))
     tl.store(LSE2 + head_major, tl.where(finite, lse * 1.4426950408889634, float("inf")), mask=ok)
+
+
+@triton.jit
+def _store_heads(SRC, DST, rows, group, src_heads, heads, head0, D: tl.constexpr, BLOCK: tl.constexpr):
+    """A head group's fp32 rows -> their place in the output, in its dtype. SRC (B*N, src_heads, D) holds the
+    group's heads in [0, group) of each position (rows = B*N*group); DST (B*N, heads, D) takes them at
+    [head0, head0 + group). Both contiguous; one program per BLOCK (position, head) rows of D values (vector
+    loads and stores, where torch copies such a strided slice element by element)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < rows
+    position, head = offs // group, offs % group
+    offs_d = tl.arange(0, D)[None, :]
+    x = tl.load(SRC + (position * src_heads + head)[:, None] * D + offs_d, mask=ok[:, None], other=0.0)
+    tl.store(DST + (position * heads + head0 + head)[:, None] * D + offs_d, x.to(DST.dtype.element_ty),
+             mask=ok[:, None])
