@@ -32,7 +32,7 @@
 # (gpu_check_h100.log): the tests more than their then 165 s (all passed in a rerun; the fixed shards
 # were badly balanced), the attention stage 95 s of tuning, 75 s of points (4M: 46 s) and the TMA-loads
 # tuning after them, the training points 60 s (32K dilated, compiling), 28 s (32K dense) and ~65 s (1M).
-# On a fresh H200 in stop 27 (gpu_check_h200.log) the whole run took 437 s: the tests stopped at their then
+# On a fresh H200 in stop 27 (gpu_check_h200_s27.log) the whole run took 437 s: the tests stopped at their then
 # 180 s limit with 95 of 105 passed (the slowest, 35-103 s each, had started last; they now go first:
 # LONGNET_HEAVY_FIRST) and passed in 232 s in a rerun; attention, profile and training took ~250 s.
 # Results are written as they come,
