@@ -37,7 +37,7 @@ train: setup
 bench: setup
 	$(PYTHON) benchmarks/attention.py
 
-# on a CUDA machine (needs no `setup`): CUDA tests + GPU benchmarks + an attention profile, stages limited to 10.5 minutes, results in benchmarks/results/
+# on a CUDA machine (needs no `setup`): CUDA tests + GPU benchmarks + an attention profile, stages limited to 11.2 minutes, results in benchmarks/results/
 gpu-check:
 	scripts/gpu_check.sh
 

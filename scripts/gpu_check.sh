@@ -13,7 +13,10 @@
 #   3. profile-attention: where one attention forward+backward spends its time, kernel by kernel and branch by
 #      branch, at 32K and 1M, dense beside it (benchmarks/gpu_profile.py --attention-only, ~20 s once the
 #      attention stage has compiled the kernels) -> gpu_profile_attention.json;
-#   4. train: the real trainer on the GPU (default `--quick --budget 160 --profile`: 32K dilated and dense,
+#   4. host: the host's time to issue one 32K attention forward+backward against its wall time
+#      (benchmarks/host_overhead.py --device cuda, ~10 s; stop 28's profile found 2.86 ms of kernels in a 3.97 ms
+#      step) -> host_overhead_cuda.json;
+#   5. train: the real trainer on the GPU (default `--quick --budget 160 --profile`: 32K dilated and dense,
 #      1M and, if the budget leaves time, 4M dilated; a 4M step completed on an H200 in stop 14, and a GPU
 #      with less memory than it needed there, an 80 GB H100, skips it at once; one more 32K step of each
 #      model runs under torch.profiler, trainer.profile_step, left out of the timings: its kernel time by
@@ -27,7 +30,7 @@
 #   from the dK/dV loop on the shapes that do not spill, against the separate dQ kernel, at 256K, then 32K and 1M
 #   with the winner, `gpu_attention.py --backward-only` -> dq_fused/); profile-model (the attention and a training step
 #   of the bare model, no engine, dilated and dense, benchmarks/gpu_profile.py, 1-2 minutes).
-# Each stage has its own time limit, 240 + 175 + 45 + 170 s, so that a hang cannot eat the lease; a training
+# Each stage has its own time limit, 240 + 175 + 45 + 40 + 170 s, so that a hang cannot eat the lease; a training
 # point that no longer fits is recorded as skipped. What the stages took on a fresh H100 in stop 19
 # (gpu_check_h100.log): the tests more than their then 165 s (all passed in a rerun; the fixed shards
 # were badly balanced), the attention stage 95 s of tuning, 75 s of points (4M: 46 s) and the TMA-loads
@@ -40,7 +43,7 @@
 # GPU_CHECK_ARCHIVE=path.tgz also packs them all into that one file after every stage (a device
 # runner brings back only a few files).
 # On an offline machine carry the wheels of ../shared/offline_wheels.sh in .whl/ (or GPU_CHECK_WHEELS).
-# Stages to run: GPU_CHECK_STAGES="tests attention profile-attention train" (the default; add or pick "profile",
+# Stages to run: GPU_CHECK_STAGES="tests attention profile-attention host train" (the default; add or pick "profile",
 # "optimizer", "profile-model"); GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks (the
 # whole attention sweep: GPU_CHECK_ATTENTION_ARGS="--tune" GPU_CHECK_ATTENTION_LIMIT=400);
 # GPU_CHECK_TESTS_LIMIT, GPU_CHECK_ATTENTION_LIMIT, GPU_CHECK_TRAIN_LIMIT change those stages' limits.
@@ -49,7 +52,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 results=${OUT:-benchmarks/results}  # a device runner's output folder, when set: results survive a time-out
 mkdir -p "$results"
-stages=${GPU_CHECK_STAGES:-tests attention profile-attention train}
+stages=${GPU_CHECK_STAGES:-tests attention profile-attention host train}
 started=$(mktemp) && trap 'rm -f "$started"; [ -z "${site:-}" ] || rm -rf "$site"' EXIT  # files newer than this: this run's
 status=0
 # An offline machine without DeepSpeed/Hydra: install the wheels carried in GPU_CHECK_WHEELS (default .whl/,
@@ -87,6 +90,7 @@ for stage in $stages; do
                       --dq-modes stream tma atomic ;;
         profile-attention) run 45 gpu_profile_attention python3 benchmarks/gpu_profile.py --attention-only \
                                --results "$results" ;;
+        host) run 40 host_overhead python3 benchmarks/host_overhead.py --device cuda --results "$results" ;;
         attention) run "${GPU_CHECK_ATTENTION_LIMIT:-175}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
                        ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 45 --dq-modes tma stream} ;;
         train|optimizer|profile)

@@ -61,20 +61,22 @@ def test_the_default_stages_run_in_order_and_hand_on_the_tuning(tmp_path):
     result, calls, out = gpu_check(tmp_path, GPU_CHECK_ARCHIVE=str(archive))
     assert result.returncode == 0, result.stdout + result.stderr
     scripts = [args.split()[0] if not args.startswith("-m pytest") else "pytest" for args, _ in calls]
-    assert scripts == ["pytest", "benchmarks/gpu_attention.py", "benchmarks/gpu_profile.py", "benchmarks/train.py"]
+    assert scripts == ["pytest", "benchmarks/gpu_attention.py", "benchmarks/gpu_profile.py",
+                       "benchmarks/host_overhead.py", "benchmarks/train.py"]
     by_script = dict(zip(scripts, calls))
     assert by_script["pytest"][0].count("tests/test_cuda") == 2  # the CUDA tests, the sharded one included
     assert by_script["benchmarks/gpu_attention.py"][0].endswith(
         "--tune --quick --tune-budget 45 --dq-modes tma stream")
     assert "--attention-only" in by_script["benchmarks/gpu_profile.py"][0]
+    assert by_script["benchmarks/host_overhead.py"][0] == f"benchmarks/host_overhead.py --device cuda --results {out}"
     # the training stage profiles a 32K step by default, with the attention stage's tuning
     assert by_script["benchmarks/train.py"][0] == "benchmarks/train.py --device cuda --quick --budget 160 --profile"
     tuning = str((out / "kernel_tuning.json").resolve())
     assert by_script["benchmarks/train.py"][1] == tuning and by_script["benchmarks/gpu_profile.py"][1] == tuning
     assert by_script["benchmarks/gpu_attention.py"][1] == ""  # nothing tuned before the tuning stage
     # each stage's log and the training stage's JSON (written into benchmarks/results/) are in $OUT and the archive
-    expected = {"gpu_tests.log", "gpu_attention.log", "gpu_profile_attention.log", "train_cuda.log",
-                "kernel_tuning.json", "train_cuda_standin.json"}
+    expected = {"gpu_tests.log", "gpu_attention.log", "gpu_profile_attention.log", "host_overhead.log",
+                "train_cuda.log", "kernel_tuning.json", "train_cuda_standin.json"}
     assert expected <= {p.name for p in out.iterdir()}
     with tarfile.open(archive) as packed:
         assert expected <= {Path(name).name for name in packed.getnames()}

@@ -99,6 +99,29 @@ def _chains(branches: Sequence[tuple], batch: int, seq_len: int, heads: int, hea
     return [b for i, b in enumerate(first) if i not in moved], [first[i] for i in sorted(moved)], covering
 
 
+def _plan(branches: Sequence[tuple[int, int]], batch: int, seq_len: int, heads: int, head_dim: int, element_size: int,
+          buffers: int) -> tuple[tuple, tuple, bool]:
+    """_chains(with_folds(branches, seq_len), ...) as tuples, made once per shape and settings: a layer calls
+    it twice a step, and the host time of a 32K call is what paces the GPU there."""
+    return _cached_plan(tuple(branches), batch, seq_len, heads, head_dim, element_size, buffers, settings.SHARE_KEYS,
+                        settings.SIDE_BRANCHES, ACCUMULATOR_BUDGET_BYTES)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(branches, batch, seq_len, heads, head_dim, element_size, buffers, share_keys, side_branches, budget):
+    """The settings in the key (share_keys, side_branches, budget) are the ones with_folds and _chains read."""
+    first, second, covering = _chains(with_folds(branches, seq_len), batch, seq_len, heads, head_dim, element_size,
+                                      buffers)
+    return tuple(first), tuple(second), covering
+
+
+def _heads(hs: slice, heads: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The (B, N, H, ...) tensors' views of heads `hs`; the tensors themselves when hs covers all heads."""
+    if hs.start == 0 and hs.stop == heads:
+        return tensors
+    return tuple(x[:, :, hs] for x in tensors)
+
+
 @contextlib.contextmanager
 def _beside(device: torch.device):
     """Launches inside run on side stream 1 (CUDA) after everything queued so far; elsewhere in order.
@@ -158,7 +181,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int,
     """q, k, v (B, N, H, D), last dim contiguous; keep (B, N) uint8 or None.
     -> out (B, N, H, D) in q.dtype (0 where no branch covers a row), lse (B, N, H) float32 (-inf there)."""
     B, N, H, D = q.shape
-    branches, second, covering = _chains(with_folds(branches, N), B, N, H, D, q.element_size(), buffers=1)
+    branches, second, covering = _plan(branches, B, N, H, D, q.element_size(), buffers=1)
     lse = (torch.empty if covering else functools.partial(torch.full, fill_value=float("-inf")))(
         (B, N, H), dtype=torch.float32, device=q.device)
     direct = q.dtype == torch.float32  # accumulate straight into the output
@@ -172,10 +195,11 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int,
         acc_g = out[:, :, hs] if direct else acc[:, :, : hs.stop - h0]
         if not direct and not covering:
             acc_g.zero_()
+        q_g, k_g, v_g, lse_g = _heads(hs, H, q, k, v, lse)  # (B, N, g, ...) views, made once per group
         for i, (w, r, fold) in enumerate(branches):
             with branch_range("fwd", w, r):
-                forward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], keep, acc_g, lse[:, :, hs], w, r, h0, causal,
-                               scale, first=covering and i == 0, fold=fold)
+                forward_branch(q_g, k_g, v_g, keep, acc_g, lse_g, w, r, h0, causal, scale, first=covering and i == 0,
+                               fold=fold)
         if not direct and beside is None:
             store_heads(acc_g, out, h0)
     if beside is not None:  # Eq. 9-10 once more, over the two chains
@@ -190,7 +214,7 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     """Gradients (dq, dk, dv) (B, N, H, D) in q.dtype. `out`, `grad_out` contiguous; `lse` (B, N, H)
     float32 with +inf (or -inf) at rows that carry no gradient."""
     B, N, H, D = q.shape
-    branches, second, covering = _chains(with_folds(branches, N), B, N, H, D, q.element_size(), buffers=3)
+    branches, second, covering = _plan(branches, B, N, H, D, q.element_size(), buffers=3)
     delta, lse2 = backward_prep(out, grad_out, lse)
     direct = q.dtype == torch.float32
     grads = [_accumulator((B, N, H, D), q.dtype, q.device, covering) if direct else
@@ -209,10 +233,10 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
             parts[0].zero_()
         if side is not None:  # dQ launches start after everything queued so far (inputs, zeroed parts)
             side.wait_stream(torch.cuda.current_stream(q.device))
+        views = _heads(hs, H, q, k, v, grad_out, lse2, delta)  # (B, N, g, ...), made once per group
         for i, (w, r, fold) in enumerate(branches):
             with branch_range("bwd", w, r):
-                backward_branch(q[:, :, hs], k[:, :, hs], v[:, :, hs], grad_out[:, :, hs], lse2[:, :, hs],
-                                delta[:, :, hs], keep, *parts, w, r, h0, causal, scale, dq_stream=side,
+                backward_branch(*views, keep, *parts, w, r, h0, causal, scale, dq_stream=side,
                                 first=covering and i == 0, fold=fold)
         if side is not None:  # and end before anything queued later (the copy out, frees, the caller)
             torch.cuda.current_stream(q.device).wait_stream(side)

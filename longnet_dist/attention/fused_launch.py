@@ -43,7 +43,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _strides3(x: Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride()[:3]
 
 
 def _branch_grid(seq_len: int, w: int, r: int, heads: int, block: int, batch: int) -> tuple[tuple[int, int], int]:

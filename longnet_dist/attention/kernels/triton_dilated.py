@@ -45,6 +45,9 @@ from .triton_slots import _block_rows, _key_range, _program_block, placement
 from .triton_rows import _mix
 
 LOG2E = 1.4426950408889634
+# Whether the kernels below run in Triton's interpreter: triton.jit reads TRITON_INTERPRET when it decorates
+# them, so the value at import is the one that holds (and reading it once keeps it off every launch's host path)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -394,4 +397,4 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA,
 
 
 def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETED

@@ -1,0 +1,117 @@
+"""Host time of one fused dilated-attention forward+backward (bf16, H = 12, D = 64, the paper's branches,
+causal): what the CPU spends issuing a layer's launches, which paces the GPU where the kernels are short
+(N = 32K on an H200: 2.86 ms of kernels in a 3.97 ms step, stop 28).
+
+  python3 benchmarks/host_overhead.py            # CPU: the launches stubbed out, our Python alone
+  python3 benchmarks/host_overhead.py --device cuda [--n 32768]
+                                                 # GPU: real launches; host time to issue, and the step's wall
+
+On the CPU every Triton kernel is replaced by a stub that only counts its launches, so what is timed is the
+Python around them (planning, views, strides, allocations, autograd). On a GPU the host time is measured from
+the call to the return of the backward, before any synchronisation, next to the wall time with one; when the
+two are close, the host sets the pace. Each figure is the minimum over --blocks blocks of --calls calls (the
+VM is shared: the minimum is the least disturbed). Writes benchmarks/results/host_overhead_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine  # noqa: E402
+
+BRANCHES = [(2048, 1), (4096, 2), (8192, 4), (16384, 6), (32768, 12)]
+HEADS, HEAD_DIM = 12, 64
+
+
+class _Stub:
+    """A kernel's stand-in: `kernel[grid](...)` counts the launch and does nothing."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+        return launch
+
+
+def stub_kernels() -> dict[str, _Stub]:
+    """Replace every Triton kernel the fused path launches by a _Stub (and let TMA paths run as on a GPU)."""
+    from longnet_dist.attention import fused_launch
+    from longnet_dist.attention.kernels import triton_dilated, triton_rows
+
+    stubs = {}
+    for module, names in ((triton_dilated, ("_fwd", "_bwd_dkdv", "_bwd_dq")),
+                          (triton_rows, ("_bwd_prep", "_store_heads", "_merge_chains"))):
+        for name in names:
+            stubs[name] = _Stub()
+            setattr(module, name, stubs[name])
+    fused_launch._tma_ready = lambda device: True
+    return stubs
+
+
+def timed(fn, calls: int, blocks: int, sync) -> float:
+    """Minimum over `blocks` of the mean seconds of `calls` calls of fn (each followed by sync())."""
+    for _ in range(5):
+        fn()
+        sync()
+    best = float("inf")
+    for _ in range(blocks):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+            sync()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--n", type=int, default=None, help="sequence length (default: 256 on the CPU, 32768 on CUDA)")
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--blocks", type=int, default=10)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    from longnet_dist.attention.fused import fused_dilated_attention
+
+    stubs = stub_kernels() if args.device == "cpu" else {}
+    n = args.n or (256 if args.device == "cpu" else 32768)
+    q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM, dtype=torch.bfloat16, device=args.device, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def fwd_bwd():
+        out = fused_dilated_attention(q, k, v, BRANCHES, True, HEAD_DIM ** -0.5, None)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    def nothing():
+        pass
+
+    cuda = args.device == "cuda"
+    host = timed(fwd_bwd, args.calls, args.blocks, nothing)  # on CUDA: until the launches are queued
+    row = {"n": n, "host_s": host}
+    if cuda:
+        row["wall_s"] = timed(fwd_bwd, args.calls, args.blocks, torch.cuda.synchronize)
+    else:
+        launches = {name: stub.launches for name, stub in stubs.items() if stub.launches}
+        row["launches_per_call"] = sum(launches.values()) / (5 + args.calls * args.blocks)
+    print(f"N = {n}: host {host * 1e6:.0f} us per fwd+bwd"
+          + (f", wall {row['wall_s'] * 1e6:.0f} us" if cuda else
+             f" with the launches stubbed out ({row['launches_per_call']:.0f} launches each)"))
+    payload = {"machine": machine(), "command": " ".join(sys.argv), "branches": BRANCHES, "heads": HEADS,
+               "head_dim": HEAD_DIM, "dtype": "bfloat16", "device": args.device, **row}
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"host_overhead_{args.device}.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
