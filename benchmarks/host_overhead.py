@@ -10,7 +10,8 @@ On the CPU every Triton kernel is replaced by a stub that only counts its launch
 Python around them (planning, views, strides, allocations, autograd). On a GPU the host time is measured from
 the call to the return of the backward, before any synchronisation, next to the wall time with one; when the
 two are close, the host sets the pace. Each figure is the minimum over --blocks blocks of --calls calls (the
-VM is shared: the minimum is the least disturbed). Writes benchmarks/results/host_overhead_<device>.json.
+VM is shared: the minimum is the least disturbed). Writes benchmarks/results/host_overhead_<device>[_<tag>].json;
+an older checkout's figure: PYTHONPATH=<that checkout> python3 benchmarks/host_overhead.py --tag before.
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="results go to host_overhead_<device>[_<tag>].json")
     args = parser.parse_args()
     from longnet_dist.attention.fused import fused_dilated_attention
 
@@ -108,7 +110,7 @@ def main() -> None:
     payload = {"machine": machine(), "command": " ".join(sys.argv), "branches": BRANCHES, "heads": HEADS,
                "head_dim": HEAD_DIM, "dtype": "bfloat16", "device": args.device, **row}
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"host_overhead_{args.device}.json"
+    path = args.results / f"host_overhead_{args.device}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}")
 
