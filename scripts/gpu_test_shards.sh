@@ -3,7 +3,7 @@
 # fresh GPU machine most of their time is Triton compiling kernel variants, one CPU core per process.
 # Usage: scripts/gpu_test_shards.sh [PROCESSES=12]; exits 0 only if every test passed.
 # With pytest-xdist installed (GPU images usually have it) the tests go to N workers as they free up
-# (`-n N --dist load`): on an H100 in stop 19 fixed shards took 37 s to 236 s for the same number of tests.
+# (`-n N --dist worksteal`, or `load` on xdist < 3.2): on an H100 in stop 19 fixed shards took 37 s to 236 s for the same number of tests.
 # Without it (or with GPU_TEST_MODE=shards), N fixed shards (LONGNET_TEST_SHARD, tests/conftest.py).
 # Either way every test's result is printed as it finishes (-v), so a stage stopped at its time limit still
 # shows what passed, and the slowest tests are listed at the end (--durations). Logs go to GPU_TEST_LOGS
@@ -26,8 +26,12 @@ fi
 mode=${GPU_TEST_MODE:-auto}  # xdist, shards, or auto: xdist when importable
 [ "$mode" != auto ] || { python3 -c "import xdist" 2>/dev/null && mode=xdist || mode=shards; }
 if [ "$mode" = xdist ]; then
-    echo "-- pytest-xdist: $processes workers"
-    python3 -m pytest "${files[@]}" -n "$processes" --dist load "${options[@]}" 2>&1 | tee "$logs/tests.log" \
+    # worksteal (xdist >= 3.2): a worker that runs out takes tests queued on a busy one. Under `load` each worker
+    # is handed its first tests at once, so two heavy ones could queue on one worker: in stop 28 a 12-example
+    # hypothesis test waited behind the 103 s sharded test and was still running at the stage's 240 s limit.
+    dist=load && python3 -c "from xdist.scheduler import WorkStealingScheduling" 2>/dev/null && dist=worksteal
+    echo "-- pytest-xdist: $processes workers, --dist $dist"
+    python3 -m pytest "${files[@]}" -n "$processes" --dist "$dist" "${options[@]}" 2>&1 | tee "$logs/tests.log" \
         | grep --line-buffered -E "PASSED|FAILED|ERROR|SKIPPED| passed| failed|^E |slowest|s (call|setup) "
     exit "${PIPESTATUS[0]}"
 fi

@@ -98,6 +98,8 @@ def test_the_gpu_test_runner_reports_every_test_and_fails_on_a_failure(mode, tmp
     assert reported("tests/test_triton_kernels.py::test_d", "FAILED"), out
     assert "assert 1 == 2" in out, out  # the failure's detail reaches the console
     assert any(path.stat().st_size for path in (tmp_path / "logs").iterdir())
+    if mode == "xdist":  # idle workers take queued tests from busy ones (xdist >= 3.2, which the dev extras pin)
+        assert "--dist worksteal" in out, out
 
 
 def test_kernel_names_fall_into_their_categories():
