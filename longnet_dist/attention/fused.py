@@ -5,8 +5,9 @@ Forward: the merged output starts at 0 and its lse at -inf; each branch's launch
 q, k, v in place and folds its (o_i, lse_i) into the fp32 mixture at the same rows (Eq. 9-10). A
 branch with r = 1 covers every row: it runs first and writes the accumulators, which then need no
 fill (`covering_first`; the same in the backward).
-Backward: delta = rowsum(dO * O) once, then per branch one dK/dV and one dQ launch that add into
-fp32 gradient accumulators in place (the merged-softmax identity of dilated.py).
+Backward: delta = rowsum(dO * O) once, then per branch one dK/dV launch that adds into fp32 gradient
+accumulators in place (the merged-softmax identity of dilated.py), dQ included by default (fused_settings.DQ_MODE
+"tma": TMA bulk reductions from the dK/dV loop), else by a dQ launch of its own.
 
 Memory: the fp32 accumulators are the only buffers of size N beyond inputs and outputs. For long
 sequences they cover a group of heads at a time (`head_group`), so one layer's forward+backward
