@@ -194,6 +194,11 @@ def run_points(specs, payload: dict, save) -> None:
         save()
 
 
+def key_points(points: list) -> list:
+    """The dilated 32K and 1M points of `points`: the targets' two, timed again after a setting changes."""
+    return [p for p in points if p[0] == "dilated" and p[1] in (32 * K, M)]
+
+
 def write_json(payload: dict, path: Path) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -249,7 +254,7 @@ def main() -> None:
                                   if isinstance(report, dict) and report.get("correct")], kernels=("dkdv",),
                                  separate_shapes=1)  # the separate kernel's other shapes: timed in stop 27
         write_tuning(args.results)
-        run_points([p for p in QUICK if p[0] == "dilated" and p[1] in (32 * K, M)], payload, save)
+        run_points(key_points(QUICK), payload, save)
         print(f"wrote {args.results / name}.json")
         return
     if args.tune:  # never timed first (the block shapes were tuned on an H200 and an H100); each choice handed on
@@ -282,8 +287,7 @@ def main() -> None:
         save()
         write_tuning(args.results)
     if (fused_settings.DQ_MODE, fused_settings.TMA_LOADS) != chosen:  # faster and correct: the key points again
-        run_points([p for p in (QUICK if args.quick else FULL) if p[0] == "dilated" and p[1] in (32 * K, M)],
-                   payload, save)
+        run_points(key_points(QUICK if args.quick else FULL), payload, save)
     for key, value in payload["targets"].items():
         print(f"{key}: {value:.3f}")
     plot(payload["points"], args.results / f"{name}.png",

@@ -28,6 +28,7 @@ from common import RESULTS, machine  # noqa: E402
 
 BRANCHES = [(2048, 1), (4096, 2), (8192, 4), (16384, 6), (32768, 12)]
 HEADS, HEAD_DIM = 12, 64
+WARMUP = 5  # untimed calls before the timed blocks
 
 
 class _Stub:
@@ -59,7 +60,7 @@ def stub_kernels() -> dict[str, _Stub]:
 
 def timed(fn, calls: int, blocks: int, sync) -> float:
     """Minimum over `blocks` of the mean seconds of `calls` calls of fn (each followed by sync())."""
-    for _ in range(5):
+    for _ in range(WARMUP):
         fn()
         sync()
     best = float("inf")
@@ -103,7 +104,7 @@ def main() -> None:
         row["wall_s"] = timed(fwd_bwd, args.calls, args.blocks, torch.cuda.synchronize)
     else:
         launches = {name: stub.launches for name, stub in stubs.items() if stub.launches}
-        row["launches_per_call"] = sum(launches.values()) / (5 + args.calls * args.blocks)
+        row["launches_per_call"] = sum(launches.values()) / (WARMUP + args.calls * args.blocks)
     print(f"N = {n}: host {host * 1e6:.0f} us per fwd+bwd"
           + (f", wall {row['wall_s'] * 1e6:.0f} us" if cuda else
              f" with the launches stubbed out ({row['launches_per_call']:.0f} launches each)"))

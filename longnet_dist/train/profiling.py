@@ -20,10 +20,11 @@ import torch
 # their function's name (attention/kernels/triton_dilated.py)
 CATEGORIES = [
     ("dilated fwd", r"^_fwd\b"), ("dilated dK/dV", r"^_bwd_dkdv\b"), ("dilated dQ", r"^_bwd_dq\b"),
-    ("dilated prep / merge", r"^_bwd_prep\b|^_merge_chains\b"), ("copy / fill", r"^_store_heads\b"),
+    ("dilated prep / merge", r"^_bwd_prep\b|^_merge_chains\b"),
     ("flash (dense / aten)", r"flash|fmha|efficient_attention|scaled_dot_product"),
     ("optimizer", r"multi_tensor|adam|foreach"), ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|cublas|aten::mm|addmm|bmm"),
-    ("compiled region", r"^triton_|compiledfunction|torch-compiled"), ("copy / fill", r"memcpy|memset|copy|fill|zero"),
+    ("compiled region", r"^triton_|compiledfunction|torch-compiled"),
+    ("copy / fill", r"memcpy|memset|copy|fill|zero|^_store_heads\b"),
     ("reduction", r"reduce|sum|norm"), ("elementwise", r"elementwise|vectorized|aten::"),
 ]
 
