@@ -13,9 +13,10 @@
 #   3. profile-attention: where one attention forward+backward spends its time, kernel by kernel and branch by
 #      branch, at 32K and 1M, dense beside it (benchmarks/gpu_profile.py --attention-only, ~20 s once the
 #      attention stage has compiled the kernels) -> gpu_profile_attention.json;
-#   4. host: the host's time to issue one 32K attention forward+backward against its wall time
-#      (benchmarks/host_overhead.py --device cuda, ~10 s; stop 28's profile found 2.86 ms of kernels in a 3.97 ms
-#      step) -> host_overhead_cuda.json;
+#   4. host: the host's time to issue one 32K attention forward+backward against its wall time and against the
+#      same call replayed as a CUDA graph, and the host's time by function (benchmarks/host_overhead.py --device
+#      cuda --cprofile 50, ~15 s; stop 28's profile found 2.86 ms of kernels in a 3.97 ms step)
+#      -> host_overhead_cuda.json;
 #   5. train: the real trainer on the GPU (default `--quick --budget 160 --profile`: 32K dilated and dense,
 #      1M and, if the budget leaves time, 4M dilated; a 4M step completed on an H200 in stop 14, and a GPU
 #      with less memory than it needed there, an 80 GB H100, skips it at once; one more 32K step of each
@@ -90,7 +91,7 @@ for stage in $stages; do
                       --dq-modes stream tma atomic ;;
         profile-attention) run 45 gpu_profile_attention python3 benchmarks/gpu_profile.py --attention-only \
                                --results "$results" ;;
-        host) run 40 host_overhead python3 benchmarks/host_overhead.py --device cuda --results "$results" ;;
+        host) run 40 host_overhead python3 benchmarks/host_overhead.py --device cuda --cprofile 50 --results "$results" ;;
         attention) run "${GPU_CHECK_ATTENTION_LIMIT:-175}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
                        ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 45 --dq-modes tma stream} ;;
         train|optimizer|profile)

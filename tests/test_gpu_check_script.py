@@ -68,7 +68,7 @@ def test_the_default_stages_run_in_order_and_hand_on_the_tuning(tmp_path):
     assert by_script["benchmarks/gpu_attention.py"][0].endswith(
         "--tune --quick --tune-budget 45 --dq-modes tma stream")
     assert "--attention-only" in by_script["benchmarks/gpu_profile.py"][0]
-    assert by_script["benchmarks/host_overhead.py"][0] == f"benchmarks/host_overhead.py --device cuda --results {out}"
+    assert by_script["benchmarks/host_overhead.py"][0] == f"benchmarks/host_overhead.py --device cuda --cprofile 50 --results {out}"
     # the training stage profiles a 32K step by default, with the attention stage's tuning
     assert by_script["benchmarks/train.py"][0] == "benchmarks/train.py --device cuda --quick --budget 160 --profile"
     tuning = str((out / "kernel_tuning.json").resolve())

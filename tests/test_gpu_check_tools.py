@@ -470,3 +470,20 @@ def test_annotated_ranges_are_not_counted_twice_in_the_kernel_time():
     assert "dilated bwd w=4096 r=2" in summary["branches_ms"]
     assert all(not row["name"].startswith("dilated ") for row in summary["top"])
     assert "other" not in summary["categories"]
+
+
+def test_profile_timeline_measures_idle_gpu_time_between_kernels():
+    """The timeline of a CUDA profile: overlapping kernels (side streams) count once as busy, and the time
+    between kernels is idle, the largest gaps named by their neighbours."""
+    from longnet_dist.train.profiling import timeline
+
+    kernels = [(100.0, 200.0, "_fwd"), (150.0, 260.0, "_fwd side"), (300.0, 400.0, "_bwd_dkdv"),
+               (402.0, 500.0, "_store_heads"), (600.0, 650.0, "nvjet")]
+    t = timeline(list(reversed(kernels)))  # any order
+    assert t["span_ms"] == pytest.approx(0.55)
+    assert t["busy_ms"] == pytest.approx((160 + 100 + 98 + 50) / 1000)
+    assert t["idle_ms"] == pytest.approx((40 + 2 + 100) / 1000)
+    assert t["gaps"] == 2 and t["gaps_ms"] == pytest.approx(0.14)  # the 2 us gap is under the threshold
+    assert t["largest_gaps"][0] == {"us": 100.0, "after": "_store_heads", "before": "nvjet"}
+    assert t["largest_gaps"][1]["after"] == "_fwd side"
+    assert timeline([])["busy_ms"] == 0.0

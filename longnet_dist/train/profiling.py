@@ -59,8 +59,37 @@ def summarize(prof, device: str, top: int = 15) -> dict:
     for r in rows:
         by_category[r["category"]] = by_category.get(r["category"], 0.0) + r["ms"]
     rows.sort(key=lambda r: -r["ms"])
-    return {"total_ms": total, "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
-            "branches_ms": dict(sorted(branches.items(), key=_branch_order)), "top": rows[:top]}
+    summary = {"total_ms": total, "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+               "branches_ms": dict(sorted(branches.items(), key=_branch_order)), "top": rows[:top]}
+    if device == "cuda" and hasattr(prof, "events"):
+        kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        summary["timeline"] = timeline(kernels)
+    return summary
+
+
+def timeline(kernels: list[tuple[float, float, str]], gap_us: float = 5.0, top: int = 8) -> dict:
+    """When the GPU worked: kernels (start µs, end µs, name), any stream -> span (first start to last end), busy
+    (the union of the kernels' intervals), idle (span - busy), and the gaps over `gap_us` with the kernels on
+    either side, largest first. Idle time between kernels is time the GPU waited, mostly on the host."""
+    if not kernels:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": 0, "largest_gaps": []}
+    kernels = sorted(kernels)
+    busy, gaps = 0.0, []
+    start, end, name = kernels[0]
+    for next_start, next_end, next_name in kernels[1:]:
+        if next_start > end:  # a gap: close the busy stretch
+            busy += end - start
+            if next_start - end > gap_us:
+                gaps.append({"us": next_start - end, "after": name[:60], "before": next_name[:60]})
+            start = next_start
+        if next_end >= end:
+            end, name = next_end, next_name
+    busy += end - start
+    span = max(e for _, e, _ in kernels) - kernels[0][0]
+    gaps.sort(key=lambda g: -g["us"])
+    return {"span_ms": span / 1000, "busy_ms": busy / 1000, "idle_ms": (span - busy) / 1000, "gaps": len(gaps),
+            "gaps_ms": sum(g["us"] for g in gaps) / 1000, "largest_gaps": gaps[:top]}
 
 
 def _branch_order(item: tuple[str, float]) -> tuple[bool, int, str]:
@@ -79,6 +108,11 @@ def format_summary(label: str, summary: dict, seconds: float, rows: int = 8) -> 
               for name, ms in summary["categories"].items()]
     lines += [f"   {name:<30} {ms:10.2f} ms" for name, ms in summary["branches_ms"].items()]
     lines += [f"   {row['ms']:10.2f} ms x{row['calls']:<4} {row['name'][:100]}" for row in summary["top"][:rows]]
+    if "timeline" in summary:
+        t = summary["timeline"]
+        lines.append(f"   GPU busy {t['busy_ms']:.2f} of {t['span_ms']:.2f} ms from the first kernel to the last; "
+                     f"{t['gaps']} gaps over 5 us, {t.get('gaps_ms', 0.0):.2f} ms")
+        lines += [f"     gap {g['us']:8.1f} us after {g['after']} before {g['before']}" for g in t["largest_gaps"][:4]]
     return "\n".join(lines)
 
 
