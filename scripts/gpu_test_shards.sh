@@ -13,7 +13,7 @@ set -uo pipefail
 processes=${1:-12}
 # the tests marked gpu_heavy first (tests/conftest.py): each then starts early on a worker of its own
 export LONGNET_HEAVY_FIRST=1
-files=(tests/test_cuda_attention.py tests/test_cuda_sequence_parallel.py tests/test_triton_kernels.py
+files=(tests/test_cuda_attention.py tests/test_cuda_sequence_parallel.py tests/test_triton_kernels.py tests/test_kernel_launch.py
        tests/test_triton_nesting.py)
 # -o addopts=-ra: the project's addopts name pytest-timeout, which a bare GPU machine may lack
 options=(-v -p no:cacheprovider -o addopts=-ra --durations=25 --durations-min=1)

@@ -15,6 +15,7 @@ from torch import Tensor
 from . import fused_settings as settings
 from .kernels import triton_dilated as kern
 from .kernels import triton_rows
+from .kernels.launch import launch
 from .nesting import KernelFold
 
 
@@ -103,9 +104,9 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
     blocks = settings.blocks_for("fwd", q.dtype, D)
     grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
     nest, parent_w, nest_meta = _nest_args(fold, q.device, lse)
-    kern._fwd[grid](
-        q, k, v, lse if keep is None else keep, nest, acc, lse, *_strides3(q), *_strides3(k), *_strides3(v),
-        *_strides3(acc), *_strides3(lse), N, N, min(w, N), r, head0, heads, num_blocks,  # keep's batch stride = N
+    launch(
+        kern._fwd, grid, (q, k, v, lse if keep is None else keep, nest, acc, lse), *_strides3(q), *_strides3(k),
+        *_strides3(v), *_strides3(acc), *_strides3(lse), N, N, min(w, N), r, head0, heads, num_blocks,  # keep: N
         scale * kern.LOG2E, parent_w, **nest_meta, CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, D=D,
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
         num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)),
@@ -120,7 +121,7 @@ def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, T
     B, N, H, D = out.shape
     delta, lse2 = (torch.empty(B, H, N, dtype=torch.float32, device=out.device) for _ in range(2))
     grid, block = _row_launch(B * N * H)
-    triton_rows._bwd_prep[grid](out, grad_out, lse, delta, lse2, B * N * H, N, H, D=D, BLOCK=block)
+    launch(triton_rows._bwd_prep, grid, (out, grad_out, lse, delta, lse2), B * N * H, N, H, D=D, BLOCK=block)
     return delta.transpose(1, 2), lse2.transpose(1, 2)  # (B, N, H) views
 
 
@@ -145,18 +146,18 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     multiprocessors = _multiprocessors(q.device)
     dkdv, grid, num_blocks, small = _dkdv_launch(N, w, r, heads, B, q.dtype, D, causal, multiprocessors,
                                                  fuse_dq != 0)
-    kern._bwd_dkdv[grid](q, k, v, grad_out, lse2, delta, keep_arg, nest, dk, dv, dq, *common, min(w, N), r, head0,
-                         heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FUSE_DQ=fuse_dq, FIRST=first,
-                         BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
-                         num_stages=dkdv.num_stages, BLOCK_MAJOR=small, TMA=_tma_loads("dkdv", q, grad_out), **meta)
+    launch(kern._bwd_dkdv, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dk, dv, dq), *common, min(w, N), r,
+           head0, heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FUSE_DQ=fuse_dq, FIRST=first,
+           BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
+           BLOCK_MAJOR=small, TMA=_tma_loads("dkdv", q, grad_out), **meta)
     if fuse_dq == 0:
         grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
         with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
-            kern._bwd_dq[grid](q, k, v, grad_out, lse2, delta, keep_arg, nest, dq, *common, min(w, N), r, head0,
-                               heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FIRST=first,
-                               BLOCK_M=dq_blocks.block_m, BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
-                               num_stages=dq_blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
-                               TMA=_tma_loads("dq", k, v), **meta)
+            launch(kern._bwd_dq, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dq), *common, min(w, N), r,
+                   head0, heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FIRST=first,
+                   BLOCK_M=dq_blocks.block_m, BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
+                   num_stages=dq_blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
+                   TMA=_tma_loads("dq", k, v), **meta)
 
 
 def _fused_dq(device: torch.device) -> int:
@@ -187,26 +188,40 @@ def _tma_ready(device: torch.device) -> bool:
     """Hopper or newer; installs the global-memory allocator Triton needs for in-kernel TMA descriptors
     unless one is installed (Triton keeps it per thread context: the backward may run in autograd's
     device thread, so this checks on every call)."""
-    if torch.cuda.get_device_capability(device)[0] < 9:
+    if not _hopper(device):
         return False
-    import triton
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
+        _allocation.set_allocator(_scratch)
     return True
 
 
-def _scratch(size: int, alignment: int, stream) -> Tensor:
-    """Global memory Triton asks for at launch (128 bytes per program for its TMA descriptors)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+@functools.lru_cache(maxsize=None)
+def _hopper(device: torch.device) -> bool:
+    """Compute capability >= 9 (asked once per device: the question cost ~10 us a launch on an H200 host)."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+_SCRATCH: dict[int, Tensor] = {}  # CUDA stream -> the largest scratch buffer asked for on it so far
+
+
+def _scratch(size: int, alignment: int, stream: int) -> Tensor:
+    """Global memory Triton asks for at launch (128 bytes per program for its TMA descriptors): one buffer
+    per stream, kept and grown. Launches on one stream run in order, so they can share it; another stream's
+    launches, which may run at the same time, get a buffer of their own."""
+    buffer = _SCRATCH.get(stream)
+    if buffer is None or buffer.numel() < size:
+        buffer = _SCRATCH[stream] = torch.empty(max(size, 1 << 20), dtype=torch.int8, device="cuda")
+    return buffer
 
 
 def merge_chains(acc: Tensor, lse: Tensor, side_acc: Tensor, side_lse: Tensor, out: Tensor) -> None:
     """out = the Eq. 9-10 merge of two chains' mixtures of the same rows, and lse updated to match, in one
     launch. acc, side_acc (B, N, H, D) fp32 and lse, side_lse (B, N, H), contiguous; out may be acc."""
     grid, block = _row_launch(lse.numel())
-    triton_rows._merge_chains[grid](acc, lse, side_acc, side_lse, out, lse.numel(), D=acc.shape[-1], BLOCK=block)
+    launch(triton_rows._merge_chains, grid, (acc, lse, side_acc, side_lse, out), lse.numel(), D=acc.shape[-1],
+           BLOCK=block)
 
 
 def store_heads(part: Tensor, total: Tensor, head0: int) -> None:
@@ -217,8 +232,8 @@ def store_heads(part: Tensor, total: Tensor, head0: int) -> None:
         raise ValueError(f"store_heads wants a head slice of a contiguous accumulator and a contiguous output, "
                          f"not strides {part.stride()} and {total.stride()}")
     grid, block = _row_launch(B * N * group)
-    triton_rows._store_heads[grid](part, total, B * N * group, group, part.stride(1) // D, total.shape[2], head0,
-                                   D=D, BLOCK=block)
+    launch(triton_rows._store_heads, grid, (part, total), B * N * group, group, part.stride(1) // D, total.shape[2],
+           head0, D=D, BLOCK=block)
 
 
 def key_bytes(key_padding_mask: Tensor | None) -> Tensor | None:
