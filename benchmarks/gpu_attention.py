@@ -11,7 +11,10 @@ and "dense" (SDPA's flash kernel over the whole sequence, flash-attention 2). At
 trainer's dense baseline gets it): the ratios are reported against "dense" and against the fastest
 of the three. FLOPs count only the multiply-adds each
 algorithm needs (LONGNET.md "Cost"; causal about half; backward = 2.5x forward). Times are medians
-of CUDA-event timings after a warm-up; peak memory is torch.cuda.max_memory_allocated over one
+of CUDA-event timings after a warm-up, the calls queued back to back as a model's layers are (the rates and
+ratios come from these); "alone" is the same call started on an idle GPU each time, which adds the host's
+time to issue it where the kernels are short (32K: ~1.8 ms of host for ~2.9 ms of kernels on an H200
+host, stop 29, benchmarks/host_overhead.py); peak memory is torch.cuda.max_memory_allocated over one
 forward+backward, inputs and the incoming gradient included, divided by N.
 It first checks every way of computing dQ (fused_settings.DQ_MODES: a kernel of its own, the same on a second
 CUDA stream, atomically in the dK/dV kernel per element or per tile by TMA) against an fp32 run at
@@ -88,9 +91,14 @@ def measure(kind: str, n: int, causal: bool, repeats: int) -> dict:
              "peak_above_inputs_per_token": (peak - inputs) / n}
     flops = attention_flops(kind, n, causal)
     if repeats:
-        point["forward_s"] = cuda_time(fwd, repeats)
+        point["forward_s"] = cuda_time(fwd, repeats, queued=True)
         point["forward_tflops"] = flops / point["forward_s"] / 1e12
-    point["forward_backward_s"] = cuda_time(fwd_bwd, repeats) if repeats else first  # 0: the first run (no compile)
+        # each call on an idle GPU: the host's time to issue a call shows where the kernels are short
+        point["forward_backward_isolated_s"] = cuda_time(fwd_bwd, repeats)
+        point["forward_backward_isolated_tflops"] = (flops * (1 + BACKWARD_FACTOR)
+                                                     / point["forward_backward_isolated_s"] / 1e12)
+    # calls queued back to back, as a model's layers are (0 repeats: the first run, no compile)
+    point["forward_backward_s"] = cuda_time(fwd_bwd, repeats, queued=True) if repeats else first
     point.update(forward_flops=flops, timed_runs=repeats or 1,
                  forward_backward_tflops=flops * (1 + BACKWARD_FACTOR) / point["forward_backward_s"] / 1e12)
     if kind == "dilated" and n >= 4 * M:
@@ -119,6 +127,9 @@ def summarize(points: list[dict]) -> dict:
             mode = "causal" if causal else "bidirectional"
             if dil and den:
                 targets[f"flops_ratio_{tag}_{mode}"] = dil["forward_backward_tflops"] / den["forward_backward_tflops"]
+                if "forward_backward_isolated_tflops" in dil and "forward_backward_isolated_tflops" in den:
+                    targets[f"flops_ratio_{tag}_{mode}_alone"] = (dil["forward_backward_isolated_tflops"]
+                                                                  / den["forward_backward_isolated_tflops"])
             fastest = max(filter(None, (get(kind, n, causal) for kind in ("dense", "dense_cudnn", "dense_sdpa"))),
                           key=lambda p: p["forward_backward_tflops"], default=None)
             if dil and fastest and fastest is not den:
@@ -185,7 +196,9 @@ def run_points(specs, payload: dict, save) -> None:
                                   if "forward_s" in point else (f"{'-':>9}", f"{'-':>9}"))
             print(f"{kind:8} {mode:7} {n:>8} {fwd_ms} {point['forward_backward_s'] * 1e3:9.2f} "
                   f"{fwd_tflops} {point['forward_backward_tflops']:9.1f} "
-                  f"{point['peak_bytes_per_token'] / 1024:9.2f}  {point.get('dq_mode', '')}"
+                  f"{point['peak_bytes_per_token'] / 1024:9.2f}"
+                  + (f" {point['forward_backward_isolated_s'] * 1e3:9.2f}" if "forward_backward_isolated_s" in point
+                     else f" {'-':>9}") + f"  {point.get('dq_mode', '')}"
                   + (f"  tma loads: {','.join(point['tma_loads'])}" if point.get("tma_loads") else "")
                   + ("  shared keys" if point.get("share_keys") else "")
                   + (f"  tail diff {point['tail_max_abs_diff']:.2e}" if "tail_max_abs_diff" in point else ""),
@@ -272,7 +285,7 @@ def main() -> None:
     payload["blocks"] = {f"{k[0]}{'_fp32' if k[1] else ''}": vars(b) for k, b in fused_settings.DEFAULT_BLOCKS.items()}
     payload["blocks"].update({f"tuned_{k[0]}": vars(b) for k, b in fused_settings.TUNED.items()})
     print(f"{'kernel':8} {'mode':7} {'N':>8} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} "
-          f"{'KiB/token':>9}  dQ", flush=True)
+          f"{'KiB/token':>9} {'alone ms':>9}  dQ", flush=True)
     run_points(QUICK if args.quick else FULL, payload, save)
     # What has not been timed on a GPU goes last (untried dQ modes; TMA loads in dK/dV and dQ): a kernel fault
     # there (sticky in CUDA) cannot cost the points above. It gets LATE_TUNING_S of its own.

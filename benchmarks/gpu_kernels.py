@@ -97,25 +97,32 @@ def relative_errors(results, reference) -> list[float]:
     return [((a.float() - b).norm() / b.norm()).item() for a, b in zip(results, reference)]
 
 
-def cuda_time(fn, repeats: int, warm_up: bool = True) -> float:
+def cuda_time(fn, repeats: int, warm_up: bool = True, queued: bool = False) -> float:
     """Median seconds of fn() over `repeats` runs, by CUDA events (a host clock off CUDA), after one
-    warm-up run (if warm_up)."""
+    warm-up run (if warm_up). Each run starts on an idle GPU (the host's time to issue its first launches
+    included) unless `queued`: then the runs are issued back to back and synchronised once at the end, as a
+    model's layers are in training and as triton.testing.do_bench times kernels, so each run's events
+    measure the GPU's time for it whenever the host issues faster than the GPU runs."""
     if warm_up:
         fn()
     times = []
-    for _ in range(repeats):
-        if DEVICE != "cuda":
+    if DEVICE != "cuda":
+        for _ in range(repeats):
             started = time.perf_counter()
             fn()
             times.append(time.perf_counter() - started)
-            continue
+        return statistics.median(times)
+    events = []
+    for _ in range(repeats):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1000)
-    return statistics.median(times)
+        if not queued:
+            stop.synchronize()
+        events.append((start, stop))
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(stop) / 1000 for start, stop in events)
 
 
 def tune(correct_modes: list[str], n: int | None = None, kernels: tuple[str, ...] = ("fwd", "dkdv", "dq"),
