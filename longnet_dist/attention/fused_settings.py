@@ -30,7 +30,7 @@ class Blocks:
 # (kernel, fp32?) -> blocks. 16-bit: the fastest of `benchmarks/gpu_attention.py --tune` on an H200 (D = 64,
 # paper branches, N = 256K, causal; results/gpu_attention_sweep_h200.log, gpu_attention_h200_s14.log): forward
 # 64x64 x 3 stages 6.11 ms, 6.36 with 4, 7.19 at 128x64; dK/dV: the second sweep's best within 0.2% (noise);
-# dQ 64x32 x 4 stages 24.73 ms against 25.08 for 64x64 x 3 (stop 27's H200 sweep, gpu_attention_h200.log;
+# dQ 64x32 x 4 stages 24.73 ms against 25.08 for 64x64 x 3 (stop 27's H200 sweep, gpu_attention_h200_s27.log;
 # stop 14's chose it too). "dkdv_dq": the dK/dV kernel that computes dQ too (DQ_MODE "tma" or "atomic"), which
 # needs registers for one more accumulator: 64x64 x 4 warps (no spills) 23.45 ms with "tma" against 24.0-48.7
 # for the other eleven shapes of stop 28's H200 sweep (gpu_attention_dq_fused_h200.log; 2 stages 23.35,
@@ -79,7 +79,7 @@ DQ_MODE = "tma"
 #               the tensor-memory accelerator, which also zero-fills slots past the end (compute capability
 #               >= 9 and every row 16-byte aligned; elsewhere pointer loads). The same numbers either way.
 # On an H100 (stop 19, gpu_attention_h100.log, 256K, shared keys): the forward 6.32 ms with TMA loads against
-# 6.81 with pointer loads. On an H200 (stop 27, gpu_attention_h200.log, 256K fwd+bwd): TMA in dK/dV 24.72 ms
+# 6.81 with pointer loads. On an H200 (stop 27, gpu_attention_h200_s27.log, 256K fwd+bwd): TMA in dK/dV 24.72 ms
 # against 24.89, in dQ 24.78 against 24.60; the 32K fwd+bwd then ran 3.67 ms against 4.13 (noisy: 3.54-4.13
 # in that run). So "fwd" and "dkdv" are the default (`gpu_attention.py --tune` times each anew).
 TMA_KERNELS = ("fwd", "dkdv", "dq")
