@@ -99,6 +99,19 @@ def test_launch_hooks_a_non_constexpr_tail_or_another_device_take_tritons_path(r
     assert len(odd.through_triton) == 2 and not odd.compiled.launches
 
 
+def test_direct_launches_only_for_verified_tritons_and_unless_switched_off(runtime, monkeypatch):
+    """Triton 3.4-3.9 call the launcher as launch() does (read in their source); other versions, and
+    LONGNET_TRITON_DIRECT_LAUNCH=0 (fast.DIRECT), always take Triton's own path."""
+    assert fast.verified("3.4.0") and fast.verified("3.6.0") and fast.verified("3.9.1+git1234")
+    assert not fast.verified("3.3.1") and not fast.verified("3.10.0") and not fast.verified("4.0") \
+        and not fast.verified("nightly")
+    monkeypatch.setattr(fast, "DIRECT", False)
+    kernel, x = FakeKernel(), torch.zeros(64)
+    for _ in range(3):
+        fast.launch(kernel, (1,), (x, x), 16, 16, 1.0, FLAG=False, D=64)
+    assert len(kernel.through_triton) == 3 and not kernel.compiled.launches and not fast._cache
+
+
 def test_stubs_and_interpreted_kernels_always_take_tritons_path(runtime):
     """What kernel[grid] returns without a GPU (None: the interpreter, host_overhead's stubs) is never kept."""
     calls = []

@@ -14,11 +14,16 @@ aligned (what Triton reads of a pointer), the scalar arguments' values themselve
 an integer is divisible by 16, equal to 1, 32 or 64 bits; a layer's strides and lengths repeat every
 step, so exact values cost no extra compiles), and every keyword (constexprs, num_warps, num_stages);
 the kernels here take their non-constexpr arguments positionally, tensors first. Anything
-else (Triton's interpreter, a stub, launch hooks set as profilers such as Proton do, a Triton whose
-compiled kernels lack the launcher fields of 3.4-3.9) takes Triton's own path.
+else takes Triton's own path: Triton's interpreter, a stub, launch hooks (profilers such as Proton set
+them), a Triton outside 3.4-3.9 (the versions whose `JITFunction.run` calls the launcher as this module
+does; checked in their source), or LONGNET_TRITON_DIRECT_LAUNCH=0 in the environment.
 """
 from __future__ import annotations
 
+import os
+
+DIRECT = os.environ.get("LONGNET_TRITON_DIRECT_LAUNCH", "1") != "0"  # read at import
+VERIFIED_TRITON = ((3, 4), (3, 9))  # oldest and newest (major, minor) whose launcher call this module repeats
 
 _cache: dict = {}       # our key -> (launcher, function, packed metadata, the constexpr tail of the argument list)
 _CACHE_LIMIT = 4096     # keys kept before the cache starts afresh (a new sequence length is a new key)
@@ -31,13 +36,28 @@ def arguments_key(pointers: tuple, scalars: tuple) -> tuple[tuple, tuple]:
     return tuple([(x.dtype, x.data_ptr() & 15 == 0) for x in pointers]), scalars
 
 
-def _runtime():
+def verified(version: str) -> bool:
+    """Whether Triton `version` ("3.6.0", "3.9.0+git...") is one whose launcher call this module repeats."""
+    try:
+        major_minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return VERIFIED_TRITON[0] <= major_minor <= VERIFIED_TRITON[1]
+
+
+def _runtime() -> bool:
+    """Whether direct launches may be used; the first time, also fetch what they need from Triton."""
+    if not DIRECT:
+        return False
     if not _driver:
+        import triton
         from triton import knobs
         from triton.runtime import driver
 
+        if not verified(triton.__version__):
+            return False
         _driver.extend([driver.active.get_current_device, driver.active.get_current_stream, knobs.runtime])
-    return _driver
+    return True
 
 
 def _tail(kernel, count: int, meta: dict) -> tuple | None:
@@ -73,11 +93,10 @@ def launch(kernel, grid: tuple, pointers: tuple, *scalars, **meta) -> None:
         return
     _STATS["triton"] += 1
     compiled = kernel[grid](*pointers, *scalars, **meta)
-    if kept is None and all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")) \
+    if kept is None and DIRECT and all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")) \
             and hasattr(kernel, "params") and hasattr(kernel, "signature"):
         tail = _tail(kernel, len(pointers) + len(scalars), meta)
-        if tail is not None:
-            _runtime()
+        if tail is not None and _runtime():
             if len(_cache) >= _CACHE_LIMIT:
                 _cache.clear()
             _cache[(kernel, _driver[0](), *key[2:])] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
