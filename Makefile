@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test train bench gpu-check gpu-optimizer gpu-dq-fused clean slurm-up slurm-down
+.PHONY: setup test train bench gpu-check gpu-tune gpu-train-long gpu-optimizer gpu-dq-fused clean slurm-up slurm-down
 
 # torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
@@ -37,9 +37,20 @@ train: setup
 bench: setup
 	$(PYTHON) benchmarks/attention.py
 
-# on a CUDA machine (needs no `setup`): CUDA tests + GPU benchmarks + an attention profile, stages limited to 11.2 minutes, results in benchmarks/results/
+# on a CUDA machine (needs no `setup`): CUDA tests + attention benchmark, profile and host time + a 32K training run,
+# stages limited to 7.7 minutes, results in benchmarks/results/ (scripts/gpu_check.sh)
 gpu-check:
 	scripts/gpu_check.sh
+
+# the kernel settings re-timed against their alternatives (dQ mode, shared keys, small launches, side branches, block
+# shapes, TMA loads), written to kernel_tuning.json; at most 175 s
+gpu-tune:
+	GPU_CHECK_STAGES=tune scripts/gpu_check.sh
+
+# 1M- and 4M-token training steps of `model=base` through the real trainer (dilated); at most 210 s
+gpu-train-long:
+	LONGNET_KERNEL_TUNING=$${LONGNET_KERNEL_TUNING:-$$(ls -t $${OUT:-benchmarks/results}/kernel_tuning.json 2>/dev/null | head -1)} \
+	GPU_CHECK_STAGES=train-long scripts/gpu_check.sh
 
 # after gpu-check, on the same machine (its kernel_tuning.json): DeepSpeed's two bf16 optimizer wrappers timed
 # (the engine's share of a step; gpu-check's train stage already profiles a 32K step); about 1.5 minutes

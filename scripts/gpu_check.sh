@@ -1,53 +1,49 @@
 #!/usr/bin/env bash
-# The whole GPU check in one command, for a short lease on a CUDA machine (`make gpu-check`):
-#   1. tests: the CUDA tests and the Triton kernels' tests (both kernel families vs the float64
-#      reference) on GPU_CHECK_TEST_SHARDS (default 12) pytest processes side by side
+# The whole GPU check in one command, for a short lease on a CUDA machine (`make gpu-check`), its stages limited
+# to 460 s together (7.7 minutes; the setup before them, wheels and a device query, takes ~10 s):
+#   1. tests (180 s): the CUDA tests and the Triton kernels' tests (both kernel families vs the float64 reference)
+#      on GPU_CHECK_TEST_SHARDS (default 16, one per CPU core of the lent machines) pytest processes side by side
 #      (scripts/gpu_test_shards.sh: on a fresh machine their time is mostly Triton compiling) -> gpu_tests/;
-#   2. attention: the attention benchmark, dilated vs dense flash (default `--tune --quick
-#      --tune-budget 45 --dq-modes tma stream`: those two dQ modes, the fastest on an H200 in stop 28 (dQ from
-#      the dK/dV loop by TMA reductions, and a dQ kernel of its own on a second stream), and shared keys at 256K,
-#      small launches and side
-#      branches at 32K, block shapes at 256K, for at most 45 s; then N = 32K, 1M and 4M; then TMA loads)
-#      -> gpu_attention.* and
-#      kernel_tuning.json (the settings chosen; the later stages run with them through LONGNET_KERNEL_TUNING);
-#   3. profile-attention: where one attention forward+backward spends its time, kernel by kernel and branch by
-#      branch, at 32K and 1M, dense beside it (benchmarks/gpu_profile.py --attention-only, ~20 s once the
-#      attention stage has compiled the kernels) -> gpu_profile_attention.json;
-#   4. host: the host's time to issue one 32K attention forward+backward against its wall time and against the
-#      same call replayed as a CUDA graph, and the host's time by function (benchmarks/host_overhead.py --device
-#      cuda --cprofile 50, ~15 s; stop 28's profile found 2.86 ms of kernels in a 3.97 ms step)
-#      -> host_overhead_cuda.json;
-#   5. train: the real trainer on the GPU (default `--quick --budget 160 --profile`: 32K dilated and dense,
-#      1M and, if the budget leaves time, 4M dilated; a 4M step completed on an H200 in stop 14, and a GPU
-#      with less memory than it needed there, an 80 GB H100, skips it at once; one more 32K step of each
-#      model runs under torch.profiler, trainer.profile_step, left out of the timings: its kernel time by
-#      category beside the step's wall time goes into the row's "profile")
-#      when hydra, omegaconf and deepspeed are importable (carry ../shared/offline_wheels.sh's wheels
-#      to an offline machine) -> train_cuda_*;
-#   opt-in: profile (the same 32K profile in trainer runs of its own, `benchmarks/train.py --profile`, ~100 s)
-#   -> train_cuda_*_profile;
-#   optimizer (what DeepSpeed's engine adds to an optimizer step at ZeRO 0 and at ZeRO 1 with fp32 gradient
-#   accumulation, benchmarks/optimizer_step.py, ~45 s each); dq-fused (`make gpu-dq-fused`: the backward with dQ
-#   from the dK/dV loop on the shapes that do not spill, against the separate dQ kernel, at 256K, then 32K and 1M
-#   with the winner, `gpu_attention.py --backward-only` -> dq_fused/); profile-model (the attention and a training step
-#   of the bare model, no engine, dilated and dense, benchmarks/gpu_profile.py, 1-2 minutes).
-# Each stage has its own time limit, 240 + 175 + 45 + 40 + 170 s, so that a hang cannot eat the lease; a training
-# point that no longer fits is recorded as skipped. What the stages took on a fresh H100 in stop 19
-# (gpu_check_h100.log): the tests more than their then 165 s (all passed in a rerun; the fixed shards
-# were badly balanced), the attention stage 95 s of tuning, 75 s of points (4M: 46 s) and the TMA-loads
-# tuning after them, the training points 60 s (32K dilated, compiling), 28 s (32K dense) and ~65 s (1M).
-# On a fresh H200 in stop 27 (gpu_check_h200_s27.log) the whole run took 437 s: the tests stopped at their then
-# 180 s limit with 95 of 105 passed (the slowest, 35-103 s each, had started last; they now go first:
-# LONGNET_HEAVY_FIRST) and passed in 232 s in a rerun; attention, profile and training took ~250 s.
+#   2. attention (100 s): the attention benchmark, dilated vs dense flash, with the tuned defaults (`--quick
+#      --dq-modes tma`: N = 32K and 1M with dense beside them, cuDNN at 32K, 4M dilated) -> gpu_attention.* and
+#      kernel_tuning.json (the settings in use; the later stages run with them through LONGNET_KERNEL_TUNING);
+#   3. profile-attention (40 s): where one attention forward+backward spends its time, kernel by kernel and
+#      branch by branch, and when the GPU idles, at 32K and 1M, dense beside it (benchmarks/gpu_profile.py
+#      --attention-only, ~20 s once the attention stage has compiled the kernels) -> gpu_profile_attention.json;
+#   4. host (30 s): the host's time to issue one 32K attention forward+backward against its wall time and against
+#      the same call replayed as a CUDA graph, and the host's time by function (benchmarks/host_overhead.py
+#      --device cuda --cprofile 50, ~15 s) -> host_overhead_cuda.json;
+#   5. train (110 s): the real trainer on the GPU (`--quick --budget 100 --profile`: 32K dilated and dense, ~90 s
+#      on an H200 in stop 29; one more 32K step of each model runs under torch.profiler, trainer.profile_step,
+#      left out of the timings: its kernel time by category and the GPU's idle gaps go into the row's "profile";
+#      the budget skips 1M and 4M, which `make gpu-train-long` runs) when hydra, omegaconf and deepspeed are
+#      importable (carry ../shared/offline_wheels.sh's wheels to an offline machine) -> train_cuda_*.
+# Opt-in stages: tune (`make gpu-tune`: `gpu_attention.py --tag tune --tune --quick --tune-budget 45 --dq-modes tma
+# stream`, the defaults re-timed against their alternatives: shared keys, small launches, side branches, block
+# shapes, TMA loads; its kernel_tuning.json goes to the stages after it; 175 s) -> gpu_attention_tune.*; train-long (`make gpu-train-long`: 1M and 4M training steps, dilated, ~65 + ~72 s on an H200;
+# 210 s; a GPU with less memory than a 4M step needed, an 80 GB H100, skips 4M at once); profile (the same 32K
+# profile in trainer runs of its own, `benchmarks/train.py --profile`, ~100 s) -> train_cuda_*_profile;
+# optimizer (what DeepSpeed's engine adds to an optimizer step at ZeRO 0 and at ZeRO 1 with fp32 gradient
+# accumulation, benchmarks/optimizer_step.py, ~45 s each); dq-fused (`make gpu-dq-fused`: the backward with dQ
+# from the dK/dV loop on the shapes that do not spill, against the separate dQ kernel, at 256K, then 32K and 1M
+# with the winner, `gpu_attention.py --backward-only` -> dq_fused/); profile-model (the attention and a training
+# step of the bare model, no engine, dilated and dense, benchmarks/gpu_profile.py, 1-2 minutes).
+# Each stage has its own time limit, so that a hang cannot eat the lease; a training point that no longer fits
+# is recorded as skipped. What the stages took: on a fresh H200 in stop 29 (gpu_check_h200.log), with limits of
+# 175/100/40/128 s for tests/attention/host/train, 374 s in all: the tests (12 workers) passed 106 of 111 before
+# their limit, none failed, the rest of the run finished inside its limits. On a fresh H200 in stop 27
+# (gpu_check_h200_s27.log) the tests needed 232 s alone in a rerun (the slowest, 35-103 s each, start first:
+# LONGNET_HEAVY_FIRST); a fresh machine compiles every kernel variant, so a check on a machine that has run
+# one before is faster.
 # Results are written as they come,
 # into $OUT when that is set (a device runner's output folder), else benchmarks/results/;
 # GPU_CHECK_ARCHIVE=path.tgz also packs them all into that one file after every stage (a device
 # runner brings back only a few files).
 # On an offline machine carry the wheels of ../shared/offline_wheels.sh in .whl/ (or GPU_CHECK_WHEELS).
-# Stages to run: GPU_CHECK_STAGES="tests attention profile-attention host train" (the default; add or pick "profile",
-# "optimizer", "profile-model"); GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks (the
-# whole attention sweep: GPU_CHECK_ATTENTION_ARGS="--tune" GPU_CHECK_ATTENTION_LIMIT=400);
-# GPU_CHECK_TESTS_LIMIT, GPU_CHECK_ATTENTION_LIMIT, GPU_CHECK_TRAIN_LIMIT change those stages' limits.
+# Stages to run: GPU_CHECK_STAGES="tests attention profile-attention host train" (the default; add or pick the
+# opt-in ones); GPU_CHECK_ATTENTION_ARGS, GPU_CHECK_TRAIN_ARGS pass options to the benchmarks (the whole attention
+# sweep: GPU_CHECK_ATTENTION_ARGS="--tune" GPU_CHECK_ATTENTION_LIMIT=400); GPU_CHECK_TESTS_LIMIT,
+# GPU_CHECK_ATTENTION_LIMIT, GPU_CHECK_TRAIN_LIMIT change those stages' limits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
@@ -83,23 +79,28 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...: one stage, its log in results/NAME
 for stage in $stages; do
     case $stage in
         tests) export GPU_TEST_LOGS="$results/gpu_tests"  # every test's line and the slowest, in the archive too
-               run "${GPU_CHECK_TESTS_LIMIT:-240}" gpu_tests \
-                   scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-12}" ;;
+               run "${GPU_CHECK_TESTS_LIMIT:-180}" gpu_tests \
+                   scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-16}" ;;
         profile-model) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
         dq-fused) run "${GPU_CHECK_DQ_FUSED_LIMIT:-240}" gpu_attention_dq_fused python3 benchmarks/gpu_attention.py \
                       --results "$results/dq_fused" --tag dq_fused --backward-only --tune-budget 190 \
                       --dq-modes stream tma atomic ;;
-        profile-attention) run 45 gpu_profile_attention python3 benchmarks/gpu_profile.py --attention-only \
+        profile-attention) run 40 gpu_profile_attention python3 benchmarks/gpu_profile.py --attention-only \
                                --results "$results" ;;
-        host) run 40 host_overhead python3 benchmarks/host_overhead.py --device cuda --cprofile 50 --results "$results" ;;
-        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-175}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
-                       ${GPU_CHECK_ATTENTION_ARGS:---tune --quick --tune-budget 45 --dq-modes tma stream} ;;
-        train|optimizer|profile)
+        host) run 30 host_overhead python3 benchmarks/host_overhead.py --device cuda --cprofile 50 --results "$results" ;;
+        attention) run "${GPU_CHECK_ATTENTION_LIMIT:-100}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
+                       ${GPU_CHECK_ATTENTION_ARGS:---quick --dq-modes tma} ;;
+        tune) run 175 gpu_attention_tune python3 benchmarks/gpu_attention.py --results "$results" --tag tune --tune \
+                  --quick --tune-budget 45 --dq-modes tma stream ;;
+        train|train-long|optimizer|profile)
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry the wheels of ../shared/offline_wheels.sh in $wheels/)"
                elif [ "$stage" = train ]; then
-                   run "${GPU_CHECK_TRAIN_LIMIT:-170}" train_cuda python3 benchmarks/train.py --device cuda \
-                       ${GPU_CHECK_TRAIN_ARGS:---quick --budget 160 --profile}
+                   run "${GPU_CHECK_TRAIN_LIMIT:-110}" train_cuda python3 benchmarks/train.py --device cuda \
+                       ${GPU_CHECK_TRAIN_ARGS:---quick --budget 100 --profile}
+               elif [ "$stage" = train-long ]; then
+                   run 210 train_cuda_long python3 benchmarks/train.py --device cuda --seq-lens 1048576 4194304 \
+                       --impls dilated --budget 200 --tag long
                elif [ "$stage" = profile ]; then
                    run 120 train_profile python3 benchmarks/train.py --device cuda --seq-lens 32768 --steps 3 \
                        --profile --budget 110 --tag profile

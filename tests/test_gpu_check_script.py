@@ -65,15 +65,14 @@ def test_the_default_stages_run_in_order_and_hand_on_the_tuning(tmp_path):
                        "benchmarks/host_overhead.py", "benchmarks/train.py"]
     by_script = dict(zip(scripts, calls))
     assert by_script["pytest"][0].count("tests/test_cuda") == 2  # the CUDA tests, the sharded one included
-    assert by_script["benchmarks/gpu_attention.py"][0].endswith(
-        "--tune --quick --tune-budget 45 --dq-modes tma stream")
+    assert by_script["benchmarks/gpu_attention.py"][0].endswith("--quick --dq-modes tma")  # the tuned defaults
     assert "--attention-only" in by_script["benchmarks/gpu_profile.py"][0]
     assert by_script["benchmarks/host_overhead.py"][0] == f"benchmarks/host_overhead.py --device cuda --cprofile 50 --results {out}"
     # the training stage profiles a 32K step by default, with the attention stage's tuning
-    assert by_script["benchmarks/train.py"][0] == "benchmarks/train.py --device cuda --quick --budget 160 --profile"
+    assert by_script["benchmarks/train.py"][0] == "benchmarks/train.py --device cuda --quick --budget 100 --profile"
     tuning = str((out / "kernel_tuning.json").resolve())
     assert by_script["benchmarks/train.py"][1] == tuning and by_script["benchmarks/gpu_profile.py"][1] == tuning
-    assert by_script["benchmarks/gpu_attention.py"][1] == ""  # nothing tuned before the tuning stage
+    assert by_script["benchmarks/gpu_attention.py"][1] == ""  # nothing tuned before the attention stage
     # each stage's log and the training stage's JSON (written into benchmarks/results/) are in $OUT and the archive
     expected = {"gpu_tests.log", "gpu_attention.log", "gpu_profile_attention.log", "host_overhead.log",
                 "train_cuda.log", "kernel_tuning.json", "train_cuda_standin.json"}
@@ -81,6 +80,18 @@ def test_the_default_stages_run_in_order_and_hand_on_the_tuning(tmp_path):
     with tarfile.open(archive) as packed:
         assert expected <= {Path(name).name for name in packed.getnames()}
     assert "== train_cuda exit 0" in result.stdout
+
+
+def test_the_opt_in_tuning_and_long_training_stages(tmp_path):
+    """`make gpu-tune` re-times the settings under a tag of its own and hands its kernel_tuning.json on;
+    `make gpu-train-long` runs the 1M and 4M training points."""
+    result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="tune train-long")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (tune_args, tune_tuning), (long_args, long_tuning) = calls
+    assert tune_args.startswith(f"benchmarks/gpu_attention.py --results {out} --tag tune --tune") and tune_tuning == ""
+    assert long_args == "benchmarks/train.py --device cuda --seq-lens 1048576 4194304 --impls dilated --budget 200 --tag long"
+    assert long_tuning == str((out / "kernel_tuning.json").resolve())
+    assert (out / "gpu_attention_tune.log").exists() and (out / "train_cuda_long.log").exists()
 
 
 def test_the_fused_dq_stage_starts_from_the_checks_tuning_and_keeps_its_own_apart(tmp_path):
