@@ -475,16 +475,48 @@ def test_annotated_ranges_are_not_counted_twice_in_the_kernel_time():
 
 def test_profile_timeline_measures_idle_gpu_time_between_kernels():
     """The timeline of a CUDA profile: overlapping kernels (side streams) count once as busy, and the time
-    between kernels is idle, the largest gaps named by their neighbours."""
+    between kernels is idle, the largest gaps named by their neighbours and by the host op that launched the
+    kernel ending them (the op that began last among those that launched a kernel of that name before it)."""
     from longnet_dist.train.profiling import timeline
 
     kernels = [(100.0, 200.0, "_fwd"), (150.0, 260.0, "_fwd side"), (300.0, 400.0, "_bwd_dkdv"),
                (402.0, 500.0, "_store_heads"), (600.0, 650.0, "nvjet")]
-    t = timeline(list(reversed(kernels)))  # any order
+    host_ops = [(10.0, 590.0, frozenset({"nvjet"}), "train: forward > aten::linear > aten::mm"),  # an older launch
+                (560.0, 595.0, frozenset({"nvjet"}), "train: backward > aten::mm"),  # launched the 600 us one
+                (700.0, 720.0, frozenset({"nvjet"}), "train: optimizer step > aten::mm")]  # after it: not it
+    t = timeline(list(reversed(kernels)), host_ops)  # any order
     assert t["span_ms"] == pytest.approx(0.55)
     assert t["busy_ms"] == pytest.approx((160 + 100 + 98 + 50) / 1000)
     assert t["idle_ms"] == pytest.approx((40 + 2 + 100) / 1000)
     assert t["gaps"] == 2 and t["gaps_ms"] == pytest.approx(0.14)  # the 2 us gap is under the threshold
-    assert t["largest_gaps"][0] == {"us": 100.0, "after": "_store_heads", "before": "nvjet"}
-    assert t["largest_gaps"][1]["after"] == "_fwd side"
+    assert t["largest_gaps"][0] == {"us": 100.0, "after": "_store_heads", "before": "nvjet", "at_ms": 0.5,
+                                    "host": "train: backward > aten::mm"}
+    assert t["largest_gaps"][1]["after"] == "_fwd side" and "host" not in t["largest_gaps"][1]
     assert timeline([])["busy_ms"] == 0.0
+
+
+def test_launching_ops_chain_each_kernel_launch_to_its_enclosing_ranges():
+    """launching_ops on profiler events: only host ops that launched kernels, each with its chain of enclosing
+    ops outermost first, long chains cut to the outer four and the op itself."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from longnet_dist.train.profiling import launching_ops
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, parent=None, kernels=(), device=cpu, start=0.0, end=1.0):
+        return SimpleNamespace(name=name, cpu_parent=parent, kernels=[SimpleNamespace(name=k) for k in kernels],
+                               device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    step = event("train: backward")
+    mm = event("aten::mm", step, kernels=["nvjet"], start=5.0, end=9.0)
+    deep = step
+    for depth in range(6):
+        deep = event(f"level{depth}", deep)
+    inner = event("aten::copy_", deep, kernels=["copy"])
+    ops = launching_ops([step, mm, inner, event("nvjet", kernels=["nvjet"], device=cuda)])
+    assert ops[0] == (5.0, 9.0, frozenset({"nvjet"}), "train: backward > aten::mm")
+    assert ops[1][3] == "train: backward > level0 > level1 > level2 > ... > aten::copy_"
+    assert len(ops) == 2

@@ -190,4 +190,6 @@ def test_profile_step_writes_where_that_steps_time_goes(tmp_path):
     assert {"matmul", "flash (dense / aten)"} <= profile["categories"].keys(), profile["categories"]
     assert profile["total_ms"] == pytest.approx(sum(profile["categories"].values()))
     assert "dilated fwd w=64 r=1" in profile["branches_ms"] and profile["top"], profile
+    phases = {f"train: {name}" for name in ("data", "forward", "loss", "backward", "optimizer step")}
+    assert phases <= profile["host_phases_ms"].keys() and all(ms > 0 for ms in profile["host_phases_ms"].values())
     assert "step 2 profiled" in output and not (tmp_path / "profile_step_1.json").exists()

@@ -36,11 +36,14 @@ def category(name: str) -> str:
 
 def summarize(prof, device: str, top: int = 15) -> dict:
     """Kernel (CUDA) or op (CPU) self times of one profile: per category, per attention branch and the
-    `top` largest."""
-    rows, branches = [], {}
+    `top` largest; the host's time in each phase of a training step (`phase`); on CUDA the timeline of the
+    GPU's busy and idle time (`timeline`)."""
+    rows, branches, phases = [], {}, {}
     for event in prof.key_averages():
         if event.key.startswith("dilated ") and " w=" in event.key:  # kernels.branch_range: one branch's work
             branches[event.key] = (event.device_time_total if device == "cuda" else event.cpu_time_total) / 1000
+        if event.key.startswith("train: "):  # `phase`: the host's time in one phase of a training step
+            phases[event.key] = event.cpu_time_total / 1000
         if getattr(event, "is_user_annotation", False):
             # a record_function range (a branch, "Optimizer.step#AdamW.step", a compiled region): on CUDA its
             # device time spans the kernels inside it, which are counted on their own; counting it as well
@@ -61,17 +64,50 @@ def summarize(prof, device: str, top: int = 15) -> dict:
     rows.sort(key=lambda r: -r["ms"])
     summary = {"total_ms": total, "categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
                "branches_ms": dict(sorted(branches.items(), key=_branch_order)), "top": rows[:top]}
+    if phases:
+        summary["host_phases_ms"] = phases
     if device == "cuda" and hasattr(prof, "events"):
-        kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+        events = prof.events()
+        kernels = [(e.time_range.start, e.time_range.end, e.name) for e in events
                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
-        summary["timeline"] = timeline(kernels)
+        summary["timeline"] = timeline(kernels, launching_ops(events))
     return summary
 
 
-def timeline(kernels: list[tuple[float, float, str]], gap_us: float = 5.0, top: int = 8) -> dict:
+def phase(name: str):
+    """A torch.profiler range "train: <name>" around one phase of a training step (the trainer's data, forward,
+    loss, backward, grad norm, optimizer step), so that a profile's idle gaps name the phase whose host work
+    held the GPU up. Nothing at all while no profiler runs."""
+    if not torch.autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(f"train: {name}")
+
+
+def launching_ops(events) -> list[tuple[float, float, frozenset, str]]:
+    """The host ops of a profile that launched kernels: (start µs, end µs, their kernels' names, the op's chain
+    of enclosing ops and ranges, outermost first: "train: backward > aten::mm")."""
+    ops = []
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CPU or not getattr(e, "kernels", None):
+            continue
+        chain, parent = [], e
+        while parent is not None:
+            chain.append(parent.name[:48])
+            parent = parent.cpu_parent
+        names = chain[::-1]  # outermost first
+        if len(names) > 5:
+            names = names[:4] + ["...", names[-1]]
+        ops.append((e.time_range.start, e.time_range.end, frozenset(k.name for k in e.kernels), " > ".join(names)))
+    return ops
+
+
+def timeline(kernels: list[tuple[float, float, str]], host_ops: list[tuple] = (), gap_us: float = 5.0,
+             top: int = 8) -> dict:
     """When the GPU worked: kernels (start µs, end µs, name), any stream -> span (first start to last end), busy
     (the union of the kernels' intervals), idle (span - busy), and the gaps over `gap_us` with the kernels on
-    either side, largest first. Idle time between kernels is time the GPU waited, mostly on the host."""
+    either side, largest first. Idle time between kernels is time the GPU waited, mostly on the host: each of the
+    largest gaps names the host op that launched the kernel ending it ("host", from `host_ops`, launching_ops:
+    the innermost op that launched a kernel of that name and ran until shortly before the kernel started)."""
     if not kernels:
         return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": 0, "largest_gaps": []}
     kernels = sorted(kernels)
@@ -81,15 +117,34 @@ def timeline(kernels: list[tuple[float, float, str]], gap_us: float = 5.0, top: 
         if next_start > end:  # a gap: close the busy stretch
             busy += end - start
             if next_start - end > gap_us:
-                gaps.append({"us": next_start - end, "after": name[:60], "before": next_name[:60]})
+                gaps.append({"us": next_start - end, "after": name[:60], "before": next_name[:60],
+                             "at_ms": (next_start - kernels[0][0]) / 1000, "_kernel": (next_start, next_name)})
             start = next_start
         if next_end >= end:
             end, name = next_end, next_name
     busy += end - start
     span = max(e for _, e, _ in kernels) - kernels[0][0]
     gaps.sort(key=lambda g: -g["us"])
+    for gap in gaps[:top]:
+        found = _launcher(*gap["_kernel"], host_ops)
+        if found:
+            gap["host"] = found
+    for gap in gaps:
+        del gap["_kernel"]
     return {"span_ms": span / 1000, "busy_ms": busy / 1000, "idle_ms": (span - busy) / 1000, "gaps": len(gaps),
             "gaps_ms": sum(g["us"] for g in gaps) / 1000, "largest_gaps": gaps[:top]}
+
+
+def _launcher(kernel_start: float, kernel_name: str, host_ops, slack_us: float = 100.0) -> str | None:
+    """The chain of the host op that launched `kernel_name` starting at `kernel_start`: among the ops that
+    launched a kernel of that name, began before it started and ended at most `slack_us` before, the one that
+    began last."""
+    best = None
+    for op_start, op_end, names, chain in host_ops:
+        if kernel_name in names and op_start <= kernel_start and op_end >= kernel_start - slack_us:
+            if best is None or op_start > best[0]:
+                best = (op_start, chain)
+    return best[1] if best else None
 
 
 def _branch_order(item: tuple[str, float]) -> tuple[bool, int, str]:
@@ -108,11 +163,15 @@ def format_summary(label: str, summary: dict, seconds: float, rows: int = 8) -> 
               for name, ms in summary["categories"].items()]
     lines += [f"   {name:<30} {ms:10.2f} ms" for name, ms in summary["branches_ms"].items()]
     lines += [f"   {row['ms']:10.2f} ms x{row['calls']:<4} {row['name'][:100]}" for row in summary["top"][:rows]]
+    if summary.get("host_phases_ms"):
+        lines.append("   host time by phase: " + ", ".join(f"{name[7:]} {ms:.2f} ms"
+                                                           for name, ms in summary["host_phases_ms"].items()))
     if "timeline" in summary:
         t = summary["timeline"]
         lines.append(f"   GPU busy {t['busy_ms']:.2f} of {t['span_ms']:.2f} ms from the first kernel to the last; "
                      f"{t['gaps']} gaps over 5 us, {t.get('gaps_ms', 0.0):.2f} ms")
-        lines += [f"     gap {g['us']:8.1f} us after {g['after']} before {g['before']}" for g in t["largest_gaps"][:4]]
+        lines += [f"     gap {g['us']:8.1f} us after {g['after']} before {g['before']}"
+                  + (f"\n         launched from {g['host']}" if g.get("host") else "") for g in t["largest_gaps"][:4]]
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
 from .loss import sequence_parallel_loss
 from .metrics import MetricsLogger, peak_memory_bytes
-from .profiling import format_summary, profiled, write_step_profile
+from .profiling import format_summary, phase, profiled, write_step_profile
 from .state import client_state, resolve_resume, restore_rng
 
 IGNORE_INDEX = PAD_ID  # labels equal to the pad id carry no loss
@@ -72,23 +72,29 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
     """One optimizer step over `gradient_accumulation_steps` micro-batches -> (global mean loss, grad norm, lr)."""
     losses, skipped, grad_norm, lr = [], 0, None, float(engine.get_lr()[0])
     while len(losses) < gradient_accumulation_steps:
-        batch = next(loader)
-        labels = batch["labels"].to(engine.device)
-        token_losses = engine(batch["input_ids"].to(engine.device), labels=labels,
-                              positions=batch["positions"].to(engine.device), sequence_group=sequence_group,
-                              ignore_index=IGNORE_INDEX)  # (B, l) this rank's tokens
-        loss = sequence_parallel_loss(token_losses, labels, IGNORE_INDEX)
-        if not check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr,
-                                 extra={"micro_batch": len(losses)}):
+        with phase("data"):  # ranges a profile names the GPU's idle gaps by (profiling.phase; free otherwise)
+            batch = next(loader)
+            labels, input_ids, positions = (batch[key].to(engine.device) for key in ("labels", "input_ids", "positions"))
+        with phase("forward"):
+            token_losses = engine(input_ids, labels=labels, positions=positions, sequence_group=sequence_group,
+                                  ignore_index=IGNORE_INDEX)  # (B, l) this rank's tokens
+        with phase("loss"):
+            loss = sequence_parallel_loss(token_losses, labels, IGNORE_INDEX)
+            finite = check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr,
+                                       extra={"micro_batch": len(losses)})
+        if not finite:
             skipped += 1
             if skipped >= MAX_CONSECUTIVE_SKIPS:
                 raise RuntimeError(f"{skipped} non-finite micro-batches in a row at step {step}; giving up")
             continue
         skipped = 0
-        engine.backward(loss.backward_loss)
+        with phase("backward"):
+            engine.backward(loss.backward_loss)
         if engine.is_gradient_accumulation_boundary():
-            grad_norm = stage0_grad_norm(engine)
-        engine.step()
+            with phase("grad norm"):
+                grad_norm = stage0_grad_norm(engine)
+        with phase("optimizer step"):
+            engine.step()
         losses.append(loss.mean)
     if grad_norm is None and engine.get_global_grad_norm() is not None:
         grad_norm = float(engine.get_global_grad_norm())
