@@ -10,7 +10,8 @@ returns, before waiting for the device: where it is close to the whole, the GPU 
 Which DeepSpeed wrapper runs the step depends on the config: bf16 at ZeRO stage 0 is FP16_UnfusedOptimizer
 (a loop over the parameters, an overflow check that waits for the GPU once per parameter); bf16 at stage 1
 with `--grad-accum-dtype fp32` is BF16_Optimizer (flat fp32 buffers, gradients accumulated in fp32 during
-the backward), DeepSpeed's own bf16 path.
+the backward), DeepSpeed's own bf16 path, whose gradient clipping build_engine fuses into one multi-tensor
+multiply (engine.fuse_bf16_gradient_clipping; LONGNET_FUSED_CLIP=0 times DeepSpeed's own per-tensor loop).
 
     python3 benchmarks/optimizer_step.py                 # CPU fp32 (about a minute on 2 cores)
     python3 benchmarks/optimizer_step.py --device cuda   # one GPU, bf16, a few seconds

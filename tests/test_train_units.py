@@ -101,3 +101,59 @@ def test_the_log_advises_against_deepspeeds_slow_bf16_wrapper_on_a_gpu_only():
     assert optimizer_advice("FP16_UnfusedOptimizer", on_gpu=False) is None
     assert optimizer_advice("BF16_Optimizer", on_gpu=True) is None
     assert optimizer_advice("AdamW", on_gpu=True) is None
+
+
+CLIP_RUN = r"""
+import os, sys
+import torch
+from longnet_dist.train.engine import build_engine, ensure_process_group
+
+ensure_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": float(sys.argv[2]),
+          "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                    "weight_decay": 0.1, "torch_adam": True}}}
+engine = build_engine(model, {**config, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1}}})
+x = torch.randn(32, 16).to(torch.bfloat16)
+norms = []
+for _ in range(4):
+    engine.backward(engine(x).float().pow(2).mean())
+    engine.step()
+    norms.append(float(engine.get_global_grad_norm()))
+from deepspeed.runtime import bf16_optimizer
+torch.save({"master": [p.clone() for p in engine.optimizer.fp32_groups_flat_partition], "norms": norms,
+            "wrapper": type(engine.optimizer).__name__,
+            "fused": getattr(bf16_optimizer.clip_tensors_by_global_norm, "fused_by_longnet", False)}, sys.argv[1])
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # every step clipped; none
+def test_fused_bf16_clipping_gives_deepspeeds_bits(tmp_path, max_norm):
+    """engine.fuse_bf16_gradient_clipping: BF16_Optimizer's gradient clipping as one multi-tensor multiply left on
+    the device gives the fp32 master weights DeepSpeed's per-tensor loop gives, bit for bit, over 4 steps of
+    AdamW, whether every step clips or none does (LONGNET_FUSED_CLIP=0 runs DeepSpeed's own)."""
+    import os
+    import subprocess
+    import sys
+
+    from subprocess_env import REPO, repo_first_on_pythonpath
+
+    results = {}
+    for fused in ("1", "0"):
+        env = {**repo_first_on_pythonpath(os.environ), "LONGNET_FUSED_CLIP": fused, "DS_ACCELERATOR": "cpu",
+               "CUDA_VISIBLE_DEVICES": ""}
+        path = tmp_path / f"fused{fused}.pt"
+        run = subprocess.run([sys.executable, "-c", CLIP_RUN, str(path), str(max_norm)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+        results[fused] = torch.load(path)
+    fused, original = results["1"], results["0"]
+    assert fused["wrapper"] == original["wrapper"] == "BF16_Optimizer"
+    assert fused["fused"] and not original["fused"]
+    assert fused["norms"] == original["norms"] and all(n > 0 for n in fused["norms"])
+    assert (min(fused["norms"]) > max_norm) if max_norm < 1 else (max(fused["norms"]) < max_norm)
+    for a, b in zip(fused["master"], original["master"]):
+        assert torch.equal(a, b)

@@ -72,6 +72,30 @@ def with_fused_torch_adam(ds_config: dict[str, Any], cuda: bool) -> dict[str, An
     return {**ds_config, "optimizer": {**ds_config["optimizer"], "params": {**params, "fused": True}}}
 
 
+def fuse_bf16_gradient_clipping() -> None:
+    """DeepSpeed's BF16_Optimizer (`deepspeed=bf16`) clips the gradients tensor by tensor after reading the clip
+    coefficient on the host: it waits for the GPU, then launches one multiply per parameter tensor (about 100 for
+    `model=base`) while the GPU idles between them. This replaces its clipping with the same arithmetic in one
+    multi-tensor multiply by min(1, max_norm / (norm + eps)), left on the GPU: the same bits (x * c, and c is
+    exactly 1 where DeepSpeed skips the multiply). Other wrappers clip their own way and are left alone; so is a
+    call without a precomputed norm tensor. LONGNET_FUSED_CLIP=0 keeps DeepSpeed's own."""
+    from deepspeed.runtime import bf16_optimizer
+
+    original = bf16_optimizer.clip_tensors_by_global_norm
+    if getattr(original, "fused_by_longnet", False):
+        return
+
+    def clip_tensors_by_global_norm(input_tensors, max_norm=1.0, global_norm=None, mpu=None, eps=1e-6):
+        if not torch.is_tensor(global_norm) or not input_tensors:
+            return original(input_tensors, max_norm=max_norm, global_norm=global_norm, mpu=mpu, eps=eps)
+        coefficient = (max_norm / (global_norm + eps)).clamp(max=1.0)
+        torch._foreach_mul_([tensor.detach() for tensor in input_tensors], coefficient)
+        return global_norm
+
+    clip_tensors_by_global_norm.fused_by_longnet = True
+    bf16_optimizer.clip_tensors_by_global_norm = clip_tensors_by_global_norm
+
+
 def build_engine(model: nn.Module, ds_config: dict[str, Any]):
     """deepspeed.initialize over the whole world as data-parallel group (see loss.py for why)."""
     if _engine_on_cpu():
@@ -80,6 +104,8 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any]):
 
     _quiet_deepspeed()
     _skip_shared_memory_allreduce_build()
+    if os.environ.get("LONGNET_FUSED_CLIP", "1") != "0":
+        fuse_bf16_gradient_clipping()
     ds_config = with_fused_torch_adam(ds_config, cuda=torch.cuda.is_available())
     weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
     engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config,
