@@ -37,6 +37,10 @@ train: setup
 bench: setup
 	$(PYTHON) benchmarks/attention.py
 
+# The targets run after gpu-check on the same machine start from its kernel_tuning.json (unless LONGNET_KERNEL_TUNING
+# names another)
+WITH_CHECK_TUNING = LONGNET_KERNEL_TUNING=$${LONGNET_KERNEL_TUNING:-$$(ls -t $${OUT:-benchmarks/results}/kernel_tuning.json 2>/dev/null | head -1)}
+
 # on a CUDA machine (needs no `setup`): CUDA tests + attention benchmark, profile and host time + a 32K training run,
 # stages limited to 7.7 minutes, results in benchmarks/results/ (scripts/gpu_check.sh)
 gpu-check:
@@ -49,20 +53,20 @@ gpu-tune:
 
 # 1M- and 4M-token training steps of `model=base` through the real trainer (dilated); at most 210 s
 gpu-train-long:
-	LONGNET_KERNEL_TUNING=$${LONGNET_KERNEL_TUNING:-$$(ls -t $${OUT:-benchmarks/results}/kernel_tuning.json 2>/dev/null | head -1)} \
+	$(WITH_CHECK_TUNING) \
 	GPU_CHECK_STAGES=train-long scripts/gpu_check.sh
 
 # after gpu-check, on the same machine (its kernel_tuning.json): DeepSpeed's two bf16 optimizer wrappers timed
 # (the engine's share of a step; gpu-check's train stage already profiles a 32K step); about 1.5 minutes
 gpu-optimizer:
-	LONGNET_KERNEL_TUNING=$${LONGNET_KERNEL_TUNING:-$$(ls -t $${OUT:-benchmarks/results}/kernel_tuning.json 2>/dev/null | head -1)} \
+	$(WITH_CHECK_TUNING) \
 	GPU_CHECK_STAGES=optimizer scripts/gpu_check.sh
 
 # after gpu-check, on the same machine (its kernel_tuning.json): the backward with dQ from the dK/dV loop ("tma",
 # "atomic": 5 matrix products per block pair instead of 7) on the block shapes that do not spill, against the
 # separate dQ kernel, then 32K and 1M with the fastest; results in <results>/dq_fused/; at most 240 s
 gpu-dq-fused:
-	LONGNET_KERNEL_TUNING=$${LONGNET_KERNEL_TUNING:-$$(ls -t $${OUT:-benchmarks/results}/kernel_tuning.json 2>/dev/null | head -1)} \
+	$(WITH_CHECK_TUNING) \
 	GPU_CHECK_STAGES=dq-fused scripts/gpu_check.sh
 
 clean:

@@ -193,7 +193,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int,
     beside = _second_forward(q, k, v, keep, second, causal, scale) if second else None
     for h0 in range(0, H, group):
         hs = slice(h0, min(h0 + group, H))
-        acc_g = out[:, :, hs] if direct else acc[:, :, : hs.stop - h0]
+        acc_g = _heads(hs, H, out)[0] if direct else acc[:, :, : hs.stop - h0]
         if not direct and not covering:
             acc_g.zero_()
         q_g, k_g, v_g, lse_g = _heads(hs, H, q, k, v, lse)  # (B, N, g, ...) views, made once per group
@@ -226,7 +226,7 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     side = _dq_stream(q.device)
     for h0 in range(0, H, group):
         hs = slice(h0, min(h0 + group, H))
-        parts = [g[:, :, hs] for g in grads] if direct else acc[:, :, :, : hs.stop - h0].unbind(0)
+        parts = _heads(hs, H, *grads) if direct else acc[:, :, :, : hs.stop - h0].unbind(0)
         if not direct and not covering:
             for part in parts:
                 part.zero_()

@@ -111,28 +111,28 @@ def timeline(kernels: list[tuple[float, float, str]], host_ops: list[tuple] = ()
     if not kernels:
         return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": 0, "largest_gaps": []}
     kernels = sorted(kernels)
-    busy, gaps = 0.0, []
+    busy, gaps = 0.0, []  # gaps: (µs, kernel before, kernel after, its start)
     start, end, name = kernels[0]
     for next_start, next_end, next_name in kernels[1:]:
         if next_start > end:  # a gap: close the busy stretch
             busy += end - start
             if next_start - end > gap_us:
-                gaps.append({"us": next_start - end, "after": name[:60], "before": next_name[:60],
-                             "at_ms": (next_start - kernels[0][0]) / 1000, "_kernel": (next_start, next_name)})
+                gaps.append((next_start - end, name, next_name, next_start))
             start = next_start
         if next_end >= end:
             end, name = next_end, next_name
     busy += end - start
     span = max(e for _, e, _ in kernels) - kernels[0][0]
-    gaps.sort(key=lambda g: -g["us"])
-    for gap in gaps[:top]:
-        found = _launcher(*gap["_kernel"], host_ops)
+    gaps.sort(key=lambda g: -g[0])
+    largest = []
+    for us, after, before, at in gaps[:top]:
+        gap = {"us": us, "after": after[:60], "before": before[:60], "at_ms": (at - kernels[0][0]) / 1000}
+        found = _launcher(at, before, host_ops)
         if found:
             gap["host"] = found
-    for gap in gaps:
-        del gap["_kernel"]
+        largest.append(gap)
     return {"span_ms": span / 1000, "busy_ms": busy / 1000, "idle_ms": (span - busy) / 1000, "gaps": len(gaps),
-            "gaps_ms": sum(g["us"] for g in gaps) / 1000, "largest_gaps": gaps[:top]}
+            "gaps_ms": sum(g[0] for g in gaps) / 1000, "largest_gaps": largest}
 
 
 def _launcher(kernel_start: float, kernel_name: str, host_ops, slack_us: float = 100.0) -> str | None:
