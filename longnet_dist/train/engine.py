@@ -116,8 +116,9 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any]):
     return engine
 
 
-def stage0_grad_norm(engine) -> float | None:
-    """Gradient 2-norm from .grad for ZeRO stage 0, whose plain torch optimizer does not report one.
+def stage0_grad_norm(engine) -> torch.Tensor | None:
+    """Gradient 2-norm (a 0-dim float32 tensor on the parameters' device) from .grad for ZeRO stage 0, whose
+    plain torch optimizer does not report one. Left on the device: the trainer reads it when it logs.
 
     Call after the backward of the accumulation boundary (DeepSpeed has averaged .grad) and before
     engine.step(), which zeroes it. ZeRO stages report `engine.get_global_grad_norm()` after step.
@@ -127,7 +128,7 @@ def stage0_grad_norm(engine) -> float | None:
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:
         return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def optimizer_advice(wrapper: str, on_gpu: bool) -> str | None:

@@ -12,9 +12,12 @@ import contextlib
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+
+from .host_reads import cuda_syncs
 
 # (category, pattern searched in the lower-cased kernel or op name), first match wins; Triton kernels keep
 # their function's name (attention/kernels/triton_dilated.py)
@@ -34,7 +37,7 @@ def category(name: str) -> str:
     return next((label for label, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
 
 
-def summarize(prof, device: str, top: int = 15) -> dict:
+def summarize(prof, device: str, top: int = 30) -> dict:
     """Kernel (CUDA) or op (CPU) self times of one profile: per category, per attention branch and the
     `top` largest; the host's time in each phase of a training step (`phase`); on CUDA the timeline of the
     GPU's busy and idle time (`timeline`)."""
@@ -172,6 +175,9 @@ def format_summary(label: str, summary: dict, seconds: float, rows: int = 8) -> 
                      f"{t['gaps']} gaps over 5 us, {t.get('gaps_ms', 0.0):.2f} ms")
         lines += [f"     gap {g['us']:8.1f} us after {g['after']} before {g['before']}"
                   + (f"\n         launched from {g['host']}" if g.get("host") else "") for g in t["largest_gaps"][:4]]
+    if "syncs" in summary:
+        lines.append(f"   {sum(summary['syncs'].values())} host waits for the GPU (syncs): "
+                     + ("; ".join(f"{count} at {site}" for site, count in list(summary["syncs"].items())[:6]) or "none"))
     return "\n".join(lines)
 
 
@@ -179,8 +185,8 @@ def format_summary(label: str, summary: dict, seconds: float, rows: int = 8) -> 
 def profiled(device: torch.device, enabled: bool = True):
     """Profile the block (CPU ops, and CUDA kernels on a CUDA device); yields a dict that holds, after the
     block, "summary" (`summarize`, or {"error": ...} if the profile could not be summarised: the block's
-    own errors propagate, the profiler's do not) and "seconds" (the block's wall time, the device
-    synchronised)."""
+    own errors propagate, the profiler's do not; on CUDA with "syncs", where the block made the host wait
+    for the GPU: host_reads.cuda_syncs) and "seconds" (the block's wall time, the device synchronised)."""
     found: dict = {}
     if not enabled:
         yield found
@@ -191,11 +197,14 @@ def profiled(device: torch.device, enabled: bool = True):
     sync()
     with torch.profiler.profile(activities=activities) as prof:
         started = time.perf_counter()
-        yield found
+        with cuda_syncs() if cuda else contextlib.nullcontext(Counter()) as syncs:
+            yield found
         sync()
         found["seconds"] = time.perf_counter() - started
     try:
         found["summary"] = summarize(prof, "cuda" if cuda else "cpu")
+        if cuda:
+            found["summary"]["syncs"] = dict(syncs.most_common())
     except Exception as error:  # what the profiler recorded must not stop a training run: the step itself ran
         found["summary"] = {"error": f"could not summarise the profile: {type(error).__name__}: {error}"}
 

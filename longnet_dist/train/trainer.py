@@ -47,7 +47,7 @@ class Interval:
     seconds: float = 0.0
     loss_sum: float = 0.0
     comm_bytes_at_start: int = 0
-    grad_norms: list[float] = field(default_factory=list)
+    grad_norms: list[float | torch.Tensor] = field(default_factory=list)  # read on the host when logged
 
 
 def _comm_bytes() -> int:
@@ -67,14 +67,30 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(labels, input_ids, positions) of a loader batch on `device`. To a GPU through page-locked memory and
+    without blocking: a copy from pageable memory first waits for all the work queued before it, so the GPU
+    would drain and then idle while the host launches the forward (host_reads.py); pin_memory's buffers stay
+    allocated until their copies have run."""
+    cuda = device.type == "cuda"
+    return tuple((batch[key].pin_memory() if cuda else batch[key]).to(device, non_blocking=cuda)
+                 for key in ("labels", "input_ids", "positions"))
+
+
+def _norm_kept(norm) -> float | torch.Tensor | None:
+    """A gradient norm as the step keeps it: a tensor stays on its device (read when logged, not each step: the
+    read would wait for the GPU), detached from whatever the engine reuses."""
+    return norm.detach().clone() if torch.is_tensor(norm) else (None if norm is None else float(norm))
+
+
 def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int, step: int, policy: str,
-                diagnostics_dir: Path) -> tuple[float, float | None, float]:
-    """One optimizer step over `gradient_accumulation_steps` micro-batches -> (global mean loss, grad norm, lr)."""
+                diagnostics_dir: Path) -> tuple[float, float | torch.Tensor | None, float]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches -> (global mean loss, grad norm, lr).
+    The grad norm may be a device tensor: reading it here would make the host wait for the GPU every step."""
     losses, skipped, grad_norm, lr = [], 0, None, float(engine.get_lr()[0])
     while len(losses) < gradient_accumulation_steps:
         with phase("data"):  # ranges a profile names the GPU's idle gaps by (profiling.phase; free otherwise)
-            batch = next(loader)
-            labels, input_ids, positions = (batch[key].to(engine.device) for key in ("labels", "input_ids", "positions"))
+            labels, input_ids, positions = _to_device(next(loader), engine.device)
         with phase("forward"):
             token_losses = engine(input_ids, labels=labels, positions=positions, sequence_group=sequence_group,
                                   ignore_index=IGNORE_INDEX)  # (B, l) this rank's tokens
@@ -96,8 +112,8 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
         with phase("optimizer step"):
             engine.step()
         losses.append(loss.mean)
-    if grad_norm is None and engine.get_global_grad_norm() is not None:
-        grad_norm = float(engine.get_global_grad_norm())
+    if grad_norm is None:
+        grad_norm = _norm_kept(engine.get_global_grad_norm())
     return sum(losses) / len(losses), grad_norm, lr
 
 
@@ -220,7 +236,8 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
                 logger.log_step({
                     "step": step, "loss": mean_loss, "bits_per_byte": bits_per_byte(mean_loss, train_tokens_per_byte),
                     "lr": lr,  # of the last step
-                    "grad_norm": float(np.mean(interval.grad_norms)) if interval.grad_norms else float("nan"),
+                    "grad_norm": (float(np.mean([float(norm) for norm in interval.grad_norms]))
+                                  if interval.grad_norms else float("nan")),
                     "tokens_per_s": tokens_per_s,
                     "mfu": step_flops_per_token * tokens_per_s / (trainer.peak_flops * mesh.world_size),
                     "attn_comm_bytes_per_step": (_comm_bytes() - interval.comm_bytes_at_start) / interval.steps,

@@ -1,0 +1,119 @@
+"""The trainer's step makes the host wait for the device only where it must (train/host_reads.py).
+
+On a GPU each host read of a tensor's value, and each copy from pageable memory, drains the GPU's queue: it
+then idles until the host has launched more work. A training step (`trainer._train_step`, the real engine,
+`model=tiny`) may read one value of ours: the loss, which the non-finite-loss policy needs before the
+backward. The gradient norm stays on the device until it is logged, and batches go to the GPU through pinned
+memory. DeepSpeed's own reads are reported, not asserted: on the CPU, torch's non-fused AdamW reads its step
+counts (fused AdamW on CUDA does not), and BF16_Optimizer reads whether the gradient norm is finite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longnet_dist.train.host_reads import HostReads, call_site, cuda_syncs
+from subprocess_env import REPO, repo_first_on_pythonpath
+
+STEP_RUN = r"""
+import json, sys
+from pathlib import Path
+import torch
+from hydra import compose, initialize_config_dir
+from longnet_dist.model import LongNetLM
+from longnet_dist.train.__main__ import CONFIG_DIR
+from longnet_dist.train.config import deepspeed_config, model_config
+from longnet_dist.train.engine import build_engine, ensure_process_group
+from longnet_dist.train.host_reads import HostReads, cuda_syncs
+from longnet_dist.train.trainer import _train_step
+
+out, zero, device = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+ensure_process_group("gloo" if device == "cpu" else "nccl")
+with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    cfg = compose("train", overrides=["model=tiny", "data.seq_len=64", "attention.segment_lengths=[16,64]",
+                                      "attention.dilation_rates=[1,2]", f"deepspeed={zero}", "logger=none"])
+torch.manual_seed(0)
+engine = build_engine(LongNetLM(model_config(cfg, vocab_size=258)), deepspeed_config(cfg))
+
+def batches():  # what SequenceShardLoader yields: views of one (1, 65) block, positions
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        block = torch.randint(3, 258, (1, 65), generator=generator)
+        yield {"input_ids": block[:, :-1], "labels": block[:, 1:], "positions": torch.arange(64)}
+
+loader = batches()
+for step in (1, 2):  # compiles, allocates, creates the optimizer state
+    _train_step(engine, loader, None, 1, step, "stop", out.parent)
+with HostReads() as reads, cuda_syncs() as syncs:
+    loss, norm, lr = _train_step(engine, loader, None, 1, 3, "stop", out.parent)
+out.write_text(json.dumps({"reads": reads.sites, "syncs": syncs, "norm_is_tensor": torch.is_tensor(norm),
+                           "norm": float(norm), "loss": loss, "wrapper": type(engine.optimizer).__name__,
+                           "device": str(next(engine.module.parameters()).device)}))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def _run_step(tmp_path, zero: str, device: str) -> dict:
+    env = repo_first_on_pythonpath(os.environ)
+    if device == "cpu":
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    path = tmp_path / f"{zero}_{device}.json"
+    run = subprocess.run([sys.executable, "-c", STEP_RUN, str(path), zero, device], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return json.loads(path.read_text())
+
+
+def _ours(sites: dict) -> dict:
+    return {site: count for site, count in sites.items() if site.startswith("longnet_dist/")}
+
+
+@pytest.mark.parametrize("zero", ["bf16", "zero0"])  # BF16_Optimizer (the GPU default); plain AdamW, own norm
+def test_a_training_step_reads_only_the_loss_on_the_host(tmp_path, zero):
+    found = _run_step(tmp_path, zero, "cpu")
+    ours = _ours(found["reads"])
+    assert list(ours.values()) == [1] and "longnet_dist/train/loss.py" in next(iter(ours)), found["reads"]
+    assert "tolist" in next(iter(ours))
+    assert found["norm_is_tensor"] and found["norm"] > 0 and found["loss"] > 0, found
+    assert found["wrapper"] == ("BF16_Optimizer" if zero == "bf16" else "AdamW")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_training_step_on_the_gpu_waits_for_it_only_at_the_loss_and_deepspeeds_norm_check(tmp_path):
+    """The syncs CUDA reports: the loss read and BF16_Optimizer's finiteness check; no pageable batch copy."""
+    found = _run_step(tmp_path, "bf16", "cuda")
+    assert found["device"].startswith("cuda")
+    assert list(_ours(found["syncs"]).values()) == [1], found["syncs"]
+    assert "longnet_dist/train/loss.py" in next(iter(_ours(found["syncs"])))
+    others = {site: count for site, count in found["syncs"].items() if site not in _ours(found["syncs"])}
+    assert sum(others.values()) <= 2 and all("deepspeed" in site for site in others), found["syncs"]
+
+
+def test_host_reads_name_the_call_site_and_method():
+    with HostReads() as reads:
+        x = torch.arange(4.0)
+        x.sum().item()
+        if x[1] > 0:
+            float(x[2])
+        x[1:3].tolist()
+        x.add(1)  # no read
+    sites = list(reads.sites)
+    assert len(sites) == 4 and sum(reads.sites.values()) == 4
+    assert all(site.startswith(os.path.join("tests", "test_host_reads.py:")) or "test_host_reads.py:" in site
+               for site in sites)
+    assert [site.split()[-1] for site in sites] == ["item", "__bool__", "__float__", "tolist"]
+    assert "test_host_reads_name_the_call_site_and_method" in sites[0]
+    assert "test_host_reads.py" in call_site(depth=1)
+
+
+def test_cuda_syncs_is_empty_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with cuda_syncs() as syncs:
+        torch.ones(2).sum().item()
+    assert syncs == {}
