@@ -2,8 +2,8 @@
 
 On a GPU each host read of a tensor's value, and each copy from pageable memory, drains the GPU's queue: it
 then idles until the host has launched more work. A training step (`trainer._train_step`, the real engine,
-`model=tiny`) may read one value of ours: the loss, which the non-finite-loss policy needs before the
-backward. The gradient norm stays on the device until it is logged, and batches go to the GPU through pinned
+`model=tiny`) may read one value of ours: the loss, which the non-finite-loss policy needs (before the
+backward under "skip", after the optimizer step under "stop"). The gradient norm stays on the device until it is logged, and batches go to the GPU through pinned
 memory. DeepSpeed's own reads are reported, not asserted: on the CPU, torch's non-fused AdamW reads its step
 counts (fused AdamW on CUDA does not), and BF16_Optimizer reads whether the gradient norm is finite.
 """
@@ -32,7 +32,7 @@ from longnet_dist.train.engine import build_engine, ensure_process_group
 from longnet_dist.train.host_reads import HostReads, cuda_syncs
 from longnet_dist.train.trainer import _train_step
 
-out, zero, device = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+out, zero, device, policy = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 ensure_process_group("gloo" if device == "cpu" else "nccl")
 with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
     cfg = compose("train", overrides=["model=tiny", "data.seq_len=64", "attention.segment_lengths=[16,64]",
@@ -48,9 +48,9 @@ def batches():  # what SequenceShardLoader yields: views of one (1, 65) block, p
 
 loader = batches()
 for step in (1, 2):  # compiles, allocates, creates the optimizer state
-    _train_step(engine, loader, None, 1, step, "stop", out.parent)
+    _train_step(engine, loader, None, 1, step, policy, out.parent)
 with HostReads() as reads, cuda_syncs() as syncs:
-    loss, norm, lr = _train_step(engine, loader, None, 1, 3, "stop", out.parent)
+    loss, norm, lr = _train_step(engine, loader, None, 1, 3, policy, out.parent)
 out.write_text(json.dumps({"reads": reads.sites, "syncs": syncs, "norm_is_tensor": torch.is_tensor(norm),
                            "norm": float(norm), "loss": loss, "wrapper": type(engine.optimizer).__name__,
                            "device": str(next(engine.module.parameters()).device)}))
@@ -59,12 +59,12 @@ torch.distributed.destroy_process_group()
 """
 
 
-def _run_step(tmp_path, zero: str, device: str) -> dict:
+def _run_step(tmp_path, zero: str, device: str, policy: str = "stop") -> dict:
     env = repo_first_on_pythonpath(os.environ)
     if device == "cpu":
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    path = tmp_path / f"{zero}_{device}.json"
-    run = subprocess.run([sys.executable, "-c", STEP_RUN, str(path), zero, device], cwd=REPO, env=env,
+    path = tmp_path / f"{zero}_{device}_{policy}.json"
+    run = subprocess.run([sys.executable, "-c", STEP_RUN, str(path), zero, device, policy], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     return json.loads(path.read_text())
@@ -74,12 +74,17 @@ def _ours(sites: dict) -> dict:
     return {site: count for site, count in sites.items() if site.startswith("longnet_dist/")}
 
 
-@pytest.mark.parametrize("zero", ["bf16", "zero0"])  # BF16_Optimizer (the GPU default); plain AdamW, own norm
-def test_a_training_step_reads_only_the_loss_on_the_host(tmp_path, zero):
-    found = _run_step(tmp_path, zero, "cpu")
+@pytest.mark.parametrize("zero,policy", [("bf16", "stop"), ("zero0", "stop"), ("bf16", "skip")])
+def test_a_training_step_reads_only_the_loss_on_the_host(tmp_path, zero, policy):
+    """BF16_Optimizer (the GPU default) and plain AdamW with the trainer's own norm; under nonfinite_loss=stop
+    (the default) the loss is read last, after DeepSpeed has waited for the device in its optimizer step, so the
+    backward was queued without a wait; under skip it is read first, before the backward it may drop."""
+    found = _run_step(tmp_path, zero, "cpu", policy)
     ours = _ours(found["reads"])
     assert list(ours.values()) == [1] and "longnet_dist/train/loss.py" in next(iter(ours)), found["reads"]
     assert "tolist" in next(iter(ours))
+    order = list(found["reads"])
+    assert len(order) >= 2 and order.index(next(iter(ours))) == (len(order) - 1 if policy == "stop" else 0), order
     assert found["norm_is_tensor"] and found["norm"] > 0 and found["loss"] > 0, found
     assert found["wrapper"] == ("BF16_Optimizer" if zero == "bf16" else "AdamW")
 

@@ -157,3 +157,65 @@ def test_fused_bf16_clipping_gives_deepspeeds_bits(tmp_path, max_norm):
     assert (min(fused["norms"]) > max_norm) if max_norm < 1 else (max(fused["norms"]) < max_norm)
     for a, b in zip(fused["master"], original["master"]):
         assert torch.equal(a, b)
+
+
+class _Engine:
+    """What _train_step uses of a DeepSpeed engine; a micro-batch whose first input id is 0 has a NaN loss."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, gas: int):
+        self.gas, self.calls, self.micro = gas, [], 0
+
+    def get_lr(self):
+        return [1e-3]
+
+    def __call__(self, input_ids, labels, **kwargs):
+        self.calls.append(("forward", int(input_ids[0, 0])))
+        losses = torch.ones(labels.shape, requires_grad=True)
+        return losses * float("nan") if int(input_ids[0, 0]) == 0 else losses
+
+    def backward(self, loss):
+        self.calls.append(("backward", float(loss.detach())))
+        self.micro += 1
+
+    def is_gradient_accumulation_boundary(self):
+        return self.micro % self.gas == 0
+
+    def zero_optimization_stage(self):
+        return 1
+
+    def step(self):
+        if self.is_gradient_accumulation_boundary():
+            self.calls.append(("step",))
+
+    def get_global_grad_norm(self):
+        return torch.tensor(2.0)
+
+
+def _batches(first_ids):
+    for first in first_ids:
+        ids = torch.full((1, 5), 7)
+        ids[0, 0] = first
+        yield {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "positions": torch.arange(4)}
+
+
+@pytest.mark.parametrize("gas", [1, 2])
+def test_a_nonfinite_loss_is_dropped_before_its_backward_under_skip_and_stops_after_the_step_under_stop(tmp_path, gas):
+    """_train_step's two policies (nonfinite_loss): "skip" reads each loss before its backward and replaces a
+    non-finite micro-batch by the next; "stop" reads the losses after the optimizer step (no wait before the
+    backward) and raises NonFiniteLossError naming the step, with its diagnostics file."""
+    from longnet_dist.train.faults import NonFiniteLossError
+    from longnet_dist.train.trainer import _train_step
+
+    engine = _Engine(gas)
+    loss, norm, lr = _train_step(engine, _batches([5, 0, 6, 8]), None, gas, 3, "skip", tmp_path)
+    expected = {1: ["forward", "backward", "step"],  # the step ends before the NaN batch
+                2: ["forward", "backward", "forward", "forward", "backward", "step"]}  # NaN: no backward
+    assert [c[0] for c in engine.calls] == expected[gas]
+    assert loss == 1.0 and float(norm) == 2.0 and lr == 1e-3
+    engine = _Engine(gas)
+    with pytest.raises(NonFiniteLossError, match="at step 4"):
+        _train_step(engine, _batches([0, 6, 8]), None, gas, 4, "stop", tmp_path)
+    assert [c[0] for c in engine.calls][-1] == "step"  # the losses were read after the optimizer step
+    assert (tmp_path / "nonfinite_loss_step_00000004.json").exists()

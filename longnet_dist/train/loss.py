@@ -16,29 +16,51 @@ micro-batches; they hold equal token counts here (no padding), so that is the to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
-@dataclass
 class MicroBatchLoss:
-    backward_loss: Tensor  # l_r = W * S_r / T: what engine.backward gets on this rank
-    global_sum: float  # sum_r S_r, identical on every rank
-    global_tokens: float  # T, identical on every rank
+    """One micro-batch's loss. `backward_loss` (l_r = W * S_r / T, what engine.backward gets on this rank) is
+    built on the device; the global sums are read on the host only when first asked for (`mean`,
+    `global_sum`, `global_tokens`): on a GPU that read waits for the forward to finish, so a caller that
+    can ask after queueing the backward keeps the GPU busy."""
+
+    def __init__(self, backward_loss: Tensor, totals: Tensor):
+        self.backward_loss = backward_loss
+        self._totals = totals  # (2,) float64: sum_r S_r, T, identical on every rank
+        self._read: tuple[float, float] | None = None
+
+    def _values(self) -> tuple[float, float]:
+        if self._read is None:
+            global_sum, global_tokens = self._totals.tolist()
+            if global_tokens == 0:
+                raise ValueError("the micro-batch has no labelled token on any rank (all labels are ignore_index)")
+            self._read = global_sum, global_tokens
+        return self._read
+
+    @property
+    def global_sum(self) -> float:
+        return self._values()[0]
+
+    @property
+    def global_tokens(self) -> float:
+        return self._values()[1]
 
     @property
     def mean(self) -> float:
         """The global token-weighted mean loss L (nats per token)."""
-        return self.global_sum / self.global_tokens
+        global_sum, global_tokens = self._values()
+        return global_sum / global_tokens
 
 
 def sequence_parallel_loss(token_losses: Tensor, labels: Tensor, ignore_index: int) -> MicroBatchLoss:
     """token_losses, labels (B, n) of this rank -> the scaled backward loss and the global mean.
 
-    Collective over the whole world when torch.distributed is initialised (one all-reduce).
+    Collective over the whole world when torch.distributed is initialised (one all-reduce). Nothing is read
+    on the host here; a micro-batch without a labelled token on any rank raises when its mean is read (its
+    backward loss is not finite).
     """
     counted = labels != ignore_index
     local_sum = token_losses.sum()
@@ -48,7 +70,6 @@ def sequence_parallel_loss(token_losses: Tensor, labels: Tensor, ignore_index: i
         world_size = dist.get_world_size()
         if world_size > 1:
             dist.all_reduce(totals)  # (2,): sum_r S_r, T
-    global_sum, global_tokens = totals.tolist()
-    if global_tokens == 0:
-        raise ValueError("the micro-batch has no labelled token on any rank (all labels are ignore_index)")
-    return MicroBatchLoss(local_sum * (world_size / global_tokens), global_sum, global_tokens)
+    # W / T rounded once to the loss dtype: the bits of multiplying by the Python float W / T
+    # (token losses are float32, or float64 for a float64 model)
+    return MicroBatchLoss(local_sum * (world_size / totals[1]).to(local_sum.dtype), totals)

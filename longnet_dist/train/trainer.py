@@ -86,8 +86,14 @@ def _norm_kept(norm) -> float | torch.Tensor | None:
 def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int, step: int, policy: str,
                 diagnostics_dir: Path) -> tuple[float, float | torch.Tensor | None, float]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches -> (global mean loss, grad norm, lr).
-    The grad norm may be a device tensor: reading it here would make the host wait for the GPU every step."""
+
+    Reading a loss on the host waits for its forward to finish. Under nonfinite_loss=skip each loss is read
+    before its backward, which a non-finite one must not run. Under stop they are read after the optimizer
+    step, where DeepSpeed has already waited for the GPU, so the backward is queued without a wait; a
+    non-finite loss then stops the run there, before anything is saved. The grad norm may be a device tensor,
+    for the same reason (read when logged)."""
     losses, skipped, grad_norm, lr = [], 0, None, float(engine.get_lr()[0])
+    check_first = policy == "skip"
     while len(losses) < gradient_accumulation_steps:
         with phase("data"):  # ranges a profile names the GPU's idle gaps by (profiling.phase; free otherwise)
             labels, input_ids, positions = _to_device(next(loader), engine.device)
@@ -96,9 +102,8 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
                                   ignore_index=IGNORE_INDEX)  # (B, l) this rank's tokens
         with phase("loss"):
             loss = sequence_parallel_loss(token_losses, labels, IGNORE_INDEX)
-            finite = check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr,
-                                       extra={"micro_batch": len(losses)})
-        if not finite:
+        if check_first and not check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr,
+                                                 extra={"micro_batch": len(losses)}):
             skipped += 1
             if skipped >= MAX_CONSECUTIVE_SKIPS:
                 raise RuntimeError(f"{skipped} non-finite micro-batches in a row at step {step}; giving up")
@@ -111,10 +116,14 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
                 grad_norm = stage0_grad_norm(engine)
         with phase("optimizer step"):
             engine.step()
-        losses.append(loss.mean)
+        losses.append(loss)
+    if not check_first:
+        with phase("loss check"):
+            for index, loss in enumerate(losses):  # raises (policy "stop") at the first non-finite one
+                check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr, extra={"micro_batch": index})
     if grad_norm is None:
         grad_norm = _norm_kept(engine.get_global_grad_norm())
-    return sum(losses) / len(losses), grad_norm, lr
+    return sum(loss.mean for loss in losses) / len(losses), grad_norm, lr
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
