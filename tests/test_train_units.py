@@ -163,6 +163,7 @@ class _Engine:
     """What _train_step uses of a DeepSpeed engine; a micro-batch whose first input id is 0 has a NaN loss."""
 
     device = torch.device("cpu")
+    optimizer = None
 
     def __init__(self, gas: int):
         self.gas, self.calls, self.micro = gas, [], 0
@@ -213,9 +214,79 @@ def test_a_nonfinite_loss_is_dropped_before_its_backward_under_skip_and_stops_af
     expected = {1: ["forward", "backward", "step"],  # the step ends before the NaN batch
                 2: ["forward", "backward", "forward", "forward", "backward", "step"]}  # NaN: no backward
     assert [c[0] for c in engine.calls] == expected[gas]
-    assert loss == 1.0 and float(norm) == 2.0 and lr == 1e-3
+    assert loss == 1.0 and norm.get() == 2.0 and lr == 1e-3
     engine = _Engine(gas)
     with pytest.raises(NonFiniteLossError, match="at step 4"):
         _train_step(engine, _batches([0, 6, 8]), None, gas, 4, "stop", tmp_path)
     assert [c[0] for c in engine.calls][-1] == "step"  # the losses were read after the optimizer step
     assert (tmp_path / "nonfinite_loss_step_00000004.json").exists()
+
+
+OVERFLOW_RUN = r"""
+import sys
+import torch
+from longnet_dist.train.engine import build_engine, ensure_process_group, grad_norm_value
+from longnet_dist.train.host_reads import HostReads
+
+ensure_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+          "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                    "weight_decay": 0.1, "torch_adam": True, "fused": True}},
+          "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1}}}
+engine = build_engine(model, config)
+norms, reads = [], []
+for step in range(5):
+    x = torch.randn(32, 16).to(torch.bfloat16)
+    if step == 2:
+        x[0, 0] = float("nan")  # every gradient of the first layer non-finite: the update must be skipped
+    engine.backward(engine(x).float().pow(2).mean())
+    with HostReads() as found:
+        engine.step()
+    reads.append(dict(found.sites))
+    value = grad_norm_value(engine)
+    norms.append(value if isinstance(value, float) else value.get())
+inner = engine.optimizer.optimizer
+torch.save({"master": [p.clone() for p in engine.optimizer.fp32_groups_flat_partition], "norms": norms, "reads": reads,
+            "state": [{k: v.clone() for k, v in inner.state[p].items()} for p in engine.optimizer.fp32_groups_flat_partition],
+            "bf16": [p.detach().clone() for p in model.parameters()]}, sys.argv[1])
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_bf16_overflow_skip_on_the_device_gives_deepspeeds_bits_without_a_host_read(tmp_path):
+    """engine.keep_bf16_overflow_check_on_device: with fused AdamW inside BF16_Optimizer, a step whose gradients
+    are not finite is skipped by the fused kernel (found_inf) instead of by a host read: over 5 steps, one of
+    them skipped, the fp32 master weights, AdamW's moments and step count and the bf16 weights equal DeepSpeed's
+    own bit for bit (constant LR: on a skipped step the patched schedule advances), the finite steps' norms are
+    the same, the skipped one reads -1 (DeepSpeed's inf), and the patched optimizer step reads nothing on the
+    host where DeepSpeed's reads the norm's finiteness."""
+    import math
+    import os
+    import subprocess
+    import sys
+
+    from subprocess_env import REPO, repo_first_on_pythonpath
+
+    results = {}
+    for device_check in ("1", "0"):
+        env = {**repo_first_on_pythonpath(os.environ), "LONGNET_DEVICE_OVERFLOW_CHECK": device_check,
+               "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+        path = tmp_path / f"check{device_check}.pt"
+        run = subprocess.run([sys.executable, "-c", OVERFLOW_RUN, str(path)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+        results[device_check] = torch.load(path)
+    ours, theirs = results["1"], results["0"]
+    assert theirs["norms"][2] == math.inf and ours["norms"][2] == -1.0
+    assert [n for i, n in enumerate(ours["norms"]) if i != 2] == [n for i, n in enumerate(theirs["norms"]) if i != 2]
+    for a, b in zip(ours["master"] + ours["bf16"], theirs["master"] + theirs["bf16"]):
+        assert torch.equal(a, b)
+    for a, b in zip(ours["state"], theirs["state"]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert float(a["step"]) == 4  # five steps, one skipped
+    assert all(reads == {} for reads in ours["reads"]), ours["reads"]
+    assert all(any("is_invalid_grad_norm" in site for site in reads) for reads in theirs["reads"]), theirs["reads"]

@@ -96,6 +96,72 @@ def fuse_bf16_gradient_clipping() -> None:
     bf16_optimizer.clip_tensors_by_global_norm = clip_tensors_by_global_norm
 
 
+def _fused_torch_adam(optimizer) -> bool:
+    """torch's Adam or AdamW with fused=True in every group: its kernel honours a `found_inf` tensor."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+        group.get("fused") for group in optimizer.param_groups)
+
+
+def keep_bf16_overflow_check_on_device() -> None:
+    """DeepSpeed's BF16_Optimizer skips the update when the gradient norm is not finite, and to decide it reads
+    the norm's finiteness on the host: the GPU drains and idles each step (train/host_reads.py). With torch's fused
+    Adam or AdamW inside (the trainer's choice on CUDA), the skip can stay on the GPU: the fused kernel leaves
+    parameters, moments and step counts as they were when its `found_inf` is 1. This sets found_inf from the norm
+    and lets the step go on as for a finite norm: clipping, the update and the copies to the bf16 weights then
+    change nothing. On such a step, unlike DeepSpeed's own skip, the LR schedule advances, DeepSpeed's
+    skipped-step counter does not, and the norm reads -1 (DeepSpeed's mark for a non-finite norm; the trainer
+    logs it as inf). Also, DeepSpeed marks a non-finite norm with a constant built in host memory each step, a
+    copy to the GPU that waits as well: a scalar fill gives the same bits. The norm reaches the host through
+    host_reads.DeviceValue, copied before the update is queued (`grad_norm_value`). Needs the fused clip
+    (fuse_bf16_gradient_clipping), whose coefficient stays on the device; LONGNET_DEVICE_OVERFLOW_CHECK=0 keeps
+    DeepSpeed's check."""
+    from deepspeed.runtime import bf16_optimizer, utils
+
+    from .host_reads import DeviceValue
+
+    if getattr(bf16_optimizer.is_invalid_grad_norm, "fused_by_longnet", False):
+        return
+    original_check, original_step = bf16_optimizer.is_invalid_grad_norm, bf16_optimizer.BF16_Optimizer.step
+    stepping = []  # the BF16_Optimizer whose step is running
+
+    def is_invalid_grad_norm(norm):
+        wrapper = stepping[-1] if stepping else None
+        if wrapper is None or not torch.is_tensor(norm) or not _fused_torch_adam(wrapper.optimizer):
+            return original_check(norm)
+        wrapper.optimizer.found_inf = (~torch.isfinite(norm) | (norm < 0)).float()
+        wrapper.longnet_grad_norm = DeviceValue(norm)
+        return False
+
+    def step(self, closure=None):
+        stepping.append(self)
+        try:
+            return original_step(self, closure)
+        finally:
+            stepping.pop()
+            self.optimizer.__dict__.pop("found_inf", None)  # torch reads it as an attribute at every step
+
+    def mask_nan_or_inf_with_val_inplace(input, device=None, val=-1.0):
+        input.masked_fill_(~torch.isfinite(input), val)
+
+    is_invalid_grad_norm.fused_by_longnet = True
+    bf16_optimizer.is_invalid_grad_norm = is_invalid_grad_norm
+    bf16_optimizer.BF16_Optimizer.step = step
+    utils.mask_nan_or_inf_with_val_inplace = mask_nan_or_inf_with_val_inplace
+
+
+def grad_norm_value(engine):
+    """The last step's gradient norm as the trainer keeps it: host_reads.DeviceValue (read when logged, without
+    draining the GPU), a float, or None."""
+    from .host_reads import DeviceValue
+
+    kept = getattr(engine.optimizer, "longnet_grad_norm", None)
+    if kept is not None:
+        engine.optimizer.longnet_grad_norm = None
+        return kept
+    norm = engine.get_global_grad_norm()
+    return DeviceValue(norm) if torch.is_tensor(norm) else (None if norm is None else float(norm))
+
+
 def build_engine(model: nn.Module, ds_config: dict[str, Any]):
     """deepspeed.initialize over the whole world as data-parallel group (see loss.py for why)."""
     if _engine_on_cpu():
@@ -106,7 +172,13 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any]):
     _skip_shared_memory_allreduce_build()
     if os.environ.get("LONGNET_FUSED_CLIP", "1") != "0":
         fuse_bf16_gradient_clipping()
+        if os.environ.get("LONGNET_DEVICE_OVERFLOW_CHECK", "1") != "0":
+            keep_bf16_overflow_check_on_device()
     ds_config = with_fused_torch_adam(ds_config, cuda=torch.cuda.is_available())
+    # DeepSpeed's throughput timer (on by default) synchronises the device at every forward and every optimizer
+    # step, draining the GPU twice a step (host_reads.explicit_syncs found it); the trainer measures throughput
+    # itself. A `timers` entry in the config wins.
+    ds_config = {"timers": {"throughput": {"enabled": False}}, **ds_config}
     weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
     engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config,
                                                    model_parameters=parameter_groups(model, weight_decay))

@@ -11,6 +11,8 @@ waits on Python. Two ways to find them:
   copies are invisible here (on the CPU there is no copy).
 - `cuda_syncs` (CUDA): the syncs the CUDA runtime itself reports (torch.cuda.set_sync_debug_mode), pageable
   copies included, with their call sites; the profiled training step (`trainer.profile_step`) records them.
+- Both count explicit whole-device syncs too (`explicit_syncs`: torch.cuda.synchronize, DeepSpeed's accelerator).
+- `DeviceValue` brings a value to the host waiting only for the work queued before it.
 """
 from __future__ import annotations
 
@@ -43,13 +45,59 @@ def call_site(depth: int = 2) -> str:
     return f"{path}:{frame.f_lineno} ({frame.f_code.co_name})"
 
 
+@contextlib.contextmanager
+def explicit_syncs(found: Counter):
+    """Inside the block, count calls of torch.cuda.synchronize and of DeepSpeed's accelerator `synchronize` (if
+    DeepSpeed is imported) into `found` by call site, as "<site> synchronize": each waits for the whole device
+    (DeepSpeed's throughput timer called it twice a step), and set_sync_debug_mode does not report them.
+    On the CPU DeepSpeed's is a no-op, but the call is counted the same, so CPU tests see where a GPU would wait."""
+    inside = []  # a synchronize calling another (DeepSpeed's calls torch's) counts once
+
+    def counting(original):
+        def synchronize(*args, **kwargs):
+            if not inside:
+                found[f"{call_site(depth=2)} synchronize"] += 1
+            inside.append(True)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                inside.pop()
+        return synchronize
+
+    original_cuda = torch.cuda.synchronize
+    torch.cuda.synchronize = counting(original_cuda)
+    module = sys.modules.get("deepspeed.accelerator")
+    accelerator = module.get_accelerator() if module is not None else None
+    if accelerator is not None:
+        accelerator.synchronize = counting(type(accelerator).synchronize.__get__(accelerator))
+    try:
+        yield found
+    finally:
+        torch.cuda.synchronize = original_cuda
+        if accelerator is not None:
+            del accelerator.synchronize  # the instance attribute: the class's method again
+
+
 class HostReads(TorchFunctionMode):
     """Inside the block, `sites` counts the host reads of tensor values by call site and method, e.g.
-    {"longnet_dist/train/loss.py:51 (sequence_parallel_loss) tolist": 1}."""
+    {"longnet_dist/train/loss.py:51 (sequence_parallel_loss) tolist": 1}, and the explicit device syncs
+    (`explicit_syncs`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sites: Counter[str] = Counter()
+        self._syncs = None
+
+    def __enter__(self):
+        self._syncs = explicit_syncs(self.sites)
+        self._syncs.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        try:
+            return super().__exit__(*exc_info)
+        finally:
+            self._syncs.__exit__(*exc_info)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -60,7 +108,8 @@ class HostReads(TorchFunctionMode):
 
 @contextlib.contextmanager
 def cuda_syncs():
-    """Yields a Counter that holds, after the block, the CUDA syncs made inside it by call site (`call_site`).
+    """Yields a Counter that holds, after the block, the CUDA syncs made inside it by call site (`call_site`),
+    explicit ones included (`explicit_syncs`).
     Uses torch.cuda.set_sync_debug_mode("warn"), which warns at each sync: the warning is counted where it
     is raised, with the stack that made it, instead of printed. The previous mode is restored. Empty without
     CUDA."""
@@ -82,6 +131,30 @@ def cuda_syncs():
         warnings.showwarning = count
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            yield found
+            with explicit_syncs(found):
+                yield found
         finally:
             torch.cuda.set_sync_debug_mode(previous)
+
+
+class DeviceValue:
+    """A tensor's value, brought to the host without making it wait for the work queued after it. On CUDA the
+    copy goes to page-locked memory behind the work queued so far, followed by an event; `get()` waits for that
+    event only, so kernels queued later keep the GPU busy meanwhile. Elsewhere the value is kept as a copy."""
+
+    def __init__(self, tensor: torch.Tensor):
+        tensor = tensor.detach()
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.clone()
+
+    def get(self):
+        """The value as Python numbers (`tolist`: a float for a 0-dim tensor)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()

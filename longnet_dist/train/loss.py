@@ -20,21 +20,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .host_reads import DeviceValue
+
 
 class MicroBatchLoss:
     """One micro-batch's loss. `backward_loss` (l_r = W * S_r / T, what engine.backward gets on this rank) is
     built on the device; the global sums are read on the host only when first asked for (`mean`,
-    `global_sum`, `global_tokens`): on a GPU that read waits for the forward to finish, so a caller that
-    can ask after queueing the backward keeps the GPU busy."""
+    `global_sum`, `global_tokens`), through host_reads.DeviceValue: on a GPU that read waits for this forward
+    only, so a caller that asks after queueing the backward keeps the GPU busy."""
 
     def __init__(self, backward_loss: Tensor, totals: Tensor):
         self.backward_loss = backward_loss
-        self._totals = totals  # (2,) float64: sum_r S_r, T, identical on every rank
+        self._totals = DeviceValue(totals)  # (2,) float64: sum_r S_r, T, identical on every rank
         self._read: tuple[float, float] | None = None
 
     def _values(self) -> tuple[float, float]:
         if self._read is None:
-            global_sum, global_tokens = self._totals.tolist()
+            global_sum, global_tokens = self._totals.get()
             if global_tokens == 0:
                 raise ValueError("the micro-batch has no labelled token on any rank (all labels are ignore_index)")
             self._read = global_sum, global_tokens

@@ -27,9 +27,10 @@ from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import deepspeed_config, describe_branches, model_config, validate_config
-from .engine import build_engine, ensure_process_group, optimizer_advice, stage0_grad_norm
+from .engine import build_engine, ensure_process_group, grad_norm_value, optimizer_advice, stage0_grad_norm
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
+from .host_reads import DeviceValue
 from .loss import sequence_parallel_loss
 from .metrics import MetricsLogger, peak_memory_bytes
 from .profiling import format_summary, phase, profiled, write_step_profile
@@ -47,7 +48,7 @@ class Interval:
     seconds: float = 0.0
     loss_sum: float = 0.0
     comm_bytes_at_start: int = 0
-    grad_norms: list[float | torch.Tensor] = field(default_factory=list)  # read on the host when logged
+    grad_norms: list[DeviceValue | float] = field(default_factory=list)  # read on the host when logged
 
 
 def _comm_bytes() -> int:
@@ -77,21 +78,21 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[to
                  for key in ("labels", "input_ids", "positions"))
 
 
-def _norm_kept(norm) -> float | torch.Tensor | None:
-    """A gradient norm as the step keeps it: a tensor stays on its device (read when logged, not each step: the
-    read would wait for the GPU), detached from whatever the engine reuses."""
-    return norm.detach().clone() if torch.is_tensor(norm) else (None if norm is None else float(norm))
+def _logged_norm(norm: DeviceValue | float) -> float:
+    """A kept gradient norm as logged: DeepSpeed's -1 (a non-finite norm, the update skipped) reads inf."""
+    value = norm.get() if isinstance(norm, DeviceValue) else float(norm)
+    return math.inf if value < 0 else value
 
 
 def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int, step: int, policy: str,
-                diagnostics_dir: Path) -> tuple[float, float | torch.Tensor | None, float]:
+                diagnostics_dir: Path) -> tuple[float, DeviceValue | float | None, float]:
     """One optimizer step over `gradient_accumulation_steps` micro-batches -> (global mean loss, grad norm, lr).
 
     Reading a loss on the host waits for its forward to finish. Under nonfinite_loss=skip each loss is read
     before its backward, which a non-finite one must not run. Under stop they are read after the optimizer
     step, where DeepSpeed has already waited for the GPU, so the backward is queued without a wait; a
-    non-finite loss then stops the run there, before anything is saved. The grad norm may be a device tensor,
-    for the same reason (read when logged)."""
+    non-finite loss then stops the run there, before anything is saved. The grad norm comes back as a
+    host_reads.DeviceValue, read when logged, for the same reason."""
     losses, skipped, grad_norm, lr = [], 0, None, float(engine.get_lr()[0])
     check_first = policy == "skip"
     while len(losses) < gradient_accumulation_steps:
@@ -113,7 +114,8 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
             engine.backward(loss.backward_loss)
         if engine.is_gradient_accumulation_boundary():
             with phase("grad norm"):
-                grad_norm = stage0_grad_norm(engine)
+                norm = stage0_grad_norm(engine)
+                grad_norm = None if norm is None else DeviceValue(norm)
         with phase("optimizer step"):
             engine.step()
         losses.append(loss)
@@ -122,7 +124,7 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
             for index, loss in enumerate(losses):  # raises (policy "stop") at the first non-finite one
                 check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr, extra={"micro_batch": index})
     if grad_norm is None:
-        grad_norm = _norm_kept(engine.get_global_grad_norm())
+        grad_norm = grad_norm_value(engine)
     return sum(loss.mean for loss in losses) / len(losses), grad_norm, lr
 
 
@@ -245,7 +247,7 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
                 logger.log_step({
                     "step": step, "loss": mean_loss, "bits_per_byte": bits_per_byte(mean_loss, train_tokens_per_byte),
                     "lr": lr,  # of the last step
-                    "grad_norm": (float(np.mean([float(norm) for norm in interval.grad_norms]))
+                    "grad_norm": (float(np.mean([_logged_norm(norm) for norm in interval.grad_norms]))
                                   if interval.grad_norms else float("nan")),
                     "tokens_per_s": tokens_per_s,
                     "mfu": step_flops_per_token * tokens_per_s / (trainer.peak_flops * mesh.world_size),
