@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test train bench gpu-check gpu-tune gpu-train-long gpu-optimizer gpu-dq-fused clean slurm-up slurm-down
+.PHONY: setup test train bench gpu-check gpu-tune gpu-train-long gpu-train-waits gpu-optimizer gpu-dq-fused clean slurm-up slurm-down
 
 # torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
@@ -55,6 +55,13 @@ gpu-tune:
 gpu-train-long:
 	$(WITH_CHECK_TUNING) \
 	GPU_CHECK_STAGES=train-long scripts/gpu_check.sh
+
+# after gpu-check, on the same machine (its kernel_tuning.json): the 32K dilated training point with the step's
+# waits for the GPU put back (DeepSpeed's throughput timer, the host-side overflow check), to set beside gpu-check's
+# train row; at most 100 s
+gpu-train-waits:
+	$(WITH_CHECK_TUNING) \
+	GPU_CHECK_STAGES=train-waits scripts/gpu_check.sh
 
 # after gpu-check, on the same machine (its kernel_tuning.json): DeepSpeed's two bf16 optimizer wrappers timed
 # (the engine's share of a step; gpu-check's train stage already profiles a 32K step); about 1.5 minutes

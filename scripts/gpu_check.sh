@@ -23,7 +23,9 @@
 # shapes, TMA loads; its kernel_tuning.json goes to the stages after it; 175 s) -> gpu_attention_tune.*; train-long (`make gpu-train-long`: 1M and 4M training steps, dilated, ~65 + ~72 s on an H200;
 # 210 s; a GPU with less memory than a 4M step needed, an 80 GB H100, skips 4M at once); profile (the same 32K
 # profile in trainer runs of its own, `benchmarks/train.py --profile`, ~100 s) -> train_cuda_*_profile;
-# optimizer (what DeepSpeed's engine adds to an optimizer step at ZeRO 0 and at ZeRO 1 with fp32 gradient
+# train-waits (`make gpu-train-waits`: the 32K dilated point with the waits for the GPU that stop 30 removed from
+# the step put back, DeepSpeed's throughput timer and BF16_Optimizer's host-side overflow check, profiled; ~60 s;
+# 100 s) -> train_cuda_*_waits, against the train stage's row; optimizer (what DeepSpeed's engine adds to an optimizer step at ZeRO 0 and at ZeRO 1 with fp32 gradient
 # accumulation, benchmarks/optimizer_step.py, ~45 s each); dq-fused (`make gpu-dq-fused`: the backward with dQ
 # from the dK/dV loop on the shapes that do not spill, against the separate dQ kernel, at 256K, then 32K and 1M
 # with the winner, `gpu_attention.py --backward-only` -> dq_fused/); profile-model (the attention and a training
@@ -92,7 +94,7 @@ for stage in $stages; do
                        ${GPU_CHECK_ATTENTION_ARGS:---quick --dq-modes tma} ;;
         tune) run 175 gpu_attention_tune python3 benchmarks/gpu_attention.py --results "$results" --tag tune --tune \
                   --quick --tune-budget 45 --dq-modes tma stream ;;
-        train|train-long|optimizer|profile)
+        train|train-long|train-waits|optimizer|profile)
                if ! python3 -c "import hydra, omegaconf, deepspeed" 2>/dev/null; then
                    echo "== $stage skipped: hydra/omegaconf/deepspeed not importable (carry the wheels of ../shared/offline_wheels.sh in $wheels/)"
                elif [ "$stage" = train ]; then
@@ -101,6 +103,12 @@ for stage in $stages; do
                elif [ "$stage" = train-long ]; then
                    run 210 train_cuda_long python3 benchmarks/train.py --device cuda --seq-lens 1048576 4194304 \
                        --impls dilated --budget 200 --tag long
+               elif [ "$stage" = train-waits ]; then
+                   # the waits for the GPU that stop 30 took out of the step, put back: DeepSpeed's throughput
+                   # timer (two device syncs a step) and BF16_Optimizer's host-side overflow check
+                   run 100 train_cuda_waits env LONGNET_DEVICE_OVERFLOW_CHECK=0 python3 benchmarks/train.py --device cuda \
+                       --seq-lens 32768 --impls dilated --profile --budget 90 --tag waits \
+                       --override +deepspeed.timers.throughput.enabled=true
                elif [ "$stage" = profile ]; then
                    run 120 train_profile python3 benchmarks/train.py --device cuda --seq-lens 32768 --steps 3 \
                        --profile --budget 110 --tag profile

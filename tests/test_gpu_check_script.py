@@ -19,6 +19,7 @@ from subprocess_env import REPO
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$*|${LONGNET_KERNEL_TUNING:-}" >> "$FAKE_LOG"
+[ -z "${LONGNET_DEVICE_OVERFLOW_CHECK:-}" ] || echo "LONGNET_DEVICE_OVERFLOW_CHECK=$LONGNET_DEVICE_OVERFLOW_CHECK $*" >> "$FAKE_LOG.env"
 args="$*"
 case "$args" in
     "-c import hydra, omegaconf, deepspeed") exit "${FAKE_DEPS_RC:-0}" ;;
@@ -92,6 +93,18 @@ def test_the_opt_in_tuning_and_long_training_stages(tmp_path):
     assert long_args == "benchmarks/train.py --device cuda --seq-lens 1048576 4194304 --impls dilated --budget 200 --tag long"
     assert long_tuning == str((out / "kernel_tuning.json").resolve())
     assert (out / "gpu_attention_tune.log").exists() and (out / "train_cuda_long.log").exists()
+
+
+def test_the_waits_stage_puts_the_steps_waits_back_for_the_32k_point(tmp_path):
+    """`make gpu-train-waits`: the 32K dilated point, profiled, with DeepSpeed's throughput timer and the host-side
+    overflow check back (what stop 30 took out of the step), under a tag of its own."""
+    result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="train-waits")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [(args, _)] = calls
+    assert args == ("benchmarks/train.py --device cuda --seq-lens 32768 --impls dilated --profile --budget 90 "
+                    "--tag waits --override +deepspeed.timers.throughput.enabled=true")
+    assert (tmp_path / "calls.log.env").read_text().split()[0] == "LONGNET_DEVICE_OVERFLOW_CHECK=0"
+    assert (out / "train_cuda_waits.log").exists()
 
 
 def test_the_fused_dq_stage_starts_from_the_checks_tuning_and_keeps_its_own_apart(tmp_path):
