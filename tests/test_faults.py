@@ -55,7 +55,10 @@ def _two_ranks(rank: int, world: int, diagnostics_dir: str) -> dict:
     try:
         if rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        stopped = stop.sync()
+        first = stop.sync()  # starts the gather of this step's flags; decides from the previous one (none)
+        stopped = stop.sync() and not first
+        if rank == 0:  # a value the same on every rank, finite: no collective (rank 1 joins none; a gather would hang)
+            assert faults.check_finite_loss(2.0, 4, "stop", diagnostics_dir, same_on_every_rank=True)
         loss = float("inf") if rank == 1 else 1.0
         try:
             faults.check_finite_loss(loss, 5, "stop", diagnostics_dir)
@@ -68,6 +71,8 @@ def _two_ranks(rank: int, world: int, diagnostics_dir: str) -> dict:
 
 
 def test_all_ranks_agree_on_stop_and_nonfinite_loss(tmp_path):
+    """Both ranks stop at the same sync, the second after the signal (the first only starts the gather of the
+    flags); a non-finite loss on one rank stops both, naming it."""
     rank0, rank1 = run_multiprocess(_two_ranks, 2, str(tmp_path), timeout=120)
     assert rank0["stopped"] and rank1["stopped"]
     assert rank1["name"] == "SIGTERM" and rank0["name"] == "stop signal on rank 1"

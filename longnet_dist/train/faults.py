@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from longnet_dist.distributed.objects import rank_and_world
 
+from .host_reads import DeviceValue
+
 logger = logging.getLogger(__name__)
 
 NONFINITE_LOSS_POLICIES = ("stop", "skip")
@@ -36,11 +38,18 @@ def _all_gather_floats(value: float) -> list[float]:
     rank, world = rank_and_world()
     if world == 1:
         return [value]
+    return _start_gather(value, world).get()
+
+
+def _start_gather(value: float, world: int) -> DeviceValue:
+    """An all-gather of `value` from every rank, read later: on a GPU (NCCL) the gather is queued behind the work
+    before it and DeviceValue.get() waits for it alone; the local value is a fill, not a copy from host memory
+    (which would wait for the GPU)."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    local = torch.tensor([value], dtype=torch.float64, device=device)
+    local = torch.full((1,), value, dtype=torch.float64, device=device)
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
-    return [float(item.item()) for item in gathered]
+    return DeviceValue(torch.cat(gathered))
 
 
 class StopSignal:
@@ -56,6 +65,7 @@ class StopSignal:
             raise ValueError(f"unknown signal names {unknown}; valid examples: {list(STOP_SIGNALS)}")
         self.requested = False
         self.signal_name: str | None = None
+        self._pending: DeviceValue | None = None  # the gather of the flags the last sync() started
         self._previous: dict[signal.Signals, Any] = {}
         for name in signal_names:
             number = getattr(signal, name)
@@ -70,12 +80,20 @@ class StopSignal:
         os.write(sys.stderr.fileno(), message.encode())
 
     def sync(self, mesh: Any = None) -> bool:
-        """Max-reduce the flag over all ranks (collective when distributed); return it.
+        """Whether to stop after this step; every rank gets the same answer at the same call.
 
-        After this every rank agrees whether to stop at this step. `mesh` is accepted for symmetry
-        with the trainer's call site; the reduction always spans the whole world, since a stop must.
+        One process: its own flag. Several: the flags are gathered over the whole world (a stop must span it;
+        `mesh` is accepted for symmetry with the trainer's call site) without waiting for the gather: each call
+        starts the gather of this step's flags and decides from the previous call's, so a GPU never drains for
+        it and the ranks stop together one step after the step that saw the signal.
         """
-        rank_flags = _all_gather_floats(1.0 if self.requested else 0.0)
+        rank, world = rank_and_world()
+        if world == 1:
+            return self.requested
+        pending, self._pending = self._pending, _start_gather(1.0 if self.requested else 0.0, world)
+        if pending is None:
+            return False
+        rank_flags = pending.get()
         stop = any(rank_flags)
         if stop and not self.requested:
             first = next(index for index, flag in enumerate(rank_flags) if flag)
@@ -140,16 +158,22 @@ def check_finite_loss(
     lr: float | None = None,
     grad_norm: float | None = None,
     extra: dict[str, Any] | None = None,
+    same_on_every_rank: bool = False,
 ) -> bool:
     """True when the loss is finite on every rank; otherwise apply `policy`.
 
-    Collective when distributed (one all-gather of a float), so every rank takes the same branch:
+    Collective when distributed (one all-gather of a float), so every rank takes the same branch; with
+    `same_on_every_rank` (the caller's value is identical on every rank, like the trainer's all-reduced
+    loss) a finite value returns at once, with no collective and no wait for a GPU, and a non-finite one,
+    non-finite on every rank, gathers as before:
     "stop" writes `diagnostics_dir/nonfinite_loss_step_XXXXXXXX[_rankR].json` (step, loss on every
     rank, lr, grad_norm, extra) and raises NonFiniteLossError naming step and value; "skip" writes
     the same file, logs a warning and returns False (the caller skips backward/step).
     """
     check_nonfinite_policy(policy)
     value = float(loss_value.detach().float().item() if isinstance(loss_value, torch.Tensor) else loss_value)
+    if same_on_every_rank and math.isfinite(value):
+        return True
     rank_losses = _all_gather_floats(value)
     bad_ranks = [rank for rank, loss in enumerate(rank_losses) if not math.isfinite(loss)]
     if not bad_ranks:

@@ -104,7 +104,7 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
         with phase("loss"):
             loss = sequence_parallel_loss(token_losses, labels, IGNORE_INDEX)
         if check_first and not check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr,
-                                                 extra={"micro_batch": len(losses)}):
+                                                 extra={"micro_batch": len(losses)}, same_on_every_rank=True):
             skipped += 1
             if skipped >= MAX_CONSECUTIVE_SKIPS:
                 raise RuntimeError(f"{skipped} non-finite micro-batches in a row at step {step}; giving up")
@@ -122,7 +122,8 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
     if not check_first:
         with phase("loss check"):
             for index, loss in enumerate(losses):  # raises (policy "stop") at the first non-finite one
-                check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr, extra={"micro_batch": index})
+                check_finite_loss(loss.mean, step, policy, diagnostics_dir, lr=lr, extra={"micro_batch": index},
+                                  same_on_every_rank=True)  # the all-reduced global mean
     if grad_norm is None:
         grad_norm = grad_norm_value(engine)
     return sum(loss.mean for loss in losses) / len(losses), grad_norm, lr
