@@ -3,10 +3,11 @@
 On a GPU each host read of a tensor's value, and each copy from pageable memory, drains the GPU's queue: it
 then idles until the host has launched more work. A training step (`trainer._train_step`, the real engine,
 `model=tiny`) may read one value of ours: the loss, which the non-finite-loss policy needs (before the
-backward under "skip", after the optimizer step under "stop"). The gradient norm stays on the device until it is logged, and batches go to the GPU through pinned
-memory. DeepSpeed's own reads are reported, not asserted: on the CPU, torch's non-fused AdamW reads its step
-counts, and BF16_Optimizer reads whether the gradient norm is finite (with fused AdamW, as on CUDA, neither:
-tests/test_train_units.py checks the overflow check kept on the device).
+backward under "skip", after the optimizer step under "stop"). The gradient norm stays on the device until it
+is logged, and batches go to the GPU through pinned memory. DeepSpeed's own reads are reported, not asserted:
+on the CPU, torch's non-fused AdamW reads its step counts, and BF16_Optimizer reads whether the gradient norm
+is finite (with fused AdamW, as on CUDA, neither: tests/test_train_units.py checks the overflow check kept on
+the device). No whole-device sync may happen at all (DeepSpeed's throughput timer made two a step).
 """
 from __future__ import annotations
 

@@ -248,9 +248,9 @@ for step in range(5):
     reads.append(dict(found.sites))
     value = grad_norm_value(engine)
     norms.append(value if isinstance(value, float) else value.get())
-inner = engine.optimizer.optimizer
-torch.save({"master": [p.clone() for p in engine.optimizer.fp32_groups_flat_partition], "norms": norms, "reads": reads,
-            "state": [{k: v.clone() for k, v in inner.state[p].items()} for p in engine.optimizer.fp32_groups_flat_partition],
+inner, masters = engine.optimizer.optimizer, engine.optimizer.fp32_groups_flat_partition
+torch.save({"master": [p.clone() for p in masters], "norms": norms, "reads": reads,
+            "state": [{k: v.clone() for k, v in inner.state[p].items()} for p in masters],
             "bf16": [p.detach().clone() for p in model.parameters()]}, sys.argv[1])
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()

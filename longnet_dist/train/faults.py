@@ -75,7 +75,8 @@ class StopSignal:
         name = signal.Signals(signum).name
         if not self.requested:
             self.requested, self.signal_name = True, name
-        message = f"[rank {rank_and_world()[0]}] received {name}: saving a checkpoint and stopping after this step\n"
+        message = (f"[rank {rank_and_world()[0]}] received {name}: saving a checkpoint and stopping after this step "
+                   "(with several ranks, the next)\n")
         # os.write, not sys.stderr: the handler may interrupt a write to sys.stderr's buffer (reentrant call).
         os.write(sys.stderr.fileno(), message.encode())
 

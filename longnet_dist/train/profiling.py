@@ -176,8 +176,8 @@ def format_summary(label: str, summary: dict, seconds: float, rows: int = 8) -> 
         lines += [f"     gap {g['us']:8.1f} us after {g['after']} before {g['before']}"
                   + (f"\n         launched from {g['host']}" if g.get("host") else "") for g in t["largest_gaps"][:4]]
     if "syncs" in summary:
-        lines.append(f"   {sum(summary['syncs'].values())} host waits for the GPU (syncs): "
-                     + ("; ".join(f"{count} at {site}" for site, count in list(summary["syncs"].items())[:6]) or "none"))
+        waits = "; ".join(f"{count} at {site}" for site, count in list(summary["syncs"].items())[:6])
+        lines.append(f"   {sum(summary['syncs'].values())} host waits for the GPU (syncs): {waits or 'none'}")
     return "\n".join(lines)
 
 
