@@ -131,6 +131,9 @@ def test_explicit_syncs_are_counted_once_where_they_are_called():
     assert list(reads.sites.values()) == [1] and "test_host_reads.py" in next(iter(reads.sites))
     assert next(iter(reads.sites)).endswith(" synchronize") and "synchronize" not in vars(accelerator)
     assert torch.cuda.synchronize.__module__ == "torch.cuda"
+    with HostReads() as outer, HostReads() as inner:  # nested blocks (a profiled step inside an audit) both count
+        accelerator.synchronize()
+    assert sum(outer.sites.values()) == sum(inner.sites.values()) == 1 and "synchronize" not in vars(accelerator)
 
 
 def test_cuda_syncs_is_empty_without_cuda(monkeypatch):

@@ -69,13 +69,17 @@ def explicit_syncs(found: Counter):
     module = sys.modules.get("deepspeed.accelerator")
     accelerator = module.get_accelerator() if module is not None else None
     if accelerator is not None:
-        accelerator.synchronize = counting(type(accelerator).synchronize.__get__(accelerator))
+        patched_before = accelerator.__dict__.get("synchronize")  # an enclosing block's counter, if any
+        accelerator.synchronize = counting(accelerator.synchronize)
     try:
         yield found
     finally:
         torch.cuda.synchronize = original_cuda
         if accelerator is not None:
-            del accelerator.synchronize  # the instance attribute: the class's method again
+            if patched_before is None:
+                del accelerator.synchronize  # the instance attribute: the class's method again
+            else:
+                accelerator.synchronize = patched_before
 
 
 class HostReads(TorchFunctionMode):
