@@ -4,7 +4,7 @@ On a GPU, reading a tensor's value on the host (`.item()`, `.tolist()`, `bool`/`
 `.numpy()`) waits until every kernel queued before it has run, and so does a copy from pageable host memory
 to the GPU. The queue is then empty: the GPU idles until the host has launched the next kernel, and stays
 host-bound while the host catches up. A step with no such wait lets the host run ahead, so the GPU never
-waits on Python. Two ways to find them:
+waits on Python. What this module has for finding them and doing without them:
 
 - `HostReads` (any device): records each host read of a tensor's value with the call site that made it (the
   innermost frame outside torch), so the CPU tests can keep the trainer's step free of new ones. Pageable
@@ -84,7 +84,7 @@ def explicit_syncs(found: Counter):
 
 class HostReads(TorchFunctionMode):
     """Inside the block, `sites` counts the host reads of tensor values by call site and method, e.g.
-    {"longnet_dist/train/loss.py:51 (sequence_parallel_loss) tolist": 1}, and the explicit device syncs
+    {"longnet_dist/train/loss.py:39 (_values) tolist": 1}, and the explicit device syncs
     (`explicit_syncs`)."""
 
     def __init__(self) -> None:
