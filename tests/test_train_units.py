@@ -290,3 +290,23 @@ def test_bf16_overflow_skip_on_the_device_gives_deepspeeds_bits_without_a_host_r
         assert float(a["step"]) == 4  # five steps, one skipped
     assert all(reads == {} for reads in ours["reads"]), ours["reads"]
     assert all(any("is_invalid_grad_norm" in site for site in reads) for reads in theirs["reads"]), theirs["reads"]
+
+
+def test_kept_grad_norms_are_read_when_logged_and_deepspeeds_mark_for_a_skipped_step_reads_inf():
+    """trainer._logged_norm / engine.grad_norm_value: the norm BF16_Optimizer's patched check kept is taken once;
+    an engine's tensor norm is kept as a DeviceValue; DeepSpeed's -1 (a non-finite norm) is logged as inf."""
+    from types import SimpleNamespace
+
+    from longnet_dist.train.engine import grad_norm_value
+    from longnet_dist.train.host_reads import DeviceValue
+    from longnet_dist.train.trainer import _logged_norm
+
+    kept = DeviceValue(torch.tensor(3.0))
+    engine = SimpleNamespace(optimizer=SimpleNamespace(longnet_grad_norm=kept), get_global_grad_norm=lambda: 7.0)
+    assert grad_norm_value(engine) is kept and grad_norm_value(engine) == 7.0  # taken once, then the engine's
+    engine.get_global_grad_norm = lambda: torch.tensor(-1.0)
+    value = grad_norm_value(engine)
+    assert isinstance(value, DeviceValue) and _logged_norm(value) == math.inf
+    assert _logged_norm(2.5) == 2.5 and _logged_norm(kept) == 3.0
+    engine.get_global_grad_norm = lambda: None
+    assert grad_norm_value(engine) is None
