@@ -62,7 +62,7 @@ def test_a_malformed_shard_is_one_clear_error():
     assert "LONGNET_TEST_SHARD='4/4' must be 'i/n' with 0 <= i < n" in result.stdout + result.stderr
 
 
-# the five files scripts/gpu_test_shards.sh runs, as stand-ins: five pass, one fails. Two shards hold
+# the six files scripts/gpu_test_shards.sh runs, as stand-ins: five tests pass, one fails. Two shards hold
 # {a, f, d} and {b, c, e}; test_b's "id " stays half a line for 3 s while test_f, in the other shard, finishes:
 # a follower that interleaved the logs by the chunk ran the two into one line and lost test_b's result
 FAKE_TESTS = {
@@ -71,6 +71,7 @@ FAKE_TESTS = {
     "test_triton_kernels.py": "def test_c():\n    pass\n\ndef test_d():\n    assert 1 == 2\n",
     "test_triton_nesting.py": "def test_e():\n    pass\n",
     "test_kernel_launch.py": "",
+    "test_host_reads.py": "",
 }
 
 
