@@ -93,6 +93,71 @@ def test_a_training_step_reads_only_the_loss_on_the_host(tmp_path, zero, policy)
     assert found["wrapper"] == ("BF16_Optimizer" if zero == "bf16" else "AdamW")
 
 
+SHARDED_RUN = r"""
+import json, os, sys
+from pathlib import Path
+import torch
+
+
+def rank_step(rank, world, out):
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    from hydra import compose, initialize_config_dir
+    from longnet_dist.attention import segment_spans
+    from longnet_dist.distributed import build_mesh
+    from longnet_dist.model import LongNetLM
+    from longnet_dist.train.__main__ import CONFIG_DIR
+    from longnet_dist.train.config import deepspeed_config, model_config
+    from longnet_dist.train.engine import build_engine
+    from longnet_dist.train.host_reads import HostReads
+    from longnet_dist.train.trainer import _train_step
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny", "data.seq_len=128", "attention.segment_lengths=[32,128]",
+                                          "attention.dilation_rates=[1,2]", "deepspeed=bf16", "logger=none",
+                                          "distributed.sequence_parallel_size=2"])
+    mesh = build_mesh(2)
+    mesh.sequence_group.prepare_segment_subgroups(segment_spans(128, 2, [32, 128]))
+    torch.manual_seed(0)
+    engine = build_engine(LongNetLM(model_config(cfg, vocab_size=258)), deepspeed_config(cfg))
+
+    def batches():  # this rank's half of each 128-token window (the branch of 128 spans both ranks)
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            block = torch.randint(3, 258, (1, 129), generator=generator)[:, 64 * rank: 64 * rank + 65]
+            positions = torch.arange(64 * rank, 64 * rank + 64)
+            yield {"input_ids": block[:, :-1], "labels": block[:, 1:], "positions": positions}
+
+    loader = batches()
+    for step in (1, 2):
+        _train_step(engine, loader, mesh.sequence_group, 1, step, "stop", Path(out))
+    with HostReads() as reads:
+        _train_step(engine, loader, mesh.sequence_group, 1, 3, "stop", Path(out))
+    return dict(reads.sites)
+
+
+if __name__ == "__main__":
+    from longnet_dist.distributed.testing import run_multiprocess
+
+    Path(sys.argv[1]).write_text(json.dumps(run_multiprocess(rank_step, 2, str(Path(sys.argv[1]).parent),
+                                                             timeout=400)))
+"""
+
+
+def test_a_sequence_parallel_step_reads_only_the_loss_on_the_host(tmp_path):
+    """sp = 2 on two gloo ranks, a branch spanning both (its keys and values all-gathered, their gradients
+    reduce-scattered): each rank's step reads the loss and nothing else of ours, and syncs no device."""
+    script, path = tmp_path / "sharded.py", tmp_path / "sharded.json"
+    script.write_text(SHARDED_RUN)
+    env = {**repo_first_on_pythonpath(os.environ), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, str(script), str(path)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    for reads in json.loads(path.read_text()):
+        ours = _ours(reads)
+        assert list(ours.values()) == [1] and "longnet_dist/train/loss.py" in next(iter(ours)), reads
+        assert not [site for site in reads if site.endswith(" synchronize")], reads
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_training_step_on_the_gpu_never_waits_for_it(tmp_path):
     """The syncs CUDA reports in a bf16 step (BF16_Optimizer, fused AdamW): none. Batches arrive through pinned
