@@ -9,14 +9,15 @@
 # shows what passed, and the slowest tests are listed at the end (--durations). Logs go to GPU_TEST_LOGS
 # (gpu_check.sh: its results folder, packed into its archive), else a temporary folder.
 # The files: the CUDA tests (one GPU, and 2 ranks sharing it), the Triton kernels' tests, which run on CUDA there,
-# and the training step's waits for the GPU (test_host_reads.py: a real bf16 step on the GPU needs DeepSpeed and Hydra,
-# which gpu_check.sh installs from the carried wheels).
+# and the CUDA tests of the training step's waits for the GPU (test_host_reads.py: a real bf16 step on the GPU needs
+# DeepSpeed and Hydra, which gpu_check.sh installs from the carried wheels; the file's CPU tests run in CI).
 set -uo pipefail
 processes=${1:-12}
 # the tests marked gpu_heavy first (tests/conftest.py): each then starts early on a worker of its own
 export LONGNET_HEAVY_FIRST=1
 files=(tests/test_cuda_attention.py tests/test_cuda_sequence_parallel.py tests/test_triton_kernels.py tests/test_kernel_launch.py
-       tests/test_triton_nesting.py tests/test_host_reads.py)
+       tests/test_triton_nesting.py tests/test_host_reads.py::test_a_training_step_on_the_gpu_never_waits_for_it
+       tests/test_host_reads.py::test_device_values_wait_for_their_own_copy_only)
 # -o addopts=-ra: the project's addopts name pytest-timeout, which a bare GPU machine may lack
 options=(-v -p no:cacheprovider -o addopts=-ra --durations=25 --durations-min=1)
 if [ -n "${GPU_TEST_LOGS:-}" ]; then

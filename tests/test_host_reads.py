@@ -158,6 +158,7 @@ def test_a_sequence_parallel_step_reads_only_the_loss_on_the_host(tmp_path):
         assert not [site for site in reads if site.endswith(" synchronize")], reads
 
 
+@pytest.mark.gpu_heavy  # compiles the model's regions in a process of its own
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_training_step_on_the_gpu_never_waits_for_it(tmp_path):
     """The syncs CUDA reports in a bf16 step (BF16_Optimizer, fused AdamW): none. Batches arrive through pinned
