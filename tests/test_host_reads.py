@@ -23,51 +23,78 @@ from longnet_dist.train.host_reads import DeviceValue, HostReads, call_site, cud
 from subprocess_env import REPO, repo_first_on_pythonpath
 
 STEP_RUN = r"""
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch
-from hydra import compose, initialize_config_dir
-from longnet_dist.model import LongNetLM
-from longnet_dist.train.__main__ import CONFIG_DIR
-from longnet_dist.train.config import deepspeed_config, model_config
-from longnet_dist.train.engine import build_engine, ensure_process_group
-from longnet_dist.train.host_reads import DeviceValue, HostReads, cuda_syncs
-from longnet_dist.train.trainer import _train_step
 
-out, zero, device, policy = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-ensure_process_group("gloo" if device == "cpu" else "nccl")
-with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-    cfg = compose("train", overrides=["model=tiny", "data.seq_len=64", "attention.segment_lengths=[16,64]",
-                                      "attention.dilation_rates=[1,2]", f"deepspeed={zero}", "logger=none"])
-torch.manual_seed(0)
-engine = build_engine(LongNetLM(model_config(cfg, vocab_size=258)), deepspeed_config(cfg))
 
-def batches():  # what SequenceShardLoader yields: views of one (1, 65) block, positions
-    generator = torch.Generator().manual_seed(0)
-    while True:
-        block = torch.randint(3, 258, (1, 65), generator=generator)
-        yield {"input_ids": block[:, :-1], "labels": block[:, 1:], "positions": torch.arange(64)}
+def audited_step(rank, world, out, zero, device, policy):
+    # two warm-up steps, then step 3 under HostReads and cuda_syncs. With `world` ranks (sequence parallel, sp =
+    # world) each rank reads its 64 tokens of a 64 * world window; the longest branch spans every rank.
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    from hydra import compose, initialize_config_dir
+    from longnet_dist.attention import segment_spans
+    from longnet_dist.distributed import build_mesh
+    from longnet_dist.model import LongNetLM
+    from longnet_dist.train.__main__ import CONFIG_DIR
+    from longnet_dist.train.config import deepspeed_config, model_config
+    from longnet_dist.train.engine import build_engine, ensure_process_group
+    from longnet_dist.train.host_reads import DeviceValue, HostReads, cuda_syncs
+    from longnet_dist.train.trainer import _train_step
 
-loader = batches()
-for step in (1, 2):  # compiles, allocates, creates the optimizer state
-    _train_step(engine, loader, None, 1, step, policy, out.parent)
-with HostReads() as reads, cuda_syncs() as syncs:
-    loss, norm, lr = _train_step(engine, loader, None, 1, 3, policy, out.parent)
-out.write_text(json.dumps({"reads": reads.sites, "syncs": syncs, "norm_kept": isinstance(norm, DeviceValue),
-                           "norm": norm.get(), "loss": loss, "wrapper": type(engine.optimizer).__name__,
-                           "device": str(next(engine.module.parameters()).device)}))
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+    seq_len, segments = 64 * world, [16 * world, 64 * world]
+    ensure_process_group("gloo" if device == "cpu" else "nccl")  # nothing to do under run_multiprocess (gloo)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data.seq_len={seq_len}", f"attention.segment_lengths={segments}",
+                                          "model=tiny", "attention.dilation_rates=[1,2]", f"deepspeed={zero}",
+                                          "logger=none", f"distributed.sequence_parallel_size={world}"])
+    sequence_group = None
+    if world > 1:
+        sequence_group = build_mesh(world).sequence_group
+        sequence_group.prepare_segment_subgroups(segment_spans(seq_len, world, segments))
+    torch.manual_seed(0)
+    engine = build_engine(LongNetLM(model_config(cfg, vocab_size=258)), deepspeed_config(cfg))
+
+    def batches():  # what SequenceShardLoader yields: views of this rank's (1, 65) block, global positions
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            block = torch.randint(3, 258, (1, seq_len + 1), generator=generator)[:, 64 * rank: 64 * rank + 65]
+            positions = torch.arange(64 * rank, 64 * rank + 64)
+            yield {"input_ids": block[:, :-1], "labels": block[:, 1:], "positions": positions}
+
+    loader = batches()
+    for step in (1, 2):  # compiles, allocates, creates the optimizer state
+        _train_step(engine, loader, sequence_group, 1, step, policy, out.parent)
+    with HostReads() as reads, cuda_syncs() as syncs:
+        loss, norm, lr = _train_step(engine, loader, sequence_group, 1, 3, policy, out.parent)
+    return {"reads": reads.sites, "syncs": syncs, "norm_kept": isinstance(norm, DeviceValue), "norm": norm.get(),
+            "loss": loss, "wrapper": type(engine.optimizer).__name__,
+            "device": str(next(engine.module.parameters()).device)}
+
+
+if __name__ == "__main__":
+    out, zero, device, policy, world = Path(sys.argv[1]), *sys.argv[2:5], int(sys.argv[5])
+    if world == 1:
+        found = audited_step(0, 1, out, zero, device, policy)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    else:
+        from longnet_dist.distributed.testing import run_multiprocess
+
+        found = run_multiprocess(audited_step, world, out, zero, device, policy, timeout=400)
+    out.write_text(json.dumps(found))
 """
 
 
-def _run_step(tmp_path, zero: str, device: str, policy: str = "stop") -> dict:
+def _run_step(tmp_path, zero: str, device: str, policy: str = "stop", world: int = 1):
+    """STEP_RUN's result: one dict, or one per rank with `world` > 1."""
     env = repo_first_on_pythonpath(os.environ)
     if device == "cpu":
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    path = tmp_path / f"{zero}_{device}_{policy}.json"
-    run = subprocess.run([sys.executable, "-c", STEP_RUN, str(path), zero, device, policy], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+    script, path = tmp_path / "step.py", tmp_path / f"{zero}_{device}_{policy}_{world}.json"
+    script.write_text(STEP_RUN)
+    run = subprocess.run([sys.executable, str(script), str(path), zero, device, policy, str(world)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     return json.loads(path.read_text())
 
@@ -93,66 +120,11 @@ def test_a_training_step_reads_only_the_loss_on_the_host(tmp_path, zero, policy)
     assert found["wrapper"] == ("BF16_Optimizer" if zero == "bf16" else "AdamW")
 
 
-SHARDED_RUN = r"""
-import json, os, sys
-from pathlib import Path
-import torch
-
-
-def rank_step(rank, world, out):
-    os.environ.setdefault("LOCAL_RANK", str(rank))
-    from hydra import compose, initialize_config_dir
-    from longnet_dist.attention import segment_spans
-    from longnet_dist.distributed import build_mesh
-    from longnet_dist.model import LongNetLM
-    from longnet_dist.train.__main__ import CONFIG_DIR
-    from longnet_dist.train.config import deepspeed_config, model_config
-    from longnet_dist.train.engine import build_engine
-    from longnet_dist.train.host_reads import HostReads
-    from longnet_dist.train.trainer import _train_step
-
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["model=tiny", "data.seq_len=128", "attention.segment_lengths=[32,128]",
-                                          "attention.dilation_rates=[1,2]", "deepspeed=bf16", "logger=none",
-                                          "distributed.sequence_parallel_size=2"])
-    mesh = build_mesh(2)
-    mesh.sequence_group.prepare_segment_subgroups(segment_spans(128, 2, [32, 128]))
-    torch.manual_seed(0)
-    engine = build_engine(LongNetLM(model_config(cfg, vocab_size=258)), deepspeed_config(cfg))
-
-    def batches():  # this rank's half of each 128-token window (the branch of 128 spans both ranks)
-        generator = torch.Generator().manual_seed(0)
-        while True:
-            block = torch.randint(3, 258, (1, 129), generator=generator)[:, 64 * rank: 64 * rank + 65]
-            positions = torch.arange(64 * rank, 64 * rank + 64)
-            yield {"input_ids": block[:, :-1], "labels": block[:, 1:], "positions": positions}
-
-    loader = batches()
-    for step in (1, 2):
-        _train_step(engine, loader, mesh.sequence_group, 1, step, "stop", Path(out))
-    with HostReads() as reads:
-        _train_step(engine, loader, mesh.sequence_group, 1, 3, "stop", Path(out))
-    return dict(reads.sites)
-
-
-if __name__ == "__main__":
-    from longnet_dist.distributed.testing import run_multiprocess
-
-    Path(sys.argv[1]).write_text(json.dumps(run_multiprocess(rank_step, 2, str(Path(sys.argv[1]).parent),
-                                                             timeout=400)))
-"""
-
-
 def test_a_sequence_parallel_step_reads_only_the_loss_on_the_host(tmp_path):
     """sp = 2 on two gloo ranks, a branch spanning both (its keys and values all-gathered, their gradients
     reduce-scattered): each rank's step reads the loss and nothing else of ours, and syncs no device."""
-    script, path = tmp_path / "sharded.py", tmp_path / "sharded.json"
-    script.write_text(SHARDED_RUN)
-    env = {**repo_first_on_pythonpath(os.environ), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, str(script), str(path)], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    for reads in json.loads(path.read_text()):
+    for found in _run_step(tmp_path, "bf16", "cpu", world=2):
+        reads = found["reads"]
         ours = _ours(reads)
         assert list(ours.values()) == [1] and "longnet_dist/train/loss.py" in next(iter(ours)), reads
         assert not [site for site in reads if site.endswith(" synchronize")], reads

@@ -12,6 +12,8 @@ from torch import nn
 
 from longnet_dist.distributed import init_distributed
 
+from .host_reads import DeviceValue
+
 
 def ensure_process_group(backend: str | None = None) -> None:
     """Init the torchrun process group, or a world-1 group for a plain `python` run.
@@ -117,8 +119,6 @@ def keep_bf16_overflow_check_on_device() -> None:
     DeepSpeed's check."""
     from deepspeed.runtime import bf16_optimizer, utils
 
-    from .host_reads import DeviceValue
-
     if getattr(bf16_optimizer.is_invalid_grad_norm, "fused_by_longnet", False):
         return
     original_check, original_step = bf16_optimizer.is_invalid_grad_norm, bf16_optimizer.BF16_Optimizer.step
@@ -152,8 +152,6 @@ def keep_bf16_overflow_check_on_device() -> None:
 def grad_norm_value(engine):
     """The last step's gradient norm as the trainer keeps it: host_reads.DeviceValue (read when logged, without
     draining the GPU), a float, or None."""
-    from .host_reads import DeviceValue
-
     kept = getattr(engine.optimizer, "longnet_grad_norm", None)
     if kept is not None:
         engine.optimizer.longnet_grad_norm = None
