@@ -103,19 +103,48 @@ def test_the_log_advises_against_deepspeeds_slow_bf16_wrapper_on_a_gpu_only():
     assert optimizer_advice("AdamW", on_gpu=True) is None
 
 
-CLIP_RUN = r"""
-import os, sys
+# One small BF16_Optimizer engine (ZeRO-1, fp32 gradient accumulation, torch AdamW, warm-up schedule) on one gloo
+# rank, for the scripts below; each sets CLIP (gradient_clipping) and FUSED (AdamW's fused kernel) before it.
+BF16_ENGINE = r"""
+import sys
 import torch
-from longnet_dist.train.engine import build_engine, ensure_process_group
+from longnet_dist.train.engine import build_engine, ensure_process_group, grad_norm_value
+from longnet_dist.train.host_reads import HostReads
 
 ensure_process_group("gloo")
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
-config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": float(sys.argv[2]),
-          "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                    "weight_decay": 0.1, "torch_adam": True}}}
-engine = build_engine(model, {**config, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1}}})
+engine = build_engine(model, {
+    "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+    "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1},
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                                              "torch_adam": True, "fused": FUSED}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1}}})
+"""
+
+
+def _run_each(tmp_path, script: str, variable: str, values: tuple[str, ...], *args: str) -> dict:
+    """Runs `script` (a BF16_ENGINE script saving to argv[1]) once per value of environment `variable`, DeepSpeed on
+    the CPU -> {value: what that run saved}."""
+    import os
+    import subprocess
+    import sys
+
+    from subprocess_env import REPO, repo_first_on_pythonpath
+
+    results = {}
+    for value in values:
+        env = {**repo_first_on_pythonpath(os.environ), variable: value, "DS_ACCELERATOR": "cpu",
+               "CUDA_VISIBLE_DEVICES": ""}
+        path = tmp_path / f"{variable}{value}.pt"
+        run = subprocess.run([sys.executable, "-c", script, str(path), *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+        results[value] = torch.load(path)
+    return results
+
+
+CLIP_RUN = "CLIP, FUSED = float(__import__('sys').argv[2]), False" + BF16_ENGINE + r"""
 x = torch.randn(32, 16).to(torch.bfloat16)
 norms = []
 for _ in range(4):
@@ -135,21 +164,7 @@ def test_fused_bf16_clipping_gives_deepspeeds_bits(tmp_path, max_norm):
     """engine.fuse_bf16_gradient_clipping: BF16_Optimizer's gradient clipping as one multi-tensor multiply left on
     the device gives the fp32 master weights DeepSpeed's per-tensor loop gives, bit for bit, over 4 steps of
     AdamW, whether every step clips or none does (LONGNET_FUSED_CLIP=0 runs DeepSpeed's own)."""
-    import os
-    import subprocess
-    import sys
-
-    from subprocess_env import REPO, repo_first_on_pythonpath
-
-    results = {}
-    for fused in ("1", "0"):
-        env = {**repo_first_on_pythonpath(os.environ), "LONGNET_FUSED_CLIP": fused, "DS_ACCELERATOR": "cpu",
-               "CUDA_VISIBLE_DEVICES": ""}
-        path = tmp_path / f"fused{fused}.pt"
-        run = subprocess.run([sys.executable, "-c", CLIP_RUN, str(path), str(max_norm)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-        results[fused] = torch.load(path)
+    results = _run_each(tmp_path, CLIP_RUN, "LONGNET_FUSED_CLIP", ("1", "0"), str(max_norm))
     fused, original = results["1"], results["0"]
     assert fused["wrapper"] == original["wrapper"] == "BF16_Optimizer"
     assert fused["fused"] and not original["fused"]
@@ -222,21 +237,7 @@ def test_a_nonfinite_loss_is_dropped_before_its_backward_under_skip_and_stops_af
     assert (tmp_path / "nonfinite_loss_step_00000004.json").exists()
 
 
-OVERFLOW_RUN = r"""
-import sys
-import torch
-from longnet_dist.train.engine import build_engine, ensure_process_group, grad_norm_value
-from longnet_dist.train.host_reads import HostReads
-
-ensure_process_group("gloo")
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
-config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-          "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                    "weight_decay": 0.1, "torch_adam": True, "fused": True}},
-          "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1}}}
-engine = build_engine(model, config)
+OVERFLOW_RUN = "CLIP, FUSED = 1.0, True" + BF16_ENGINE + r"""
 norms, reads = [], []
 for step in range(5):
     x = torch.randn(32, 16).to(torch.bfloat16)
@@ -265,21 +266,8 @@ def test_bf16_overflow_skip_on_the_device_gives_deepspeeds_bits_without_a_host_r
     the same, the skipped one reads -1 (DeepSpeed's inf), and the patched optimizer step reads nothing on the
     host where DeepSpeed's reads the norm's finiteness."""
     import math
-    import os
-    import subprocess
-    import sys
 
-    from subprocess_env import REPO, repo_first_on_pythonpath
-
-    results = {}
-    for device_check in ("1", "0"):
-        env = {**repo_first_on_pythonpath(os.environ), "LONGNET_DEVICE_OVERFLOW_CHECK": device_check,
-               "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-        path = tmp_path / f"check{device_check}.pt"
-        run = subprocess.run([sys.executable, "-c", OVERFLOW_RUN, str(path)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-        results[device_check] = torch.load(path)
+    results = _run_each(tmp_path, OVERFLOW_RUN, "LONGNET_DEVICE_OVERFLOW_CHECK", ("1", "0"))
     ours, theirs = results["1"], results["0"]
     assert theirs["norms"][2] == math.inf and ours["norms"][2] == -1.0
     assert [n for i, n in enumerate(ours["norms"]) if i != 2] == [n for i, n in enumerate(theirs["norms"]) if i != 2]
