@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test train bench gpu-check gpu-tune gpu-train-long gpu-train-waits gpu-optimizer gpu-dq-fused clean slurm-up slurm-down
+.PHONY: setup test train bench gpu-check gpu-tune gpu-tune-late gpu-train-long gpu-train-waits gpu-optimizer gpu-dq-fused clean slurm-up slurm-down
 
 # torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
@@ -50,6 +50,13 @@ gpu-check:
 # shapes, TMA loads), written to kernel_tuning.json; at most 175 s
 gpu-tune:
 	GPU_CHECK_STAGES=tune scripts/gpu_check.sh
+
+# after gpu-check, on the same machine: the forward's loop split into warp groups by Triton (fused_settings.WARP_SPECIALIZE,
+# never run on a GPU: written in stop 31), then TMA loads per kernel, each timed against the plain kernel and kept if
+# faster and within bf16 of it, written to kernel_tuning.json; at most 170 s
+gpu-tune-late:
+	$(WITH_CHECK_TUNING) \
+	GPU_CHECK_STAGES=tune-late scripts/gpu_check.sh
 
 # 1M- and 4M-token training steps of `model=base` through the real trainer (dilated); at most 210 s
 gpu-train-long:

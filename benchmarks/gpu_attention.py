@@ -45,13 +45,15 @@ from common import RESULTS, machine, style_log2_axis  # noqa: E402
 import gpu_kernels  # noqa: E402  (its DEADLINE is set below)
 from gpu_kernels import (DILATIONS, HEAD_DIM, HEADS, SEGMENTS, UNTRIED_DQ_MODES, K, M,  # noqa: E402
                          choose_dq_variant, cuda_time, forward, grads_of, make_inputs, tune, tune_side_branches,
-                         tune_share_keys, tune_small_launches, tune_tma_loads, write_tuning)
+                         tune_share_keys, tune_small_launches, tune_tma_loads, tune_warp_specialize,
+                         write_tuning)
 
 from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E402
 
 BACKWARD_FACTOR = 2.5
 STARTED = time.time()
-LATE_TUNING_S = 35  # for the steps after the points (TMA loads: about 3 compiles and 6 timed runs at 256K)
+LATE_TUNING_S = 70  # for the steps after the points (warp specialisation, then TMA loads: each about 3 compiles and
+# 6 timed runs at 256K)
 # (kernel, N, causal, repeats); dense at 1M takes ~21 s per forward+backward: repeats 0 times its one
 # (first) forward+backward and no forward alone. At 32K a dilated forward+backward lasts ~4 ms, and medians of
 # 5 ranged 3.5-4.1 ms for the same settings on an H200 (stop 27): SHORT repeats there, 0.1 s in all.
@@ -185,6 +187,7 @@ def run_points(specs, payload: dict, save) -> None:
         if kind == "dilated":
             point["dq_mode"], point["tma_loads"] = fused_settings.DQ_MODE, sorted(fused_settings.TMA_LOADS)
             point["share_keys"] = fused_settings.SHARE_KEYS
+            point["warp_specialize"] = fused_settings.WARP_SPECIALIZE
             if fused_settings.SHARE_KEYS:  # the TF/s count every branch's pairs; the kernels score this fraction
                 point["pairs_scored_fraction"] = scored_fraction(n, causal)
         payload["points"].append(point)
@@ -201,6 +204,7 @@ def run_points(specs, payload: dict, save) -> None:
                      else f" {'-':>9}") + f"  {point.get('dq_mode', '')}"
                   + (f"  tma loads: {','.join(point['tma_loads'])}" if point.get("tma_loads") else "")
                   + ("  shared keys" if point.get("share_keys") else "")
+                  + ("  warp-specialized forward" if point.get("warp_specialize") else "")
                   + (f"  tail diff {point['tail_max_abs_diff']:.2e}" if "tail_max_abs_diff" in point else ""),
                   flush=True)
         payload["targets"] = summarize(payload["points"])
@@ -229,6 +233,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N = 32K and 1M, and dilated at 4M, only")
     parser.add_argument("--tune", action="store_true", help="sweep block shapes first (about 1 minute)")
+    parser.add_argument("--tune-late", action="store_true",
+                        help="only the tuning steps that run after the points (the forward's warp specialisation, TMA "
+                             "loads per kernel; LATE_TUNING_S), then the key points again if they changed a setting")
     parser.add_argument("--tune-budget", type=float, default=float("inf"), metavar="SECONDS",
                         help="seconds from the start after which the tuning tries nothing new (each step keeps its "
                              "best so far; kernel_tuning.json is written after every step), leaving the rest of a "
@@ -287,19 +294,23 @@ def main() -> None:
     print(f"{'kernel':8} {'mode':7} {'N':>8} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>9} {'f+b TF/s':>9} "
           f"{'KiB/token':>9} {'alone ms':>9}  dQ", flush=True)
     run_points(QUICK if args.quick else FULL, payload, save)
-    # What has not been timed on a GPU goes last (untried dQ modes; TMA loads in dK/dV and dQ): a kernel fault
+    # What has not been timed on a GPU goes last (untried dQ modes; TMA loads; warp specialisation): a kernel fault
     # there (sticky in CUDA) cannot cost the points above. It gets LATE_TUNING_S of its own.
-    chosen = fused_settings.DQ_MODE, fused_settings.TMA_LOADS
+    chosen = fused_settings.DQ_MODE, fused_settings.TMA_LOADS, fused_settings.WARP_SPECIALIZE
     gpu_kernels.DEADLINE = time.time() + LATE_TUNING_S
     if UNTRIED_DQ_MODES:
         payload["dq_variants_untried"] = choose_dq_variant(UNTRIED_DQ_MODES, payload["dq_variants"])
         save()
         write_tuning(args.results)
-    if args.tune:
+    if args.tune or args.tune_late:  # warp specialisation first: never timed (TMA loads were, in stops 19 and 27)
+        payload.setdefault("tuning", {})["warp_specialize"] = tune_warp_specialize()
+        save()
+        write_tuning(args.results)
         payload["tuning"]["tma_loads"] = tune_tma_loads()
         save()
         write_tuning(args.results)
-    if (fused_settings.DQ_MODE, fused_settings.TMA_LOADS) != chosen:  # faster and correct: the key points again
+    if (fused_settings.DQ_MODE, fused_settings.TMA_LOADS, fused_settings.WARP_SPECIALIZE) != chosen:  # faster, correct:
+        # the key points again
         run_points(key_points(QUICK if args.quick else FULL), payload, save)
     for key, value in payload["targets"].items():
         print(f"{key}: {value:.3f}")

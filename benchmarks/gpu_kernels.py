@@ -5,7 +5,8 @@ one forward of each kernel family ("dilated": the fused Triton kernels; "gather"
 per branch; "dense", "dense_cudnn", "dense_sdpa": SDPA over the whole sequence with its flash kernel,
 cuDNN's kernel, or its own pick), CUDA-event timing; and, for `gpu_attention.py`, the tuning steps: which
 way to compute dQ (fused_settings.DQ_MODES, checked against an fp32 run), which block shapes per kernel, which
-kernels read their rows through TMA descriptors (fused_settings.TMA_LOADS), whether small causal launches
+kernels read their rows through TMA descriptors (fused_settings.TMA_LOADS), whether the forward's loop is split
+into specialised warp groups (fused_settings.WARP_SPECIALIZE), whether small causal launches
 change (fused_settings.SMALL_LAUNCH_WAVES), how many branches run as a second chain on side streams
 (fused_settings.SIDE_BRANCHES), and kernel_tuning.json, which hands the choice to a later
 process (fused_settings.load_tuning, LONGNET_KERNEL_TUNING).
@@ -226,6 +227,38 @@ def tune_tma_loads(n: int | None = None) -> dict:
     return report
 
 
+def tune_warp_specialize(n: int | None = None) -> dict:
+    """fused_settings.WARP_SPECIALIZE (the forward as one loop that Triton splits into warp groups), off or on,
+    by forward time at N = n (causal) with the settings chosen so far; kept on only if faster and within bf16 of
+    the plain forward (2e-2 relative; the same numbers but for rounding order). A loop the compiler refuses (it
+    needs TMA loads in the forward) is reported and stays off."""
+    from longnet_dist.attention import fused_settings
+
+    q, k, v = (x.detach() for x in make_inputs(n or TUNE_N, seed=4)[:3])
+
+    def fwd():
+        return forward("dilated", q, k, v, True)
+
+    if out_of_time("warp specialize"):  # untimed: the setting stays
+        return {"chosen": fused_settings.WARP_SPECIALIZE}
+    fused_settings.WARP_SPECIALIZE, report = False, {}
+    try:
+        reference = fwd().float()
+        report["plain_s"] = cuda_time(fwd, REPEATS)
+        fused_settings.WARP_SPECIALIZE = True
+        report["error_vs_plain"] = max(relative_errors([fwd().float()], [reference]))
+        report["specialized_s"] = cuda_time(fwd, REPEATS)
+    except Exception as failure:  # this Triton cannot split the loop here: the plain forward
+        report["error"] = f"{type(failure).__name__}: {str(failure)[:300]}"
+    fused_settings.WARP_SPECIALIZE = "error" not in report and report["error_vs_plain"] < 2e-2 \
+        and report["specialized_s"] < report["plain_s"]
+    report["chosen"] = fused_settings.WARP_SPECIALIZE
+    print("tune warp specialize (fwd): " + (report["error"] if "error" in report else
+          f"plain {report['plain_s'] * 1e3:.2f} ms, specialized {report['specialized_s'] * 1e3:.2f} ms "
+          f"(err {report['error_vs_plain']:.1e})") + f": {'on' if report['chosen'] else 'off'}", flush=True)
+    return report
+
+
 def fastest_fwd_bwd(step: str, options: list, apply, n: int | None = None) -> dict:
     """The option (applied by `apply(option)`; the first is "off") with the fastest fwd+bwd at N = n (causal),
     each checked against the first (both bf16: only summation order differs, 2e-2 relative allowed); the
@@ -328,7 +361,8 @@ def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
 
 
 def write_tuning(folder: Path) -> None:
-    """kernel_tuning.json: the dQ mode, block shapes, TMA loads, small launches and side branches in use, for
+    """kernel_tuning.json: the dQ mode, block shapes, TMA loads, warp specialisation, small launches, side branches
+    and shared keys in use, for
     fused_settings.load_tuning (or the environment variable fused_settings.TUNING_ENV) in a later
     process, e.g. the GPU check's training stage."""
     from longnet_dist.attention import fused_settings
@@ -337,6 +371,6 @@ def write_tuning(folder: Path) -> None:
     blocks = {kernel: [*vars(fused_settings.blocks_for(kernel, DTYPE, HEAD_DIM)).values()] for kernel in kernels}
     tuning = {"dq_mode": fused_settings.DQ_MODE, "small_launch_waves": fused_settings.SMALL_LAUNCH_WAVES,
               "tma_loads": sorted(fused_settings.TMA_LOADS), "side_branches": fused_settings.SIDE_BRANCHES,
-              "share_keys": fused_settings.SHARE_KEYS,
+              "share_keys": fused_settings.SHARE_KEYS, "warp_specialize": fused_settings.WARP_SPECIALIZE,
               "head_dim": HEAD_DIM, "blocks": blocks}
     (folder / "kernel_tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")

@@ -14,7 +14,8 @@ pipeline the strided row loads, and the numbers mean little (this tool's first v
 Per kernel and shape: registers per thread, the stack frame (where spilled registers go: 0 means no
 spills), shared memory, and from the Triton GPU IR whether the row loads are asynchronous copies into
 shared memory (cp.async / TMA, pipelined over `num_stages`) and whether the products are Hopper warp-group
-MMAs (wgmma). "+parent" and "+child" are the same kernels sharing keys (fused_settings.SHARE_KEYS): scoring
+MMAs (wgmma), and whether Triton split the loop into warp groups ("+warp specialize": fused_settings.WARP_SPECIALIZE,
+which it does for a kernel's only loop with TMA loads). "+parent" and "+child" are the same kernels sharing keys (fused_settings.SHARE_KEYS): scoring
 pairs for three nested branches, or nested in a branch of 4096 positions. The two row-wise kernels (the
 backward's prep, the join of two chains) are compiled too, registers and spills only. Run it under the
 Triton a GPU lease has (PYTHONPATH to a `pip install --target` of that version) to know that every kernel
@@ -64,6 +65,8 @@ KERNELS = {
     "dkdv+tma loads": ("_bwd_dkdv", "kernel", {"TMA": True}, None),
     "dkdv+tma loads+tma dq": ("_bwd_dkdv", "tma", {"TMA": True, "FUSE_DQ": 2}, None),
     "dq+tma loads": ("_bwd_dq", "kernel", {"TMA": True}, None),
+    # fused_settings.WARP_SPECIALIZE: the forward as one loop, split into warp groups by Triton
+    "fwd+tma loads+warp specialize": ("_fwd", None, {"TMA": True, "WS": True}, None),
 }
 # fused_settings.SHARE_KEYS: the branch as a parent scoring pairs for three nested branches (the paper's (4096, 2)
 # has three), and as a branch nested in one of 4096 positions
@@ -98,6 +101,13 @@ def recording(names=("_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_prep")):
             setattr(module[name], name, fn)
 
 
+def blocks_key(kernel: str) -> str:
+    """The fused_settings blocks `kernel`'s launch takes: "dkdv_dq" for the dK/dV kernel computing dQ too (the
+    "atomic" and "tma" dQ modes), else the kernel's own."""
+    fn_name, mode, _, _ = KERNELS[kernel]
+    return "dkdv_dq" if fn_name == "_bwd_dkdv" and mode in ("atomic", "tma") else kernel.split("+")[0]
+
+
 def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     """(Triton function, positional arguments, meta arguments) of `kernel`'s launch with `blocks`."""
     fn_name, mode, forced, fold = KERNELS[kernel]
@@ -106,7 +116,7 @@ def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     q, k, v, grad_out = (meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(4))
     lse, delta = meta_tensor(B, N, H), meta_tensor(B, N, H)
     saved = dict(fused_settings.TUNED), fused_settings.DQ_MODE
-    fused_settings.TUNED[(kernel.split("+")[0], False, D)] = blocks
+    fused_settings.TUNED[(blocks_key(kernel), False, D)] = blocks
     try:
         with recording() as recorders:
             if fn_name == "_fwd":
@@ -131,7 +141,7 @@ def compile_launch(fn, args: tuple, meta: dict, arch: int):
     values = dict(zip(fn.arg_names, args)) | meta
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
-        value = values[param.name]
+        value = values[param.name] if param.name in values else fn.signature.parameters[param.name].default
         if param.is_constexpr:
             signature[param.name], constexprs[param.name] = "constexpr", value
             continue
@@ -178,11 +188,12 @@ def resources(kernel: str, blocks: fused_settings.Blocks, arch: int) -> dict:
     compiled = compile_launch(*launch_of(kernel, blocks), arch)
     ir = compiled.asm["ttgir"]
     return {"kernel": kernel, "blocks": [blocks.block_m, blocks.block_n, blocks.num_warps, blocks.num_stages],
-            "default": blocks == fused_settings.DEFAULT_BLOCKS[(kernel.split("+")[0], False)],
+            "default": blocks == fused_settings.DEFAULT_BLOCKS[(blocks_key(kernel), False)],
             **usage_of(compiled),
             "async_loads": ir.count("async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local"),
             "tma_loads": ir.count("async_tma_copy_global_to_local"),  # of those, by the tensor-memory accelerator
-            "wgmma": ir.count("warp_group_dot ") + ir.count("warp_group_dot\n") > 0}
+            "wgmma": ir.count("warp_group_dot ") + ir.count("warp_group_dot\n") > 0,
+            "warp_specialized": "ttg.warp_specialize" in ir}  # the loop split into warp groups
 
 
 def main() -> None:
@@ -194,12 +205,13 @@ def main() -> None:
     rows = []
     print(f"sm_{args.arch}, bf16, causal, {SHAPE}; Triton {triton.__version__}")
     print(f"{'kernel':<22} {'block_m x block_n, warps, stages':<33} {'registers':>9} {'stack (spills)':>15} "
-          f"{'shared':>7} {'async loads (tma)':>17} {'wgmma':>6}")
+          f"{'shared':>7} {'async loads (tma)':>17} {'wgmma':>6} {'warp groups':>11}")
     for kernel in KERNELS:
-        base = kernel.split("+")[0]
+        base = blocks_key(kernel)
         shapes = [fused_settings.DEFAULT_BLOCKS[(base, False)]]
         if not args.defaults:
-            tried = CANDIDATES[base] + (CANDIDATES["dkdv_fused_dq"] + CANDIDATES["dkdv_small"] if base == "dkdv" else [])
+            tried = {"dkdv": CANDIDATES["dkdv"] + CANDIDATES["dkdv_small"],
+                     "dkdv_dq": CANDIDATES["dkdv_fused_dq"]}.get(base, CANDIDATES.get(base, []))
             tried = [fused_settings.Blocks(*shape) for shape in dict.fromkeys(tried)]
             shapes += [blocks for blocks in tried if blocks != shapes[0]]
         for blocks in shapes:
@@ -208,7 +220,7 @@ def main() -> None:
             shape = "{} x {}, {}, {}".format(*row["blocks"]) + (" (default)" if row["default"] else "")
             print(f"{kernel:<22} {shape:<33} {row['registers']:>9} {row['stack_bytes']:>15} "
                   f"{row['dynamic_shared_bytes']:>7} {row['async_loads']:>11} ({row['tma_loads']:>3}) "
-                  f"{str(row['wgmma']):>6}", flush=True)
+                  f"{str(row['wgmma']):>6} {str(row['warp_specialized']):>11}", flush=True)
     row_kernels = [{"kernel": name, **usage_of(compile_launch(fn, call_args, meta, args.arch))}
                    for name, (fn, call_args, meta) in row_launches().items()]
     for row in row_kernels:

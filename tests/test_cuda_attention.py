@@ -42,6 +42,53 @@ def test_fused_kernel_with_tma_loads_matches_reference(dtype, causal, monkeypatc
     assert max(errors.values()) < TOLERANCE[dtype], errors
 
 
+WARP_SPECIALIZED_RUN = r"""
+import json, sys
+import torch
+sys.path.insert(0, "tests")
+from reference import dilated_errors
+from longnet_dist.attention import fused_settings
+
+fused_settings.WARP_SPECIALIZE, fused_settings.TMA_LOADS = True, frozenset({"fwd"})
+rows = []
+for dtype in (torch.bfloat16, torch.float16):
+    for causal in (False, True):
+        try:  # no key padding: a padded launch keeps the two loops
+            errors = dilated_errors("cuda", B=2, N=300, H=5, D=64, segs=[32, 96, 512], rates=[1, 3, 6], causal=causal,
+                                    pad=0.0, dtype=dtype, backend="triton")
+        except Exception as error:  # Triton could not split a loop (its compiler's error): said, not a wrong number
+            if not (type(error).__module__.startswith("triton") or "PassManager" in str(error)):
+                raise
+            print(json.dumps({"refused": f"{type(error).__name__}: {str(error)[:500]}"}))
+            sys.exit(0)
+        rows.append([str(dtype), causal, max(errors.values())])
+print(json.dumps({"rows": rows}))
+"""
+
+
+@pytest.mark.gpu_heavy
+def test_the_warp_specialized_forward_matches_reference():
+    """fused_settings.WARP_SPECIALIZE: the forward as one loop that Triton splits into warp groups (compute
+    capability 9+; below, the flag is not passed): bf16 and fp16, causal or not, ragged, shared keys, against
+    float64. In a process of its own: a loop Triton refuses to split fails to compile there (reported as a skip:
+    the tuning then never picks it), and a faulting kernel cannot poison this process's CUDA context."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from subprocess_env import REPO, repo_first_on_pythonpath
+
+    run = subprocess.run([sys.executable, "-c", WARP_SPECIALIZED_RUN], cwd=REPO,
+                         env=repo_first_on_pythonpath(os.environ), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    if "refused" in report:
+        pytest.skip(f"Triton does not warp-specialize this loop here: {report['refused']}")
+    tolerance = {"torch.bfloat16": TOLERANCE[torch.bfloat16], "torch.float16": TOLERANCE[torch.float16]}
+    assert all(error < tolerance[dtype] for dtype, _, error in report["rows"]), report
+
+
 @pytest.mark.parametrize("dq_mode", ["stream", "kernel", "atomic"])
 def test_a_second_chain_on_side_streams_matches_reference(dq_mode, monkeypatch):
     """fused_settings.SIDE_BRANCHES: the two branches of largest r on side streams (the second chain's dK/dV

@@ -85,14 +85,17 @@ def test_the_default_stages_run_in_order_and_hand_on_the_tuning(tmp_path):
 
 def test_the_opt_in_tuning_and_long_training_stages(tmp_path):
     """`make gpu-tune` re-times the settings under a tag of its own and hands its kernel_tuning.json on;
-    `make gpu-train-long` runs the 1M and 4M training points."""
-    result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="tune train-long")
+    `make gpu-tune-late` times warp specialisation and TMA loads only; `make gpu-train-long` runs the 1M and 4M
+    training points."""
+    result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="tune tune-late train-long")
     assert result.returncode == 0, result.stdout + result.stderr
-    (tune_args, tune_tuning), (long_args, long_tuning) = calls
+    (tune_args, tune_tuning), (late_args, _), (long_args, long_tuning) = calls
     assert tune_args.startswith(f"benchmarks/gpu_attention.py --results {out} --tag tune --tune") and tune_tuning == ""
+    assert late_args == f"benchmarks/gpu_attention.py --results {out} --tag tune_late --tune-late --quick --dq-modes tma"
     assert long_args == "benchmarks/train.py --device cuda --seq-lens 1048576 4194304 --impls dilated --budget 200 --tag long"
     assert long_tuning == str((out / "kernel_tuning.json").resolve())
     assert (out / "gpu_attention_tune.log").exists() and (out / "train_cuda_long.log").exists()
+    assert (out / "gpu_attention_tune_late.log").exists()
 
 
 def test_the_waits_stage_puts_the_steps_waits_back_for_the_32k_point(tmp_path):

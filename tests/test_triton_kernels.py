@@ -121,27 +121,52 @@ def test_fused_matches_gather_path_float32(dq_mode, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("dq_mode", DQ_MODES)
-def test_r1_branch_writing_first_changes_no_bit(dtype, dq_mode, monkeypatch):
-    """With an r = 1 branch the accumulators are not zero-filled: that branch runs first and writes
-    every row (FIRST). Against the plain path (zeros, every branch adds): identical, bit for bit,
-    padded and causal, one head per group (16-bit) and the r = 1 branch listed last."""
-    from longnet_dist.attention import fused, fused_settings
+def test_the_r1_branch_writing_first_or_last_changes_no_bit(dtype, dq_mode, monkeypatch):
+    """With an r = 1 branch the accumulators are not zero-filled: that branch runs first and writes every row
+    (FIRST); in a 16-bit forward it runs last instead and writes the merged output in its dtype (LAST: no store
+    pass after the branches; an accumulator left unfilled holds NaN). Against the plain path (zeros, every branch
+    adds, the same order, then the store pass): identical, bit for bit, forward and backward (from the same output), padded and causal, one head per
+    group (16-bit) and the r = 1 branch listed between the others."""
+    from longnet_dist.attention import fused, fused_launch, fused_settings
 
     assert fused.covering_first([(8, 2), (16, 1), (32, 1)]) == ([(16, 1), (8, 2), (32, 1)], True)
     assert fused.covering_first([(8, 2), (32, 4)]) == ([(8, 2), (32, 4)], False)
+    assert fused.covering_last([(16, 1), (8, 2), (32, 1)]) == ([(8, 2), (32, 1), (16, 1)], True)
     monkeypatch.setattr(fused_settings, "DQ_MODE", dq_mode)
     monkeypatch.setattr(fused, "ACCUMULATOR_BUDGET_BYTES", 0)
     g = torch.Generator().manual_seed(11)
     q, k, v, grad = (torch.randn(2, 70, 3, 16, generator=g).to(DEVICE, dtype) for _ in range(4))
-    mask = (torch.rand(2, 70, generator=g) > 0.3).to(DEVICE)
+    keep = fused_launch.key_bytes((torch.rand(2, 70, generator=g) > 0.3).to(DEVICE))
+    branches, scale = [(12, 2), (40, 1), (32, 3)], 16**-0.5
+    stores, covering_first = [], fused.covering_first
+    # plans are made once per shape and settings: this test's own cache, cleared for each order it patches in
+    monkeypatch.setattr(fused, "_cached_plan", functools.lru_cache(maxsize=None)(fused._cached_plan.__wrapped__))
+    monkeypatch.setattr(fused, "store_heads", lambda *args: stores.append(args) or fused_launch.store_heads(*args))
+    accumulator = fused._accumulator  # an accumulator left unfilled holds NaN here: no branch may read it unwritten
+    monkeypatch.setattr(fused, "_accumulator", lambda shape, dtype, device, filled: accumulator(
+        shape, dtype, device, filled).fill_(float("nan") if filled else 0.0))
 
-    def run():
-        return fused_outputs_and_grads(q, k, v, grad, [12, 32, 40], [2, 3, 1], causal=True, key_padding_mask=mask)
+    def run(order=None, reference=None):
+        """(out, lse, store passes in the forward, dq, dk, dv from `reference` = (out, lse) or this run's); `order`:
+        the plain path, with the covering branch where `order` puts it."""
+        if order is not None:
+            monkeypatch.setattr(fused, "covering_first", lambda branches: (order(covering_first(branches)[0]), False))
+        fused._cached_plan.cache_clear()
+        stores.clear()
+        out, lse = fused.fused_forward(q, k, v, branches, True, scale, keep)
+        forward_stores = len(stores)
+        grads = fused.fused_backward(grad, q, k, v, *(reference or (out, lse)), branches, True, scale, keep)
+        return out, lse, forward_stores, *grads
 
     first = run()
-    ordered = fused.covering_first  # the same order (merging in another order rounds differently), no FIRST
-    monkeypatch.setattr(fused, "covering_first", lambda branches: (ordered(branches)[0], False))
-    for name, a, b in zip(("out", "dq", "dk", "dv"), first, run()):
+    sixteen_bit = dtype != torch.float32
+    assert first[2] == 0  # fp32 accumulates in the output; 16-bit: the r = 1 branch wrote it (LAST)
+    plain_forward = run(order=lambda o: o[1:] + o[:1] if sixteen_bit else o)  # r = 1 last (16-bit), else first
+    assert plain_forward[2] == (3 if sixteen_bit else 0)  # one store pass per head group
+    plain_backward = run(order=lambda o: o, reference=first[:2])  # the backward keeps the r = 1 branch first
+    for name, a, b in zip(("out", "lse"), first, plain_forward):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    for name, a, b in zip(("dq", "dk", "dv"), first[3:], plain_backward[3:]):
         if dq_mode in ("atomic", "tma") and name == "dq":  # atomic adds: the order of additions varies
             torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
         else:
@@ -206,7 +231,7 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
 
     path = tmp_path / "kernel_tuning.json"
     path.write_text(json.dumps({"dq_mode": "stream", "small_launch_waves": 2, "tma_loads": ["fwd", "dq"],
-                                "side_branches": 2, "share_keys": True, "head_dim": 64,
+                                "side_branches": 2, "share_keys": True, "warp_specialize": True, "head_dim": 64,
                                 "blocks": {"dkdv": [64, 64, 8, 3]}}))
     monkeypatch.setattr(fused_settings, "TUNED", {})
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
@@ -214,8 +239,9 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset())
     monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", 0)
     monkeypatch.setattr(fused_settings, "SHARE_KEYS", False)
+    monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", False)
     fused_settings.load_tuning(path)
-    assert fused_settings.DQ_MODE == "stream"
+    assert fused_settings.DQ_MODE == "stream" and fused_settings.WARP_SPECIALIZE is True
     assert fused_settings.TUNED == {("dkdv", False, 64): fused_settings.Blocks(64, 64, 8, 3)}
     assert fused_settings.SMALL_LAUNCH_WAVES == 2 and fused_settings.TMA_LOADS == {"fwd", "dq"}
     assert fused_settings.SIDE_BRANCHES == 2 and fused_settings.SHARE_KEYS is True
@@ -236,13 +262,14 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
                          ({"share_keys": 1}, r"share_keys=1 must be true or false"),
                          ({"tma_loads": ["bwd"]},
                           r"tma_loads=\['bwd'\] must be a list of some of \['fwd', 'dkdv', 'dq'\]"),
+                         ({"warp_specialize": ["fwd"]}, r"warp_specialize=\['fwd'\] must be true or false"),
                          ({"blocks": {"fwd": [64, 64, 4, 3]}}, r"blocks need the head_dim they were tuned for")]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             fused_settings.load_tuning(path)
     # a refused file changes nothing
     assert fused_settings.DQ_MODE == "stream" and fused_settings.SMALL_LAUNCH_WAVES == 2
-    assert fused_settings.TMA_LOADS == {"fwd", "dq"}
+    assert fused_settings.TMA_LOADS == {"fwd", "dq"} and fused_settings.WARP_SPECIALIZE is True
 
 
 def test_a_causal_launch_of_few_dkdv_programs_takes_the_small_blocks(monkeypatch):
@@ -324,6 +351,48 @@ def test_tma_loads_fall_back_to_pointers_on_misaligned_rows(monkeypatch):
     shifted = torch.zeros(1 + 8 * 2 * 16, device=DEVICE, dtype=torch.float16)[1:].view(1, 8, 2, 16)
     assert not fused_launch._tma_loads("fwd", aligned, shifted)
     assert not fused_launch._tma_loads("dq", aligned)  # not listed
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_warp_specialized_forward_is_one_loop_with_the_same_numbers(causal, monkeypatch):
+    """fused_settings.WARP_SPECIALIZE: a forward launch with TMA loads and no key padding runs its key blocks as one
+    loop, every block masked, which Triton can split into warp groups on compute capability 9+ (the interpreter
+    runs the loop as it is). The masks keep the blocks the plain kernel leaves unmasked whole, so the output and
+    the gradients are the same bit for bit: shared keys (a parent and nested branches skipping a gap when not
+    causal), ragged tails, r not dividing w. A padded launch, pointer loads or a device without the pass keep the
+    two loops. tests/test_cuda_attention.py checks the compiled loop against float64."""
+    from longnet_dist.attention import fused_launch, fused_settings
+
+    torch.manual_seed(2)
+    q, k, v, grad = (torch.randn(2, 150, 3, 16, device=DEVICE, dtype=torch.float16) for _ in range(4))
+    monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"fwd"}))
+    monkeypatch.setattr(fused_settings, "SHARE_KEYS", True)
+    specialized = []
+    real_launch = fused_launch.launch
+
+    def recording(kernel, grid, pointers, *scalars, **meta):
+        specialized.append(meta.get("WS", False))
+        return real_launch(kernel, grid, pointers, *scalars, **meta)
+
+    monkeypatch.setattr(fused_launch, "launch", recording)
+
+    def run(on):
+        monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", on)
+        specialized.clear()
+        return fused_outputs_and_grads(q, k, v, grad, [16, 32, 64, 150], [1, 2, 4, 3], causal=causal)
+
+    plain = run(False)
+    assert not any(specialized)
+    one_loop = run(True)
+    assert sum(specialized) == 4  # the four forward launches, nothing in the backward
+    for a, b in zip(plain, one_loop):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    device = torch.device(DEVICE)
+    assert fused_launch._warp_specialize(True, False, device) == {}  # key padding: pointer loads in the loop
+    assert fused_launch._warp_specialize(False, True, device) == {}  # pointer loads
+    if DEVICE == "cpu":  # no compiled loop to split outside the interpreter
+        monkeypatch.setattr(fused_launch.kern, "interpreted", lambda: False)
+        assert fused_launch._warp_specialize(True, True, device) == {}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

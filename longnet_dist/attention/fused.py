@@ -4,7 +4,8 @@ branches' launches (fused_launch.py) chained over shared accumulators, and their
 Forward: the merged output starts at 0 and its lse at -inf; each branch's launch reads its rows of
 q, k, v in place and folds its (o_i, lse_i) into the fp32 mixture at the same rows (Eq. 9-10). A
 branch with r = 1 covers every row: it runs first and writes the accumulators, which then need no
-fill (`covering_first`; the same in the backward).
+fill (`covering_first`; the same in the backward); in a 16-bit forward it runs last instead and writes the
+merged rows straight into the output (`covering_last`).
 Backward: delta = rowsum(dO * O) once, then per branch one dK/dV launch that adds into fp32 gradient
 accumulators in place (the merged-softmax identity of dilated.py), dQ included by default (fused_settings.DQ_MODE
 "tma": TMA bulk reductions from the dK/dV loop), else by a dQ launch of its own.
@@ -12,8 +13,9 @@ accumulators in place (the merged-softmax identity of dilated.py), dQ included b
 Memory: the fp32 accumulators are the only buffers of size N beyond inputs and outputs. For long
 sequences they cover a group of heads at a time (`head_group`), so one layer's forward+backward
 holds about as much as dense flash attention: q, k, v, out, dO, dq, dk, dv in the input dtype plus
-fp32 accumulators no larger than one of those tensors. A 16-bit run stores each group's accumulators into
-its heads of the outputs with one row-wise launch per tensor (fused_launch.store_heads).
+fp32 accumulators no larger than one of those tensors. A 16-bit backward stores each group's accumulators into
+its heads of the outputs with one row-wise launch per tensor (fused_launch.store_heads); so does a forward without
+an r = 1 branch (with one, that branch writes the output).
 
 How each launch runs (block shapes, how dQ is computed, TMA loads, small launches, a second chain of
 branches on side streams) is read from fused_settings.py at every call.
@@ -53,6 +55,16 @@ def covering_first(branches: Sequence[tuple]) -> tuple[list[tuple], bool]:
     if first is None:
         return order, False
     return [order.pop(first)] + order, True
+
+
+def covering_last(branches: Sequence[tuple]) -> tuple[list[tuple], bool]:
+    """(the branches with the covering r = 1 branch that covering_first put in front moved to the end, True).
+    Run last, it covers every row, so it can write the merged output in the output's dtype (LAST): the 16-bit
+    forward then needs no store pass of its fp32 accumulator, and no fill of it either (the branches before read
+    a row's accumulator only where its lse, filled with -inf, is finite). The forward's merge order only changes
+    rounding; the backward keeps the covering branch first."""
+    order = list(branches)
+    return order[1:] + order[:1], True
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,7 +185,8 @@ def _second_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Te
 
 
 def _accumulator(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, filled: bool) -> Tensor:
-    """A buffer the branches add into: zeros, or uninitialised when the first branch writes every row."""
+    """A buffer the branches add into: zeros, or uninitialised when the first branch writes every row (or when
+    the forward's branches read it only where they wrote before: covering_last)."""
     return torch.empty(shape, dtype=dtype, device=device) if filled else torch.zeros(shape, dtype=dtype, device=device)
 
 
@@ -183,25 +196,28 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int,
     -> out (B, N, H, D) in q.dtype (0 where no branch covers a row), lse (B, N, H) float32 (-inf there)."""
     B, N, H, D = q.shape
     branches, second, covering = _plan(branches, B, N, H, D, q.element_size(), buffers=1)
-    lse = (torch.empty if covering else functools.partial(torch.full, fill_value=float("-inf")))(
-        (B, N, H), dtype=torch.float32, device=q.device)
     direct = q.dtype == torch.float32  # accumulate straight into the output
+    # 16-bit, one chain: the covering branch runs last and writes the output itself (covering_last)
+    branches, last = covering_last(branches) if covering and not direct and not second else (branches, False)
+    first = covering and not (last and len(branches) > 1)  # the covering branch runs first (and alone: also last)
+    lse = (torch.empty if first else functools.partial(torch.full, fill_value=float("-inf")))(
+        (B, N, H), dtype=torch.float32, device=q.device)
     out = (_accumulator((B, N, H, D), q.dtype, q.device, covering) if direct
            else torch.empty_like(q, memory_format=torch.contiguous_format))
     group = H if direct or second else head_group(B, N, H, D, q.element_size(), buffers=1)
-    acc = out if direct else torch.empty(B, N, group, D, dtype=torch.float32, device=q.device)
+    acc = out if direct else _accumulator((B, N, group, D), torch.float32, q.device, filled=True)  # zeroed below
     beside = _second_forward(q, k, v, keep, second, causal, scale) if second else None
     for h0 in range(0, H, group):
         hs = slice(h0, min(h0 + group, H))
         acc_g = _heads(hs, H, out)[0] if direct else acc[:, :, : hs.stop - h0]
-        if not direct and not covering:
+        if not direct and not covering:  # rows no branch covers must come out 0
             acc_g.zero_()
-        q_g, k_g, v_g, lse_g = _heads(hs, H, q, k, v, lse)  # (B, N, g, ...) views, made once per group
+        q_g, k_g, v_g, lse_g, out_g = _heads(hs, H, q, k, v, lse, out)  # (B, N, g, ...) views, made once per group
         for i, (w, r, fold) in enumerate(branches):
             with branch_range("fwd", w, r):
-                forward_branch(q_g, k_g, v_g, keep, acc_g, lse_g, w, r, h0, causal, scale, first=covering and i == 0,
-                               fold=fold)
-        if not direct and beside is None:
+                forward_branch(q_g, k_g, v_g, keep, acc_g, lse_g, w, r, h0, causal, scale, first=first and i == 0,
+                               fold=fold, out=out_g if last and i == len(branches) - 1 else None)
+        if not direct and beside is None and not last:
             store_heads(acc_g, out, h0)
     if beside is not None:  # Eq. 9-10 once more, over the two chains
         _join(q.device)

@@ -68,10 +68,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is ignored for 16-bit inputs
 
 
-def _check_first(first: bool, r: int) -> None:
-    """`first` (write instead of add) is only right for a branch that covers every row: r = 1."""
-    if first and r != 1:
-        raise ValueError(f"only a branch with r = 1 covers every row (first=True with r={r})")
+def _check_covering(r: int, **flags: bool) -> None:
+    """`first` (write instead of add) and `last` (write the output) are only right for a branch that covers every
+    row: r = 1."""
+    for name, on in flags.items():
+        if on and r != 1:
+            raise ValueError(f"only a branch with r = 1 covers every row ({name}=True with r={r})")
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,23 +96,28 @@ def _nest_args(fold: KernelFold | None, device: torch.device, dummy: Tensor) -> 
 
 
 def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Tensor, lse: Tensor, w: int, r: int,
-                   head0: int, causal: bool, scale: float, first: bool = False, fold: KernelFold | None = None) -> None:
+                   head0: int, causal: bool, scale: float, first: bool = False, fold: KernelFold | None = None,
+                   out: Tensor | None = None) -> None:
     """Merge branch (w, r) of heads [head0, head0 + H') into `acc` (B, N, H', D) fp32 and `lse` (B, N, H')
-    (Eq. 9-10), in place. q, k, v: (B, N, H', D) views of those heads; keep (B, N) uint8 or None.
+    (Eq. 9-10), in place. q, k, v: (B, N, H', D) views of those heads; keep (B, N) uint8 or None. Rows whose lse
+    is -inf count as empty whatever acc holds there.
     `first`: r = 1 and nothing merged yet: write every row (acc and lse may hold garbage).
-    `fold`: how the branch shares keys with the others (nesting.kernel_plan; None: it does not)."""
-    _check_first(first, r)
+    `fold`: how the branch shares keys with the others (nesting.kernel_plan; None: it does not).
+    `out`: r = 1, the last branch: the merged rows go into `out` (B, N, H', D), in its dtype, instead of acc."""
+    _check_covering(r, first=first, last=out is not None)
     B, N, heads, D = q.shape
     blocks = settings.blocks_for("fwd", q.dtype, D)
     grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
     nest, parent_w, nest_meta = _nest_args(fold, q.device, lse)
+    target, tma = acc if out is None else out, _tma_loads("fwd", k, v)
     launch(
-        kern._fwd, grid, (q, k, v, lse if keep is None else keep, nest, acc, lse), *_strides3(q), *_strides3(k),
-        *_strides3(v), *_strides3(acc), *_strides3(lse), N, N, min(w, N), r, head0, heads, num_blocks,  # keep: N
-        scale * kern.LOG2E, parent_w, **nest_meta, CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, D=D,
+        kern._fwd, grid, (q, k, v, lse if keep is None else keep, nest, acc, lse, target), *_strides3(q),
+        *_strides3(k), *_strides3(v), *_strides3(acc), *_strides3(lse), *_strides3(target), N, N, min(w, N), r, head0,
+        heads, num_blocks, scale * kern.LOG2E, parent_w, **nest_meta,  # keep's batch stride: N
+        CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, LAST=out is not None, D=D,
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
         num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)),
-        TMA=_tma_loads("fwd", k, v))
+        TMA=tma, **_warp_specialize(tma and _tma_loads("fwd", q), keep is None, q.device))
 
 
 def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,7 +141,7 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream).
     `first`: r = 1 and nothing added yet: write dk, dv (and dq unless settings.DQ_MODE adds it atomically,
     "atomic" or "tma": dq must then hold zeros) instead of adding. `fold`: as in forward_branch."""
-    _check_first(first, r)
+    _check_covering(r, first=first)
     B, N, heads, D = q.shape
     fuse_dq = _fused_dq(q.device)
     dq_blocks = settings.blocks_for("dq", q.dtype, D)
@@ -182,6 +189,16 @@ def _tma_loads(kernel: str, *rows: Tensor) -> bool:
         return False
     return all(x.data_ptr() % 16 == 0 and all(n * x.element_size() % 16 == 0 for n in (*x.stride()[:3], x.shape[3]))
                for x in rows)
+
+
+def _warp_specialize(tma: bool, unpadded: bool, device: torch.device) -> dict:
+    """{"WS": True} for a forward launch when settings.WARP_SPECIALIZE is on and Triton can split its loop: q, k and
+    v through TMA descriptors (`tma`), no key padding (whose bytes are pointer loads in the loop), compute
+    capability 9+ (or the interpreter, which tests the one-loop path); else {} (the kernel's default, False: a
+    launch without it keeps the key and the compiled kernel it had)."""
+    if not (settings.WARP_SPECIALIZE and tma and unpadded):
+        return {}
+    return {"WS": True} if kern.interpreted() or (device.type == "cuda" and _hopper(device)) else {}
 
 
 def _tma_ready(device: torch.device) -> bool:

@@ -97,6 +97,15 @@ SIDE_BRANCHES = 0
 # (stop 19, 256K, fwd+bwd) 25.70 ms on against 26.09 off: on by default (`gpu_attention.py --tune` times both).
 SHARE_KEYS = nesting.SHARE_KEYS_BY_DEFAULT  # LONGNET_SHARE_KEYS=0: off, as on the CPU path
 TMA_LOADS: frozenset[str] = frozenset({"fwd", "dkdv"})
+# The forward kernel as one loop over its key blocks, every block masked (the masks keep whole blocks whole), which
+# asks Triton for automatic warp specialisation (tl.range(..., warp_specialize=True)): the compiler splits the loop
+# into warp groups that fetch tiles, multiply and do the softmax at the same time, as flash-attention 3 does by hand
+# on Hopper. Triton 3.6 and 3.9 split a loop only when it is the kernel's only loop and its tiles arrive through TMA
+# descriptors (compiled for sm_90 on a CPU, benchmarks/kernel_resources.py: the backward kernels' loops, one or
+# several, are refused), so it applies to forward launches with TMA loads and without key padding on compute
+# capability 9+. The same numbers. Written without a GPU (stop 31), so off until `gpu_attention.py --tune` (or
+# `make gpu-tune-late`) times the forward with and without it.
+WARP_SPECIALIZE = False
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
 
@@ -104,10 +113,10 @@ TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at impor
 def load_tuning(path: str | os.PathLike) -> None:
     """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
     writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "tma_loads": ["fwd"],
-    "side_branches": 2, "share_keys": true, "head_dim": 64, "blocks": {"fwd": [block_m, block_n, num_warps, num_stages],
-    "dkdv": [...], "dkdv_dq": [...], "dkdv_small": [...], "dq": [...]}} (every key optional; blocks need
-    head_dim)."""
-    global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES, SHARE_KEYS
+    "side_branches": 2, "share_keys": true, "warp_specialize": false, "head_dim": 64,
+    "blocks": {"fwd": [block_m, block_n, num_warps, num_stages], "dkdv": [...], "dkdv_dq": [...], "dkdv_small": [...],
+    "dq": [...]}} (every key optional; blocks need head_dim)."""
+    global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES, SHARE_KEYS, WARP_SPECIALIZE
     with open(path) as file:
         data = json.load(file)
     mode = data.get("dq_mode", DQ_MODE)
@@ -118,8 +127,8 @@ def load_tuning(path: str | os.PathLike) -> None:
     blocks = {}
     for kernel, shape in data.get("blocks", {}).items():
         if (kernel, False) not in DEFAULT_BLOCKS or len(shape) != 4 or not all(int(x) > 0 for x in shape):
-            raise ValueError(f"{path}: blocks[{kernel!r}]={shape!r}; want one of fwd, dkdv, dkdv_dq, dkdv_small, dq mapped to "
-                             "[block_m, block_n, num_warps, num_stages] (positive integers)")
+            raise ValueError(f"{path}: blocks[{kernel!r}]={shape!r}; want one of fwd, dkdv, dkdv_dq, dkdv_small, dq "
+                             "mapped to [block_m, block_n, num_warps, num_stages] (positive integers)")
         blocks[(kernel, False, int(data["head_dim"]))] = Blocks(*(int(x) for x in shape))
     waves = data.get("small_launch_waves", SMALL_LAUNCH_WAVES)
     if isinstance(waves, bool) or not isinstance(waves, int) or waves < 0:
@@ -130,10 +139,12 @@ def load_tuning(path: str | os.PathLike) -> None:
     side = data.get("side_branches", SIDE_BRANCHES)
     if isinstance(side, bool) or not isinstance(side, int) or side < 0:
         raise ValueError(f"{path}: side_branches={side!r} must be an integer >= 0 (0: one chain)")
-    share = data.get("share_keys", SHARE_KEYS)
-    if not isinstance(share, bool):
-        raise ValueError(f"{path}: share_keys={share!r} must be true or false")
-    DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES, SHARE_KEYS = mode, waves, frozenset(tma_loads), side, share
+    share, specialized = data.get("share_keys", SHARE_KEYS), data.get("warp_specialize", WARP_SPECIALIZE)
+    for key, value in (("share_keys", share), ("warp_specialize", specialized)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: {key}={value!r} must be true or false")
+    DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES = mode, waves, frozenset(tma_loads), side
+    SHARE_KEYS, WARP_SPECIALIZE = share, specialized
     TUNED.update(blocks)
 
 

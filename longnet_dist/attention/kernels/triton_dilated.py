@@ -20,7 +20,9 @@ per element, 2 one TMA bulk reduction per tile through a per-program tensor desc
 flash-attention 3 does, Hopper and newer) or from `_bwd_dq` (a program per query block, looping
 over key blocks: 7 products, no atomics).
 
-A branch with r = 1 run first covers every row: its launches store instead of adding (FIRST); two
+A branch with r = 1 covers every row. Run first, its launches store instead of adding (FIRST); run last in a 16-bit
+forward, it writes the merged rows into the output in its dtype (LAST: the fp32 accumulator needs no fill, as the
+other branches read a row's accumulator only where its lse is finite, and no store pass after the branches); two
 chains of branches (fused_settings.SIDE_BRANCHES) are joined by `_merge_chains` (triton_rows.py).
 Nested branches may share keys (fused_settings.SHARE_KEYS, triton_nesting.py): a nested branch (CHILD)
 skips the pairs inside its queries' parent segment, and the parent scores them once with weight 1 + c
@@ -92,11 +94,12 @@ def _past_gap(step, gap_at, gap, GAP: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi, gap_at, gap,
                n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                HAS_KEEP: tl.constexpr, CHILD: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr,
-               D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+               D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
     """k_src, v_src: this (batch, head)'s base pointers, or (TMA) its slots' descriptors (_slot_rows).
-    CHILD, NESTED: shared keys (triton_nesting.py; flags_m, c_j, m_j, inv from _nest_flags / _nest_phases)."""
+    CHILD, NESTED: shared keys (triton_nesting.py; flags_m, c_j, m_j, inv from _nest_flags / _nest_phases).
+    WS: Triton's automatic warp specialisation of the loop (its loads, products and softmax in warp groups)."""
     offs_d = tl.arange(0, D)
-    for step in range(lo, hi - gap, BLOCK_N):
+    for step in tl.range(lo, hi - gap, BLOCK_N, warp_specialize=WS):
         start = _past_gap(step, gap_at, gap, CHILD and not CAUSAL)
         offs_n = start + tl.arange(0, BLOCK_N)
         pos_n = (row0 + offs_n * r).to(tl.int64)
@@ -140,19 +143,21 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, 
 
 
 @triton.jit(do_not_specialize=placement("num_m_blocks"))
-def _fwd(Q, K, V, KEEP, NEST, OA, LA,
+def _fwd(Q, K, V, KEEP, NEST, OA, LA, OUT,
          stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-         stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_lh, stride_keep,
-         N, w, r, head0, heads, num_m_blocks, scale2, parent_w,
+         stride_ob, stride_on, stride_oh, stride_lb, stride_ln, stride_lh, stride_yb, stride_yn, stride_yh,
+         stride_keep, N, w, r, head0, heads, num_m_blocks, scale2, parent_w,
          CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr,
-         TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0):
+         TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0, WS: tl.constexpr = False,
+         LAST: tl.constexpr = False):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
-    if pid_m * BLOCK_M >= n_slots:
-        return
+    if not WS:  # (Triton's warp specialisation refuses a kernel that returns early: see the loop below)
+        if pid_m * BLOCK_M >= n_slots:
+            return
     a, m0, m1, gap_at, gap = _key_stretches(pid_m, n_slots, row0, r, parent_w, CAUSAL, CHILD, BLOCK_M, BLOCK_N)
-    if CHILD and not FIRST:
+    if CHILD and not FIRST and not LAST and not WS:
         if a + (m1 - m0 - gap) == 0:  # every key lies in these queries' parent segment: nothing to merge
             return
     offs_m, m_ok, pos_m = _block_rows(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots)
@@ -160,7 +165,11 @@ def _fwd(Q, K, V, KEEP, NEST, OA, LA,
     seg_m = (row0 + offs_m * r) // parent_w  # the rows' parent segments (CHILD)
     offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
-    q = _load_rows(Q + b64 * stride_qb + hh * stride_qh, pos_m, m_ok, stride_qn, D)
+    if WS:  # (the warp-specialised loop's partitions take their inputs from TMA loads only)
+        q = _slot_rows(Q + b64 * stride_qb + hh * stride_qh, row0, r, stride_qn, n_slots, BLOCK_M, D).load(
+            [pid_m * BLOCK_M, 0])
+    else:
+        q = _load_rows(Q + b64 * stride_qb + hh * stride_qh, pos_m, m_ok, stride_qn, D)
     k_src = K + b64 * stride_kb + hh * stride_kh
     v_src = V + b64 * stride_vb + hh * stride_vh
     if TMA:  # the key loop's tiles through descriptors: no per-row address math, loads off the threads
@@ -170,13 +179,21 @@ def _fwd(Q, K, V, KEEP, NEST, OA, LA,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # keys [0, a) unmasked, [m0, m1) masked less the gap (_regions)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0, a,
-                               a, 0, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, False, HAS_KEEP,
-                               CHILD, NESTED, BLOCK_N, D, PRECISION, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, m0,
-                               m1, gap_at, gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True,
-                               HAS_KEEP, CHILD, NESTED, BLOCK_N, D, PRECISION, TMA)
+    if WS:  # one loop over [0, m1) less the gap (m0 = a), every block masked (the masks keep all of [0, a)):
+        # Triton's Hopper warp specialisation takes a kernel with one loop and no early return. A program past its
+        # (segment, head)'s slots loops over nothing and stores nothing (m_ok is all false); a nested branch's
+        # queries with every key in their parent segment merge an empty branch (o_i = 0, lse_i = -inf)
+        hi = tl.where(pid_m * BLOCK_M >= n_slots, gap, m1)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0,
+                                   hi, gap_at, gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL,
+                                   True, HAS_KEEP, CHILD, NESTED, BLOCK_N, D, PRECISION, TMA, True)
+    else:  # keys [0, a) unmasked, [m0, m1) masked less the gap (_regions)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0,
+                                   a, a, 0, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, False,
+                                   HAS_KEEP, CHILD, NESTED, BLOCK_N, D, PRECISION, TMA, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m,
+                                   m0, m1, gap_at, gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv,
+                                   CAUSAL, True, HAS_KEEP, CHILD, NESTED, BLOCK_N, D, PRECISION, TMA, False)
     # this branch: o_i = acc / l, lse_i = ln(sum exp) (-inf and o_i = 0 where no key was left)
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -190,8 +207,14 @@ def _fwd(Q, K, V, KEEP, NEST, OA, LA,
     else:
         lse_prev = tl.load(l_ptrs, mask=m_ok, other=float("-inf"))
         o_prev = tl.load(o_ptrs, mask=m_ok[:, None], other=0.0)
+        # a row no branch has written holds lse -inf and, in an unfilled accumulator, anything: it weighs 0
+        o_prev = tl.where(lse_prev[:, None] == float("-inf"), 0.0, o_prev)
         merged, lse_new = _mix(o_prev, lse_prev, o_i, lse_i)
-    tl.store(o_ptrs, merged, mask=m_ok[:, None])
+    if LAST:  # the last branch, r = 1, writes the merged rows into the output (its dtype): no accumulator store
+        y_ptrs = OUT + b64 * stride_yb + hh * stride_yh + pos_m[:, None] * stride_yn + offs_d[None, :]
+        tl.store(y_ptrs, merged.to(OUT.dtype.element_ty), mask=m_ok[:, None])
+    else:
+        tl.store(o_ptrs, merged, mask=m_ok[:, None])
     tl.store(l_ptrs, lse_new, mask=m_ok)
 
 
