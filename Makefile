@@ -51,9 +51,10 @@ gpu-check:
 gpu-tune:
 	GPU_CHECK_STAGES=tune scripts/gpu_check.sh
 
-# after gpu-check, on the same machine: the forward's loop split into warp groups by Triton (fused_settings.WARP_SPECIALIZE,
-# never run on a GPU: written in stop 31), then TMA loads per kernel, each timed against the plain kernel and kept if
-# faster and within bf16 of it, written to kernel_tuning.json; at most 170 s
+# after gpu-check, on the same machine: each kernel's loop split into warp groups by Triton
+# (fused_settings.WARP_SPECIALIZE, never run on a GPU: written in stop 31; then the split 7-product backward against
+# "tma"), then TMA loads per kernel, each timed against the plain kernel and kept if faster and within bf16 of it,
+# written to kernel_tuning.json; at most 170 s
 gpu-tune-late:
 	$(WITH_CHECK_TUNING) \
 	GPU_CHECK_STAGES=tune-late scripts/gpu_check.sh

@@ -52,8 +52,8 @@ from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E
 
 BACKWARD_FACTOR = 2.5
 STARTED = time.time()
-LATE_TUNING_S = 70  # for the steps after the points (warp specialisation, then TMA loads: each about 3 compiles and
-# 6 timed runs at 256K)
+LATE_TUNING_S = 90  # for the steps after the points (warp specialisation, then TMA loads: each about 3 compiles and
+# 6 timed runs at 256K, and the split backward against dQ from the dK/dV loop)
 # (kernel, N, causal, repeats); dense at 1M takes ~21 s per forward+backward: repeats 0 times its one
 # (first) forward+backward and no forward alone. At 32K a dilated forward+backward lasts ~4 ms, and medians of
 # 5 ranged 3.5-4.1 ms for the same settings on an H200 (stop 27): SHORT repeats there, 0.1 s in all.
@@ -187,7 +187,7 @@ def run_points(specs, payload: dict, save) -> None:
         if kind == "dilated":
             point["dq_mode"], point["tma_loads"] = fused_settings.DQ_MODE, sorted(fused_settings.TMA_LOADS)
             point["share_keys"] = fused_settings.SHARE_KEYS
-            point["warp_specialize"] = fused_settings.WARP_SPECIALIZE
+            point["warp_specialize"] = sorted(fused_settings.WARP_SPECIALIZE)
             if fused_settings.SHARE_KEYS:  # the TF/s count every branch's pairs; the kernels score this fraction
                 point["pairs_scored_fraction"] = scored_fraction(n, causal)
         payload["points"].append(point)
@@ -204,7 +204,7 @@ def run_points(specs, payload: dict, save) -> None:
                      else f" {'-':>9}") + f"  {point.get('dq_mode', '')}"
                   + (f"  tma loads: {','.join(point['tma_loads'])}" if point.get("tma_loads") else "")
                   + ("  shared keys" if point.get("share_keys") else "")
-                  + ("  warp-specialized forward" if point.get("warp_specialize") else "")
+                  + (f"  split: {','.join(point['warp_specialize'])}" if point.get("warp_specialize") else "")
                   + (f"  tail diff {point['tail_max_abs_diff']:.2e}" if "tail_max_abs_diff" in point else ""),
                   flush=True)
         payload["targets"] = summarize(payload["points"])
@@ -234,8 +234,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 32K and 1M, and dilated at 4M, only")
     parser.add_argument("--tune", action="store_true", help="sweep block shapes first (about 1 minute)")
     parser.add_argument("--tune-late", action="store_true",
-                        help="only the tuning steps that run after the points (the forward's warp specialisation, TMA "
-                             "loads per kernel; LATE_TUNING_S), then the key points again if they changed a setting")
+                        help="only the tuning steps that run after the points (warp specialisation and TMA loads per "
+                             "kernel; LATE_TUNING_S), then the key points again if they changed a setting")
     parser.add_argument("--tune-budget", type=float, default=float("inf"), metavar="SECONDS",
                         help="seconds from the start after which the tuning tries nothing new (each step keeps its "
                              "best so far; kernel_tuning.json is written after every step), leaving the rest of a "

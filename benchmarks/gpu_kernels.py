@@ -5,8 +5,8 @@ one forward of each kernel family ("dilated": the fused Triton kernels; "gather"
 per branch; "dense", "dense_cudnn", "dense_sdpa": SDPA over the whole sequence with its flash kernel,
 cuDNN's kernel, or its own pick), CUDA-event timing; and, for `gpu_attention.py`, the tuning steps: which
 way to compute dQ (fused_settings.DQ_MODES, checked against an fp32 run), which block shapes per kernel, which
-kernels read their rows through TMA descriptors (fused_settings.TMA_LOADS), whether the forward's loop is split
-into specialised warp groups (fused_settings.WARP_SPECIALIZE), whether small causal launches
+kernels read their rows through TMA descriptors (fused_settings.TMA_LOADS) and which have their loops split into
+specialised warp groups (fused_settings.WARP_SPECIALIZE), whether small causal launches
 change (fused_settings.SMALL_LAUNCH_WAVES), how many branches run as a second chain on side streams
 (fused_settings.SIDE_BRANCHES), and kernel_tuning.json, which hands the choice to a later
 process (fused_settings.load_tuning, LONGNET_KERNEL_TUNING).
@@ -184,10 +184,48 @@ def tune(correct_modes: list[str], n: int | None = None, kernels: tuple[str, ...
 
 
 def tune_tma_loads(n: int | None = None) -> dict:
-    """fused_settings.TMA_LOADS, one kernel at a time with the blocks and dQ mode chosen so far (N = n, causal):
+    """fused_settings.TMA_LOADS (tiles through one TMA descriptor per (segment, head)), per kernel:
+    _tune_kernel_set."""
+    return _tune_kernel_set("tma loads", "TMA_LOADS", "pointer", "tma", n)
+
+
+def tune_warp_specialize(n: int | None = None) -> dict:
+    """fused_settings.WARP_SPECIALIZE (a kernel's loop as one, split into warp groups by Triton), per kernel:
+    _tune_kernel_set; a loop the compiler refuses is reported and stays plain. Then, when dQ comes from the dK/dV
+    loop ("tma", "atomic": a loop Triton does not split), the 7-product backward with both of its kernels split,
+    dQ on a second stream ("stream"), against it by fwd+bwd time; the faster (within bf16) stays."""
+    from longnet_dist.attention import fused_settings
+
+    report = _tune_kernel_set("warp specialize", "WARP_SPECIALIZE", "plain", "specialized", n)
+    if fused_settings.DQ_MODE in ("kernel", "stream") or out_of_time("warp specialize, split backward"):
+        return report
+    fwd_bwd = fused_fwd_bwd(*make_inputs(n or TUNE_N, seed=5, requires_grad=True))
+    fused_mode, listed = fused_settings.DQ_MODE, fused_settings.WARP_SPECIALIZE
+    try:
+        reference = [x.float() for x in fwd_bwd()]
+        fused_s = cuda_time(fwd_bwd, REPEATS)
+        fused_settings.DQ_MODE, fused_settings.WARP_SPECIALIZE = "stream", listed | {"dkdv", "dq"}
+        error = max(relative_errors([x.float() for x in fwd_bwd()], reference))
+        result = {f"{fused_mode}_s": fused_s, "stream_split_s": cuda_time(fwd_bwd, REPEATS), "error_vs_fused": error}
+    except Exception as failure:  # this Triton cannot split them: the backward as it was
+        result = {"error": f"{type(failure).__name__}: {str(failure)[:300]}"}
+    keep = "error" not in result and result["error_vs_fused"] < 2e-2 and \
+        result["stream_split_s"] < result[f"{fused_mode}_s"]
+    if not keep:
+        fused_settings.DQ_MODE, fused_settings.WARP_SPECIALIZE = fused_mode, listed
+    report["split_backward"] = {**result, "kept": keep}
+    report["chosen"], report["dq_mode"] = sorted(fused_settings.WARP_SPECIALIZE), fused_settings.DQ_MODE
+    print(f"tune warp specialize, split backward (fwd+bwd): {result}: {'stream, split' if keep else fused_mode}",
+          flush=True)
+    return report
+
+
+def _tune_kernel_set(step: str, setting: str, off_name: str, on_name: str, n: int | None) -> dict:
+    """fused_settings.<setting>, a set of the kernels with a row-tile loop (fused_settings.TMA_KERNELS) that
+    switch something on, one kernel at a time with the blocks and dQ mode chosen so far (N = n, causal):
     dK/dV and dQ (if a dQ kernel runs) by fwd+bwd time, then the forward by its time, each with the others as
-    they stand. Each is checked against pointer loads everywhere (bf16: 2e-2 relative allowed; they should
-    agree but for summation order) and kept only if faster; one the deadline leaves untimed keeps its setting."""
+    they stand. Each is checked against the set empty (bf16: 2e-2 relative allowed; they should agree but for
+    summation order) and kept only if faster; one the deadline leaves untimed keeps its setting."""
     from longnet_dist.attention import fused_settings
 
     q, k, v, grad = make_inputs(n or TUNE_N, seed=3, requires_grad=True)
@@ -196,66 +234,38 @@ def tune_tma_loads(n: int | None = None) -> dict:
     def fwd():
         return forward("dilated", q.detach(), k.detach(), v.detach(), True)
 
-    current, fused_settings.TMA_LOADS = fused_settings.TMA_LOADS, frozenset()
-    reference = [x.float() for x in fwd_bwd()]  # pointer loads everywhere
-    fused_settings.TMA_LOADS = current  # a kernel not timed (out of tuning time) keeps its setting
+    def switch(kernels):
+        setattr(fused_settings, setting, frozenset(kernels))
+
+    current = getattr(fused_settings, setting)
+    switch(())
+    reference = [x.float() for x in fwd_bwd()]  # off everywhere
+    switch(current)  # a kernel not timed (out of tuning time) keeps its setting
     kernels = [kernel for kernel in sorted(fused_settings.TMA_KERNELS, key=lambda k: k == "fwd")  # an H100 timed fwd
                if kernel != "dq" or fused_settings.DQ_MODE in ("kernel", "stream")]
     report = {}
     for kernel in kernels:
-        if out_of_time(f"tma loads {kernel}"):
+        if out_of_time(f"{step} {kernel}"):
             break
         timed = fwd if kernel == "fwd" else fwd_bwd
-        without, with_ = fused_settings.TMA_LOADS - {kernel}, fused_settings.TMA_LOADS | {kernel}
+        without, with_ = getattr(fused_settings, setting) - {kernel}, getattr(fused_settings, setting) | {kernel}
         try:
-            fused_settings.TMA_LOADS = without
-            pointer = cuda_time(timed, REPEATS)
-            fused_settings.TMA_LOADS = with_
-            off = max(relative_errors([x.float() for x in fwd_bwd()], reference))
-            tma = cuda_time(timed, REPEATS)
-        except Exception as error:  # this GPU or Triton cannot build it: pointer loads
-            fused_settings.TMA_LOADS = without
-            report[kernel] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-            print(f"tune tma loads {kernel}: {report[kernel]['error']}", flush=True)
+            switch(without)
+            off_s = cuda_time(timed, REPEATS)
+            switch(with_)
+            error = max(relative_errors([x.float() for x in fwd_bwd()], reference))
+            on_s = cuda_time(timed, REPEATS)
+        except Exception as failure:  # this GPU or Triton cannot build it: off
+            switch(without)
+            report[kernel] = {"error": f"{type(failure).__name__}: {str(failure)[:300]}"}
+            print(f"tune {step} {kernel}: {report[kernel]['error']}", flush=True)
             continue
-        keep = off < 2e-2 and tma < pointer
-        fused_settings.TMA_LOADS = with_ if keep else without
-        report[kernel] = {"pointer_s": pointer, "tma_s": tma, "error_vs_pointer": off, "kept": keep}
-        print(f"tune tma loads {kernel} ({'fwd' if kernel == 'fwd' else 'fwd+bwd'}): pointer {pointer * 1e3:.2f} ms, "
-              f"tma {tma * 1e3:.2f} ms (err {off:.1e}): {'kept' if keep else 'pointer loads'}", flush=True)
-    report["chosen"] = sorted(fused_settings.TMA_LOADS)
-    return report
-
-
-def tune_warp_specialize(n: int | None = None) -> dict:
-    """fused_settings.WARP_SPECIALIZE (the forward as one loop that Triton splits into warp groups), off or on,
-    by forward time at N = n (causal) with the settings chosen so far; kept on only if faster and within bf16 of
-    the plain forward (2e-2 relative; the same numbers but for rounding order). A loop the compiler refuses (it
-    needs TMA loads in the forward) is reported and stays off."""
-    from longnet_dist.attention import fused_settings
-
-    q, k, v = (x.detach() for x in make_inputs(n or TUNE_N, seed=4)[:3])
-
-    def fwd():
-        return forward("dilated", q, k, v, True)
-
-    if out_of_time("warp specialize"):  # untimed: the setting stays
-        return {"chosen": fused_settings.WARP_SPECIALIZE}
-    fused_settings.WARP_SPECIALIZE, report = False, {}
-    try:
-        reference = fwd().float()
-        report["plain_s"] = cuda_time(fwd, REPEATS)
-        fused_settings.WARP_SPECIALIZE = True
-        report["error_vs_plain"] = max(relative_errors([fwd().float()], [reference]))
-        report["specialized_s"] = cuda_time(fwd, REPEATS)
-    except Exception as failure:  # this Triton cannot split the loop here: the plain forward
-        report["error"] = f"{type(failure).__name__}: {str(failure)[:300]}"
-    fused_settings.WARP_SPECIALIZE = "error" not in report and report["error_vs_plain"] < 2e-2 \
-        and report["specialized_s"] < report["plain_s"]
-    report["chosen"] = fused_settings.WARP_SPECIALIZE
-    print("tune warp specialize (fwd): " + (report["error"] if "error" in report else
-          f"plain {report['plain_s'] * 1e3:.2f} ms, specialized {report['specialized_s'] * 1e3:.2f} ms "
-          f"(err {report['error_vs_plain']:.1e})") + f": {'on' if report['chosen'] else 'off'}", flush=True)
+        keep = error < 2e-2 and on_s < off_s
+        switch(with_ if keep else without)
+        report[kernel] = {f"{off_name}_s": off_s, f"{on_name}_s": on_s, f"error_vs_{off_name}": error, "kept": keep}
+        print(f"tune {step} {kernel} ({'fwd' if kernel == 'fwd' else 'fwd+bwd'}): {off_name} {off_s * 1e3:.2f} ms, "
+              f"{on_name} {on_s * 1e3:.2f} ms (err {error:.1e}): {on_name if keep else off_name}", flush=True)
+    report["chosen"] = sorted(getattr(fused_settings, setting))
     return report
 
 
@@ -371,6 +381,6 @@ def write_tuning(folder: Path) -> None:
     blocks = {kernel: [*vars(fused_settings.blocks_for(kernel, DTYPE, HEAD_DIM)).values()] for kernel in kernels}
     tuning = {"dq_mode": fused_settings.DQ_MODE, "small_launch_waves": fused_settings.SMALL_LAUNCH_WAVES,
               "tma_loads": sorted(fused_settings.TMA_LOADS), "side_branches": fused_settings.SIDE_BRANCHES,
-              "share_keys": fused_settings.SHARE_KEYS, "warp_specialize": fused_settings.WARP_SPECIALIZE,
+              "share_keys": fused_settings.SHARE_KEYS, "warp_specialize": sorted(fused_settings.WARP_SPECIALIZE),
               "head_dim": HEAD_DIM, "blocks": blocks}
     (folder / "kernel_tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")

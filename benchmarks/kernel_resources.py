@@ -15,7 +15,7 @@ Per kernel and shape: registers per thread, the stack frame (where spilled regis
 spills), shared memory, and from the Triton GPU IR whether the row loads are asynchronous copies into
 shared memory (cp.async / TMA, pipelined over `num_stages`) and whether the products are Hopper warp-group
 MMAs (wgmma), and whether Triton split the loop into warp groups ("+warp specialize": fused_settings.WARP_SPECIALIZE,
-which it does for a kernel's only loop with TMA loads). "+parent" and "+child" are the same kernels sharing keys (fused_settings.SHARE_KEYS): scoring
+which it does for a kernel's only loop with TMA loads and no early return). "+parent" and "+child" are the same kernels sharing keys (fused_settings.SHARE_KEYS): scoring
 pairs for three nested branches, or nested in a branch of 4096 positions. The two row-wise kernels (the
 backward's prep, the join of two chains) are compiled too, registers and spills only. Run it under the
 Triton a GPU lease has (PYTHONPATH to a `pip install --target` of that version) to know that every kernel
@@ -65,8 +65,11 @@ KERNELS = {
     "dkdv+tma loads": ("_bwd_dkdv", "kernel", {"TMA": True}, None),
     "dkdv+tma loads+tma dq": ("_bwd_dkdv", "tma", {"TMA": True, "FUSE_DQ": 2}, None),
     "dq+tma loads": ("_bwd_dq", "kernel", {"TMA": True}, None),
-    # fused_settings.WARP_SPECIALIZE: the forward as one loop, split into warp groups by Triton
+    # fused_settings.WARP_SPECIALIZE: each kernel's loop as one, split into warp groups by Triton (dK/dV with a dQ
+    # kernel of its own)
     "fwd+tma loads+warp specialize": ("_fwd", None, {"TMA": True, "WS": True}, None),
+    "dkdv+tma loads+warp specialize": ("_bwd_dkdv", "kernel", {"TMA": True, "WS": True}, None),
+    "dq+tma loads+warp specialize": ("_bwd_dq", "kernel", {"TMA": True, "WS": True}, None),
 }
 # fused_settings.SHARE_KEYS: the branch as a parent scoring pairs for three nested branches (the paper's (4096, 2)
 # has three), and as a branch nested in one of 4096 positions

@@ -49,11 +49,11 @@ sys.path.insert(0, "tests")
 from reference import dilated_errors
 from longnet_dist.attention import fused_settings
 
-fused_settings.WARP_SPECIALIZE, fused_settings.TMA_LOADS = True, frozenset({"fwd"})
+fused_settings.WARP_SPECIALIZE, fused_settings.DQ_MODE = frozenset(fused_settings.TMA_KERNELS), sys.argv[1]
 rows = []
 for dtype in (torch.bfloat16, torch.float16):
     for causal in (False, True):
-        try:  # no key padding: a padded launch keeps the two loops
+        try:  # no key padding: a padded launch keeps its plain loops
             errors = dilated_errors("cuda", B=2, N=300, H=5, D=64, segs=[32, 96, 512], rates=[1, 3, 6], causal=causal,
                                     pad=0.0, dtype=dtype, backend="triton")
         except Exception as error:  # Triton could not split a loop (its compiler's error): said, not a wrong number
@@ -67,11 +67,13 @@ print(json.dumps({"rows": rows}))
 
 
 @pytest.mark.gpu_heavy
-def test_the_warp_specialized_forward_matches_reference():
-    """fused_settings.WARP_SPECIALIZE: the forward as one loop that Triton splits into warp groups (compute
-    capability 9+; below, the flag is not passed): bf16 and fp16, causal or not, ragged, shared keys, against
-    float64. In a process of its own: a loop Triton refuses to split fails to compile there (reported as a skip:
-    the tuning then never picks it), and a faulting kernel cannot poison this process's CUDA context."""
+@pytest.mark.parametrize("dq_mode", ["stream", "tma"])
+def test_warp_specialized_kernels_match_reference(dq_mode):
+    """fused_settings.WARP_SPECIALIZE for every kernel: their loops as one that Triton splits into warp groups
+    (compute capability 9+; below, the flag is not passed), dK/dV only beside a dQ kernel ("stream"; with "tma" the
+    forward alone is split): bf16 and fp16, causal or not, ragged, shared keys, against float64. In a process of
+    its own: a loop Triton refuses to split fails to compile there (reported as a skip: the tuning then never
+    picks it), and a faulting kernel cannot poison this process's CUDA context."""
     import json
     import os
     import subprocess
@@ -79,12 +81,12 @@ def test_the_warp_specialized_forward_matches_reference():
 
     from subprocess_env import REPO, repo_first_on_pythonpath
 
-    run = subprocess.run([sys.executable, "-c", WARP_SPECIALIZED_RUN], cwd=REPO,
+    run = subprocess.run([sys.executable, "-c", WARP_SPECIALIZED_RUN, dq_mode], cwd=REPO,
                          env=repo_first_on_pythonpath(os.environ), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     if "refused" in report:
-        pytest.skip(f"Triton does not warp-specialize this loop here: {report['refused']}")
+        pytest.skip(f"Triton does not warp-specialize these loops here: {report['refused']}")
     tolerance = {"torch.bfloat16": TOLERANCE[torch.bfloat16], "torch.float16": TOLERANCE[torch.float16]}
     assert all(error < tolerance[dtype] for dtype, _, error in report["rows"]), report
 

@@ -51,8 +51,8 @@ def test_heavy_tests_are_collected_first_for_the_gpu_runner():
     their order (sharding, after it, then spreads them over the shards)."""
     everything = collected_ids(collected(None))
     heavy = [test for test in everything if "test_shared_keys_match_reference[" in test
-             or "test_the_warp_specialized_forward_matches_reference" in test]
-    assert len(heavy) == 7
+             or "test_warp_specialized_kernels_match_reference[" in test]
+    assert len(heavy) == 8
     reordered = collected_ids(collected(None, heavy_first=True))
     assert reordered == heavy + [test for test in everything if test not in heavy]
 
@@ -200,6 +200,7 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
     assert [row["kernel"] for row in rows] == ["fwd", "dkdv", "dkdv+atomic dq", "dkdv+tma dq", "dq", "fwd+tma loads",
                                                "dkdv+tma loads", "dkdv+tma loads+tma dq", "dq+tma loads",
                                                "fwd+tma loads+warp specialize",  # fused_settings.WARP_SPECIALIZE
+                                               "dkdv+tma loads+warp specialize", "dq+tma loads+warp specialize",
                                                "fwd+parent", "dkdv+parent", "dq+parent",  # shared keys
                                                "fwd+child", "dkdv+child", "dq+child"]
     for row in rows:
@@ -209,7 +210,7 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
         # pipeline overlaps and the products Hopper's warp-group MMAs; without the JIT's hints neither happens
         assert row["async_loads"] > 0 and row["wgmma"], row
         assert (row["tma_loads"] > 0) == ("tma loads" in row["kernel"]), row  # fused_settings.TMA_LOADS
-        # the one-loop forward is split into warp groups (Triton 3.6 and 3.9 do so for sm_90); nothing else is
+        # the one-loop kernels are split into warp groups (Triton 3.6 and 3.9 do so for sm_90); nothing else is
         assert row["warp_specialized"] == ("warp specialize" in row["kernel"]), row
     row_kernels = json.loads((tmp_path / "kernel_resources.json").read_text())["row_kernels"]
     assert [row["kernel"] for row in row_kernels] == ["prep", "merge chains"]  # they compile, and do not spill
@@ -240,7 +241,7 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
         monkeypatch.setattr(gk, name, value)
     for name, value in (("DQ_MODE", fused_settings.DQ_MODE), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0),
                         ("TMA_LOADS", frozenset()), ("SIDE_BRANCHES", 0), ("SHARE_KEYS", False),
-                        ("WARP_SPECIALIZE", False)):
+                        ("WARP_SPECIALIZE", frozenset())):
         monkeypatch.setattr(fused_settings, name, value)  # restored afterwards
 
     report = gk.choose_dq_variant(["kernel", "stream", "atomic", "tma"])
@@ -260,11 +261,16 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     tma = gk.tune_tma_loads()
     assert set(tma) == {"fwd", "dkdv", "dq", "chosen"}, tma
     assert all(tma[kernel]["error_vs_pointer"] == 0 for kernel in ("fwd", "dkdv", "dq")), tma  # the same numbers
-    chosen_loads, fused_settings.TMA_LOADS = fused_settings.TMA_LOADS, frozenset({"fwd"})  # the one-loop forward's
-    specialized = gk.tune_warp_specialize()
-    fused_settings.TMA_LOADS = chosen_loads
-    assert specialized["error_vs_plain"] == 0 and specialized["plain_s"] > 0, specialized  # the same numbers
-    assert fused_settings.WARP_SPECIALIZE is specialized["chosen"]
+    specialized = gk.tune_warp_specialize()  # per kernel ("kernel" runs a dQ kernel), so no split backward step
+    assert set(specialized) == {"fwd", "dkdv", "dq", "chosen"}, specialized
+    assert all(specialized[kernel]["error_vs_plain"] == 0 for kernel in ("fwd", "dkdv", "dq")), specialized
+    assert fused_settings.WARP_SPECIALIZE == set(specialized["chosen"])
+    chosen_ws = fused_settings.WARP_SPECIALIZE
+    fused_settings.DQ_MODE = "atomic"  # dQ from the dK/dV loop: the split 7-product backward is timed against it
+    split = gk.tune_warp_specialize()["split_backward"]
+    assert split["error_vs_fused"] < 4e-3 and {"atomic_s", "stream_split_s", "kept"} <= set(split), split
+    assert fused_settings.DQ_MODE == ("stream" if split["kept"] else "atomic")
+    fused_settings.DQ_MODE, fused_settings.WARP_SPECIALIZE = "kernel", chosen_ws
     small = gk.tune_small_launches()
     assert set(small["seconds"]) == {"0 None", "4 (64, 64, 4, 3)", "8 (64, 64, 4, 3)"}
     assert max(small["errors_vs_off"].values()) == 0  # on the CPU no launch counts as small: same kernels
@@ -281,7 +287,7 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"nothing"}))
     monkeypatch.setattr(fused_settings, "SHARE_KEYS", not share["best"])
-    monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", not specialized["chosen"])
+    monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", frozenset({"nothing"}))
     fused_settings.load_tuning(tmp_path / "kernel_tuning.json")
     assert (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS,
             fused_settings.SIDE_BRANCHES, fused_settings.SHARE_KEYS, fused_settings.WARP_SPECIALIZE) == chosen
@@ -307,14 +313,14 @@ def test_the_tuning_steps_stop_at_their_deadline(monkeypatch, capsys):
     for name, value in shrunk.items():
         monkeypatch.setattr(gk, name, value)
     for name, value in (("DQ_MODE", "kernel"), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0), ("TMA_LOADS", frozenset()),
-                        ("SIDE_BRANCHES", 0), ("WARP_SPECIALIZE", True)):
+                        ("SIDE_BRANCHES", 0), ("WARP_SPECIALIZE", frozenset({"dq"}))):
         monkeypatch.setattr(fused_settings, name, value)
     tuned = gk.tune(["kernel", "tma"])
     assert [len(tuned[kernel]["seconds"]) for kernel in ("fwd", "dkdv", "dq")] == [1, 1, 1], tuned
     assert gk.tune_tma_loads() == {"chosen": []}
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"fwd"}))  # a choice not timed is kept
     assert gk.tune_tma_loads() == {"chosen": ["fwd"]}
-    assert gk.tune_warp_specialize() == {"chosen": True}  # untimed: kept
+    assert gk.tune_warp_specialize() == {"chosen": ["dq"]}  # untimed: kept
     assert set(gk.tune_small_launches()["seconds"]) == {"0 None"}
     assert gk.tune_side_branches()["seconds"].keys() == {"0"}
     assert "out of tuning time" in capsys.readouterr().out

@@ -231,7 +231,7 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
 
     path = tmp_path / "kernel_tuning.json"
     path.write_text(json.dumps({"dq_mode": "stream", "small_launch_waves": 2, "tma_loads": ["fwd", "dq"],
-                                "side_branches": 2, "share_keys": True, "warp_specialize": True, "head_dim": 64,
+                                "side_branches": 2, "share_keys": True, "warp_specialize": ["dkdv"], "head_dim": 64,
                                 "blocks": {"dkdv": [64, 64, 8, 3]}}))
     monkeypatch.setattr(fused_settings, "TUNED", {})
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
@@ -239,9 +239,9 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset())
     monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", 0)
     monkeypatch.setattr(fused_settings, "SHARE_KEYS", False)
-    monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", False)
+    monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", frozenset())
     fused_settings.load_tuning(path)
-    assert fused_settings.DQ_MODE == "stream" and fused_settings.WARP_SPECIALIZE is True
+    assert fused_settings.DQ_MODE == "stream" and fused_settings.WARP_SPECIALIZE == {"dkdv"}
     assert fused_settings.TUNED == {("dkdv", False, 64): fused_settings.Blocks(64, 64, 8, 3)}
     assert fused_settings.SMALL_LAUNCH_WAVES == 2 and fused_settings.TMA_LOADS == {"fwd", "dq"}
     assert fused_settings.SIDE_BRANCHES == 2 and fused_settings.SHARE_KEYS is True
@@ -262,14 +262,15 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
                          ({"share_keys": 1}, r"share_keys=1 must be true or false"),
                          ({"tma_loads": ["bwd"]},
                           r"tma_loads=\['bwd'\] must be a list of some of \['fwd', 'dkdv', 'dq'\]"),
-                         ({"warp_specialize": ["fwd"]}, r"warp_specialize=\['fwd'\] must be true or false"),
+                         ({"warp_specialize": "fwd"},
+                          r"warp_specialize='fwd' must be a list of some of \['fwd', 'dkdv', 'dq'\]"),
                          ({"blocks": {"fwd": [64, 64, 4, 3]}}, r"blocks need the head_dim they were tuned for")]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             fused_settings.load_tuning(path)
     # a refused file changes nothing
     assert fused_settings.DQ_MODE == "stream" and fused_settings.SMALL_LAUNCH_WAVES == 2
-    assert fused_settings.TMA_LOADS == {"fwd", "dq"} and fused_settings.WARP_SPECIALIZE is True
+    assert fused_settings.TMA_LOADS == {"fwd", "dq"} and fused_settings.WARP_SPECIALIZE == {"dkdv"}
 
 
 def test_a_causal_launch_of_few_dkdv_programs_takes_the_small_blocks(monkeypatch):
@@ -345,54 +346,64 @@ def test_tma_loads_fall_back_to_pointers_on_misaligned_rows(monkeypatch):
     from longnet_dist.attention import fused_launch, fused_settings
 
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"fwd"}))
+    monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", frozenset())
+
+    def tma(kernel, *rows):
+        return fused_launch._loop_loads(kernel, rows, rows, True)["TMA"]
+
     aligned = torch.zeros(1, 8, 2, 16, device=DEVICE, dtype=torch.float16)
-    assert fused_launch._tma_loads("fwd", aligned, aligned[:, :, 1:])
-    assert not fused_launch._tma_loads("fwd", torch.zeros(1, 8, 1, 5, device=DEVICE, dtype=torch.float16))
+    assert tma("fwd", aligned, aligned[:, :, 1:])
+    assert not tma("fwd", torch.zeros(1, 8, 1, 5, device=DEVICE, dtype=torch.float16))
     shifted = torch.zeros(1 + 8 * 2 * 16, device=DEVICE, dtype=torch.float16)[1:].view(1, 8, 2, 16)
-    assert not fused_launch._tma_loads("fwd", aligned, shifted)
-    assert not fused_launch._tma_loads("dq", aligned)  # not listed
+    assert not tma("fwd", aligned, shifted)
+    assert not tma("dq", aligned)  # not listed
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_the_warp_specialized_forward_is_one_loop_with_the_same_numbers(causal, monkeypatch):
-    """fused_settings.WARP_SPECIALIZE: a forward launch with TMA loads and no key padding runs its key blocks as one
-    loop, every block masked, which Triton can split into warp groups on compute capability 9+ (the interpreter
-    runs the loop as it is). The masks keep the blocks the plain kernel leaves unmasked whole, so the output and
-    the gradients are the same bit for bit: shared keys (a parent and nested branches skipping a gap when not
-    causal), ragged tails, r not dividing w. A padded launch, pointer loads or a device without the pass keep the
-    two loops. tests/test_cuda_attention.py checks the compiled loop against float64."""
+def test_warp_specialized_kernels_are_one_loop_with_the_same_numbers(causal, monkeypatch):
+    """fused_settings.WARP_SPECIALIZE: a listed kernel runs its stretches of the other side's slots as one loop,
+    every block masked, with every tile through TMA descriptors and no early return, which Triton can split into
+    warp groups on compute capability 9+ (the interpreter runs the loop as it is). The masks keep the blocks the
+    plain kernel leaves unmasked whole, so outputs and gradients are the same bit for bit: shared keys (a parent
+    and nested branches skipping a gap when not causal), ragged tails, r not dividing w, programs past their slots.
+    dK/dV is split only with a dQ kernel of its own; a padded launch, misaligned rows or a device without TMA keep
+    the plain loops. tests/test_cuda_attention.py checks the compiled loops against float64."""
     from longnet_dist.attention import fused_launch, fused_settings
 
     torch.manual_seed(2)
     q, k, v, grad = (torch.randn(2, 150, 3, 16, device=DEVICE, dtype=torch.float16) for _ in range(4))
-    monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"fwd"}))
+    monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset())  # a listed kernel takes descriptors regardless
     monkeypatch.setattr(fused_settings, "SHARE_KEYS", True)
-    specialized = []
+    launched = []
     real_launch = fused_launch.launch
 
     def recording(kernel, grid, pointers, *scalars, **meta):
-        specialized.append(meta.get("WS", False))
+        launched.append((getattr(kernel, "fn", kernel).__name__, meta.get("WS", False), meta.get("TMA")))
         return real_launch(kernel, grid, pointers, *scalars, **meta)
 
     monkeypatch.setattr(fused_launch, "launch", recording)
 
-    def run(on):
-        monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", on)
-        specialized.clear()
+    def run(kernels, dq_mode="kernel"):
+        monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", frozenset(kernels))
+        monkeypatch.setattr(fused_settings, "DQ_MODE", dq_mode)
+        launched.clear()
         return fused_outputs_and_grads(q, k, v, grad, [16, 32, 64, 150], [1, 2, 4, 3], causal=causal)
 
-    plain = run(False)
-    assert not any(specialized)
-    one_loop = run(True)
-    assert sum(specialized) == 4  # the four forward launches, nothing in the backward
+    def split():
+        return sorted(name for name, ws, tma in launched if ws and tma)
+
+    plain = run(())
+    assert not any(ws for _, ws, _ in launched)
+    one_loop = run(("fwd", "dkdv", "dq"))
+    assert split() == ["_bwd_dkdv"] * 4 + ["_bwd_dq"] * 4 + ["_fwd"] * 4, launched  # four branches
     for a, b in zip(plain, one_loop):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    device = torch.device(DEVICE)
-    assert fused_launch._warp_specialize(True, False, device) == {}  # key padding: pointer loads in the loop
-    assert fused_launch._warp_specialize(False, True, device) == {}  # pointer loads
+    run(("fwd", "dkdv"), dq_mode="atomic")  # dQ added from the dK/dV loop: that loop stays plain
+    assert split() == ["_fwd"] * 4, launched
+    assert fused_launch._loop_loads("fwd", (q,), (q,), False) == {"TMA": False}  # key padding, none listed
     if DEVICE == "cpu":  # no compiled loop to split outside the interpreter
         monkeypatch.setattr(fused_launch.kern, "interpreted", lambda: False)
-        assert fused_launch._warp_specialize(True, True, device) == {}
+        assert fused_launch._loop_loads("fwd", (q,), (q,), True) == {"TMA": False}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -109,7 +109,7 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
     blocks = settings.blocks_for("fwd", q.dtype, D)
     grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
     nest, parent_w, nest_meta = _nest_args(fold, q.device, lse)
-    target, tma = acc if out is None else out, _tma_loads("fwd", k, v)
+    target = acc if out is None else out
     launch(
         kern._fwd, grid, (q, k, v, lse if keep is None else keep, nest, acc, lse, target), *_strides3(q),
         *_strides3(k), *_strides3(v), *_strides3(acc), *_strides3(lse), *_strides3(target), N, N, min(w, N), r, head0,
@@ -117,7 +117,7 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
         CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, LAST=out is not None, D=D,
         BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
         num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)),
-        TMA=tma, **_warp_specialize(tma and _tma_loads("fwd", q), keep is None, q.device))
+        **_loop_loads("fwd", (k, v), (q,), keep is None))
 
 
 def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,7 +156,7 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     launch(kern._bwd_dkdv, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dk, dv, dq), *common, min(w, N), r,
            head0, heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FUSE_DQ=fuse_dq, FIRST=first,
            BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
-           BLOCK_MAJOR=small, TMA=_tma_loads("dkdv", q, grad_out), **meta)
+           BLOCK_MAJOR=small, **_loop_loads("dkdv", (q, grad_out), (k, v), keep is None and fuse_dq == 0), **meta)
     if fuse_dq == 0:
         grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
         with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
@@ -164,7 +164,7 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
                    head0, heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FIRST=first,
                    BLOCK_M=dq_blocks.block_m, BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
                    num_stages=dq_blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
-                   TMA=_tma_loads("dq", k, v), **meta)
+                   **_loop_loads("dq", (k, v), (q, grad_out), keep is None), **meta)
 
 
 def _fused_dq(device: torch.device) -> int:
@@ -178,12 +178,10 @@ def _fused_dq(device: torch.device) -> int:
     return 1
 
 
-def _tma_loads(kernel: str, *rows: Tensor) -> bool:
-    """Whether `kernel`'s launch reads these (B, N, H', D) tensors' row tiles through TMA descriptors: listed
-    in TMA_LOADS, a GPU with TMA (or the interpreter, which tests the logic), and every base address and
-    stride 16-byte aligned as descriptors require (one starts at b * stride_b + h * stride_h + row * stride_n)."""
-    if kernel not in settings.TMA_LOADS:
-        return False
+def _tma_ok(*rows: Tensor) -> bool:
+    """A GPU with TMA (or the interpreter, which tests the logic), and every base address and stride of these
+    (B, N, H', D) tensors 16-byte aligned as descriptors require (one starts at b * stride_b + h * stride_h +
+    row * stride_n)."""
     device = rows[0].device
     if not kern.interpreted() and not (device.type == "cuda" and _tma_ready(device)):
         return False
@@ -191,14 +189,15 @@ def _tma_loads(kernel: str, *rows: Tensor) -> bool:
                for x in rows)
 
 
-def _warp_specialize(tma: bool, unpadded: bool, device: torch.device) -> dict:
-    """{"WS": True} for a forward launch when settings.WARP_SPECIALIZE is on and Triton can split its loop: q, k and
-    v through TMA descriptors (`tma`), no key padding (whose bytes are pointer loads in the loop), compute
-    capability 9+ (or the interpreter, which tests the one-loop path); else {} (the kernel's default, False: a
-    launch without it keeps the key and the compiled kernel it had)."""
-    if not (settings.WARP_SPECIALIZE and tma and unpadded):
-        return {}
-    return {"WS": True} if kern.interpreted() or (device.type == "cuda" and _hopper(device)) else {}
+def _loop_loads(kernel: str, loop_rows: tuple[Tensor, ...], own_rows: tuple[Tensor, ...], splittable: bool) -> dict:
+    """The TMA and WS meta-parameters of `kernel`'s launch. Warp-specialised (WS, settings.WARP_SPECIALIZE) when
+    listed and Triton can split its loop: `splittable` (no key padding, whose bytes are pointer loads; for dK/dV no
+    dQ reductions in the loop), and the loop's tiles (loop_rows) and the program's own rows (own_rows) all through
+    TMA descriptors (_tma_ok). The loop's tiles go through descriptors then, or when listed in settings.TMA_LOADS.
+    Without WS the meta leaves it out (the kernel's default): such a launch keeps its key and compiled kernel."""
+    tma = _tma_ok(*loop_rows)
+    split = kernel in settings.WARP_SPECIALIZE and splittable and tma and _tma_ok(*own_rows)
+    return {"TMA": split or (tma and kernel in settings.TMA_LOADS), **({"WS": True} if split else {})}
 
 
 def _tma_ready(device: torch.device) -> bool:

@@ -97,15 +97,17 @@ SIDE_BRANCHES = 0
 # (stop 19, 256K, fwd+bwd) 25.70 ms on against 26.09 off: on by default (`gpu_attention.py --tune` times both).
 SHARE_KEYS = nesting.SHARE_KEYS_BY_DEFAULT  # LONGNET_SHARE_KEYS=0: off, as on the CPU path
 TMA_LOADS: frozenset[str] = frozenset({"fwd", "dkdv"})
-# The forward kernel as one loop over its key blocks, every block masked (the masks keep whole blocks whole), which
-# asks Triton for automatic warp specialisation (tl.range(..., warp_specialize=True)): the compiler splits the loop
-# into warp groups that fetch tiles, multiply and do the softmax at the same time, as flash-attention 3 does by hand
-# on Hopper. Triton 3.6 and 3.9 split a loop only when it is the kernel's only loop and its tiles arrive through TMA
-# descriptors (compiled for sm_90 on a CPU, benchmarks/kernel_resources.py: the backward kernels' loops, one or
-# several, are refused), so it applies to forward launches with TMA loads and without key padding on compute
-# capability 9+. The same numbers. Written without a GPU (stop 31), so off until `gpu_attention.py --tune` (or
-# `make gpu-tune-late`) times the forward with and without it.
-WARP_SPECIALIZE = False
+# Kernels ("fwd", "dkdv", "dq") that run their stretches of the other side's slots as one loop, every block masked
+# (the masks keep whole blocks whole: the same numbers), which asks Triton for automatic warp specialisation
+# (tl.range(..., warp_specialize=True)): the compiler splits the loop into warp groups that fetch tiles, multiply
+# and do the softmax at the same time, as flash-attention 3 does by hand on Hopper. Triton 3.6 and 3.9 split a loop
+# only when it is the kernel's only loop, the kernel has no early return and every tile arrives through a TMA
+# descriptor (compiled for sm_90 on a CPU, benchmarks/kernel_resources.py), and not a loop with in-loop atomic or
+# TMA reductions: so a listed kernel's launch reads its tiles through descriptors (listed in TMA_LOADS or not),
+# needs compute capability 9+ and no key padding, and dK/dV is split only when a dQ kernel of its own runs
+# (DQ_MODE "kernel" or "stream"). Written without a GPU (stop 31), so empty until `gpu_attention.py --tune` (or
+# `make gpu-tune-late`) times each kernel with and without it, and the split 7-product backward against "tma".
+WARP_SPECIALIZE: frozenset[str] = frozenset()
 TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
 TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
 
@@ -113,7 +115,7 @@ TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at impor
 def load_tuning(path: str | os.PathLike) -> None:
     """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
     writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "tma_loads": ["fwd"],
-    "side_branches": 2, "share_keys": true, "warp_specialize": false, "head_dim": 64,
+    "side_branches": 2, "share_keys": true, "warp_specialize": ["fwd"], "head_dim": 64,
     "blocks": {"fwd": [block_m, block_n, num_warps, num_stages], "dkdv": [...], "dkdv_dq": [...], "dkdv_small": [...],
     "dq": [...]}} (every key optional; blocks need head_dim)."""
     global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES, SHARE_KEYS, WARP_SPECIALIZE
@@ -133,18 +135,19 @@ def load_tuning(path: str | os.PathLike) -> None:
     waves = data.get("small_launch_waves", SMALL_LAUNCH_WAVES)
     if isinstance(waves, bool) or not isinstance(waves, int) or waves < 0:
         raise ValueError(f"{path}: small_launch_waves={waves!r} must be an integer >= 0 (0: never)")
-    tma_loads = data.get("tma_loads", sorted(TMA_LOADS))
-    if not isinstance(tma_loads, list) or not set(tma_loads) <= set(TMA_KERNELS):
-        raise ValueError(f"{path}: tma_loads={tma_loads!r} must be a list of some of {list(TMA_KERNELS)}")
+    tma_loads, specialized = (data.get(key, sorted(default)) for key, default in
+                              (("tma_loads", TMA_LOADS), ("warp_specialize", WARP_SPECIALIZE)))
+    for key, kernels in (("tma_loads", tma_loads), ("warp_specialize", specialized)):
+        if not isinstance(kernels, list) or not set(kernels) <= set(TMA_KERNELS):
+            raise ValueError(f"{path}: {key}={kernels!r} must be a list of some of {list(TMA_KERNELS)}")
     side = data.get("side_branches", SIDE_BRANCHES)
     if isinstance(side, bool) or not isinstance(side, int) or side < 0:
         raise ValueError(f"{path}: side_branches={side!r} must be an integer >= 0 (0: one chain)")
-    share, specialized = data.get("share_keys", SHARE_KEYS), data.get("warp_specialize", WARP_SPECIALIZE)
-    for key, value in (("share_keys", share), ("warp_specialize", specialized)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}: {key}={value!r} must be true or false")
-    DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES = mode, waves, frozenset(tma_loads), side
-    SHARE_KEYS, WARP_SPECIALIZE = share, specialized
+    share = data.get("share_keys", SHARE_KEYS)
+    if not isinstance(share, bool):
+        raise ValueError(f"{path}: share_keys={share!r} must be true or false")
+    DQ_MODE, SMALL_LAUNCH_WAVES, SIDE_BRANCHES, SHARE_KEYS = mode, waves, side, share
+    TMA_LOADS, WARP_SPECIALIZE = frozenset(tma_loads), frozenset(specialized)
     TUNED.update(blocks)
 
 

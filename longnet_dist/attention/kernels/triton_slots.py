@@ -1,4 +1,5 @@
-"""Which slots a program of the fused kernels (kernels/triton_dilated.py) owns, and which it loops over.
+"""Which slots a program of the fused kernels (kernels/triton_dilated.py, triton_backward.py) owns, which it loops
+over and in which stretches, and how it reads their rows (pointers, or TMA descriptors over one (segment, head)).
 
 Branch (w, r): segment j covers positions [j*w, min((j+1)*w, N)); head h keeps slots k = 0, 1, ... at
 positions j*w + s + k*r, s = h mod r (Eq. 13-15), while they lie inside the segment.
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .triton_nesting import _nest_setup, _regions
 
 
 def placement(count: str) -> list[str]:
@@ -62,3 +65,62 @@ def _key_range(pid_m, n_slots, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOC
         hi = n_slots
         full = n_slots // BLOCK_N * BLOCK_N
     return full, hi
+
+
+@triton.jit
+def _load_rows(base, pos, ok, stride_n, D: tl.constexpr):
+    """(BLOCK, D) rows at positions `pos` of one (batch, head): each row's D values are contiguous."""
+    return tl.load(base + pos[:, None] * stride_n + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _slot_rows(base, row0, r, stride_n, n_slots, BLOCK: tl.constexpr, D: tl.constexpr):
+    """One (segment, head)'s slots of a (B, N, H, D) tensor as a TMA descriptor: an (n_slots, D) matrix with
+    row stride r * stride_n, read in (BLOCK, D) tiles by the tensor-memory accelerator, which fills slots past
+    the end with zeros (what the masked pointer loads give)."""
+    return tl.make_tensor_descriptor(base + row0.to(tl.int64) * stride_n, shape=[n_slots, D],
+                                     strides=[r * stride_n, 1], block_shape=[BLOCK, D])
+
+
+@triton.jit
+def _own_block(first, BLOCK: tl.constexpr, row0, r, n_slots, NEST, h, parent_w, NESTED: tl.constexpr):
+    """A program's own slots first.. (_block_rows: indices, which exist, positions), their flags for the branches
+    nested in this one (triton_nesting._nest_setup: flags, c_j, m_j, inv) and their parent segments (a nested
+    branch's, CHILD)."""
+    offs, ok, pos = _block_rows(first, BLOCK, row0, r, n_slots)
+    flags, c_j, m_j, inv = _nest_setup(NEST, h, row0, r, first, BLOCK, NESTED)
+    return offs, ok, pos, flags, c_j, m_j, inv, (row0 + offs * r) // parent_w
+
+
+@triton.jit
+def _own_rows(base, row0, r, stride_n, n_slots, first, pos, ok, BLOCK: tl.constexpr, D: tl.constexpr,
+              TMA: tl.constexpr):
+    """A program's own (BLOCK, D) rows, slots first.. (positions `pos`, existing where `ok`) of one (batch, head):
+    through a TMA descriptor (TMA: what a warp-specialised loop's partitions need, _slot_rows) or pointer loads."""
+    if TMA:
+        return _slot_rows(base, row0, r, stride_n, n_slots, BLOCK, D).load([first, 0])
+    else:
+        return _load_rows(base, pos, ok, stride_n, D)
+
+
+@triton.jit
+def _key_stretches(pid_m, n_slots, row0, r, parent_w, CAUSAL: tl.constexpr, CHILD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """How query block pid_m (_fwd, _bwd_dq) loops over its key slots: (a, m0, m1, gap_at, gap), keys [0, a)
+    unmasked, [m0, m1) masked less the `gap` slots from gap_at on (triton_nesting._regions; its unmasked tail
+    is empty here, the masked stretch reaching the last key)."""
+    full, hi = _key_range(pid_m, n_slots, CAUSAL, BLOCK_M, BLOCK_N)
+    a, m0, m1, gap_at, gap, _ = _regions(pid_m * BLOCK_M, tl.minimum((pid_m + 1) * BLOCK_M, n_slots) - 1, row0, r,
+                                         parent_w, 0, hi, full, hi, CAUSAL, False, CHILD, BLOCK_N)
+    return a, m0, m1, gap_at, gap
+
+
+@triton.jit
+def _past_gap(step, gap_at, gap, GAP: tl.constexpr):
+    """A loop over [lo, hi) that skips the `gap` slots from `gap_at` on (a nested branch's skipped blocks when
+    not causal, triton_nesting._regions) steps through [lo, hi - gap): its block start. Only GAP kernels select
+    (a select on the loop counter costs the software pipeline some 40 registers)."""
+    if GAP:
+        return tl.where(step < gap_at, step, step + gap)
+    else:
+        return step
