@@ -191,13 +191,19 @@ def tune_tma_loads(n: int | None = None) -> dict:
 
 def tune_warp_specialize(n: int | None = None) -> dict:
     """fused_settings.WARP_SPECIALIZE (a kernel's loop as one, split into warp groups by Triton), per kernel:
-    _tune_kernel_set; a loop the compiler refuses is reported and stays plain. Then, when dQ comes from the dK/dV
-    loop ("tma", "atomic": a loop Triton does not split), the 7-product backward with both of its kernels split,
-    dQ on a second stream ("stream"), against it by fwd+bwd time; the faster (within bf16) stays."""
+    _tune_kernel_set; a loop the compiler refuses is reported and stays plain."""
+    return _tune_kernel_set("warp specialize", "WARP_SPECIALIZE", "plain", "specialized", n)
+
+
+def tune_split_backward(n: int | None = None) -> dict:
+    """When dQ comes from the dK/dV loop ("tma", "atomic": a loop Triton does not split), the 7-product backward
+    with both of its kernels split (fused_settings.WARP_SPECIALIZE), dQ on a second stream ("stream"), against it
+    by fwd+bwd time at N = n (causal); the faster (within bf16) stays. Nothing to time when a dQ kernel runs already
+    (tune_warp_specialize chose for it)."""
     from longnet_dist.attention import fused_settings
 
-    report = _tune_kernel_set("warp specialize", "WARP_SPECIALIZE", "plain", "specialized", n)
-    if fused_settings.DQ_MODE in ("kernel", "stream") or out_of_time("warp specialize, split backward"):
+    report = {}
+    if fused_settings.DQ_MODE in ("kernel", "stream") or out_of_time("split backward"):
         return report
     fwd_bwd = fused_fwd_bwd(*make_inputs(n or TUNE_N, seed=5, requires_grad=True))
     fused_mode, listed = fused_settings.DQ_MODE, fused_settings.WARP_SPECIALIZE
@@ -213,10 +219,8 @@ def tune_warp_specialize(n: int | None = None) -> dict:
         result["stream_split_s"] < result[f"{fused_mode}_s"]
     if not keep:
         fused_settings.DQ_MODE, fused_settings.WARP_SPECIALIZE = fused_mode, listed
-    report["split_backward"] = {**result, "kept": keep}
-    report["chosen"], report["dq_mode"] = sorted(fused_settings.WARP_SPECIALIZE), fused_settings.DQ_MODE
-    print(f"tune warp specialize, split backward (fwd+bwd): {result}: {'stream, split' if keep else fused_mode}",
-          flush=True)
+    report = {**result, "kept": keep, "chosen": [fused_settings.DQ_MODE, sorted(fused_settings.WARP_SPECIALIZE)]}
+    print(f"tune split backward (fwd+bwd): {result}: {'stream, split' if keep else fused_mode}", flush=True)
     return report
 
 

@@ -261,14 +261,16 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     tma = gk.tune_tma_loads()
     assert set(tma) == {"fwd", "dkdv", "dq", "chosen"}, tma
     assert all(tma[kernel]["error_vs_pointer"] == 0 for kernel in ("fwd", "dkdv", "dq")), tma  # the same numbers
-    specialized = gk.tune_warp_specialize()  # per kernel ("kernel" runs a dQ kernel), so no split backward step
+    specialized = gk.tune_warp_specialize()
     assert set(specialized) == {"fwd", "dkdv", "dq", "chosen"}, specialized
     assert all(specialized[kernel]["error_vs_plain"] == 0 for kernel in ("fwd", "dkdv", "dq")), specialized
     assert fused_settings.WARP_SPECIALIZE == set(specialized["chosen"])
+    assert gk.tune_split_backward() == {}  # "kernel" runs a dQ kernel already
     chosen_ws = fused_settings.WARP_SPECIALIZE
     fused_settings.DQ_MODE = "atomic"  # dQ from the dK/dV loop: the split 7-product backward is timed against it
-    split = gk.tune_warp_specialize()["split_backward"]
+    split = gk.tune_split_backward()
     assert split["error_vs_fused"] < 4e-3 and {"atomic_s", "stream_split_s", "kept"} <= set(split), split
+    assert split["chosen"] == [fused_settings.DQ_MODE, sorted(fused_settings.WARP_SPECIALIZE)]
     assert fused_settings.DQ_MODE == ("stream" if split["kept"] else "atomic")
     fused_settings.DQ_MODE, fused_settings.WARP_SPECIALIZE = "kernel", chosen_ws
     small = gk.tune_small_launches()
@@ -321,6 +323,7 @@ def test_the_tuning_steps_stop_at_their_deadline(monkeypatch, capsys):
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"fwd"}))  # a choice not timed is kept
     assert gk.tune_tma_loads() == {"chosen": ["fwd"]}
     assert gk.tune_warp_specialize() == {"chosen": ["dq"]}  # untimed: kept
+    assert gk.tune_split_backward() == {}
     assert set(gk.tune_small_launches()["seconds"]) == {"0 None"}
     assert gk.tune_side_branches()["seconds"].keys() == {"0"}
     assert "out of tuning time" in capsys.readouterr().out
