@@ -14,9 +14,10 @@ pipeline the strided row loads, and the numbers mean little (this tool's first v
 Per kernel and shape: registers per thread, the stack frame (where spilled registers go: 0 means no
 spills), shared memory, and from the Triton GPU IR whether the row loads are asynchronous copies into
 shared memory (cp.async / TMA, pipelined over `num_stages`) and whether the products are Hopper warp-group
-MMAs (wgmma), and whether Triton split the loop into warp groups ("+warp specialize": fused_settings.WARP_SPECIALIZE,
-which it does for a kernel's only loop with TMA loads and no early return). "+parent" and "+child" are the same kernels sharing keys (fused_settings.SHARE_KEYS): scoring
-pairs for three nested branches, or nested in a branch of 4096 positions. The two row-wise kernels (the
+MMAs (wgmma), and whether Triton split the loop into warp groups ("+warp specialize":
+fused_settings.WARP_SPECIALIZE, which it does for a kernel's only loop with TMA loads and no early return).
+"+parent" and "+child" are the same kernels sharing keys (fused_settings.SHARE_KEYS): scoring pairs for three
+nested branches, or nested in a branch of 4096 positions. The two row-wise kernels (the
 backward's prep, the join of two chains) are compiled too, registers and spills only. Run it under the
 Triton a GPU lease has (PYTHONPATH to a `pip install --target` of that version) to know that every kernel
 compiles there before the lease starts. Needs a Triton with its NVIDIA backend and TRITON_INTERPRET unset;

@@ -114,27 +114,27 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA,
     if WS:  # one loop over what the three cover, every block masked (the masks keep the unmasked stretches whole):
         # causal [m0, n_slots) ([lo, a) is empty), else [0, n_slots) less the gap; a program past its slots loops
         # over nothing and stores nothing (n_ok is all false)
-        first = m0 if CAUSAL else lo
-        end = tl.where(pid_n * BLOCK_N >= n_slots, first + gap, n_slots)
+        q_lo = m0 if CAUSAL else lo
+        q_hi = tl.where(pid_n * BLOCK_N >= n_slots, q_lo + gap, n_slots)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
-                             stride_ln, stride_gn, row0, r, offs_n, keep, first, end, gap_at, gap, n_slots, scale2,
+                             stride_ln, stride_gn, row0, r, offs_n, keep, q_lo, q_hi, gap_at, gap, n_slots, scale2,
                              scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, True, FUSE_DQ, HAS_KEEP, CHILD,
                              NESTED, BLOCK_M, D, PRECISION, TMA, True)
-    elif not CAUSAL:  # (causal: a = lo)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
-                             stride_ln, stride_gn, row0, r, offs_n, keep, lo, a, a, 0, n_slots, scale2,
-                             scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP, CHILD,
-                             NESTED, BLOCK_M, D, PRECISION, TMA)
-    if (CHILD or CAUSAL) and not WS:
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
-                             stride_ln, stride_gn, row0, r, offs_n, keep, m0, m1, gap_at, gap, n_slots, scale2,
-                             scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, True, FUSE_DQ, HAS_KEEP, CHILD,
-                             NESTED, BLOCK_M, D, PRECISION, TMA)
-    if (CHILD or CAUSAL) and not WS:
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
-                             stride_ln, stride_gn, row0, r, offs_n, keep, d, n_slots, n_slots, 0, n_slots, scale2,
-                             scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP, CHILD,
-                             NESTED, BLOCK_M, D, PRECISION, TMA)
+    else:
+        if not CAUSAL:  # (causal: a = lo)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
+                                 stride_ln, stride_gn, row0, r, offs_n, keep, lo, a, a, 0, n_slots, scale2, scale,
+                                 seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP, CHILD,
+                                 NESTED, BLOCK_M, D, PRECISION, TMA)
+        if CHILD or CAUSAL:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
+                                 stride_ln, stride_gn, row0, r, offs_n, keep, m0, m1, gap_at, gap, n_slots, scale2,
+                                 scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, True, FUSE_DQ, HAS_KEEP,
+                                 CHILD, NESTED, BLOCK_M, D, PRECISION, TMA)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
+                                 stride_ln, stride_gn, row0, r, offs_n, keep, d, n_slots, n_slots, 0, n_slots, scale2,
+                                 scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP,
+                                 CHILD, NESTED, BLOCK_M, D, PRECISION, TMA)
     g_off = b64 * stride_gb + hh * stride_gh + pos_n[:, None] * stride_gn + offs_d[None, :]
     store = n_ok[:, None]
     dk = tl.where(keep[:, None], dk * scale, 0.0)
