@@ -6,7 +6,7 @@ that this machine need not have.
 
 Each kernel is compiled exactly as a launch would compile it: `fused_launch.forward_branch` and
 `fused_launch.backward_branch` run on meta tensors (B = 1, N = 256K, H = 12, D = 64, bf16, branch
-(8192, 4), causal, not the first branch) with the kernels swapped for recorders, and the recorded arguments are
+(8192, 4), causal, a branch before the covering r = 1 one: in the backward it marks the rows it writes) with the kernels swapped for recorders, and the recorded arguments are
 specialised the way Triton's JIT does at launch (pointers and integers divisible by 16 marked so,
 integers equal to 1 made constants). Without those hints the compiler can neither vectorise nor
 pipeline the strided row loads, and the numbers mean little (this tool's first version compiled so).
@@ -17,7 +17,8 @@ shared memory (cp.async / TMA, pipelined over `num_stages`) and whether the prod
 MMAs (wgmma), and whether Triton split the loop into warp groups ("+warp specialize":
 fused_settings.WARP_SPECIALIZE, which it does for a kernel's only loop with TMA loads and no early return).
 "+parent" and "+child" are the same kernels sharing keys (fused_settings.SHARE_KEYS): scoring pairs for three
-nested branches, or nested in a branch of 4096 positions. The two row-wise kernels (the
+nested branches, or nested in a branch of 4096 positions. "+last": the 16-bit r = 1 branch (2048, 1) run last,
+writing the output or the gradients in bf16. The two row-wise kernels (the
 backward's prep, the join of two chains) are compiled too, registers and spills only. Run it under the
 Triton a GPU lease has (PYTHONPATH to a `pip install --target` of that version) to know that every kernel
 compiles there before the lease starts. Needs a Triton with its NVIDIA backend and TRITON_INTERPRET unset;
@@ -77,6 +78,12 @@ KERNELS = {
 PARENT, CHILD = KernelFold(None, ((16384, 8), (32768, 12), (32768, 16))), KernelFold(4096)
 KERNELS.update({f"{name}+{role}": (*KERNELS[name][:2], {}, fold)
                 for role, fold in (("parent", PARENT), ("child", CHILD)) for name in ("fwd", "dkdv", "dq")})
+# the 16-bit r = 1 branch run last (LAST: it writes the output or the gradients in bf16; the backward's reads the
+# bytes that mark the rows the branches before wrote), as branch (2048, 1)
+LAST_BRANCH = (2048, 1)
+KERNELS.update({f"{name}+last": KERNELS[name] for name in ("fwd", "dkdv", "dkdv+tma dq", "dq")}
+               | {f"{name}+tma loads+warp specialize+last": KERNELS[f"{name}+tma loads+warp specialize"]
+                  for name in ("fwd", "dkdv", "dq")})
 
 
 class Recorder:
@@ -119,18 +126,24 @@ def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     meta_tensor = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
     q, k, v, grad_out = (meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(4))
     lse, delta = meta_tensor(B, N, H), meta_tensor(B, N, H)
+    # the 16-bit backward's branches before the covering one mark the rows they write
+    last = {} if fn_name == "_fwd" else dict(marks=tuple(meta_tensor(B, N, H, dtype=torch.uint8) for _ in range(2)))
+    if kernel.endswith("+last"):
+        w, r = LAST_BRANCH
+        outputs = tuple(meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(3))
+        last["out"] = outputs[0] if fn_name == "_fwd" else outputs
     saved = dict(fused_settings.TUNED), fused_settings.DQ_MODE
     fused_settings.TUNED[(blocks_key(kernel), False, D)] = blocks
     try:
         with recording() as recorders:
             if fn_name == "_fwd":
                 fused_launch.forward_branch(q, k, v, None, meta_tensor(B, N, H, D), lse, w, r, 0, True, D ** -0.5,
-                                            fold=fold)
+                                            fold=fold, **last)
             else:
                 fused_settings.DQ_MODE = mode
                 grads = [meta_tensor(B, N, H, D) for _ in range(3)]
                 fused_launch.backward_branch(q, k, v, grad_out, lse, delta, None, *grads, w, r, 0, True, D ** -0.5,
-                                             fold=fold)
+                                             fold=fold, **last)
     finally:
         fused_settings.TUNED.clear()
         fused_settings.TUNED.update(saved[0])

@@ -202,7 +202,11 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
                                                "fwd+tma loads+warp specialize",  # fused_settings.WARP_SPECIALIZE
                                                "dkdv+tma loads+warp specialize", "dq+tma loads+warp specialize",
                                                "fwd+parent", "dkdv+parent", "dq+parent",  # shared keys
-                                               "fwd+child", "dkdv+child", "dq+child"]
+                                               "fwd+child", "dkdv+child", "dq+child",
+                                               "fwd+last", "dkdv+last", "dkdv+tma dq+last", "dq+last",  # r = 1 last
+                                               "fwd+tma loads+warp specialize+last",
+                                               "dkdv+tma loads+warp specialize+last",
+                                               "dq+tma loads+warp specialize+last"]
     for row in rows:
         assert row["default"] and 32 <= row["registers"] <= 255 and row["stack_bytes"] >= 0, row
         assert row["dynamic_shared_bytes"] > 0, row

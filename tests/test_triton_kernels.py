@@ -122,11 +122,13 @@ def test_fused_matches_gather_path_float32(dq_mode, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("dq_mode", DQ_MODES)
 def test_the_r1_branch_writing_first_or_last_changes_no_bit(dtype, dq_mode, monkeypatch):
-    """With an r = 1 branch the accumulators are not zero-filled: that branch runs first and writes every row
-    (FIRST); in a 16-bit forward it runs last instead and writes the merged output in its dtype (LAST: no store
-    pass after the branches; an accumulator left unfilled holds NaN). Against the plain path (zeros, every branch
-    adds, the same order, then the store pass): identical, bit for bit, forward and backward (from the same output), padded and causal, one head per
-    group (16-bit) and the r = 1 branch listed between the others."""
+    """With an r = 1 branch the accumulators are not zero-filled: in fp32 that branch runs first and writes every
+    row (FIRST); in 16-bit it runs last instead and writes the merged output, dK and dV (and dQ from a dQ kernel) in
+    their dtype (LAST: no store pass after the branches; the forward's branches before it read a row only where its
+    lse is finite, the backward's where its byte says a branch wrote it: MARKED). An accumulator left unfilled holds
+    NaN here. Against the plain path (zeros, every branch adds, the same order, then the store pass): identical, bit
+    for bit, forward and backward (from the same output), padded and causal, one head per group and the r = 1
+    branch listed between the others."""
     from longnet_dist.attention import fused, fused_launch, fused_settings
 
     assert fused.covering_first([(8, 2), (16, 1), (32, 1)]) == ([(16, 1), (8, 2), (32, 1)], True)
@@ -147,8 +149,8 @@ def test_the_r1_branch_writing_first_or_last_changes_no_bit(dtype, dq_mode, monk
         shape, dtype, device, filled).fill_(float("nan") if filled else 0.0))
 
     def run(order=None, reference=None):
-        """(out, lse, store passes in the forward, dq, dk, dv from `reference` = (out, lse) or this run's); `order`:
-        the plain path, with the covering branch where `order` puts it."""
+        """(out, lse, store passes forward, backward, dq, dk, dv from `reference` = (out, lse) or this run's);
+        `order`: the plain path, with the covering branch where `order` puts it."""
         if order is not None:
             monkeypatch.setattr(fused, "covering_first", lambda branches: (order(covering_first(branches)[0]), False))
         fused._cached_plan.cache_clear()
@@ -156,20 +158,19 @@ def test_the_r1_branch_writing_first_or_last_changes_no_bit(dtype, dq_mode, monk
         out, lse = fused.fused_forward(q, k, v, branches, True, scale, keep)
         forward_stores = len(stores)
         grads = fused.fused_backward(grad, q, k, v, *(reference or (out, lse)), branches, True, scale, keep)
-        return out, lse, forward_stores, *grads
+        return out, lse, forward_stores, len(stores) - forward_stores, *grads
 
-    first = run()
+    covering = run()
     sixteen_bit = dtype != torch.float32
-    assert first[2] == 0  # fp32 accumulates in the output; 16-bit: the r = 1 branch wrote it (LAST)
-    plain_forward = run(order=lambda o: o[1:] + o[:1] if sixteen_bit else o)  # r = 1 last (16-bit), else first
-    assert plain_forward[2] == (3 if sixteen_bit else 0)  # one store pass per head group
-    plain_backward = run(order=lambda o: o, reference=first[:2])  # the backward keeps the r = 1 branch first
-    for name, a, b in zip(("out", "lse"), first, plain_forward):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
-    for name, a, b in zip(("dq", "dk", "dv"), first[3:], plain_backward[3:]):
-        if dq_mode in ("atomic", "tma") and name == "dq":  # atomic adds: the order of additions varies
+    fused_dq = dq_mode in ("atomic", "tma")
+    assert covering[2:4] == (0, 3 if sixteen_bit and fused_dq else 0)  # fp32 accumulates in the outputs; 16-bit:
+    # the r = 1 branch wrote them (LAST), except an atomically added dQ (a store per head group)
+    plain = run(order=lambda o: o[1:] + o[:1] if sixteen_bit else o, reference=covering[:2])  # r = 1 where it ran
+    assert plain[2:4] == ((3, 9) if sixteen_bit else (0, 0))  # a store pass per head group and tensor
+    for name, a, b in zip(("out", "lse", "", "", "dq", "dk", "dv"), covering, plain):
+        if name and fused_dq and name == "dq":  # atomic adds: the order of additions varies
             torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
-        else:
+        elif name:
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
@@ -447,9 +448,10 @@ def test_the_second_chain_takes_the_branches_of_largest_r_while_its_accumulators
     assert chains(buffers=1) == (paper, [], True)
 
 
-def test_backward_prep_stores_each_heads_rows_together():
+def test_backward_prep_stores_each_heads_rows_together(monkeypatch):
     """delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf where lse is not finite), as (B, N, H) views of
-    (B, H, N) storage: the dK/dV loop then reads a block of one head's slots from one stretch."""
+    (B, H, N) storage: the dK/dV loop then reads a block of one head's slots from one stretch. Asked for, it also
+    clears planes of bytes in lse2's layout (the rows a branch has written, read with lse2's strides)."""
     import math
 
     from longnet_dist.attention import fused_launch
@@ -463,3 +465,10 @@ def test_backward_prep_stores_each_heads_rows_together():
     torch.testing.assert_close(delta, (out * grad_out).sum(-1), rtol=1e-5, atol=1e-5)
     expected = torch.where(lse.isfinite(), lse / math.log(2), torch.full_like(lse, float("inf")))
     torch.testing.assert_close(lse2, expected)
+    empty = torch.empty  # the planes come uncleared (here: full of 7s); the kernel zeroes them
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(7)
+                        if kw.get("dtype") == torch.uint8 else empty(*shape, **kw))
+    delta_again, lse2_again, *marks = fused_launch.backward_prep(out, grad_out, lse, marks=2)
+    assert torch.equal(delta_again, delta) and torch.equal(lse2_again, lse2)
+    assert len(marks) == 2 and all(m.dtype == torch.uint8 and m.stride() == lse2.stride() and not m.any()
+                                   for m in marks)

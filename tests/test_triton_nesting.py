@@ -207,11 +207,14 @@ def test_shared_keys_float16_every_dq_mode(dq_mode, monkeypatch):
     assert max(errors.values()) < 4e-3, errors
 
 
-@pytest.mark.parametrize("side", [0, 1])
-def test_a_nested_r1_branch_writing_first_head_groups_and_a_second_chain(side, monkeypatch):
-    """(32, 1) nests in (16, 1) and, listed first, is the branch that writes every row (FIRST): its programs
-    whose queries have no key outside their parent segment must still write (0, -inf), not return. One head
-    per group (16-bit accumulators), and the largest-r branch on a second chain."""
+@pytest.mark.parametrize("side,dq_mode", [(0, "tma"), (0, "kernel"), (1, "tma")])
+def test_a_nested_r1_branch_writing_first_head_groups_and_a_second_chain(side, dq_mode, monkeypatch):
+    """(32, 1) nests in (16, 1) and, listed first, is the branch that covers every row. It writes them: first
+    (FIRST) with a second chain; else last, into the 16-bit output and gradients (LAST). Its programs whose
+    queries (keys) have nothing outside their parent segment must still write, not return. One head per group
+    (16-bit accumulators), and the largest-r branch on a second chain; dQ added in the dK/dV loop (the default
+    "tma", atomic adds off Hopper) or from a dQ kernel, whose nested programs must write too."""
+    monkeypatch.setattr(fused_settings, "DQ_MODE", dq_mode)
     monkeypatch.setattr(fused, "ACCUMULATOR_BUDGET_BYTES", 0)
     monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", side)
     assert fused.covering_first(fused.with_folds([(32, 1), (16, 1), (64, 4)], 80))[0][0] == (

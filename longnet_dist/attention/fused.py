@@ -8,14 +8,16 @@ fill (`covering_first`; the same in the backward); in a 16-bit forward it runs l
 merged rows straight into the output (`covering_last`).
 Backward: delta = rowsum(dO * O) once, then per branch one dK/dV launch that adds into fp32 gradient
 accumulators in place (the merged-softmax identity of dilated.py), dQ included by default (fused_settings.DQ_MODE
-"tma": TMA bulk reductions from the dK/dV loop), else by a dQ launch of its own.
+"tma": TMA bulk reductions from the dK/dV loop), else by a dQ launch of its own. In 16-bit the covering branch runs
+last there too and writes dK and dV (and a dQ launch's dQ) in the gradients' dtype; the branches before it mark
+the rows they write in a byte each, so the accumulators need no fill.
 
 Memory: the fp32 accumulators are the only buffers of size N beyond inputs and outputs. For long
 sequences they cover a group of heads at a time (`head_group`), so one layer's forward+backward
 holds about as much as dense flash attention: q, k, v, out, dO, dq, dk, dv in the input dtype plus
-fp32 accumulators no larger than one of those tensors. A 16-bit backward stores each group's accumulators into
-its heads of the outputs with one row-wise launch per tensor (fused_launch.store_heads); so does a forward without
-an r = 1 branch (with one, that branch writes the output).
+fp32 accumulators no larger than one of those tensors. Without an r = 1 branch (or with a second chain) a 16-bit
+pass stores each group's accumulators into its heads of the outputs with one row-wise launch per tensor
+(fused_launch.store_heads); with one, that branch writes the output, dK and dV (dQ too when a dQ launch computes it).
 
 How each launch runs (block shapes, how dQ is computed, TMA loads, small launches, a second chain of
 branches on side streams) is read from fused_settings.py at every call.
@@ -62,7 +64,7 @@ def covering_last(branches: Sequence[tuple]) -> tuple[list[tuple], bool]:
     Run last, it covers every row, so it can write the merged output in the output's dtype (LAST): the 16-bit
     forward then needs no store pass of its fp32 accumulator, and no fill of it either (the branches before read
     a row's accumulator only where its lse, filled with -inf, is finite). The forward's merge order only changes
-    rounding; the backward keeps the covering branch first."""
+    rounding. The 16-bit backward does the same: its branches before mark the rows they write (no fill either)."""
     order = list(branches)
     return order[1:] + order[:1], True
 
@@ -232,12 +234,17 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     float32 with +inf (or -inf) at rows that carry no gradient."""
     B, N, H, D = q.shape
     branches, second, covering = _plan(branches, B, N, H, D, q.element_size(), buffers=3)
-    delta, lse2 = backward_prep(out, grad_out, lse)
     direct = q.dtype == torch.float32
+    fused_dq = _fused_dq(q.device) != 0  # dQ arrives by atomic adds: its accumulator must start at 0
+    # 16-bit, one chain: the covering branch runs last and writes dK, dV (and dQ but fused) in the gradients' dtype
+    branches, last = covering_last(branches) if covering and not direct and not second else (branches, False)
+    first = covering and not (last and len(branches) > 1)  # the covering branch runs first (and alone: also last)
+    marked = last and len(branches) > 1  # the branches before it mark the rows they write (dK/dV's and dQ's)
+    delta, lse2, *marks = backward_prep(out, grad_out, lse, marks=2 if marked else 0)
     grads = [_accumulator((B, N, H, D), q.dtype, q.device, covering) if direct else
              torch.empty(B, N, H, D, dtype=q.dtype, device=q.device) for _ in range(3)]
     group = H if direct or second else head_group(B, N, H, D, q.element_size(), buffers=3)
-    acc = None if direct else torch.empty(3, B, N, group, D, dtype=torch.float32, device=q.device)
+    acc = None if direct else _accumulator((3, B, N, group, D), torch.float32, q.device, filled=True)  # zeroed below
     beside = _second_backward(q, k, v, grad_out, lse2, delta, keep, second, causal, scale) if second else None
     side = _dq_stream(q.device)
     for h0 in range(0, H, group):
@@ -246,19 +253,22 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         if not direct and not covering:
             for part in parts:
                 part.zero_()
-        if covering and _fused_dq(q.device):  # dQ arrives by atomic adds: it must start at 0
+        if covering and fused_dq:
             parts[0].zero_()
         if side is not None:  # dQ launches start after everything queued so far (inputs, zeroed parts)
             side.wait_stream(torch.cuda.current_stream(q.device))
         views = _heads(hs, H, q, k, v, grad_out, lse2, delta)  # (B, N, g, ...), made once per group
+        marks_g = _heads(hs, H, *marks) if marked else None
         for i, (w, r, fold) in enumerate(branches):
             with branch_range("bwd", w, r):
-                backward_branch(*views, keep, *parts, w, r, h0, causal, scale, dq_stream=side,
-                                first=covering and i == 0, fold=fold)
+                backward_branch(*views, keep, *parts, w, r, h0, causal, scale, dq_stream=side, first=first and i == 0,
+                                fold=fold, marks=marks_g,
+                                out=_heads(hs, H, *grads) if last and i == len(branches) - 1 else None)
         if side is not None:  # and end before anything queued later (the copy out, frees, the caller)
             torch.cuda.current_stream(q.device).wait_stream(side)
-        if not direct and beside is None:
-            for total, part in zip(grads, parts):
+        if not direct and beside is None:  # run last, the covering branch wrote dK, dV, and dQ unless fused
+            unwritten = (grads[:1] if fused_dq else []) if last else grads
+            for total, part in zip(unwritten, parts):
                 store_heads(part, total, h0)
     if beside is not None:  # the two chains' sums (one head group: parts cover all heads)
         _join(q.device)

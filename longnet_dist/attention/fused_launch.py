@@ -120,49 +120,62 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
         **_loop_loads("fwd", (k, v), (q,), keep is None))
 
 
-def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor, marks: int = 0) -> tuple[Tensor, ...]:
     """delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf where lse is not finite), once for all branches:
     (B, N, H) fp32 views of (B, H, N) storage, in which the dK/dV loop reads a block of one head's slots from
     one stretch (contiguous for r = 1) instead of one sector per row. out, grad_out (B, N, H, D) and lse
-    (B, N, H) contiguous."""
+    (B, N, H) contiguous. `marks` > 0: also that many planes of zero bytes, (B, N, H) uint8 views with lse2's
+    strides, that mark the rows a branch has written (backward_branch's `marks`)."""
     B, N, H, D = out.shape
     delta, lse2 = (torch.empty(B, H, N, dtype=torch.float32, device=out.device) for _ in range(2))
+    flags = torch.empty(marks, B, H, N, dtype=torch.uint8, device=out.device) if marks else delta  # (unread: 0)
     grid, block = _row_launch(B * N * H)
-    launch(triton_rows._bwd_prep, grid, (out, grad_out, lse, delta, lse2), B * N * H, N, H, D=D, BLOCK=block)
-    return delta.transpose(1, 2), lse2.transpose(1, 2)  # (B, N, H) views
+    launch(triton_rows._bwd_prep, grid, (out, grad_out, lse, delta, lse2, flags), B * N * H, N, H, D=D, BLOCK=block,
+           PLANES=marks)
+    planes = flags.transpose(2, 3).unbind(0) if marks else ()
+    return delta.transpose(1, 2), lse2.transpose(1, 2), *planes  # (B, N, H) views
 
 
 def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Tensor, delta: Tensor,
                     keep: Tensor | None, dq: Tensor, dk: Tensor, dv: Tensor, w: int, r: int, head0: int, causal: bool,
                     scale: float, dq_stream: torch.cuda.Stream | None = None, first: bool = False,
-                    fold: KernelFold | None = None) -> None:
+                    fold: KernelFold | None = None, marks: tuple[Tensor, Tensor] | None = None,
+                    out: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
     """Add branch (w, r)'s gradients of heads [head0, head0 + H') into the fp32 accumulators dq, dk, dv
     (B, N, H', D, one layout), in place; the other arguments are (B, N, H', ...) views of those heads.
     `dq_stream`: launch the dQ kernel there (the caller orders it against the current stream).
     `first`: r = 1 and nothing added yet: write dk, dv (and dq unless settings.DQ_MODE adds it atomically,
-    "atomic" or "tma": dq must then hold zeros) instead of adding. `fold`: as in forward_branch."""
-    _check_covering(r, first=first)
+    "atomic" or "tma": dq must then hold zeros) instead of adding. `fold`: as in forward_branch.
+    `marks`: (dK/dV's, dQ's) uint8 (B, N, H') views with lse2's strides (backward_prep): the accumulators are not
+    filled; a launch adds to a row only where its byte says a branch before wrote it, and sets the byte.
+    `out`: r = 1, the last branch: (dq, dk, dv) (B, N, H', D) views of the gradients, which take the sums in their
+    dtype instead of the accumulators (dq only from a dQ kernel; fused dQ still adds into `dq` atomically)."""
+    _check_covering(r, first=first, last=out is not None)
     B, N, heads, D = q.shape
     fuse_dq = _fused_dq(q.device)
     dq_blocks = settings.blocks_for("dq", q.dtype, D)
-    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq),
-              N, N)  # ..., keep's batch stride, sequence length
+    flags_kv, flags_q = marks if marks is not None else (delta, delta)  # (unread without marks)
+    out_q, out_k, out_v = out if out is not None else (dq, dk, dv)
+    # the strides both launches share; each adds its output's, keep's batch stride N and the sequence length N
+    inputs = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq))
     nest, parent_w, nest_meta = _nest_args(fold, q.device, delta)
-    meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype), **nest_meta)
+    meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype), FIRST=first,
+                MARKED=marks is not None, LAST=out is not None, **nest_meta)
     keep_arg = keep if keep is not None else delta
     multiprocessors = _multiprocessors(q.device)
     dkdv, grid, num_blocks, small = _dkdv_launch(N, w, r, heads, B, q.dtype, D, causal, multiprocessors,
                                                  fuse_dq != 0)
-    launch(kern._bwd_dkdv, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dk, dv, dq), *common, min(w, N), r,
-           head0, heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FUSE_DQ=fuse_dq, FIRST=first,
-           BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
-           BLOCK_MAJOR=small, **_loop_loads("dkdv", (q, grad_out), (k, v), keep is None and fuse_dq == 0), **meta)
+    launch(kern._bwd_dkdv, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dk, dv, dq, flags_kv, out_k, out_v),
+           *inputs, *_strides3(out_k), N, N, min(w, N), r, head0, heads, num_blocks, scale * kern.LOG2E, scale,
+           parent_w, FUSE_DQ=fuse_dq, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
+           num_stages=dkdv.num_stages, BLOCK_MAJOR=small,
+           **_loop_loads("dkdv", (q, grad_out), (k, v), keep is None and fuse_dq == 0), **meta)
     if fuse_dq == 0:
         grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
         with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
-            launch(kern._bwd_dq, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dq), *common, min(w, N), r,
-                   head0, heads, num_blocks, scale * kern.LOG2E, scale, parent_w, FIRST=first,
-                   BLOCK_M=dq_blocks.block_m, BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
+            launch(kern._bwd_dq, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dq, flags_q, out_q), *inputs,
+                   *_strides3(out_q), N, N, min(w, N), r, head0, heads, num_blocks, scale * kern.LOG2E, scale,
+                   parent_w, BLOCK_M=dq_blocks.block_m, BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
                    num_stages=dq_blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
                    **_loop_loads("dq", (k, v), (q, grad_out), keep is None), **meta)
 

@@ -7,6 +7,9 @@ the same loop (FUSE_DQ: dS K added atomically to the query rows, 1 one atomic pe
 per tile) or from `_bwd_dq` (a program per query block, looping over key blocks: 7 products, no atomics). WS: one
 loop over every block, all masked, for Triton's warp specialisation (as `_fwd`; dK/dV only with FUSE_DQ = 0, whose
 in-loop reductions the pass refuses).
+In a 16-bit backward the covering r = 1 branch runs last and writes dK, dV (and dQ from `_bwd_dq`) in the
+gradients' dtype (LAST); the branches before it mark each row they write in a byte per (position, head) that
+`_bwd_prep` cleared (MARKED), so the fp32 accumulators need no fill and no store pass follows (`_add_rows`).
 """
 from __future__ import annotations
 
@@ -58,16 +61,50 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, strid
     return dk, dv
 
 
+@triton.jit
+def _add_rows(x, y, XA, YA, FLAGS, XO, YO, b64, hh, pos, ok, stride_gb, stride_gn, stride_gh, stride_lb, stride_ln,
+              stride_lh, stride_yb, stride_yn, stride_yh, D: tl.constexpr, TWO: tl.constexpr, FIRST: tl.constexpr,
+              MARKED: tl.constexpr, LAST: tl.constexpr):
+    """A program's gradient rows of this branch, x (and y: TWO) (BLOCK, D) fp32 at positions `pos` (existing where
+    `ok`) of one (batch, head), into the fp32 accumulators XA (YA), added to what the branches before put there.
+    FIRST: the covering r = 1 branch, run first, writes them (nothing before). MARKED: the accumulators are not
+    filled; a row's byte in FLAGS (the layout of LSE2) says whether a branch before wrote it, and this one sets it.
+    LAST: the covering branch, run last, writes the sums into XO (YO), the gradients in their dtype, instead: no
+    store pass after the branches."""
+    offs_d = tl.arange(0, D)
+    g_off = b64 * stride_gb + hh * stride_gh + pos[:, None] * stride_gn + offs_d[None, :]
+    f_ptrs = FLAGS + b64 * stride_lb + hh * stride_lh + pos * stride_ln
+    rows = ok[:, None]
+    if not FIRST:
+        earlier = rows
+        if MARKED:  # unwritten rows hold anything: not read
+            earlier = earlier & (tl.load(f_ptrs, mask=ok, other=0) != 0)[:, None]
+        x += tl.load(XA + g_off, mask=earlier, other=0.0)
+        if TWO:
+            y += tl.load(YA + g_off, mask=earlier, other=0.0)
+    if LAST:
+        y_off = b64 * stride_yb + hh * stride_yh + pos[:, None] * stride_yn + offs_d[None, :]
+        tl.store(XO + y_off, x.to(XO.dtype.element_ty), mask=rows)
+        if TWO:
+            tl.store(YO + y_off, y.to(YO.dtype.element_ty), mask=rows)
+    else:
+        tl.store(XA + g_off, x, mask=rows)
+        if TWO:
+            tl.store(YA + g_off, y, mask=rows)
+        if MARKED:
+            tl.store(f_ptrs, ok.to(tl.uint8), mask=ok)
+
+
 @triton.jit(do_not_specialize=placement("num_n_blocks"))
-def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA,
+def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA, FLAGS, DKO, DVO,
               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
               stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
-              stride_gb, stride_gn, stride_gh, stride_keep,
+              stride_gb, stride_gn, stride_gh, stride_yb, stride_yn, stride_yh, stride_keep,
               N, w, r, head0, heads, num_n_blocks, scale2, scale, parent_w,
               CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FUSE_DQ: tl.constexpr, FIRST: tl.constexpr,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_MAJOR: tl.constexpr, TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0,
-              WS: tl.constexpr = False):
+              WS: tl.constexpr = False, MARKED: tl.constexpr = False, LAST: tl.constexpr = False):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_n, hh, row0, n_slots = _program_block(pid, num_n_blocks, heads, N, w, r, head0, False, BLOCK_MAJOR)
     if not WS:  # (no early return under warp specialisation: see the loop below)
@@ -82,7 +119,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA,
     # queries [lo, a) unmasked, [m0, m1) masked less the gap, [d, n_slots) unmasked (_regions)
     a, m0, m1, gap_at, gap, d = _regions(pid_n * BLOCK_N, tl.minimum((pid_n + 1) * BLOCK_N, n_slots) - 1, row0, r,
                                          parent_w, lo, n_slots, m_lo, diag, CAUSAL, True, CHILD, BLOCK_M)
-    if CHILD and not FIRST and not WS:
+    if CHILD and not FIRST and not LAST and not WS:
         if (a - lo) + (m1 - m0 - gap) + (n_slots - d) == 0:  # no query outside these keys' parent segment
             return
     offs_n, n_ok, pos_n, flags_n, c_j, m_j, inv, seg_n = _own_block(pid_n * BLOCK_N, BLOCK_N, row0, r, n_slots, NEST,
@@ -135,15 +172,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA,
                                  stride_ln, stride_gn, row0, r, offs_n, keep, d, n_slots, n_slots, 0, n_slots, scale2,
                                  scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP,
                                  CHILD, NESTED, BLOCK_M, D, PRECISION, TMA)
-    g_off = b64 * stride_gb + hh * stride_gh + pos_n[:, None] * stride_gn + offs_d[None, :]
-    store = n_ok[:, None]
     dk = tl.where(keep[:, None], dk * scale, 0.0)
     dv = tl.where(keep[:, None], dv, 0.0)
-    if not FIRST:  # add to the branches before; the first (r = 1) writes every row
-        dk += tl.load(DKA + g_off, mask=store, other=0.0)
-        dv += tl.load(DVA + g_off, mask=store, other=0.0)
-    tl.store(DKA + g_off, dk, mask=store)
-    tl.store(DVA + g_off, dv, mask=store)
+    _add_rows(dk, dv, DKA, DVA, FLAGS, DKO, DVO, b64, hh, pos_n, n_ok, stride_gb, stride_gn, stride_gh, stride_lb,
+              stride_ln, stride_lh, stride_yb, stride_yn, stride_yh, D, True, FIRST, MARKED, LAST)
 
 
 @triton.jit
@@ -185,21 +217,22 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride
 
 
 @triton.jit(do_not_specialize=placement("num_m_blocks"))
-def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA,
+def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA, FLAGS, DQO,
             stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
             stride_dob, stride_don, stride_doh, stride_lb, stride_ln, stride_lh,
-            stride_gb, stride_gn, stride_gh, stride_keep,
+            stride_gb, stride_gn, stride_gh, stride_yb, stride_yn, stride_yh, stride_keep,
             N, w, r, head0, heads, num_m_blocks, scale2, scale, parent_w,
             CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr,
-            TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0, WS: tl.constexpr = False):
+            TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0, WS: tl.constexpr = False,
+            MARKED: tl.constexpr = False, LAST: tl.constexpr = False):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if not WS:  # (no early return under warp specialisation: see _fwd)
         if pid_m * BLOCK_M >= n_slots:
             return
     a, m0, m1, gap_at, gap = _key_stretches(pid_m, n_slots, row0, r, parent_w, CAUSAL, CHILD, BLOCK_M, BLOCK_N)
-    if CHILD and not FIRST and not WS:
+    if CHILD and not FIRST and not LAST and not WS:
         if a + (m1 - m0 - gap) == 0:
             return
     offs_m, m_ok, pos_m, flags_m, c_j, m_j, inv, seg_m = _own_block(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots, NEST,
@@ -232,8 +265,6 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA,
         dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, m0, m1,
                        gap_at, gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True, HAS_KEEP,
                        CHILD, NESTED, BLOCK_N, D, PRECISION, TMA)
-    g_ptrs = DQA + b64 * stride_gb + hh * stride_gh + pos_m[:, None] * stride_gn + offs_d[None, :]
-    dq = dq * scale
-    if not FIRST:
-        dq += tl.load(g_ptrs, mask=m_ok[:, None], other=0.0)
-    tl.store(g_ptrs, dq, mask=m_ok[:, None])
+    dq = dq * scale  # (the second pair of arguments is unused: TWO False)
+    _add_rows(dq, dq, DQA, DQA, FLAGS, DQO, DQO, b64, hh, pos_m, m_ok, stride_gb, stride_gn, stride_gh, stride_lb,
+              stride_ln, stride_lh, stride_yb, stride_yn, stride_yh, D, False, FIRST, MARKED, LAST)

@@ -14,9 +14,10 @@ iff s + k*r < segment length": per-(segment, head) slot counts, never copies or 
 The backward kernels, `_bwd_dkdv` and `_bwd_dq`, live in triton_backward.py (imported here: callers launch
 every fused kernel as triton_dilated._name).
 
-A branch with r = 1 covers every row. Run first, its launches store instead of adding (FIRST); run last in a 16-bit
-forward, it writes the merged rows into the output in its dtype (LAST: the fp32 accumulator needs no fill, as the
-other branches read a row's accumulator only where its lse is finite, and no store pass after the branches); two
+A branch with r = 1 covers every row. Run first, its launches store instead of adding (FIRST); run last in 16-bit,
+it writes the merged rows into the output in its dtype (LAST: the fp32 accumulator needs no fill, as the other
+branches read a row's accumulator only where its lse is finite, and no store pass after the branches; the backward
+does the same for dK and dV, triton_backward.py); two
 chains of branches (fused_settings.SIDE_BRANCHES) are joined by `_merge_chains` (triton_rows.py).
 Nested branches may share keys (fused_settings.SHARE_KEYS, triton_nesting.py): a nested branch (CHILD)
 skips the pairs inside its queries' parent segment, and the parent scores them once with weight 1 + c
@@ -162,9 +163,8 @@ def _fwd(Q, K, V, KEEP, NEST, OA, LA, OUT,
         merged, lse_new = o_i, lse_i  # (what _mix gives with o_prev = 0, lse_prev = -inf)
     else:
         lse_prev = tl.load(l_ptrs, mask=m_ok, other=float("-inf"))
-        o_prev = tl.load(o_ptrs, mask=m_ok[:, None], other=0.0)
-        # a row no branch has written holds lse -inf and, in an unfilled accumulator, anything: it weighs 0
-        o_prev = tl.where(lse_prev[:, None] == float("-inf"), 0.0, o_prev)
+        # a row no branch has written holds lse -inf and, in an unfilled accumulator, anything: not read (weight 0)
+        o_prev = tl.load(o_ptrs, mask=m_ok[:, None] & (lse_prev[:, None] > float("-inf")), other=0.0)
         merged, lse_new = _mix(o_prev, lse_prev, o_i, lse_i)
     if LAST:  # the last branch, r = 1, writes the merged rows into the output (its dtype): no accumulator store
         y_ptrs = OUT + b64 * stride_yb + hh * stride_yh + pos_m[:, None] * stride_yn + offs_d[None, :]

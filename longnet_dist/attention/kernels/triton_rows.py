@@ -35,9 +35,11 @@ def _merge_chains(OA, LA, OB, LB, OUT, rows, D: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
-def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_prep(O, DO, LSE, DELTA, LSE2, FLAGS, rows, N, H, D: tl.constexpr, BLOCK: tl.constexpr,
+              PLANES: tl.constexpr = 0):
     """Per row (b, n, h) of the merged output: delta = rowsum(dO * O); lse2 = lse * log2(e), +inf if not
-    finite; both stored (B, H, N), so that a block of one head's slots reads them from one stretch."""
+    finite; both stored (B, H, N), so that a block of one head's slots reads them from one stretch. FLAGS
+    (PLANES, B, H, N) uint8, cleared: the bytes that mark the rows a branch has written (triton_backward._add_rows)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < rows
     offs_d = tl.arange(0, D)
@@ -48,6 +50,8 @@ def _bwd_prep(O, DO, LSE, DELTA, LSE2, rows, N, H, D: tl.constexpr, BLOCK: tl.co
     lse = tl.load(LSE + offs, mask=ok, other=0.0)
     finite = (lse == lse) & (lse < float("inf")) & (lse > float("-inf"))
     tl.store(LSE2 + head_major, tl.where(finite, lse * 1.4426950408889634, float("inf")), mask=ok)
+    for plane in tl.static_range(PLANES):
+        tl.store(FLAGS + plane * rows + head_major, tl.zeros([BLOCK], tl.uint8), mask=ok)
 
 
 @triton.jit
