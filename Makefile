@@ -18,12 +18,15 @@ setup:
 	$(PYTHON) -c "import torch, sys; sys.exit(torch.version.cuda is not None)" && $(PIP) install -q "triton>=3.9" || true
 
 # The fused kernels' interpreter tests (one core each, no subprocesses) first, on two pytest-xdist workers of one
-# thread each; then every other test in order (they start ranks and servers of their own). Both always run.
+# thread each; then every other test on two workers, a file at a time per worker (--dist loadfile: a file's module
+# and session fixtures, its SLURM cluster or trained runs, are made once, in one worker; the tests start ranks and
+# servers of their own on free ports). Both always run.
 INTERPRETED := tests/test_triton_kernels.py tests/test_triton_nesting.py
 test: setup
 	status=0; \
 	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PYTHON) -m pytest $(INTERPRETED) -q -n 2 || status=$$?; \
-	WANDB_MODE=disabled $(PYTHON) -m pytest tests -q $(addprefix --ignore=,$(INTERPRETED)) || status=$$?; \
+	WANDB_MODE=disabled $(PYTHON) -m pytest tests -q -n 2 --dist loadfile $(addprefix --ignore=,$(INTERPRETED)) \
+		|| status=$$?; \
 	exit $$status
 
 # One run directory per `make train` (named like the trainer's default output_dir, fixed once per make
