@@ -54,10 +54,10 @@ gpu-check:
 gpu-tune:
 	GPU_CHECK_STAGES=tune scripts/gpu_check.sh
 
-# after gpu-check, on the same machine: each kernel's loop split into warp groups by Triton
-# (fused_settings.WARP_SPECIALIZE, never run on a GPU: written in stop 31; then the split 7-product backward against
-# "tma"), then TMA loads per kernel, each timed against the plain kernel and kept if faster and within bf16 of it,
-# written to kernel_tuning.json; at most 170 s
+# after gpu-check, on the same machine: the 16-bit r = 1 branch run last against first (fused_settings.COVERING_LAST,
+# stops 31-32), each kernel's loop split into warp groups by Triton (fused_settings.WARP_SPECIALIZE, written in stop
+# 31; then the split 7-product backward against "tma"), then TMA loads per kernel, none of them timed on a GPU yet,
+# each kept if faster and within bf16, written to kernel_tuning.json; at most 170 s
 gpu-tune-late:
 	$(WITH_CHECK_TUNING) \
 	GPU_CHECK_STAGES=tune-late scripts/gpu_check.sh

@@ -45,8 +45,8 @@ from common import RESULTS, machine, style_log2_axis  # noqa: E402
 import gpu_kernels  # noqa: E402  (its DEADLINE is set below)
 from gpu_kernels import (DILATIONS, HEAD_DIM, HEADS, SEGMENTS, UNTRIED_DQ_MODES, K, M,  # noqa: E402
                          choose_dq_variant, cuda_time, forward, grads_of, make_inputs, tune, tune_side_branches,
-                         tune_share_keys, tune_small_launches, tune_split_backward, tune_tma_loads,
-                         tune_warp_specialize, write_tuning)
+                         tune_covering_last, tune_share_keys, tune_small_launches, tune_split_backward,
+                         tune_tma_loads, tune_warp_specialize, write_tuning)
 
 from longnet_dist.attention.kernels import dense_flops, dilated_flops  # noqa: E402
 
@@ -235,8 +235,8 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep block shapes first (about 1 minute)")
     parser.add_argument("--tune-late", action="store_true",
                         help="the dilated 32K and 1M points, then only the tuning steps that run after the points "
-                             "(warp specialisation and TMA loads per kernel; LATE_TUNING_S), then those points again if "
-                             "a setting changed")
+                             "(the covering branch last or first, warp specialisation and TMA loads per kernel; "
+                             "LATE_TUNING_S), then those points again if a setting changed")
     parser.add_argument("--tune-budget", type=float, default=float("inf"), metavar="SECONDS",
                         help="seconds from the start after which the tuning tries nothing new (each step keeps its "
                              "best so far; kernel_tuning.json is written after every step), leaving the rest of a "
@@ -298,21 +298,29 @@ def main() -> None:
     run_points(key_points(QUICK) if args.tune_late else QUICK if args.quick else FULL, payload, save)
     # What has not been timed on a GPU goes last (untried dQ modes; TMA loads; warp specialisation): a kernel fault
     # there (sticky in CUDA) cannot cost the points above. It gets LATE_TUNING_S of its own.
-    chosen = fused_settings.DQ_MODE, fused_settings.TMA_LOADS, fused_settings.WARP_SPECIALIZE
+    def settings_now():
+        return (fused_settings.DQ_MODE, fused_settings.TMA_LOADS, fused_settings.WARP_SPECIALIZE,
+                fused_settings.COVERING_LAST)
+
+    chosen = settings_now()
     gpu_kernels.DEADLINE = time.time() + LATE_TUNING_S
     if UNTRIED_DQ_MODES:
         payload["dq_variants_untried"] = choose_dq_variant(UNTRIED_DQ_MODES, payload["dq_variants"])
         save()
         write_tuning(args.results)
-    if args.tune or args.tune_late:  # warp specialisation first: never timed (TMA loads were, in stops 19 and 27)
-        payload.setdefault("tuning", {})["warp_specialize"] = tune_warp_specialize()
+    if args.tune or args.tune_late:  # never timed first: the covering branch last (stops 31-32), warp
+        # specialisation; TMA loads were timed, in stops 19 and 27
+        payload.setdefault("tuning", {})["covering_last"] = tune_covering_last()
+        save()
+        write_tuning(args.results)
+        payload["tuning"]["warp_specialize"] = tune_warp_specialize()
         payload["tuning"]["split_backward"] = tune_split_backward()
         save()
         write_tuning(args.results)
         payload["tuning"]["tma_loads"] = tune_tma_loads()
         save()
         write_tuning(args.results)
-    if (fused_settings.DQ_MODE, fused_settings.TMA_LOADS, fused_settings.WARP_SPECIALIZE) != chosen:  # faster, correct:
+    if settings_now() != chosen:  # faster, correct:
         # the key points again
         run_points(key_points(QUICK if args.quick else FULL), payload, save)
     for key, value in payload["targets"].items():

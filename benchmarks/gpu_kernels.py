@@ -340,6 +340,17 @@ def tune_share_keys(n: int | None = None) -> dict:
     return fastest_fwd_bwd("share keys", [False, True], apply, n or TUNE_N)
 
 
+def tune_covering_last(n: int | None = None) -> dict:
+    """fused_settings.COVERING_LAST: the r = 1 branch first, with store passes after (False), or last, writing the
+    16-bit output, dK and dV itself (True), at N = n (256K: where those passes are memory traffic, not launches)."""
+    from longnet_dist.attention import fused_settings
+
+    def apply(option):
+        fused_settings.COVERING_LAST = option
+
+    return fastest_fwd_bwd("covering last", [False, True], apply, n or TUNE_N)
+
+
 def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
     """The given ways to compute dQ (of fused_settings.DQ_MODES) against an fp32 run of the aten path (N = 64K,
     causal), then timed at 256K; the fastest of those within bf16 tolerance (2e-2 relative), and than
@@ -375,8 +386,8 @@ def choose_dq_variant(modes, incumbent: dict | None = None) -> dict:
 
 
 def write_tuning(folder: Path) -> None:
-    """kernel_tuning.json: the dQ mode, block shapes, TMA loads, warp specialisation, small launches, side branches
-    and shared keys in use, for
+    """kernel_tuning.json: the dQ mode, block shapes, TMA loads, warp specialisation, small launches, side branches,
+    shared keys and where the covering branch runs, in use, for
     fused_settings.load_tuning (or the environment variable fused_settings.TUNING_ENV) in a later
     process, e.g. the GPU check's training stage."""
     from longnet_dist.attention import fused_settings
@@ -386,5 +397,6 @@ def write_tuning(folder: Path) -> None:
     tuning = {"dq_mode": fused_settings.DQ_MODE, "small_launch_waves": fused_settings.SMALL_LAUNCH_WAVES,
               "tma_loads": sorted(fused_settings.TMA_LOADS), "side_branches": fused_settings.SIDE_BRANCHES,
               "share_keys": fused_settings.SHARE_KEYS, "warp_specialize": sorted(fused_settings.WARP_SPECIALIZE),
+              "covering_last": fused_settings.COVERING_LAST,
               "head_dim": HEAD_DIM, "blocks": blocks}
     (folder / "kernel_tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")

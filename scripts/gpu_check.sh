@@ -21,8 +21,9 @@
 # Opt-in stages: tune (`make gpu-tune`: `gpu_attention.py --tag tune --tune --quick --tune-budget 45 --dq-modes tma
 # stream`, the defaults re-timed against their alternatives: shared keys, small launches, side branches, block
 # shapes, TMA loads; its kernel_tuning.json goes to the stages after it; 175 s) -> gpu_attention_tune.*; tune-late
-# (`make gpu-tune-late`: the dilated 32K and 1M points, then warp specialisation and TMA loads per kernel, each kept
-# only if faster and within bf16 of the plain kernel, then those points again if one was kept; 170 s)
+# (`make gpu-tune-late`: the dilated 32K and 1M points, then the r = 1 branch last or first, warp specialisation and
+# TMA loads per kernel, each kept only if faster and within bf16 of the plain kernel, then those points again if one
+# was kept; 170 s)
 # -> gpu_attention_tune_late.*; train-long (`make gpu-train-long`: 1M and 4M training steps, dilated, ~65 + ~72 s on an H200;
 # 210 s; a GPU with less memory than a 4M step needed, an 80 GB H100, skips 4M at once); profile (the same 32K
 # profile in trainer runs of its own, `benchmarks/train.py --profile`, ~100 s) -> train_cuda_*_profile;

@@ -223,8 +223,8 @@ def test_kernel_resources_compiles_the_default_kernels_for_sm90(tmp_path):
 
 def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     """benchmarks/gpu_kernels.py's tuning steps, which a GPU lease runs first (dQ modes against an fp32
-    run, block shapes with the dQ-fused shapes, TMA loads, warp specialisation, small launches, side branches,
-    shared keys, kernel_tuning.json),
+    run, block shapes with the dQ-fused shapes, TMA loads, warp specialisation, small launches, where the covering
+    branch runs, side branches, shared keys, kernel_tuning.json),
     on a small fp16
     problem through Triton's interpreter: their control flow, and a file that fused_settings.load_tuning takes.
     Timings here mean nothing (the interpreter runs every shape with its own blocks)."""
@@ -245,7 +245,7 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
         monkeypatch.setattr(gk, name, value)
     for name, value in (("DQ_MODE", fused_settings.DQ_MODE), ("TUNED", {}), ("SMALL_LAUNCH_WAVES", 0),
                         ("TMA_LOADS", frozenset()), ("SIDE_BRANCHES", 0), ("SHARE_KEYS", False),
-                        ("WARP_SPECIALIZE", frozenset())):
+                        ("WARP_SPECIALIZE", frozenset()), ("COVERING_LAST", True)):
         monkeypatch.setattr(fused_settings, name, value)  # restored afterwards
 
     report = gk.choose_dq_variant(["kernel", "stream", "atomic", "tma"])
@@ -280,6 +280,9 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     small = gk.tune_small_launches()
     assert set(small["seconds"]) == {"0 None", "4 (64, 64, 4, 3)", "8 (64, 64, 4, 3)"}
     assert max(small["errors_vs_off"].values()) == 0  # on the CPU no launch counts as small: same kernels
+    covering = gk.tune_covering_last()  # the r = 1 branch first with store passes, or last writing the outputs
+    assert set(covering["seconds"]) == {"False", "True"} and covering["errors_vs_off"]["True"] < 4e-3, covering
+    assert fused_settings.COVERING_LAST == covering["best"]
     side = gk.tune_side_branches()
     assert set(side["seconds"]) == {"0", "1", "2", "3"} and max(side["errors_vs_off"].values()) < 4e-3, side
     assert fused_settings.SIDE_BRANCHES == side["best"]
@@ -288,15 +291,18 @@ def test_the_tuning_steps_run_on_the_cpu(tmp_path, monkeypatch):
     assert fused_settings.SHARE_KEYS == share["best"]
     gk.write_tuning(tmp_path)
     chosen = (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS,
-              fused_settings.SIDE_BRANCHES, fused_settings.SHARE_KEYS, fused_settings.WARP_SPECIALIZE)
+              fused_settings.SIDE_BRANCHES, fused_settings.SHARE_KEYS, fused_settings.WARP_SPECIALIZE,
+              fused_settings.COVERING_LAST)
     assert fused_settings.TMA_LOADS == set(tma["chosen"])
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
     monkeypatch.setattr(fused_settings, "TMA_LOADS", frozenset({"nothing"}))
     monkeypatch.setattr(fused_settings, "SHARE_KEYS", not share["best"])
     monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", frozenset({"nothing"}))
+    monkeypatch.setattr(fused_settings, "COVERING_LAST", not covering["best"])
     fused_settings.load_tuning(tmp_path / "kernel_tuning.json")
     assert (fused_settings.DQ_MODE, fused_settings.SMALL_LAUNCH_WAVES, fused_settings.TMA_LOADS,
-            fused_settings.SIDE_BRANCHES, fused_settings.SHARE_KEYS, fused_settings.WARP_SPECIALIZE) == chosen
+            fused_settings.SIDE_BRANCHES, fused_settings.SHARE_KEYS, fused_settings.WARP_SPECIALIZE,
+            fused_settings.COVERING_LAST) == chosen
 
 
 def test_the_tuning_steps_stop_at_their_deadline(monkeypatch, capsys):

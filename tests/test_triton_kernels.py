@@ -233,7 +233,7 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     path = tmp_path / "kernel_tuning.json"
     path.write_text(json.dumps({"dq_mode": "stream", "small_launch_waves": 2, "tma_loads": ["fwd", "dq"],
                                 "side_branches": 2, "share_keys": True, "warp_specialize": ["dkdv"], "head_dim": 64,
-                                "blocks": {"dkdv": [64, 64, 8, 3]}}))
+                                "covering_last": False, "blocks": {"dkdv": [64, 64, 8, 3]}}))
     monkeypatch.setattr(fused_settings, "TUNED", {})
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")
     monkeypatch.setattr(fused_settings, "SMALL_LAUNCH_WAVES", 0)
@@ -241,11 +241,13 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
     monkeypatch.setattr(fused_settings, "SIDE_BRANCHES", 0)
     monkeypatch.setattr(fused_settings, "SHARE_KEYS", False)
     monkeypatch.setattr(fused_settings, "WARP_SPECIALIZE", frozenset())
+    monkeypatch.setattr(fused_settings, "COVERING_LAST", True)
     fused_settings.load_tuning(path)
     assert fused_settings.DQ_MODE == "stream" and fused_settings.WARP_SPECIALIZE == {"dkdv"}
     assert fused_settings.TUNED == {("dkdv", False, 64): fused_settings.Blocks(64, 64, 8, 3)}
     assert fused_settings.SMALL_LAUNCH_WAVES == 2 and fused_settings.TMA_LOADS == {"fwd", "dq"}
     assert fused_settings.SIDE_BRANCHES == 2 and fused_settings.SHARE_KEYS is True
+    assert fused_settings.COVERING_LAST is False
     if not fused_launch.kern.interpreted():  # the interpreter runs every kernel with its own small blocks
         assert fused_settings.blocks_for("dkdv", torch.bfloat16, 64) == fused_settings.Blocks(64, 64, 8, 3)
         assert fused_settings.blocks_for("dkdv", torch.float32, 64) == fused_settings.DEFAULT_BLOCKS[("dkdv", True)]
@@ -261,6 +263,7 @@ def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypat
                          ({"head_dim": 64, "small_launch_waves": -1}, r"small_launch_waves=-1 must be an integer >= 0"),
                          ({"side_branches": True}, r"side_branches=True must be an integer >= 0"),
                          ({"share_keys": 1}, r"share_keys=1 must be true or false"),
+                         ({"covering_last": "yes"}, r"covering_last='yes' must be true or false"),
                          ({"tma_loads": ["bwd"]},
                           r"tma_loads=\['bwd'\] must be a list of some of \['fwd', 'dkdv', 'dq'\]"),
                          ({"warp_specialize": "fwd"},

@@ -1,7 +1,7 @@
 """Launch settings of the fused kernels (fused.py): block shapes per kernel, how the backward computes
-dQ, small causal launches, whether rows arrive through TMA descriptors, a second chain of branches, and
-whether nested branches share keys. The defaults are what the
-last GPU sweep measured; `load_tuning` (or LONGNET_KERNEL_TUNING at import) installs a newer sweep's
+dQ, small causal launches, whether rows arrive through TMA descriptors or loops split into warp groups, a second
+chain of branches, whether nested branches share keys, and whether the r = 1 branch runs last. The defaults are
+what the last GPU sweep measured (or, where marked, what was written without a GPU); `load_tuning` (or LONGNET_KERNEL_TUNING at import) installs a newer sweep's
 choices, the kernel_tuning.json that `benchmarks/gpu_attention.py --tune` writes. fused.py reads these
 names at every launch, so setting them (`fused_settings.DQ_MODE = "kernel"`) takes effect at once.
 """
@@ -91,6 +91,10 @@ TMA_KERNELS = ("fwd", "dkdv", "dq")
 # fused.ACCUMULATOR_BUDGET_BYTES (N = 32K at H = 12, D = 64, batch 1, but not 64K). Rounding differs from
 # one chain. Written after the H200 lease, so off (0) until a GPU measures it (`gpu_attention.py --tune`).
 SIDE_BRANCHES = 0
+# In 16-bit the covering r = 1 branch runs last and writes the output, dK and dV itself (fused.covering_last): no
+# fills and no store passes of those fp32 accumulators, by bytes about 3.5 ms of a 1M-token layer (stops 31-32).
+# Written without a GPU: `gpu_attention.py --tune-late` times it against False (the branch first, store passes).
+COVERING_LAST = True
 # Nested branches share keys (attention/nesting.py, kernel_plan): a branch nested in a shorter one skips the keys
 # in its queries' own parent segment, which the parent scores for it with weight 1 + c. Exact; the paper's
 # branches score 22% fewer pairs, and the parent pays a 16-wide flag dot and a multiply per pair. On an H100
@@ -115,10 +119,10 @@ TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at impor
 def load_tuning(path: str | os.PathLike) -> None:
     """Install a tuning sweep's choices for 16-bit inputs: the JSON that `benchmarks/gpu_attention.py`
     writes as kernel_tuning.json, {"dq_mode": "kernel", "small_launch_waves": 4, "tma_loads": ["fwd"],
-    "side_branches": 2, "share_keys": true, "warp_specialize": ["fwd"], "head_dim": 64,
+    "side_branches": 2, "share_keys": true, "warp_specialize": ["fwd"], "covering_last": true, "head_dim": 64,
     "blocks": {"fwd": [block_m, block_n, num_warps, num_stages], "dkdv": [...], "dkdv_dq": [...], "dkdv_small": [...],
     "dq": [...]}} (every key optional; blocks need head_dim)."""
-    global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES, SHARE_KEYS, WARP_SPECIALIZE
+    global DQ_MODE, SMALL_LAUNCH_WAVES, TMA_LOADS, SIDE_BRANCHES, SHARE_KEYS, WARP_SPECIALIZE, COVERING_LAST
     with open(path) as file:
         data = json.load(file)
     mode = data.get("dq_mode", DQ_MODE)
@@ -143,10 +147,11 @@ def load_tuning(path: str | os.PathLike) -> None:
     side = data.get("side_branches", SIDE_BRANCHES)
     if isinstance(side, bool) or not isinstance(side, int) or side < 0:
         raise ValueError(f"{path}: side_branches={side!r} must be an integer >= 0 (0: one chain)")
-    share = data.get("share_keys", SHARE_KEYS)
-    if not isinstance(share, bool):
-        raise ValueError(f"{path}: share_keys={share!r} must be true or false")
-    DQ_MODE, SMALL_LAUNCH_WAVES, SIDE_BRANCHES, SHARE_KEYS = mode, waves, side, share
+    share, last = data.get("share_keys", SHARE_KEYS), data.get("covering_last", COVERING_LAST)
+    for key, value in (("share_keys", share), ("covering_last", last)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: {key}={value!r} must be true or false")
+    DQ_MODE, SMALL_LAUNCH_WAVES, SIDE_BRANCHES, SHARE_KEYS, COVERING_LAST = mode, waves, side, share, last
     TMA_LOADS, WARP_SPECIALIZE = frozenset(tma_loads), frozenset(specialized)
     TUNED.update(blocks)
 
