@@ -124,7 +124,6 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA, FLAGS, DKO, D
             return
     offs_n, n_ok, pos_n, flags_n, c_j, m_j, inv, seg_n = _own_block(pid_n * BLOCK_N, BLOCK_N, row0, r, n_slots, NEST,
                                                                     head0 + hh, parent_w, NESTED)
-    offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
     k = _own_rows(K + b64 * stride_kb + hh * stride_kh, row0, r, stride_kn, n_slots, pid_n * BLOCK_N, pos_n, n_ok,
                   BLOCK_N, D, WS)
@@ -237,7 +236,6 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA, FLAGS, DQO,
             return
     offs_m, m_ok, pos_m, flags_m, c_j, m_j, inv, seg_m = _own_block(pid_m * BLOCK_M, BLOCK_M, row0, r, n_slots, NEST,
                                                                     head0 + hh, parent_w, NESTED)
-    offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
     q = _own_rows(Q + b64 * stride_qb + hh * stride_qh, row0, r, stride_qn, n_slots, pid_m * BLOCK_M, pos_m, m_ok,
                   BLOCK_M, D, WS)
