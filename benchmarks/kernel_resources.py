@@ -6,9 +6,9 @@ that this machine need not have.
 
 Each kernel is compiled exactly as a launch would compile it: `fused_launch.forward_branch` and
 `fused_launch.backward_branch` run on meta tensors (B = 1, N = 256K, H = 12, D = 64, bf16, branch
-(8192, 4), causal, a branch before the covering r = 1 one: in the backward it marks the rows it writes) with the kernels swapped for recorders, and the recorded arguments are
-specialised the way Triton's JIT does at launch (pointers and integers divisible by 16 marked so,
-integers equal to 1 made constants). Without those hints the compiler can neither vectorise nor
+(8192, 4), causal, a branch before the covering r = 1 one: in the backward it marks the rows it writes) with
+the kernels swapped for recorders, and the recorded arguments are specialised the way Triton's JIT does at
+launch (pointers and integers divisible by 16 marked so, integers equal to 1 made constants). Without those hints the compiler can neither vectorise nor
 pipeline the strided row loads, and the numbers mean little (this tool's first version compiled so).
 
 Per kernel and shape: registers per thread, the stack frame (where spilled registers go: 0 means no
@@ -127,23 +127,24 @@ def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     q, k, v, grad_out = (meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(4))
     lse, delta = meta_tensor(B, N, H), meta_tensor(B, N, H)
     # the 16-bit backward's branches before the covering one mark the rows they write
-    last = {} if fn_name == "_fwd" else dict(marks=tuple(meta_tensor(B, N, H, dtype=torch.uint8) for _ in range(2)))
+    marks = tuple(meta_tensor(B, N, H, dtype=torch.uint8) for _ in range(2))
+    covering = {} if fn_name == "_fwd" else dict(marks=marks)
     if kernel.endswith("+last"):
         w, r = LAST_BRANCH
         outputs = tuple(meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(3))
-        last["out"] = outputs[0] if fn_name == "_fwd" else outputs
+        covering["out"] = outputs[0] if fn_name == "_fwd" else outputs
     saved = dict(fused_settings.TUNED), fused_settings.DQ_MODE
     fused_settings.TUNED[(blocks_key(kernel), False, D)] = blocks
     try:
         with recording() as recorders:
             if fn_name == "_fwd":
                 fused_launch.forward_branch(q, k, v, None, meta_tensor(B, N, H, D), lse, w, r, 0, True, D ** -0.5,
-                                            fold=fold, **last)
+                                            fold=fold, **covering)
             else:
                 fused_settings.DQ_MODE = mode
                 grads = [meta_tensor(B, N, H, D) for _ in range(3)]
                 fused_launch.backward_branch(q, k, v, grad_out, lse, delta, None, *grads, w, r, 0, True, D ** -0.5,
-                                             fold=fold, **last)
+                                             fold=fold, **covering)
     finally:
         fused_settings.TUNED.clear()
         fused_settings.TUNED.update(saved[0])

@@ -186,10 +186,14 @@ def _second_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Te
     return acc.unbind(0)
 
 
-def _last(covering: bool, direct: bool, second: tuple) -> bool:
-    """Whether the covering branch runs last (covering_last): there is one, the inputs are 16-bit (fp32 adds into
-    the outputs directly), one chain (a second is joined after) and settings.COVERING_LAST."""
-    return covering and not direct and not second and settings.COVERING_LAST
+def _covering_order(branches: tuple, covering: bool, direct: bool, second: tuple) -> tuple[list, bool, bool]:
+    """(the first chain's branches in launch order, whether the covering branch runs first, whether it runs last).
+    Last (covering_last) when there is one, the inputs are 16-bit (fp32 adds into the outputs directly), one chain
+    (a second is joined after) and settings.COVERING_LAST; else first (covering_first ordered them). Alone, both."""
+    if covering and not direct and not second and settings.COVERING_LAST:
+        branches, _ = covering_last(branches)
+        return branches, len(branches) == 1, True
+    return list(branches), covering, False
 
 
 def _accumulator(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, filled: bool) -> Tensor:
@@ -206,8 +210,7 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, branches: Sequence[tuple[int,
     branches, second, covering = _plan(branches, B, N, H, D, q.element_size(), buffers=1)
     direct = q.dtype == torch.float32  # accumulate straight into the output
     # 16-bit, one chain: the covering branch runs last and writes the output itself (covering_last)
-    branches, last = covering_last(branches) if _last(covering, direct, second) else (branches, False)
-    first = covering and not (last and len(branches) > 1)  # the covering branch runs first (and alone: also last)
+    branches, first, last = _covering_order(branches, covering, direct, second)
     lse = (torch.empty if first else functools.partial(torch.full, fill_value=float("-inf")))(
         (B, N, H), dtype=torch.float32, device=q.device)
     out = (_accumulator((B, N, H, D), q.dtype, q.device, covering) if direct
@@ -243,9 +246,8 @@ def fused_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     direct = q.dtype == torch.float32
     fused_dq = _fused_dq(q.device) != 0  # dQ arrives by atomic adds: its accumulator must start at 0
     # 16-bit, one chain: the covering branch runs last and writes dK, dV (and dQ but fused) in the gradients' dtype
-    branches, last = covering_last(branches) if _last(covering, direct, second) else (branches, False)
-    first = covering and not (last and len(branches) > 1)  # the covering branch runs first (and alone: also last)
-    marked = last and len(branches) > 1  # the branches before it mark the rows they write (dK/dV's and dQ's)
+    branches, first, last = _covering_order(branches, covering, direct, second)
+    marked = last and not first  # the branches before it mark the rows they write (dK/dV's and dQ's)
     delta, lse2, *marks = backward_prep(out, grad_out, lse, marks=2 if marked else 0)
     grads = [_accumulator((B, N, H, D), q.dtype, q.device, covering) if direct else
              torch.empty(B, N, H, D, dtype=q.dtype, device=q.device) for _ in range(3)]

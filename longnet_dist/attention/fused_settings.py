@@ -1,8 +1,9 @@
 """Launch settings of the fused kernels (fused.py): block shapes per kernel, how the backward computes
 dQ, small causal launches, whether rows arrive through TMA descriptors or loops split into warp groups, a second
 chain of branches, whether nested branches share keys, and whether the r = 1 branch runs last. The defaults are
-what the last GPU sweep measured (or, where marked, what was written without a GPU); `load_tuning` (or LONGNET_KERNEL_TUNING at import) installs a newer sweep's
-choices, the kernel_tuning.json that `benchmarks/gpu_attention.py --tune` writes. fused.py reads these
+what the last GPU sweep measured (or, where marked, what was written without a GPU); `load_tuning` (or
+LONGNET_KERNEL_TUNING at import) installs a newer sweep's choices, the kernel_tuning.json that
+`benchmarks/gpu_attention.py --tune` writes. fused.py reads these
 names at every launch, so setting them (`fused_settings.DQ_MODE = "kernel"`) takes effect at once.
 """
 from __future__ import annotations
