@@ -2,7 +2,8 @@
 that this machine need not have.
 
     python3 benchmarks/kernel_resources.py               # sm_90 (H100 / H200), bf16, D = 64, ~2 minutes
-    python3 benchmarks/kernel_resources.py --defaults    # only the block shapes in use (fused_settings.DEFAULT_BLOCKS)
+    python3 benchmarks/kernel_resources.py --defaults    # only the block shapes in use (fused_settings.blocks_for)
+    python3 benchmarks/kernel_resources.py --defaults --arch 89 --head-dim 128   # another GPU, head dim or dtype
 
 Each kernel is compiled exactly as a launch would compile it: `fused_launch.forward_branch` and
 `fused_launch.backward_branch` run on meta tensors (B = 1, N = 256K, H = 12, D = 64, bf16, branch
@@ -53,7 +54,13 @@ from longnet_dist.attention.kernels import triton_dilated as kern  # noqa: E402
 from longnet_dist.attention.kernels import triton_rows  # noqa: E402
 from longnet_dist.attention.nesting import KernelFold  # noqa: E402
 
-SHAPE = dict(batch=1, seq_len=262144, heads=12, head_dim=64, w=8192, r=4)
+SHAPE = dict(batch=1, seq_len=262144, heads=12, head_dim=64, w=8192, r=4)  # --head-dim sets head_dim
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE = torch.bfloat16  # of q, k, v, dO and the outputs (--dtype)
+# The most dynamic shared memory a program may have (bytes), by compute capability: what each generation's
+# programming guide lists (A100 and Hopper/Blackwell datacenter parts; the 99 KiB of Ampere and Ada workstation and
+# consumer GPUs (sm_86, sm_89) and of consumer Blackwell (sm_120)). A launch asking for more is refused.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 # kernel -> (the Triton function, the fused_settings.DQ_MODE whose backward launches it, constexprs forced on the
 # launch: on meta tensors fused sees no CUDA device, so it would pick atomic dQ for "tma" and pointer loads,
 # the nesting.KernelFold it launches with: None, sharing no keys)
@@ -119,22 +126,27 @@ def blocks_key(kernel: str) -> str:
     return "dkdv_dq" if fn_name == "_bwd_dkdv" and mode in ("atomic", "tma") else kernel.split("+")[0]
 
 
+def in_use(kernel: str) -> fused_settings.Blocks:
+    """The blocks `kernel`'s launch takes at this head dim and dtype without a tuning sweep."""
+    return fused_settings.blocks_for(blocks_key(kernel), DTYPE, SHAPE["head_dim"])
+
+
 def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
     """(Triton function, positional arguments, meta arguments) of `kernel`'s launch with `blocks`."""
     fn_name, mode, forced, fold = KERNELS[kernel]
     B, N, H, D, w, r = (SHAPE[key] for key in ("batch", "seq_len", "heads", "head_dim", "w", "r"))
     meta_tensor = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
-    q, k, v, grad_out = (meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(4))
+    q, k, v, grad_out = (meta_tensor(B, N, H, D, dtype=DTYPE) for _ in range(4))
     lse, delta = meta_tensor(B, N, H), meta_tensor(B, N, H)
     # the 16-bit backward's branches before the covering one mark the rows they write
     marks = tuple(meta_tensor(B, N, H, dtype=torch.uint8) for _ in range(2))
     covering = {} if fn_name == "_fwd" else dict(marks=marks)
     if kernel.endswith("+last"):
         w, r = LAST_BRANCH
-        outputs = tuple(meta_tensor(B, N, H, D, dtype=torch.bfloat16) for _ in range(3))
+        outputs = tuple(meta_tensor(B, N, H, D, dtype=DTYPE) for _ in range(3))
         covering["out"] = outputs[0] if fn_name == "_fwd" else outputs
     saved = dict(fused_settings.TUNED), fused_settings.DQ_MODE
-    fused_settings.TUNED[(blocks_key(kernel), False, D)] = blocks
+    fused_settings.TUNED[(blocks_key(kernel), DTYPE == torch.float32, D)] = blocks
     try:
         with recording() as recorders:
             if fn_name == "_fwd":
@@ -182,8 +194,8 @@ def row_launches() -> dict:
     rows = lambda dtype=torch.float32: torch.empty(B, N, H, D, dtype=dtype, device="meta")  # noqa: E731
     lse = lambda: torch.empty(B, N, H, device="meta")  # noqa: E731
     with recording(("_bwd_prep", "_merge_chains")) as recorders:
-        fused_launch.backward_prep(rows(torch.bfloat16), rows(torch.bfloat16), lse())
-        fused_launch.merge_chains(rows(), lse(), rows(), lse(), rows(torch.bfloat16))
+        fused_launch.backward_prep(rows(DTYPE), rows(DTYPE), lse())
+        fused_launch.merge_chains(rows(), lse(), rows(), lse(), rows(DTYPE))
     return {name: (recorders[fn].fn, *recorders[fn].calls[0]) for name, fn in (("prep", "_bwd_prep"),
                                                                                 ("merge chains", "_merge_chains"))}
 
@@ -206,7 +218,7 @@ def resources(kernel: str, blocks: fused_settings.Blocks, arch: int) -> dict:
     compiled = compile_launch(*launch_of(kernel, blocks), arch)
     ir = compiled.asm["ttgir"]
     return {"kernel": kernel, "blocks": [blocks.block_m, blocks.block_n, blocks.num_warps, blocks.num_stages],
-            "default": blocks == fused_settings.DEFAULT_BLOCKS[(blocks_key(kernel), False)],
+            "default": blocks == in_use(kernel),
             **usage_of(compiled),
             "async_loads": ir.count("async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local"),
             "tma_loads": ir.count("async_tma_copy_global_to_local"),  # of those, by the tensor-memory accelerator
@@ -214,43 +226,62 @@ def resources(kernel: str, blocks: fused_settings.Blocks, arch: int) -> dict:
             "warp_specialized": "ttg.warp_specialize" in ir}  # the loop split into warp groups
 
 
+def kernels_for(arch: int) -> list[str]:
+    """The KERNELS a GPU of compute capability `arch` can launch: before Hopper no TMA (fused_launch._tma_ready),
+    so no TMA loads, TMA dQ or warp-specialised loops."""
+    return [name for name in KERNELS if arch >= 90 or not ("tma" in name or "warp specialize" in name)]
+
+
 def main() -> None:
+    global DTYPE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100, "
+                        "89: L40S / RTX 4090, 100: B200, 120: RTX 5090)")
+    parser.add_argument("--head-dim", type=int, default=64, choices=[16, 32, 64, 128])
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--defaults", action="store_true", help="only the block shapes in use")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for kernel_resources.json")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for kernel_resources.json (kernel_resources_sm<arch>_d<D>_<dtype>.json for others)")
     args = parser.parse_args()
+    SHAPE["head_dim"], DTYPE = args.head_dim, DTYPES[args.dtype]
+    limit = SHARED_LIMIT.get(args.arch)
     rows = []
-    print(f"sm_{args.arch}, bf16, causal, {SHAPE}; Triton {triton.__version__}")
+    print(f"sm_{args.arch} (shared memory per program at most {limit} bytes), {args.dtype}, causal, {SHAPE}; "
+          f"Triton {triton.__version__}")
     print(f"{'kernel':<22} {'block_m x block_n, warps, stages':<33} {'registers':>9} {'stack (spills)':>15} "
           f"{'shared':>7} {'async loads (tma)':>17} {'wgmma':>6} {'warp groups':>11}")
-    for kernel in KERNELS:
-        base = blocks_key(kernel)
-        shapes = [fused_settings.DEFAULT_BLOCKS[(base, False)]]
+    for kernel in kernels_for(args.arch):
+        shapes = [in_use(kernel)]
         if not args.defaults:
+            base = blocks_key(kernel)
             tried = {"dkdv": CANDIDATES["dkdv"] + CANDIDATES["dkdv_small"],
                      "dkdv_dq": CANDIDATES["dkdv_fused_dq"]}.get(base, CANDIDATES.get(base, []))
             tried = [fused_settings.Blocks(*shape) for shape in dict.fromkeys(tried)]
             shapes += [blocks for blocks in tried if blocks != shapes[0]]
         for blocks in shapes:
             row = resources(kernel, blocks, args.arch)
+            row["fits"] = limit is None or row["dynamic_shared_bytes"] <= limit
             rows.append(row)
             shape = "{} x {}, {}, {}".format(*row["blocks"]) + (" (default)" if row["default"] else "")
             print(f"{kernel:<22} {shape:<33} {row['registers']:>9} {row['stack_bytes']:>15} "
-                  f"{row['dynamic_shared_bytes']:>7} {row['async_loads']:>11} ({row['tma_loads']:>3}) "
-                  f"{str(row['wgmma']):>6} {str(row['warp_specialized']):>11}", flush=True)
+                  f"{row['dynamic_shared_bytes']:>7}{' ' if row['fits'] else '!'}{row['async_loads']:>10} "
+                  f"({row['tma_loads']:>3}) {str(row['wgmma']):>6} {str(row['warp_specialized']):>11}", flush=True)
     row_kernels = [{"kernel": name, **usage_of(compile_launch(fn, call_args, meta, args.arch))}
                    for name, (fn, call_args, meta) in row_launches().items()]
     for row in row_kernels:
         print(f"{row['kernel']:<22} {'(row-wise)':<33} {row['registers']:>9} {row['stack_bytes']:>15} "
               f"{row['dynamic_shared_bytes']:>7}", flush=True)
+    if not all(row["fits"] for row in rows):
+        print(f"'!': more shared memory than sm_{args.arch} gives a program; such a launch is refused, and "
+              "fused_launch retries it with smaller blocks (fused_settings.smaller_blocks)")
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / "kernel_resources.json"
-    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "dtype": "bf16", "shape": SHAPE,
-                                "command": " ".join(sys.argv), "rows": rows, "row_kernels": row_kernels},
-                               indent=2) + "\n")
+    usual = (args.arch, args.head_dim, args.dtype) == (90, 64, "bf16")
+    path = args.results / ("kernel_resources.json" if usual else
+                           f"kernel_resources_sm{args.arch}_d{args.head_dim}_{args.dtype}.json")
+    path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "dtype": args.dtype,
+                                "shared_limit": limit, "shape": SHAPE, "command": " ".join(sys.argv), "rows": rows,
+                                "row_kernels": row_kernels}, indent=2) + "\n")
     print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ processes=${1:-12}
 # the tests marked gpu_heavy first (tests/conftest.py): each then starts early on a worker of its own
 export LONGNET_HEAVY_FIRST=1
 files=(tests/test_cuda_attention.py tests/test_cuda_sequence_parallel.py tests/test_triton_kernels.py tests/test_kernel_launch.py
-       tests/test_triton_nesting.py tests/test_host_reads.py::test_a_training_step_on_the_gpu_never_waits_for_it
+       tests/test_kernel_blocks.py tests/test_triton_nesting.py tests/test_host_reads.py::test_a_training_step_on_the_gpu_never_waits_for_it
        tests/test_host_reads.py::test_device_values_wait_for_their_own_copy_only)
 # -o addopts=-ra: the project's addopts name pytest-timeout, which a bare GPU machine may lack
 options=(-v -p no:cacheprovider -o addopts=-ra --durations=25 --durations-min=1)

@@ -72,6 +72,7 @@ FAKE_TESTS = {
     "test_triton_kernels.py": "def test_c():\n    pass\n\ndef test_d():\n    assert 1 == 2\n",
     "test_triton_nesting.py": "def test_e():\n    pass\n",
     "test_kernel_launch.py": "",
+    "test_kernel_blocks.py": "",
     "test_host_reads.py": ("def test_a_training_step_on_the_gpu_never_waits_for_it():\n    pass\n\n"
                            "def test_device_values_wait_for_their_own_copy_only():\n    pass\n"),
 }

@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 
 import torch
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from . import fused_settings as settings
 from .kernels import triton_dilated as kern
@@ -24,18 +26,42 @@ def _small(grid: tuple[int, int], causal: bool, multiprocessors: int) -> bool:
     return causal and grid[0] * grid[1] < settings.SMALL_LAUNCH_WAVES * multiprocessors
 
 
-def _dkdv_launch(seq_len: int, w: int, r: int, heads: int, batch: int, dtype: torch.dtype, head_dim: int,
-                 causal: bool, multiprocessors: int, fuse_dq: bool = False
-                 ) -> tuple[settings.Blocks, tuple[int, int], int, bool]:
-    """(blocks, grid, blocks per (segment, head), small?) of branch (w, r)'s dK/dV launch (SMALL_LAUNCH_WAVES;
-    `fuse_dq`: the kernel computes dQ too, with the "dkdv_dq" blocks)."""
-    blocks = settings.blocks_for("dkdv_dq" if fuse_dq else "dkdv", dtype, head_dim)
-    grid, num_blocks = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
+def _dkdv_key(seq_len: int, w: int, r: int, heads: int, batch: int, dtype: torch.dtype, head_dim: int,
+              causal: bool, multiprocessors: int, device: torch.device | None = None, fuse_dq: bool = False
+              ) -> tuple[str, bool]:
+    """(fused_settings blocks key, small?) of branch (w, r)'s dK/dV launch on `device`: "dkdv", "dkdv_dq" when the
+    kernel computes dQ too (`fuse_dq`), or "dkdv_small" for a small causal launch (SMALL_LAUNCH_WAVES)."""
+    key = "dkdv_dq" if fuse_dq else "dkdv"
+    blocks = settings.blocks_for(key, dtype, head_dim, device)
+    grid, _ = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
     small = _small(grid, causal, multiprocessors)
-    if small:
-        blocks = settings.blocks_for("dkdv_small", dtype, head_dim)
-        grid, num_blocks = _branch_grid(seq_len, w, r, heads, blocks.block_n, batch)
-    return blocks, grid, num_blocks, small
+    return ("dkdv_small" if small else key), small
+
+
+def _fitted(key: str, dtype: torch.dtype, head_dim: int, device: torch.device, go) -> None:
+    """go(blocks) with `key`'s blocks on `device`. When the GPU refuses them for lack of shared memory (Triton's
+    OutOfResources, raised at a kernel's first launch on a device, before it runs), go again with
+    settings.smaller_blocks, which that device then keeps (settings.FITTED), and say so once."""
+    first = blocks = settings.blocks_for(key, dtype, head_dim, device)
+    while True:
+        try:
+            go(blocks)
+            break
+        except OutOfResources as error:
+            smaller = settings.smaller_blocks(blocks)
+            if smaller is None:
+                raise RuntimeError(f"the fused attention kernel {key!r} ({dtype}, head_dim {head_dim}) does not fit "
+                                   f"{device}'s shared memory even with blocks {_shape(blocks)}: {error}. Use "
+                                   "backend='cuda_flash' (aten's kernels) or a head_dim of 64 or less") from error
+            settings.FITTED[(key, dtype == torch.float32, head_dim, device)] = blocks = smaller
+    if blocks is not first:
+        warnings.warn(f"fused attention: {device} refused the {key!r} kernel's blocks {_shape(first)} ({dtype}, "
+                      f"head_dim {head_dim}) for lack of shared memory; it runs with {_shape(blocks)} instead",
+                      stacklevel=2)
+
+
+def _shape(blocks: settings.Blocks) -> str:
+    return f"{blocks.block_m}x{blocks.block_n}, {blocks.num_warps} warps, {blocks.num_stages} stages"
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,18 +132,22 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
     `out`: r = 1, the last branch: the merged rows go into `out` (B, N, H', D), in its dtype, instead of acc."""
     _check_covering(r, first=first, last=out is not None)
     B, N, heads, D = q.shape
-    blocks = settings.blocks_for("fwd", q.dtype, D)
-    grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
     nest, parent_w, nest_meta = _nest_args(fold, q.device, lse)
     target = acc if out is None else out
-    launch(
-        kern._fwd, grid, (q, k, v, lse if keep is None else keep, nest, acc, lse, target), *_strides3(q),
-        *_strides3(k), *_strides3(v), *_strides3(acc), *_strides3(lse), *_strides3(target), N, N, min(w, N), r, head0,
-        heads, num_blocks, scale * kern.LOG2E, parent_w, **nest_meta,  # keep's batch stride: N
-        CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, LAST=out is not None, D=D,
-        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype), num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)),
-        **_loop_loads("fwd", (k, v), (q,), keep is None))
+    loads = _loop_loads("fwd", (k, v), (q,), keep is None)
+
+    def go(blocks: settings.Blocks) -> None:
+        grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
+        launch(
+            kern._fwd, grid, (q, k, v, lse if keep is None else keep, nest, acc, lse, target), *_strides3(q),
+            *_strides3(k), *_strides3(v), *_strides3(acc), *_strides3(lse), *_strides3(target), N, N, min(w, N), r,
+            head0, heads, num_blocks, scale * kern.LOG2E, parent_w, **nest_meta,  # keep's batch stride: N
+            CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, LAST=out is not None, D=D,
+            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype),
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+            BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)), **loads)
+
+    _fitted("fwd", q.dtype, D, q.device, go)
 
 
 def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor, marks: int = 0) -> tuple[Tensor, ...]:
@@ -153,7 +183,6 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     _check_covering(r, first=first, last=out is not None)
     B, N, heads, D = q.shape
     fuse_dq = _fused_dq(q.device)
-    dq_blocks = settings.blocks_for("dq", q.dtype, D)
     flags_kv, flags_q = marks if marks is not None else (delta, delta)  # (unread without marks)
     out_q, out_k, out_v = out if out is not None else (dq, dk, dv)
     # the strides both launches share; each adds its output's, keep's batch stride N and the sequence length N
@@ -163,21 +192,29 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
                 MARKED=marks is not None, LAST=out is not None, **nest_meta)
     keep_arg = keep if keep is not None else delta
     multiprocessors = _multiprocessors(q.device)
-    dkdv, grid, num_blocks, small = _dkdv_launch(N, w, r, heads, B, q.dtype, D, causal, multiprocessors,
-                                                 fuse_dq != 0)
-    launch(kern._bwd_dkdv, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dk, dv, dq, flags_kv, out_k, out_v),
-           *inputs, *_strides3(out_k), N, N, min(w, N), r, head0, heads, num_blocks, scale * kern.LOG2E, scale,
-           parent_w, FUSE_DQ=fuse_dq, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps,
-           num_stages=dkdv.num_stages, BLOCK_MAJOR=small,
-           **_loop_loads("dkdv", (q, grad_out), (k, v), keep is None and fuse_dq == 0), **meta)
+    key, small = _dkdv_key(N, w, r, heads, B, q.dtype, D, causal, multiprocessors, q.device, fuse_dq != 0)
+    loads = _loop_loads("dkdv", (q, grad_out), (k, v), keep is None and fuse_dq == 0)
+
+    def dkdv(blocks: settings.Blocks) -> None:
+        grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_n, B)
+        launch(kern._bwd_dkdv, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dk, dv, dq, flags_kv, out_k,
+                                      out_v),
+               *inputs, *_strides3(out_k), N, N, min(w, N), r, head0, heads, num_blocks, scale * kern.LOG2E, scale,
+               parent_w, FUSE_DQ=fuse_dq, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+               num_warps=blocks.num_warps, num_stages=blocks.num_stages, BLOCK_MAJOR=small, **loads, **meta)
+
+    def dq_kernel(blocks: settings.Blocks) -> None:
+        grid, num_blocks = _branch_grid(N, w, r, heads, blocks.block_m, B)
+        launch(kern._bwd_dq, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dq, flags_q, out_q), *inputs,
+               *_strides3(out_q), N, N, min(w, N), r, head0, heads, num_blocks, scale * kern.LOG2E, scale, parent_w,
+               BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, num_warps=blocks.num_warps,
+               num_stages=blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
+               **_loop_loads("dq", (k, v), (q, grad_out), keep is None), **meta)
+
+    _fitted(key, q.dtype, D, q.device, dkdv)
     if fuse_dq == 0:
-        grid, num_blocks = _branch_grid(N, w, r, heads, dq_blocks.block_m, B)
         with torch.cuda.stream(dq_stream) if dq_stream is not None else contextlib.nullcontext():
-            launch(kern._bwd_dq, grid, (q, k, v, grad_out, lse2, delta, keep_arg, nest, dq, flags_q, out_q), *inputs,
-                   *_strides3(out_q), N, N, min(w, N), r, head0, heads, num_blocks, scale * kern.LOG2E, scale,
-                   parent_w, BLOCK_M=dq_blocks.block_m, BLOCK_N=dq_blocks.block_n, num_warps=dq_blocks.num_warps,
-                   num_stages=dq_blocks.num_stages, BLOCK_MAJOR=_small(grid, causal, multiprocessors),
-                   **_loop_loads("dq", (k, v), (q, grad_out), keep is None), **meta)
+            _fitted("dq", q.dtype, D, q.device, dq_kernel)
 
 
 def _fused_dq(device: torch.device) -> int:

@@ -36,18 +36,38 @@ class Blocks:
 # needs registers for one more accumulator: 64x64 x 4 warps (no spills) 23.45 ms with "tma" against 24.0-48.7
 # for the other eleven shapes of stop 28's H200 sweep (gpu_attention_dq_fused_h200.log; 2 stages 23.35,
 # within noise of 3).
-# The sweep can install others in TUNED. fp32 (IEEE dots, no tensor cores): smaller tiles, not tuned.
+# The sweep can install others in TUNED. fp32 (IEEE dots, no tensor cores): 8-warp tiles that compile for sm_80,
+# sm_89 and sm_90 spilling at most 80 bytes per thread (256 with TMA loads on sm_90), where the 4-warp tiles used
+# before spilled 0.3-2.6 KiB on sm_90 and sm_89 (`benchmarks/kernel_resources.py --dtype fp32`); untimed.
 DEFAULT_BLOCKS = {
     ("fwd", False): Blocks(64, 64, 4, 3),
     ("dkdv", False): Blocks(32, 128, 4, 4),
     ("dkdv_dq", False): Blocks(64, 64, 4, 3),
     ("dkdv_small", False): Blocks(64, 64, 4, 3),  # 27.8 ms at 256K against 26.4: see SMALL_LAUNCH_WAVES
     ("dq", False): Blocks(64, 32, 4, 4),
-    ("fwd", True): Blocks(64, 32, 4, 2),
-    ("dkdv", True): Blocks(32, 64, 4, 2),
-    ("dkdv_dq", True): Blocks(32, 64, 4, 2),
-    ("dkdv_small", True): Blocks(32, 64, 4, 2),
-    ("dq", True): Blocks(64, 32, 4, 2),
+    ("fwd", True): Blocks(64, 32, 8, 2),
+    ("dkdv", True): Blocks(32, 32, 8, 2),
+    ("dkdv_dq", True): Blocks(32, 32, 8, 2),
+    ("dkdv_small", True): Blocks(32, 16, 4, 2),
+    ("dq", True): Blocks(64, 32, 8, 2),
+}
+# Head dims above 64 (128). With the blocks above, the 16-bit dK/dV kernel spills 2.4 KiB of registers per thread
+# on sm_90 and 6.6 KiB on sm_80, and asks for 113 KiB of shared memory: more than sm_86, sm_89 and sm_120 GPUs
+# (L40S, RTX 4090, RTX 5090) give a program (99 KiB), so the backward could not launch there; fp32 spilled 2.8-14 KiB.
+# These compile for sm_80, sm_89 and sm_90 within each one's shared memory (and within 99 KiB but for 16-bit on
+# sm_90, which has 227), the 16-bit kernels without spills (48 bytes in two variants), fp32 with at most 1 KiB
+# (kernel_resources.py --head-dim 128, benchmarks/results/kernel_resources_sm*_d128_*.json); untimed.
+WIDE_HEAD_BLOCKS = {
+    ("fwd", False): Blocks(64, 64, 4, 3),
+    ("dkdv", False): Blocks(32, 64, 8, 2),
+    ("dkdv_dq", False): Blocks(32, 64, 8, 2),
+    ("dkdv_small", False): Blocks(64, 32, 8, 2),
+    ("dq", False): Blocks(64, 64, 8, 3),
+    ("fwd", True): Blocks(32, 32, 8, 2),  # 32 x 64: no spills without TMA loads, 1.7 KiB with them (sm_90)
+    ("dkdv", True): Blocks(32, 32, 8, 2),
+    ("dkdv_dq", True): Blocks(32, 32, 8, 2),
+    ("dkdv_small", True): Blocks(32, 16, 4, 2),
+    ("dq", True): Blocks(32, 16, 4, 2),
 }
 # A causal dK/dV program loops over the queries after its key block: lengths run from 1 to slots /
 # BLOCK_M, and a launch of few programs lasts as long as its longest, about twice the mean (branch
@@ -157,11 +177,35 @@ def load_tuning(path: str | os.PathLike) -> None:
     TUNED.update(blocks)
 
 
-def blocks_for(kernel: str, dtype: torch.dtype, head_dim: int) -> Blocks:
+def blocks_for(kernel: str, dtype: torch.dtype, head_dim: int, device: torch.device | None = None) -> Blocks:
+    """The blocks of `kernel`'s launches in `dtype` at `head_dim` on `device`: those that replaced blocks the device
+    refused (FITTED), else the interpreter's, a tuning sweep's (TUNED) or the defaults for the head dim."""
+    fp32 = dtype == torch.float32
+    fitted = FITTED.get((kernel, fp32, head_dim, device))
+    if fitted is not None:
+        return fitted
     if kern.interpreted():
         return INTERPRETER_BLOCKS
-    fp32 = dtype == torch.float32
-    return TUNED.get((kernel, fp32, head_dim), DEFAULT_BLOCKS[(kernel, fp32)])
+    defaults = WIDE_HEAD_BLOCKS if head_dim > 64 else DEFAULT_BLOCKS
+    return TUNED.get((kernel, fp32, head_dim), defaults[(kernel, fp32)])
+
+
+# (kernel, fp32?, head_dim, device) -> the blocks that replaced ones the device refused for lack of shared memory
+# (fused_launch._fitted: a tuning file from a larger GPU, a head dim or dtype nobody compiled for this one)
+FITTED: dict[tuple[str, bool, int, torch.device | None], Blocks] = {}
+
+
+def smaller_blocks(blocks: Blocks) -> Blocks | None:
+    """What to try after a GPU refused `blocks` for shared memory: one pipeline stage fewer (each stage buffers a
+    tile of the loop's rows), then at one stage the longer side of the tile halved (down to 16) with two
+    stages; None when nothing is smaller."""
+    if blocks.num_stages > 1:
+        return Blocks(blocks.block_m, blocks.block_n, blocks.num_warps, blocks.num_stages - 1)
+    if max(blocks.block_m, blocks.block_n) <= 16:
+        return None
+    if blocks.block_n >= blocks.block_m:
+        return Blocks(blocks.block_m, blocks.block_n // 2, blocks.num_warps, 2)
+    return Blocks(blocks.block_m // 2, blocks.block_n, blocks.num_warps, 2)
 
 
 if os.environ.get(TUNING_ENV):  # e.g. the GPU check's training stage, after the attention stage tuned
