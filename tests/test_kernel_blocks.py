@@ -1,7 +1,7 @@
 """How the fused kernels' launches choose their blocks: per head dim and dtype, from a tuning file, smaller
 for small causal launches, and smaller again where a GPU refuses them for lack of shared memory. On CPU through
-Triton's interpreter (and on CUDA when present); the blocks' registers and shared memory per GPU generation are
-compiled for without a GPU in tests/test_gpu_check_tools.py (benchmarks/kernel_resources.py).
+Triton's interpreter (and on CUDA when present); and the blocks at head_dim 128 compiled for GPUs this machine need
+not have (benchmarks/kernel_resources.py; head_dim 64 on sm_90 in tests/test_gpu_check_tools.py).
 """
 from __future__ import annotations
 
@@ -17,27 +17,12 @@ import torch
 
 from longnet_dist.attention import dilated_attention
 from subprocess_env import REPO, repo_first_on_pythonpath
-
-triton = pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-
-def fused_outputs_and_grads(q, k, v, grad, segment_lengths, dilation_rates, **options):
-    """[out, dq, dk, dv] of the fused kernels (backend "triton") on fresh leaf copies of q, k, v."""
-    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = dilated_attention(*inputs, segment_lengths, dilation_rates, backend="triton", **options)
-    return [out, *torch.autograd.grad(out, inputs, grad)]
+from test_triton_kernels import DEVICE, fused_outputs_and_grads  # skips this module where it skips itself
 
 
 def test_a_tuning_file_installs_the_dq_mode_and_block_shapes(tmp_path, monkeypatch):
     """benchmarks/gpu_attention.py writes kernel_tuning.json; fused_settings.load_tuning (or the environment
     variable fused_settings.TUNING_ENV, read at import, in a fresh process) installs it for 16-bit inputs."""
-    import json
-    import subprocess
-    import sys
-
     from longnet_dist.attention import fused_launch, fused_settings
 
     path = tmp_path / "kernel_tuning.json"
