@@ -126,6 +126,20 @@ def cuda_time(fn, repeats: int, warm_up: bool = True, queued: bool = False) -> f
     return statistics.median(start.elapsed_time(stop) / 1000 for start, stop in events)
 
 
+@contextlib.contextmanager
+def refused_blocks_skipped():
+    """Blocks a GPU refuses for shared memory raise Triton's OutOfResources, so that a step skips them, instead of
+    running smaller under their name (fused_settings.FIT_REFUSED_BLOCKS off). Used as a decorator too."""
+    from longnet_dist.attention import fused_settings
+
+    saved, fused_settings.FIT_REFUSED_BLOCKS = fused_settings.FIT_REFUSED_BLOCKS, False
+    try:
+        yield
+    finally:
+        fused_settings.FIT_REFUSED_BLOCKS = saved
+
+
+@refused_blocks_skipped()
 def tune(correct_modes: list[str], n: int | None = None, kernels: tuple[str, ...] = ("fwd", "dkdv", "dq"),
          separate_shapes: int | None = None) -> dict:
     """Fastest block shapes per kernel (of `kernels`) at N = n (causal): forward first, then dK/dV with a dQ
@@ -273,6 +287,7 @@ def _tune_kernel_set(step: str, setting: str, off_name: str, on_name: str, n: in
     return report
 
 
+@refused_blocks_skipped()
 def fastest_fwd_bwd(step: str, options: list, apply, n: int | None = None) -> dict:
     """The option (applied by `apply(option)`; the first is "off") with the fastest fwd+bwd at N = n (causal),
     each checked against the first (both bf16: only summation order differs, 2e-2 relative allowed); the

@@ -162,12 +162,13 @@ def refusing(monkeypatch, most: int):
     return refused
 
 
-def starting_with(monkeypatch, blocks) -> None:
-    """Every fp32 launch at head_dim 16 takes `blocks` (in the interpreter, and on CUDA as a tuning sweep's)."""
+def starting_with(monkeypatch, blocks, fp32: bool = True) -> None:
+    """Every launch at head_dim 16 (fp32, or 16-bit) takes `blocks` (in the interpreter, and on CUDA as a tuning
+    sweep's)."""
     from longnet_dist.attention import fused_settings
 
     monkeypatch.setattr(fused_settings, "INTERPRETER_BLOCKS", blocks)
-    monkeypatch.setattr(fused_settings, "TUNED", {(key, True, 16): blocks for key in ("fwd", "dkdv", "dq")})
+    monkeypatch.setattr(fused_settings, "TUNED", {(key, fp32, 16): blocks for key in ("fwd", "dkdv", "dkdv_dq", "dq")})
 
 
 def test_blocks_a_gpu_refuses_are_replaced_by_smaller_ones_and_kept(monkeypatch):
@@ -234,3 +235,27 @@ def test_head_dim_128_kernels_fit_each_gpu_without_spilling(arch, dtype, tmp_pat
     for row in rows:
         assert row["default"] and row["fits"] and row["dynamic_shared_bytes"] <= report["shared_limit"], row
         assert row["stack_bytes"] <= (64 if dtype == "bf16" else 1024), row
+
+
+def test_a_tuning_step_skips_blocks_a_gpu_refuses(monkeypatch):
+    """benchmarks/gpu_kernels.py times each option under its own name: in its steps (refused_blocks_skipped) a refused
+    launch raises Triton's OutOfResources, which the step records as skipped, instead of running smaller blocks
+    that fused_settings.FITTED would then keep for every later option."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_kernels as gk
+
+    from longnet_dist.attention import fused_settings
+    from longnet_dist.attention.fused_settings import Blocks
+
+    for name, value in dict(DEVICE=DEVICE, DTYPE=torch.float16, HEADS=2, HEAD_DIM=16, SEGMENTS=[16, 32],
+                            DILATIONS=[1, 2], SMALL_N=48, SMALL_REPEATS=1).items():
+        monkeypatch.setattr(gk, name, value)
+    monkeypatch.setattr(fused_settings, "FITTED", {})
+    refusing(monkeypatch, most=16 * 16 * 2)
+
+    def apply(option):  # "big": blocks this GPU refuses
+        starting_with(monkeypatch, Blocks(32, 32, 1, 2) if option == "big" else Blocks(16, 16, 1, 1), fp32=False)
+
+    report = gk.fastest_fwd_bwd("blocks", ["small", "big"], apply)
+    assert report["best"] == "small" and set(report["seconds"]) == {"small"}
+    assert fused_settings.FITTED == {} and fused_settings.FIT_REFUSED_BLOCKS is True  # restored after the step

@@ -41,13 +41,16 @@ def _dkdv_key(seq_len: int, w: int, r: int, heads: int, batch: int, dtype: torch
 def _fitted(key: str, dtype: torch.dtype, head_dim: int, device: torch.device, go) -> None:
     """go(blocks) with `key`'s blocks on `device`. When the GPU refuses them for lack of shared memory (Triton's
     OutOfResources, raised at a kernel's first launch on a device, before it runs), go again with
-    settings.smaller_blocks, which that device then keeps (settings.FITTED), and say so once."""
+    settings.smaller_blocks, which that device then keeps (settings.FITTED), and say so once (unless
+    settings.FIT_REFUSED_BLOCKS is off: a tuning sweep's)."""
     first = blocks = settings.blocks_for(key, dtype, head_dim, device)
     while True:
         try:
             go(blocks)
             break
         except OutOfResources as error:
+            if not settings.FIT_REFUSED_BLOCKS:
+                raise
             smaller = settings.smaller_blocks(blocks)
             if smaller is None:
                 raise RuntimeError(f"the fused attention kernel {key!r} ({dtype}, head_dim {head_dim}) does not fit "

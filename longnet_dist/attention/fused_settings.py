@@ -193,6 +193,9 @@ def blocks_for(kernel: str, dtype: torch.dtype, head_dim: int, device: torch.dev
 # (kernel, fp32?, head_dim, device) -> the blocks that replaced ones the device refused for lack of shared memory
 # (fused_launch._fitted: a tuning file from a larger GPU, a head dim or dtype nobody compiled for this one)
 FITTED: dict[tuple[str, bool, int, torch.device | None], Blocks] = {}
+# Whether a refused launch runs again with smaller blocks (False: Triton's OutOfResources reaches the caller, as a
+# tuning sweep wants, which skips the blocks a GPU refuses instead of timing others under their name)
+FIT_REFUSED_BLOCKS = True
 
 
 def smaller_blocks(blocks: Blocks) -> Blocks | None:
