@@ -45,6 +45,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from common import RESULTS, human, machine, save  # noqa: E402
 
 from longnet_dist.distributed.testing import free_port  # noqa: E402
+from longnet_dist.train.peak import DENSE_16BIT_PEAKS, gpu_peak_flops  # noqa: E402
 DEFAULT_SEQ_LENS = [16384, 65536, 262144, 524288, 1048576]
 
 
@@ -166,8 +167,6 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-# dense bf16 tensor-core FLOP/s per GPU (SXM parts), the MFU denominator; --peak-flops for others
-PEAK_FLOPS_BY_GPU = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # (tokens, attention, steps): one 4M step shows that it runs and its memory (its time includes compiling)
 QUICK_POINTS = [(32768, "dilated", 5), (32768, "dense", 5), (1048576, "dilated", 2), (4194304, "dilated", 1)]
 CUDA_SEQ_LENS = [32768, 131072, 524288, 1048576, 2097152, 4194304]
@@ -281,9 +280,10 @@ def cuda_sweep(args) -> None:
     if "gpu" not in host:
         sys.exit("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
     gpu = host["gpu"]
-    peak = args.peak_flops or next((v for k, v in PEAK_FLOPS_BY_GPU.items() if k in gpu), None)
+    peak = args.peak_flops or gpu_peak_flops(gpu)  # the MFU denominator: the GPU's dense bf16 peak
     if peak is None:
-        sys.exit(f"no peak FLOP/s known for {gpu!r} (known: {list(PEAK_FLOPS_BY_GPU)}); pass --peak-flops")
+        sys.exit(f"no peak FLOP/s known for {gpu!r} (known: {[part for part, _ in DENSE_16BIT_PEAKS]}); "
+                 "pass --peak-flops")
     slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "_")
     name = f"train_cuda_{slug}{'_quick' if args.quick else ''}{'_' + args.tag if args.tag else ''}"
     budget = args.budget or (180.0 if args.quick else 3600.0)

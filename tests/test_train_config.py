@@ -90,6 +90,8 @@ def test_unknown_key_override_fails_in_hydra():
     (["deepspeed=bf16", "deepspeed.data_types.grad_accum_dtype=fp64"], 1, "grad_accum_dtype='fp64' must be"),
     (["logger.backend=tensorboard"], 1, "logger.backend='tensorboard'"),
     (["resume=/no/such/checkpoint"], 1, "no such path"),
+    (["trainer.peak_flops=fast"], 1, r"trainer.peak_flops='fast' must be 'auto' or a positive number"),
+    (["trainer.peak_flops=-1"], 1, r"trainer.peak_flops=-1 must be 'auto' or a positive number"),
 ])
 def test_impossible_configs_raise_one_clear_value_error(overrides, world_size, message):
     cfg = make_config(*overrides)
@@ -112,3 +114,35 @@ def test_cli_rejects_bad_config_before_any_compute(override, message, tmp_path):
     assert result.returncode != 0
     assert message in result.stderr + result.stdout, result.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+                                        ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA B200", 2250e12)])
+def test_peak_flops_auto_finds_the_gpus_dense_bf16_peak(name, peak, monkeypatch):
+    """trainer.peak_flops=auto (experiment=gpu_base's) on a GPU: its name's dense 16-bit peak, the more specific
+    names first (an H100 PCIe is not an SXM H100, an L40S not an L4)."""
+    import torch
+
+    from longnet_dist.train.peak import resolve_peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert resolve_peak_flops("auto", torch.device("cuda", 0), sixteen_bit=True) == (peak, f"{name}, dense bf16")
+    assert resolve_peak_flops(5e12, torch.device("cuda", 0), sixteen_bit=True) == (5e12, "trainer.peak_flops")
+
+
+def test_peak_flops_auto_says_what_it_cannot_know(monkeypatch):
+    import torch
+
+    from longnet_dist.train.peak import resolve_peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    with pytest.raises(ValueError, match=r"does not know 'NVIDIA GeForce GTX 1080' \(known: B200, H200.*pass the "
+                                         r"device's FLOP/s as a number"):
+        resolve_peak_flops("auto", torch.device("cuda", 0), sixteen_bit=True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    with pytest.raises(ValueError, match="knows the 16-bit tensor-core peaks only, and this run is fp32"):
+        resolve_peak_flops("auto", torch.device("cuda", 0), sixteen_bit=False)
+    peak, source = resolve_peak_flops("auto", torch.device("cpu"), sixteen_bit=False)  # a timed fp32 matmul
+    assert 1e9 < peak < 1e14 and source.startswith("fp32 2048^3 matmul on")

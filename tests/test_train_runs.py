@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,10 +122,12 @@ def test_bf16_optimizer_tracks_fp32_and_resumes_bit_identically(reference, tmp_p
     """`deepspeed=bf16`, the GPU default (ZeRO-1, bf16 weights, fp32 master weights and gradient accumulation:
     DeepSpeed's BF16_Optimizer), on 2 processes with sp=2: the log names the wrapper; losses and gradient norms
     stay within bf16 rounding of the fp32 reference (observed 5e-4 and 2.6e-3 relative: a loss averages 256
-    tokens' roundings of 2^-8, a norm fewer); resumed from step 6 it reproduces steps 7-12 bit-identically."""
+    tokens' roundings of 2^-8, a norm fewer); resumed from step 6 it reproduces steps 7-12 bit-identically.
+    MFU against trainer.peak_flops=auto: on the CPU a timed matmul, named in the log."""
     common = ("distributed.sequence_parallel_size=2", "deepspeed=bf16")
-    output = launch(tmp_path / "run", *common, nproc=2)
+    output = launch(tmp_path / "run", *common, "trainer.peak_flops=auto", nproc=2)
     assert "ZeRO stage 1, bf16 (BF16_Optimizer)" in output, output[-3000:]
+    assert re.search(r"MFU of [0-9.]+ TFLOP/s per device \(fp32 2048\^3 matmul on \d+ threads, timed\)", output)
     for key, rtol in (("loss", 3e-3), ("grad_norm", 2e-2)):
         assert records(tmp_path / "run", key)[0] == pytest.approx(records(reference, key)[0], rel=rtol), key
     launch(tmp_path / "resumed", *common, f"resume={tmp_path / 'run' / 'checkpoints' / 'step_00000006'}", nproc=2)

@@ -19,6 +19,7 @@ from longnet_dist.distributed import valid_sequence_parallel_sizes
 from longnet_dist.model import LongNetConfig
 
 from .faults import check_nonfinite_policy
+from .peak import check_peak_flops
 
 TOP_LEVEL_KEYS = ("model", "attention", "data", "distributed", "deepspeed", "trainer", "logger", "resume")
 LOGGER_BACKENDS = ("wandb", "none")
@@ -122,7 +123,7 @@ class TrainerSchema:
     keep_last_checkpoints: Optional[int] = MISSING
     output_dir: str = MISSING
     nonfinite_loss: str = MISSING
-    peak_flops: float = MISSING
+    peak_flops: Any = MISSING  # FLOP/s or "auto" (peak.py)
     progress_bar: bool = MISSING
     num_threads: Optional[int] = MISSING
     profile_step: Optional[int] = None
@@ -237,8 +238,7 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
                          f"weight_decay={trainer.weight_decay} and grad_clip={trainer.grad_clip} >= 0")
     if len(trainer.betas) != 2 or not all(0 <= b < 1 for b in trainer.betas):
         raise ValueError(f"trainer.betas={list(trainer.betas)} must be two numbers in [0, 1)")
-    if not trainer.peak_flops > 0:
-        raise ValueError(f"trainer.peak_flops={trainer.peak_flops} must be > 0 (FLOP/s of one device, for MFU)")
+    check_peak_flops(trainer.peak_flops)
     check_nonfinite_policy(trainer.nonfinite_loss)
     _validate_deepspeed(cfg.deepspeed)
     _validate_logger(cfg.logger)

@@ -33,6 +33,7 @@ from .faults import StopSignal, check_finite_loss
 from .host_reads import DeviceValue
 from .loss import sequence_parallel_loss
 from .metrics import MetricsLogger, peak_memory_bytes
+from .peak import resolve_peak_flops
 from .profiling import format_summary, phase, profiled, write_step_profile
 from .state import client_state, resolve_resume, restore_rng
 
@@ -179,6 +180,8 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     model = LongNetLM(lm_config)
     num_params, step_flops_per_token = count_parameters(model), flops_per_token(lm_config, data_cfg.seq_len)
     engine = build_engine(model, deepspeed_config(cfg))
+    peak_flops, peak_source = resolve_peak_flops(trainer.peak_flops, engine.device,
+                                                 sixteen_bit=engine.bfloat16_enabled() or engine.fp16_enabled())
     gas = trainer.gradient_accumulation_steps
     tokens_per_step = data_cfg.seq_len * data_cfg.micro_batch_size * gas * mesh.dp_size
 
@@ -201,7 +204,7 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         f"LongNet LM: {num_params / 1e6:.2f}M parameters, {step_flops_per_token / 1e6:.1f} MFLOP/token at seq_len "
         f"{data_cfg.seq_len} | world {mesh.world_size} = dp {mesh.dp_size} x sp {mesh.sp_size} | "
         f"ZeRO stage {engine.zero_optimization_stage()}, {'bf16' if engine.bfloat16_enabled() else 'fp32'} "
-        f"({wrapper}) | "
+        f"({wrapper}) | MFU of {peak_flops / 1e12:.4g} TFLOP/s per device ({peak_source}) | "
         f"{tokens_per_step:,} tokens/step | train {corpus['train'].num_tokens:,} tokens, "
         f"validation {corpus['validation'].num_tokens:,} | run dir {output_dir}"
         + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else ""))
@@ -251,7 +254,7 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
                     "grad_norm": (float(np.mean([_logged_norm(norm) for norm in interval.grad_norms]))
                                   if interval.grad_norms else float("nan")),
                     "tokens_per_s": tokens_per_s,
-                    "mfu": step_flops_per_token * tokens_per_s / (trainer.peak_flops * mesh.world_size),
+                    "mfu": step_flops_per_token * tokens_per_s / (peak_flops * mesh.world_size),
                     "attn_comm_bytes_per_step": (_comm_bytes() - interval.comm_bytes_at_start) / interval.steps,
                     "peak_mem_bytes": peak_memory_bytes(engine.device),
                     "tokens_seen": step * tokens_per_step, "elapsed_s": time.perf_counter() - started,
