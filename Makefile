@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test train bench gpu-check gpu-tune gpu-tune-late gpu-train-long gpu-train-waits gpu-optimizer gpu-dq-fused clean slurm-up slurm-down
+.PHONY: setup test train bench gpu-check gpu-tune gpu-tune-late gpu-train-long gpu-train-waits gpu-optimizer gpu-dq-fused gpu-head-dim-128 clean slurm-up slurm-down
 
 # torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
@@ -86,6 +86,12 @@ gpu-optimizer:
 gpu-dq-fused:
 	$(WITH_CHECK_TUNING) \
 	GPU_CHECK_STAGES=dq-fused scripts/gpu_check.sh
+
+# after gpu-check, on the same machine: the attention points at head_dim 128 (6 heads: the paper's FLOPs), on the
+# blocks stop 33 chose for it without a GPU, against dense flash attention at 128; results in <results>/d128/; 110 s
+gpu-head-dim-128:
+	$(WITH_CHECK_TUNING) \
+	GPU_CHECK_STAGES=head-dim-128 scripts/gpu_check.sh
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info slurm-*.out slurm-*.err

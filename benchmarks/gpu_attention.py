@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from common import RESULTS, machine, style_log2_axis  # noqa: E402
 import gpu_kernels  # noqa: E402  (its DEADLINE is set below)
-from gpu_kernels import (DILATIONS, HEAD_DIM, HEADS, SEGMENTS, UNTRIED_DQ_MODES, K, M,  # noqa: E402
+from gpu_kernels import (DILATIONS, SEGMENTS, UNTRIED_DQ_MODES, K, M,  # noqa: E402
                          choose_dq_variant, cuda_time, forward, grads_of, make_inputs, tune, tune_side_branches,
                          tune_covering_last, tune_share_keys, tune_small_launches, tune_split_backward,
                          tune_tma_loads, tune_warp_specialize, write_tuning)
@@ -68,10 +68,22 @@ QUICK = [("dilated", 32 * K, True, SHORT), ("dense", 32 * K, True, 5), ("dilated
          ("dense", M, True, 0), ("dilated", 4 * M, True, 1)]  # 4M last: ~54 GiB, the 64-bit offsets checked
 
 
+def set_heads(heads: int, head_dim: int) -> None:
+    """Every point, tuning step and kernel_tuning.json from here on at `heads` x `head_dim` (gpu_kernels.HEADS and
+    HEAD_DIM; default 12 x 64, the paper's)."""
+    from longnet_dist.attention.kernels import TRITON_HEAD_DIMS
+
+    if head_dim not in TRITON_HEAD_DIMS or heads < 1:
+        raise ValueError(f"--heads {heads} --head-dim {head_dim}: want heads >= 1 and a head_dim of the fused kernels, "
+                         f"{TRITON_HEAD_DIMS}")
+    gpu_kernels.HEADS, gpu_kernels.HEAD_DIM = heads, head_dim
+
+
 def attention_flops(kind: str, n: int, causal: bool) -> float:
+    heads, head_dim = gpu_kernels.HEADS, gpu_kernels.HEAD_DIM
     if kind.startswith("dense"):
-        return dense_flops(n, n, HEADS, HEAD_DIM, causal)
-    return dilated_flops(n, HEADS, HEAD_DIM, SEGMENTS, DILATIONS, causal)
+        return dense_flops(n, n, heads, head_dim, causal)
+    return dilated_flops(n, heads, head_dim, SEGMENTS, DILATIONS, causal)
 
 
 def measure(kind: str, n: int, causal: bool, repeats: int) -> dict:
@@ -249,17 +261,25 @@ def main() -> None:
                         help="check and time --dq-modes, tune only the backward's block shapes (for 'tma' and "
                              "'atomic': dQ from the dK/dV loop, over the shapes that do not spill), then time the "
                              "dilated 32K and 1M points with the winner (`make gpu-dq-fused`)")
+    parser.add_argument("--heads", type=int, default=12, help="attention heads (default 12, the paper's)")
+    parser.add_argument("--head-dim", type=int, default=64,
+                        help="head dim: 16, 32, 64 (default) or 128, e.g. `--heads 6 --head-dim 128`, the same FLOPs")
     parser.add_argument("--tag", default="", help="results go to gpu_attention_<tag>.json/png")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args()
+    try:
+        set_heads(args.heads, args.head_dim)
+    except ValueError as error:
+        sys.exit(str(error))
     if not torch.cuda.is_available():
         sys.exit("gpu_attention.py needs a CUDA GPU")
     host = machine()
     args.results.mkdir(parents=True, exist_ok=True)
     name = f"gpu_attention_{args.tag}" if args.tag else "gpu_attention"
-    payload = {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "heads": HEADS, "head_dim": HEAD_DIM,
+    payload = {"machine": host, "segments": SEGMENTS, "dilations": DILATIONS, "heads": args.heads, "head_dim": args.head_dim,
                "dtype": "bfloat16", "batch": 1, "command": " ".join(sys.argv), "points": []}
-    print(f"GPU: {host['gpu']}, torch {host['torch']}; H={HEADS}, D={HEAD_DIM}, bf16, paper branches", flush=True)
+    print(f"GPU: {host['gpu']}, torch {host['torch']}; H={args.heads}, D={args.head_dim}, bf16, paper branches",
+          flush=True)
     from longnet_dist.attention import fused_settings
 
     gpu_kernels.DEADLINE = STARTED + args.tune_budget
@@ -325,8 +345,8 @@ def main() -> None:
         run_points(key_points(QUICK if args.quick else FULL), payload, save)
     for key, value in payload["targets"].items():
         print(f"{key}: {value:.3f}")
-    plot(payload["points"], args.results / f"{name}.png",
-         f"LongNet dilated (fused Triton) vs dense flash attention, bf16, H={HEADS}, D={HEAD_DIM} - {host['gpu']}")
+    plot(payload["points"], args.results / f"{name}.png", "LongNet dilated (fused Triton) vs dense flash attention, "
+         f"bf16, H={args.heads}, D={args.head_dim} - {host['gpu']}")
     print(f"wrote {args.results / name}.json and .png")
 
 

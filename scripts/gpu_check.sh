@@ -33,7 +33,9 @@
 # accumulation, benchmarks/optimizer_step.py, ~45 s each); dq-fused (`make gpu-dq-fused`: the backward with dQ
 # from the dK/dV loop on the shapes that do not spill, against the separate dQ kernel, at 256K, then 32K and 1M
 # with the winner, `gpu_attention.py --backward-only` -> dq_fused/); profile-model (the attention and a training
-# step of the bare model, no engine, dilated and dense, benchmarks/gpu_profile.py, 1-2 minutes).
+# step of the bare model, no engine, dilated and dense, benchmarks/gpu_profile.py, 1-2 minutes); head-dim-128 (`make
+# gpu-head-dim-128`: the attention stage's points at 6 heads of 128, the same FLOPs, on the blocks of their own
+# that stop 33 chose without a GPU, against dense flash at 128; its tuning file stays in d128/; 110 s).
 # Each stage has its own time limit, so that a hang cannot eat the lease; a training point that no longer fits
 # is recorded as skipped. What the stages took: on a fresh H200 in stop 29 (gpu_check_h200.log), with limits of
 # 175/100/40/128 s for tests/attention/host/train, 374 s in all: the tests (12 workers) passed 106 of 111 before
@@ -96,6 +98,8 @@ for stage in $stages; do
         host) run 30 host_overhead python3 benchmarks/host_overhead.py --device cuda --cprofile 50 --results "$results" ;;
         attention) run "${GPU_CHECK_ATTENTION_LIMIT:-100}" gpu_attention python3 benchmarks/gpu_attention.py --results "$results" \
                        ${GPU_CHECK_ATTENTION_ARGS:---quick --dq-modes tma} ;;
+        head-dim-128) run 110 gpu_attention_d128 python3 benchmarks/gpu_attention.py --results "$results/d128" \
+                          --tag d128 --quick --heads 6 --head-dim 128 --dq-modes tma ;;
         tune-late) run 170 gpu_attention_tune_late python3 benchmarks/gpu_attention.py --results "$results" \
                        --tag tune_late --tune-late --quick --dq-modes tma ;;
         tune) run 175 gpu_attention_tune python3 benchmarks/gpu_attention.py --results "$results" --tag tune --tune \

@@ -127,6 +127,19 @@ def test_the_fused_dq_stage_starts_from_the_checks_tuning_and_keeps_its_own_apar
         assert "./dq_fused/kernel_tuning.json" in packed.getnames()
 
 
+def test_the_head_dim_128_stage_keeps_its_tuning_apart(tmp_path):
+    """`make gpu-head-dim-128` after the check: the attention points at 6 heads of 128 start from the check's tuning,
+    write into d128/, and the tuning handed to later stages stays the check's (head_dim 64)."""
+    result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="attention head-dim-128 train")
+    assert result.returncode == 0, result.stdout + result.stderr
+    tuning = str((out / "kernel_tuning.json").resolve())
+    (d128_args, d128_tuning), (train_args, train_tuning) = calls[1], calls[2]
+    assert d128_args == (f"benchmarks/gpu_attention.py --results {out}/d128 --tag d128 --quick --heads 6 "
+                         "--head-dim 128 --dq-modes tma")
+    assert d128_tuning == tuning and train_args.startswith("benchmarks/train.py") and train_tuning == tuning
+    assert (out / "d128" / "kernel_tuning.json").exists() and (out / "gpu_attention_d128.log").exists()
+
+
 def test_a_failing_stage_fails_the_check_but_the_others_still_run(tmp_path):
     result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="attention train", FAKE_FAIL="gpu_attention.py")
     assert result.returncode == 1
