@@ -59,14 +59,14 @@ def covering_first(branches: Sequence[tuple]) -> tuple[list[tuple], bool]:
     return [order.pop(first)] + order, True
 
 
-def covering_last(branches: Sequence[tuple]) -> tuple[list[tuple], bool]:
-    """(the branches with the covering r = 1 branch that covering_first put in front moved to the end, True).
+def covering_last(branches: Sequence[tuple]) -> list[tuple]:
+    """The branches with the covering r = 1 branch that covering_first put in front moved to the end.
     Run last, it covers every row, so it can write the merged output in the output's dtype (LAST): the 16-bit
     forward then needs no store pass of its fp32 accumulator, and no fill of it either (the branches before read
     a row's accumulator only where its lse, filled with -inf, is finite). The forward's merge order only changes
     rounding. The 16-bit backward does the same: its branches before mark the rows they write (no fill either)."""
     order = list(branches)
-    return order[1:] + order[:1], True
+    return order[1:] + order[:1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,7 +191,7 @@ def _covering_order(branches: tuple, covering: bool, direct: bool, second: tuple
     Last (covering_last) when there is one, the inputs are 16-bit (fp32 adds into the outputs directly), one chain
     (a second is joined after) and settings.COVERING_LAST; else first (covering_first ordered them). Alone, both."""
     if covering and not direct and not second and settings.COVERING_LAST:
-        branches, _ = covering_last(branches)
+        branches = covering_last(branches)
         return branches, len(branches) == 1, True
     return list(branches), covering, False
 
