@@ -1,5 +1,6 @@
-"""How the fused kernels' launches choose their blocks: per head dim and dtype, from a tuning file, smaller
-for small causal launches, and smaller again where a GPU refuses them for lack of shared memory. On CPU through
+"""How the fused kernels' launches choose their blocks: per head dim and dtype (a head dim between the kernels'
+padded to the next), from a tuning file, smaller for small causal launches, and smaller again where a GPU refuses
+them for lack of shared memory. On CPU through
 Triton's interpreter (and on CUDA when present); and the blocks at head_dim 128 compiled for GPUs this machine need
 not have (benchmarks/kernel_resources.py; head_dim 64 on sm_90 in tests/test_gpu_check_tools.py).
 """
@@ -15,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from longnet_dist.attention import dilated_attention
+from longnet_dist.attention import dilated_attention, packed_dilated_attention
+from reference import dilated_errors
 from subprocess_env import REPO, repo_first_on_pythonpath
 from test_triton_kernels import DEVICE, fused_outputs_and_grads  # skips this module where it skips itself
 
@@ -259,3 +261,38 @@ def test_a_tuning_step_skips_blocks_a_gpu_refuses(monkeypatch):
     report = gk.fastest_fwd_bwd("blocks", ["small", "big"], apply)
     assert report["best"] == "small" and set(report["seconds"]) == {"small"}
     assert fused_settings.FITTED == {} and fused_settings.FIT_REFUSED_BLOCKS is True  # restored after the step
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.float16, 4e-3)], ids=str)
+@pytest.mark.parametrize("head_dim, width", [(24, 32), (48, 64)])
+def test_a_head_dim_between_the_kernels_is_padded_to_the_next(dtype, tolerance, head_dim, width, monkeypatch):
+    """head_dim 24 runs the kernels of 32, 48 those of 64, on rows padded with zero columns (the scale stays
+    head_dim's): forward and gradients against the float64 reference, causal, key padding, ragged tails, r not
+    dividing w. Tolerances as in test_triton_kernels.py (fp32: summation order; fp16: 11-bit inputs and P)."""
+    from longnet_dist.attention import fused
+
+    widths, run = [], fused.fused_dilated_attention
+
+    def recording(q, *args):
+        widths.append(q.shape[-1])
+        return run(q, *args)
+
+    monkeypatch.setattr(fused, "fused_dilated_attention", recording)
+    errors = dilated_errors(DEVICE, 2, 100, 3, head_dim, [12, 32, 128], [1, 3, 6], True, 0.3, dtype)
+    assert widths == [width] and max(errors.values()) < tolerance, errors
+
+
+def test_a_padded_head_dim_keeps_the_packed_gradient():
+    """packed_dilated_attention at head_dim 24: the packed (B, N, 3, H, 24) tensor padded once, bit for bit the
+    result and gradient of the three tensors padded one by one."""
+    torch.manual_seed(0)
+    qkv, grad = torch.randn(1, 70, 3, 2, 24, device=DEVICE), torch.randn(1, 70, 2, 24, device=DEVICE)
+    packed = qkv.clone().requires_grad_()
+    out = packed_dilated_attention(packed, [16, 64], [1, 2], causal=True, backend="triton")
+    out.backward(grad)
+    views = [x.clone().requires_grad_() for x in qkv.unbind(2)]
+    apart = dilated_attention(*views, [16, 64], [1, 2], causal=True, backend="triton")
+    apart.backward(grad)
+    assert out.shape == (1, 70, 2, 24)
+    torch.testing.assert_close(out, apart, rtol=0, atol=0)
+    torch.testing.assert_close(packed.grad, torch.stack([x.grad for x in views], 2), rtol=0, atol=0)

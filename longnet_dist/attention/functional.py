@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_branches, check_qkv, check_scale
 from .dilated import LocalBranch, _DilatedAttentionFunction
-from .kernels import select_backend
+from .kernels import select_backend, triton_width
 
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
@@ -52,6 +53,10 @@ def _dilated_attention(qkv_views: tuple[Tensor, Tensor, Tensor], packed: Tensor 
     check_qkv(q, k, v, key_padding_mask)
     scale = check_scale(scale, q.shape[-1])
     kind = select_backend(q, backend)  # validates a forced backend before any work
+    width = triton_width(q.shape[-1]) if kind == "triton" else q.shape[-1]
+    if width != q.shape[-1]:  # a head dim between the fused kernels' (16, 32, 64, 128): zero columns up to the next
+        return _padded(qkv_views, packed, width, segment_lengths, dilation_rates, causal, key_padding_mask, scale,
+                       sequence_group)
     local = sequence_group is None or sequence_group.size == 1
     if local and kind == "triton":  # every branch in one fused kernel family, rows read in place
         from .fused import fused_dilated_attention  # imports triton: only when it runs
@@ -65,3 +70,21 @@ def _dilated_attention(qkv_views: tuple[Tensor, Tensor, Tensor], packed: Tensor 
     # sharded with "triton": local branches run fused, spanning ones aten's kernels (kernels.branch_backend)
     q, k, v = (packed, None, None) if packed is not None else (q, k, v)  # packed: one gradient (B, N, 3, H, D)
     return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale, kind)
+
+
+def _padded(qkv_views, packed, width, segment_lengths, dilation_rates, causal, key_padding_mask, scale,
+            sequence_group) -> Tensor:
+    """Dilated attention with the head dim D padded by zero columns to `width`, that of a fused kernel: a zero
+    column adds nothing to q.k (the scale stays D's), and the output's padded columns, sums of zero values, are
+    cut off; autograd pads dO and cuts the gradients back the same way. Costs the copies and (width - D) / D more
+    products; aten's kernels (backend="cuda_flash") copy every branch's rows instead."""
+    head_dim = qkv_views[0].shape[-1]
+    grow = (0, width - head_dim)
+    if packed is not None:  # (B, N, 3, H, width): one copy, still one packed gradient
+        wide = F.pad(packed, grow)
+        views = wide.unbind(2)
+    else:
+        wide, views = None, tuple(F.pad(x, grow) for x in qkv_views)
+    out = _dilated_attention(views, wide, segment_lengths, dilation_rates, causal, key_padding_mask, scale,
+                             sequence_group, "triton")
+    return out[..., :head_dim]  # (B, N, H, D)

@@ -38,6 +38,12 @@ BACKENDS = ("cpu_flash", "cuda_flash", "chunked", "triton")
 TRITON_HEAD_DIMS = (16, 32, 64, 128)  # the fused kernel's head dims (tl.dot blocks are powers of two >= 16)
 
 
+def triton_width(head_dim: int) -> int | None:
+    """The fused kernels' head dim that runs `head_dim`: itself, or the next of TRITON_HEAD_DIMS, to which the
+    rows are padded with zero columns (functional.py); None above 128."""
+    return next((width for width in TRITON_HEAD_DIMS if width >= head_dim), None)
+
+
 def triton_available(device: torch.device) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -64,13 +70,14 @@ def select_backend(q: Tensor, backend: str | None = None) -> str:
                                  f"on CPU), got device {q.device}")
             if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 raise ValueError(f"backend 'triton' runs float16, bfloat16 and float32, got {q.dtype}")
-            if q.shape[-1] not in TRITON_HEAD_DIMS:
-                raise ValueError(f"backend 'triton' needs head_dim in {TRITON_HEAD_DIMS}, got {q.shape[-1]}")
+            if triton_width(q.shape[-1]) is None:
+                raise ValueError(f"backend 'triton' needs head_dim <= {TRITON_HEAD_DIMS[-1]} (it runs {TRITON_HEAD_DIMS} "
+                                 f"and pads the others up to the next), got {q.shape[-1]}")
         return backend
     if q.device.type == "cpu" and q.dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         return "cpu_flash"
     if q.device.type == "cuda" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        if q.shape[-1] in TRITON_HEAD_DIMS and triton_available(q.device):
+        if triton_width(q.shape[-1]) is not None and triton_available(q.device):
             return "triton"
         return "cuda_flash"
     return "chunked"
@@ -159,5 +166,5 @@ def branch_range(direction: str, segment_length: int, dilation: int):
     return torch.profiler.record_function(f"dilated {direction} w={segment_length} r={dilation}")
 
 
-__all__ = ["BACKENDS", "TRITON_HEAD_DIMS", "attention_backward", "attention_forward", "branch_backend", "branch_range",
+__all__ = ["BACKENDS", "TRITON_HEAD_DIMS", "triton_width", "attention_backward", "attention_forward", "branch_backend", "branch_range",
            "dense_flops", "dilated_flops", "lse_dtype", "select_backend", "triton_available"]
