@@ -71,11 +71,11 @@ QUICK = [("dilated", 32 * K, True, SHORT), ("dense", 32 * K, True, 5), ("dilated
 def set_heads(heads: int, head_dim: int) -> None:
     """Every point, tuning step and kernel_tuning.json from here on at `heads` x `head_dim` (gpu_kernels.HEADS and
     HEAD_DIM; default 12 x 64, the paper's)."""
-    from longnet_dist.attention.kernels import TRITON_HEAD_DIMS
+    from longnet_dist.attention.kernels import triton_width
 
-    if head_dim not in TRITON_HEAD_DIMS or heads < 1:
-        raise ValueError(f"--heads {heads} --head-dim {head_dim}: want heads >= 1 and a head_dim of the fused kernels, "
-                         f"{TRITON_HEAD_DIMS}")
+    if triton_width(head_dim) is None or head_dim < 1 or heads < 1:
+        raise ValueError(f"--heads {heads} --head-dim {head_dim}: want heads >= 1 and 1 <= head_dim <= 128 (the fused "
+                         "kernels run 16, 32, 64 and 128, and pad the others to the next)")
     gpu_kernels.HEADS, gpu_kernels.HEAD_DIM = heads, head_dim
 
 
@@ -263,7 +263,8 @@ def main() -> None:
                              "dilated 32K and 1M points with the winner (`make gpu-dq-fused`)")
     parser.add_argument("--heads", type=int, default=12, help="attention heads (default 12, the paper's)")
     parser.add_argument("--head-dim", type=int, default=64,
-                        help="head dim: 16, 32, 64 (default) or 128, e.g. `--heads 6 --head-dim 128`, the same FLOPs")
+                        help="head dim up to 128 (default 64; other than 16, 32, 64, 128 padded to the next), e.g. "
+                             "`--heads 6 --head-dim 128`, the same FLOPs")
     parser.add_argument("--tag", default="", help="results go to gpu_attention_<tag>.json/png")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = parser.parse_args()
