@@ -80,13 +80,16 @@ def test_memory_savers_give_the_same_loss_and_gradients(overrides):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
                     reason="CPU tensors reach the fused kernels only through Triton's interpreter")
-@pytest.mark.parametrize("checkpointing", ["none", "full"])
-def test_the_fused_kernels_train_the_model_as_the_cpu_kernels_do(checkpointing):
+@pytest.mark.parametrize("checkpointing, dim", [("none", 32), ("full", 32), ("none", 48)],
+                         ids=["head_dim_16", "head_dim_16_checkpointed", "head_dim_24_padded"])
+def test_the_fused_kernels_train_the_model_as_the_cpu_kernels_do(checkpointing, dim):
     """The model on the fused Triton kernels (CUDA's default; here through the interpreter, fp32): q and k
-    from rotary, v a strided view of the qkv projection, recomputed under checkpointing. The loss and every
-    parameter's gradient equal the model on aten's CPU kernels (fp32: summation order only)."""
+    from rotary, v a strided view of the qkv projection, recomputed under checkpointing; at head_dim 24 on the
+    kernels of 32 (zero columns). The loss and every parameter's gradient equal the model on aten's CPU kernels
+    (fp32: summation order only)."""
     ids = tokens()
-    settings = dict(activation_checkpointing=checkpointing, segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4])
+    settings = dict(activation_checkpointing=checkpointing, segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4],
+                    dim=dim)
     loss, grads = _loss_and_grads(build(attention_backend="cpu_flash", **settings), ids)
     fused_loss, fused_grads = _loss_and_grads(build(attention_backend="triton", **settings), ids)
     torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
