@@ -45,7 +45,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
 from common import RESULTS, human, machine, save  # noqa: E402
 
 from longnet_dist.distributed.testing import free_port  # noqa: E402
-from longnet_dist.train.peak import DENSE_16BIT_PEAKS, gpu_peak_flops  # noqa: E402
+from longnet_dist.train.peak import DENSE_16BIT_PEAKS, cpu_matmul_flops, gpu_peak_flops  # noqa: E402
 DEFAULT_SEQ_LENS = [16384, 65536, 262144, 524288, 1048576]
 
 
@@ -67,17 +67,11 @@ def memory_limiter(limit_bytes: int):
 
 
 def measure_matmul_peak(threads: int, seconds: float = 3.0) -> float:
-    """Best FLOP/s of a 2048^3 fp32 matmul with `threads` threads (the MFU denominator)."""
+    """Best FLOP/s of a 2048^3 fp32 matmul with `threads` threads (the MFU denominator; train/peak.py's timing)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - start))
-    return best
+    return cpu_matmul_flops(seconds)
 
 
 def run_trainer(overrides: list[str], nproc: int, threads: int, timeout: float, memory_limit: int | None,

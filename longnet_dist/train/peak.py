@@ -34,13 +34,13 @@ def gpu_peak_flops(name: str) -> float | None:
     return next((peak for part, peak in DENSE_16BIT_PEAKS if part in name), None)
 
 
-def cpu_matmul_flops(repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` fp32 matmuls of CPU_MATMUL_SIZE^2 (after one untimed) on this process's
-    threads."""
+def cpu_matmul_flops(seconds: float = 0.5) -> float:
+    """FLOP/s of the fastest fp32 matmul of CPU_MATMUL_SIZE^2 timed over `seconds` (at least one, after one untimed)
+    on this process's threads."""
     a, b = (torch.randn(CPU_MATMUL_SIZE, CPU_MATMUL_SIZE) for _ in range(2))
     a @ b
-    best = float("inf")
-    for _ in range(repeats):
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while best == float("inf") or time.perf_counter() < deadline:
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
