@@ -21,7 +21,7 @@ Each layer runs in a worker process of its own (same seed, same weights), so one
 shaped by another's: in one shared process glibc served a 64K layer's 64 MiB tensors from the free
 heap that the previous layers had left (16-66K page faults instead of 82K), but never a 256K layer's,
 so the growth ratio partly measured the neighbours' heap (ours 4.2-4.9 there, 4.1-4.6 in processes of
-their own; the spread between runs stays: docs/performance.md, "Stop 22"). `--one-process` runs them
+their own; the spread between runs stays: docs/performance_cpu.md, "Stop 22"). `--one-process` runs them
 all in this process, as stops 16-21 did. Also reports forward time(256K) / time(64K) for each (4.0
 would be perfectly linear) and the page faults of each best run (a fresh glibc mapping faults every
 page it touches). Writes benchmarks/results/cpu_layer[_TAG].json and .png; the JSON's

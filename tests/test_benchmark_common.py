@@ -14,7 +14,7 @@ from common import MEMORY_VARIABLES, machine  # noqa: E402
 
 def test_the_machine_record_names_the_memory_settings_that_shape_cpu_timings(monkeypatch):
     """A run with tcmalloc preloaded, glibc tunables or torch's huge pages times differently from a plain
-    one (docs/performance.md): the JSON must say which it was, not only the command line."""
+    one (docs/performance_cpu.md): the JSON must say which it was, not only the command line."""
     for name in MEMORY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     plain = machine()["host_memory"]
