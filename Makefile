@@ -6,7 +6,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test train bench gpu-check gpu-tune gpu-tune-late gpu-train-long gpu-train-waits gpu-optimizer gpu-dq-fused gpu-head-dim-128 clean slurm-up slurm-down
+.PHONY: setup test train bench gpu-check gpu-tune gpu-tune-late gpu-train-long gpu-train-waits gpu-optimizer gpu-dq-fused gpu-head-dim-128 gpu-suite gpu-wheels clean slurm-up slurm-down
 
 # torch first, pinned to the CPU wheel: letting the resolver pick torch would pull a multi-GB CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, hence --no-build-isolation.
@@ -92,6 +92,18 @@ gpu-dq-fused:
 gpu-head-dim-128:
 	$(WITH_CHECK_TUNING) \
 	GPU_CHECK_STAGES=head-dim-128 scripts/gpu_check.sh
+
+# on a CUDA machine: every test that gpu-check's tests stage does not run, with CUDA present (what `make test` on a
+# workstation with a GPU runs, less the SLURM tests); needs gpu-wheels' .whl/ on an offline machine; at most 240 s
+gpu-suite:
+	GPU_CHECK_STAGES=suite scripts/gpu_check.sh
+
+# here, before a lease: the wheels an offline CUDA machine lacks, for gpu-check's train stages and gpu-suite, into
+# .whl/ (git-ignored): ../shared/offline_wheels.sh's DeepSpeed and Hydra, and safetensors (Python 3.12 builds)
+gpu-wheels:
+	../shared/offline_wheels.sh .whl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 -d .whl "safetensors>=0.4"
 
 clean:
 	rm -rf outputs .pytest_cache build *.egg-info slurm-*.out slurm-*.err

@@ -35,7 +35,10 @@
 # with the winner, `gpu_attention.py --backward-only` -> dq_fused/); profile-model (the attention and a training
 # step of the bare model, no engine, dilated and dense, benchmarks/gpu_profile.py, 1-2 minutes); head-dim-128 (`make
 # gpu-head-dim-128`: the attention stage's points at 6 heads of 128, the same FLOPs, on the blocks of their own
-# that stop 33 chose without a GPU, against dense flash at 128; its tuning file stays in d128/; 110 s).
+# that stop 33 chose without a GPU, against dense flash at 128; its tuning file stays in d128/; 110 s); suite (`make
+# gpu-suite`: every test the tests stage does not run, with CUDA present, as `make test` on a workstation with a GPU,
+# less the SLURM tests, scripts/gpu_test_shards.sh with GPU_TEST_SET=rest; tests that need a package the machine
+# lacks, `datasets` or `wandb`, skip and say so; 240 s) -> gpu_suite/.
 # Each stage has its own time limit, so that a hang cannot eat the lease; a training point that no longer fits
 # is recorded as skipped. What the stages took: on a fresh H200 in stop 29 (gpu_check_h200.log), with limits of
 # 175/100/40/128 s for tests/attention/host/train, 374 s in all: the tests (12 workers) passed 106 of 111 before
@@ -88,6 +91,8 @@ for stage in $stages; do
     case $stage in
         tests) export GPU_TEST_LOGS="$results/gpu_tests"  # every test's line and the slowest, in the archive too
                run "${GPU_CHECK_TESTS_LIMIT:-180}" gpu_tests \
+                   scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-16}" ;;
+        suite) GPU_TEST_LOGS="$results/gpu_suite" GPU_TEST_SET=rest run "${GPU_CHECK_SUITE_LIMIT:-240}" gpu_suite \
                    scripts/gpu_test_shards.sh "${GPU_CHECK_TEST_SHARDS:-16}" ;;
         profile-model) run 150 gpu_profile python3 benchmarks/gpu_profile.py --results "$results" ;;
         dq-fused) run "${GPU_CHECK_DQ_FUSED_LIMIT:-240}" gpu_attention_dq_fused python3 benchmarks/gpu_attention.py \

@@ -2,6 +2,9 @@
 # The CUDA tests as N pytest processes side by side (scripts/gpu_check.sh's "tests" stage): on a
 # fresh GPU machine most of their time is Triton compiling kernel variants, one CPU core per process.
 # Usage: scripts/gpu_test_shards.sh [PROCESSES=12]; exits 0 only if every test passed.
+# GPU_TEST_SET=rest runs every other test instead (`make gpu-suite`): the suite as a researcher's workstation runs
+# it, CUDA present, less the SLURM tests (root and apt-get) and the files below, a file at a time per worker
+# (--dist loadfile: module fixtures, trained runs, are made once).
 # With pytest-xdist installed (GPU images usually have it) the tests go to N workers as they free up
 # (`-n N --dist worksteal`, or `load` on xdist < 3.2): on an H100 in stop 19 fixed shards took 37 s to 236 s for the same number of tests.
 # Without it (or with GPU_TEST_MODE=shards), N fixed shards (LONGNET_TEST_SHARD, tests/conftest.py).
@@ -20,6 +23,16 @@ files=(tests/test_cuda_attention.py tests/test_cuda_sequence_parallel.py tests/t
        tests/test_host_reads.py::test_device_values_wait_for_their_own_copy_only)
 # -o addopts=-ra: the project's addopts name pytest-timeout, which a bare GPU machine may lack
 options=(-v -p no:cacheprovider -o addopts=-ra --durations=25 --durations-min=1)
+dist_rest=
+if [ "${GPU_TEST_SET:-gpu}" = rest ]; then
+    ignored=() && for file in "${files[@]}"; do [[ "$file" == *::* ]] || ignored+=("--ignore=$file"); done
+    deselected=() && for file in "${files[@]}"; do [[ "$file" != *::* ]] || deselected+=("--deselect=$file"); done
+    files=(tests "${ignored[@]}" "${deselected[@]}" -m "not slurm")
+    dist_rest=loadfile
+elif [ "${GPU_TEST_SET:-gpu}" != gpu ]; then
+    echo "GPU_TEST_SET=${GPU_TEST_SET} must be gpu (the CUDA and kernel tests) or rest (every other test)" >&2
+    exit 2
+fi
 if [ -n "${GPU_TEST_LOGS:-}" ]; then
     logs=$GPU_TEST_LOGS && mkdir -p "$logs"
 else
@@ -33,6 +46,7 @@ if [ "$mode" = xdist ]; then
     # is handed its first tests at once, so two heavy ones could queue on one worker: in stop 28 a 12-example
     # hypothesis test waited behind the 103 s sharded test and was still running at the stage's 240 s limit.
     dist=load && python3 -c "from xdist.scheduler import WorkStealingScheduling" 2>/dev/null && dist=worksteal
+    dist=${dist_rest:-$dist}
     echo "-- pytest-xdist: $processes workers, --dist $dist"
     python3 -m pytest "${files[@]}" -n "$processes" --dist "$dist" "${options[@]}" 2>&1 | tee "$logs/tests.log" \
         | grep --line-buffered -E "PASSED|FAILED|ERROR|SKIPPED| passed| failed|^E |slowest|s (call|setup) "

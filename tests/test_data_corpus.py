@@ -36,6 +36,7 @@ def split_documents(documents: list[bytes], val_fraction: float, seed: int) -> d
 
 @pytest.fixture
 def text_dir(tmp_path) -> Path:
+    pytest.importorskip("datasets")  # file sources read through it (a dependency; a bare GPU image may lack it)
     directory = tmp_path / "texts"
     directory.mkdir()
     for index, text in enumerate(DOCUMENTS):  # names sort in index order
@@ -68,6 +69,7 @@ def test_local_text_files_documents_joined_by_eod(text_dir, tmp_path):
 
 
 def test_jsonl_rows_are_documents_and_missing_field_is_named(tmp_path):
+    pytest.importorskip("datasets")
     path = tmp_path / "rows.jsonl"
     rows = [{"body": f"row {i} " * i, "id": i} for i in range(8)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))

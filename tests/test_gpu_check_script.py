@@ -98,6 +98,19 @@ def test_the_opt_in_tuning_and_long_training_stages(tmp_path):
     assert (out / "gpu_attention_tune_late.log").exists()
 
 
+def test_the_suite_stage_runs_every_test_the_tests_stage_does_not(tmp_path):
+    """`make gpu-suite`: `make test` as a workstation with a GPU runs it, less the SLURM tests and the files (and
+    the two tests of test_host_reads.py) that the tests stage runs; a file at a time per worker; logs in gpu_suite/."""
+    result, calls, out = gpu_check(tmp_path, GPU_CHECK_STAGES="suite")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [(args, _)] = calls
+    assert args.startswith("-m pytest tests --ignore=tests/test_cuda_attention.py ") and " -m not slurm " in args
+    assert "--ignore=tests/test_triton_kernels.py" in args and "--ignore=tests/test_host_reads.py" not in args
+    assert "--deselect=tests/test_host_reads.py::test_a_training_step_on_the_gpu_never_waits_for_it" in args
+    assert "-n 16 --dist loadfile" in args
+    assert (out / "gpu_suite.log").exists() and (out / "gpu_suite" / "tests.log").exists()
+
+
 def test_the_waits_stage_puts_the_steps_waits_back_for_the_32k_point(tmp_path):
     """`make gpu-train-waits`: the 32K dilated point, profiled, with DeepSpeed's throughput timer and the host-side
     overflow check back (what stop 30 took out of the step), under a tag of its own."""

@@ -107,6 +107,29 @@ def test_the_gpu_test_runner_reports_every_test_and_fails_on_a_failure(mode, tmp
         assert "--dist worksteal" in out, out
 
 
+def test_the_gpu_test_runner_runs_the_rest_of_the_suite_or_says_which_sets_there_are(tmp_path):
+    """GPU_TEST_SET=rest (`make gpu-suite`): every test file but the CUDA and kernel ones, a file per worker, the two
+    GPU tests of test_host_reads.py deselected; an unknown set is one clear error before any test runs."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    for name, text in FAKE_TESTS.items():
+        (tmp_path / "tests" / name).write_text(text)
+    (tmp_path / "tests" / "test_host_reads.py").write_text(
+        FAKE_TESTS["test_host_reads.py"] + "\ndef test_on_the_cpu():\n    pass\n")
+    (tmp_path / "tests" / "test_model.py").write_text(
+        "import pytest\n\ndef test_m():\n    pass\n\n@pytest.mark.slurm\ndef test_s():\n    pass\n")
+    env = {**os.environ, "GPU_TEST_SET": "rest", "GPU_TEST_MODE": "shards"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_test_shards.sh"), "2"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ran = set(re.findall(r"(tests/\S+::\w+) PASSED", result.stdout))
+    assert ran == {"tests/test_host_reads.py::test_on_the_cpu", "tests/test_model.py::test_m"}, result.stdout
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_test_shards.sh"), "2"], cwd=tmp_path,
+                            env={**env, "GPU_TEST_SET": "all"}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "GPU_TEST_SET=all must be gpu (the CUDA and kernel tests) or rest (every other test)" in result.stderr
+
+
 def test_kernel_names_fall_into_their_categories():
     assert category("_fwd") == "dilated fwd"
     assert category("_bwd_dkdv") == "dilated dK/dV"

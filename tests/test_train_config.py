@@ -146,3 +146,21 @@ def test_peak_flops_auto_says_what_it_cannot_know(monkeypatch):
         resolve_peak_flops("auto", torch.device("cuda", 0), sixteen_bit=False)
     peak, source = resolve_peak_flops("auto", torch.device("cpu"), sixteen_bit=False)  # a timed fp32 matmul
     assert 1e9 < peak < 1e14 and source.startswith("fp32 2048^3 matmul on")
+
+
+def test_a_missing_optional_package_is_one_clear_error_before_any_work(monkeypatch, tmp_path):
+    """wandb for the W&B logger (caught by the config check), datasets for file corpora: each a dependency that a
+    bare image may lack; the error names what needed it, the install line and the alternative."""
+    from longnet_dist.data import prepare_corpus
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as where it is not installed
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    cfg = make_config("logger=wandb", "logger.mode=offline")
+    with pytest.raises(ImportError, match=r"logger=wandb \(mode 'offline'\) needs the `wandb` package, which is not "
+                                          r"installed: `pip install wandb`, or use logger=none"):
+        validate_config(cfg, world_size=1)
+    validate_config(make_config("logger=wandb", "logger.mode=disabled"), world_size=1)  # never imports it
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(ImportError, match=r"source='.*a.txt' \(local files\) needs the `datasets` package.*"
+                                          r"pip install datasets`, or use source='stdlib'"):
+        prepare_corpus(str(tmp_path / "a.txt"), cache_dir=tmp_path / "cache")

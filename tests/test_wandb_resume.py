@@ -17,6 +17,7 @@ import yaml
 from subprocess_env import REPO, repo_first_on_pythonpath
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("wandb")  # a dependency; a bare GPU image may lack it (`make gpu-suite`)
 STEPS = 4
 TINY = ["model=tiny", "data.seq_len=256", "attention=geometric", "attention.base_segment_length=64",
         "trainer.warmup_steps=2", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=100",

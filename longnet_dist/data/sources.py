@@ -14,6 +14,8 @@ import sysconfig
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..optional import require
+
 DATASET_BUILDER_BY_SUFFIX = {
     ".txt": "text",
     ".text": "text",
@@ -151,8 +153,7 @@ def resolve_source(source: str, *, text_field: str, hf_cache_dir: Path) -> Stdli
         options = {"sample_by": "document"} if builder == "text" else {}
 
         def load_local():
-            import datasets
-
+            datasets = require("datasets", f"source={source!r} (local files)", "use source='stdlib'")
             return datasets.load_dataset(
                 builder, data_files=[str(p) for p in files], split="train",
                 cache_dir=str(hf_cache_dir), **options,
@@ -161,8 +162,7 @@ def resolve_source(source: str, *, text_field: str, hf_cache_dir: Path) -> Stdli
         return DatasetSource(f"local:{source}", load_local, text_field, stat_files=files)
 
     def load_hub():
-        import datasets
-
+        datasets = require("datasets", f"source={source!r} (a hub dataset)", "use source='stdlib'")
         try:
             return datasets.load_dataset(source, split="train")
         except Exception as error:  # offline, unknown name, no train split, ...

@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..optional import require
+
 BYTE_VOCAB = 256
 EOD_ID = 256  # end of document: separates documents in the flat token stream
 PAD_ID = 257  # padding; never written into a corpus
@@ -50,15 +52,9 @@ class HFTokenizer:
     eod_id = n, pad_id = n + 1, vocab_size = n + 2 (n = the file's vocabulary size)."""
 
     def __init__(self, path: str | Path):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as error:
-            raise ImportError(
-                f"tokenizer={str(path)!r} needs the `tokenizers` package, which is not installed: "
-                "`pip install tokenizers`, or use tokenizer='bytes'"
-            ) from error
+        tokenizers = require("tokenizers", f"tokenizer={str(path)!r}", "use tokenizer='bytes'")
         self.path = Path(path)
-        self._tokenizer = Tokenizer.from_file(str(self.path))
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(self.path))
         base_vocab = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.eod_id = base_vocab
         self.pad_id = base_vocab + 1

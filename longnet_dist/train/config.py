@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from longnet_dist.attention import check_sequence_parallel_config, geometric_branches
 from longnet_dist.distributed import valid_sequence_parallel_sizes
 from longnet_dist.model import LongNetConfig
+from longnet_dist.optional import ensure_installed
 
 from .faults import check_nonfinite_policy
 from .peak import check_peak_flops
@@ -273,3 +274,5 @@ def _validate_logger(logger_cfg: DictConfig) -> None:
         raise ValueError(f"logger.backend={logger_cfg.backend!r} is not one of {list(LOGGER_BACKENDS)}")
     if logger_cfg.backend == "wandb" and logger_cfg.mode not in WANDB_MODES:
         raise ValueError(f"logger.mode={logger_cfg.mode!r} is not one of {list(WANDB_MODES)}")
+    if logger_cfg.backend == "wandb" and logger_cfg.mode != "disabled":
+        ensure_installed("wandb", f"logger=wandb (mode {logger_cfg.mode!r})", "use logger=none")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..optional import require
 from .checkpoint import write_text_atomically
 
 log = logging.getLogger("longnet_dist.train")
@@ -92,8 +93,7 @@ class MetricsLogger:
         if not enabled:
             return
         if logger_cfg["backend"] == "wandb" and logger_cfg["mode"] != "disabled":
-            import wandb
-
+            wandb = require("wandb", f"logger=wandb (mode {logger_cfg['mode']!r})", "use logger=none")
             self.wandb_run = wandb.init(
                 project=logger_cfg["project"], entity=logger_cfg["entity"], name=logger_cfg["name"],
                 group=logger_cfg["group"], tags=list(logger_cfg["tags"]), mode=logger_cfg["mode"],
