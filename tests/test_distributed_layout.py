@@ -116,6 +116,24 @@ def test_init_distributed_names_missing_torchrun_variables(monkeypatch):
     assert not dist.is_initialized()
 
 
+def test_more_nccl_processes_than_gpus_is_one_clear_error_on_every_rank(monkeypatch):
+    """`torchrun --nproc_per_node 2` on a one-GPU workstation: every rank (not only the one whose GPU is
+    missing) says why and what to do, before any group forms."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(ValueError, match=r"2 processes on this node \(LOCAL_WORLD_SIZE=2, LOCAL_RANK=\d\) but 1 "
+                                             r"visible GPU\(s\): NCCL needs a GPU for each; start at most 1 per node "
+                                             r"\(torchrun --nproc_per_node 1\), or set distributed.backend=gloo"):
+            init_distributed("nccl")
+    assert not dist.is_initialized()
+
+
 def test_leave_distributed_destroys_the_group_and_is_then_a_no_op():
     """The trainer ends a finished run with it (and run_multiprocess each rank): a barrier, then the
     group destroyed, so no rank exits while its gloo peers hold connections (a rank then aborted after

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from subprocess_env import on_the_cpu
 from tmpfs import mounted_tmpfs
 from longnet_dist.train.checkpoint import checkpoint_step, find_latest_checkpoint, verify_checkpoint
 
@@ -29,7 +30,7 @@ TINY_RUN = ["model=tiny", "data.seq_len=256", "logger=none", "trainer.progress_b
 
 
 def trainer_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "disabled", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+    return {**on_the_cpu(os.environ), "WANDB_MODE": "disabled", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
             "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 

@@ -24,7 +24,7 @@ from longnet_dist.model.io import save_exported
 from longnet_dist.train.__main__ import CONFIG_DIR
 from longnet_dist.train.checkpoint import CheckpointError, CorruptCheckpointError
 from longnet_dist.train.export import export
-from subprocess_env import REPO, repo_first_on_pythonpath
+from subprocess_env import REPO, on_the_cpu, repo_first_on_pythonpath
 
 IDS = torch.arange(40).remainder(200).view(1, 40) + 30  # (1, 40) byte ids: 40 rows cross the 16-row segments
 GENERATE_DEFAULTS = OmegaConf.load(CONFIG_DIR / "generate.yaml")
@@ -127,7 +127,7 @@ def test_each_generated_step_has_the_logits_of_a_full_forward_pass(one_thread):
 
 
 def cli(*overrides: str) -> subprocess.CompletedProcess:
-    env = repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
+    env = on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")))
     return subprocess.run([sys.executable, "-m", "longnet_dist.generate", *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from longnet_dist.train.host_reads import DeviceValue, HostReads, call_site, cuda_syncs
-from subprocess_env import REPO, repo_first_on_pythonpath
+from subprocess_env import REPO, on_the_cpu, repo_first_on_pythonpath
 
 STEP_RUN = r"""
 import json, os, sys
@@ -90,7 +90,7 @@ def _run_step(tmp_path, zero: str, device: str, policy: str = "stop", world: int
     """STEP_RUN's result: one dict, or one per rank with `world` > 1."""
     env = repo_first_on_pythonpath(os.environ)
     if device == "cpu":
-        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+        env = on_the_cpu(env)
     script, path = tmp_path / "step.py", tmp_path / f"{zero}_{device}_{policy}_{world}.json"
     script.write_text(STEP_RUN)
     run = subprocess.run([sys.executable, str(script), str(path), zero, device, policy, str(world)], cwd=REPO,

@@ -2,7 +2,7 @@ import ast
 import os
 from pathlib import Path
 
-from subprocess_env import REPO, repo_first_on_pythonpath
+from subprocess_env import REPO, on_the_cpu, repo_first_on_pythonpath
 
 
 def test_repo_is_prepended_to_an_existing_pythonpath():
@@ -49,3 +49,9 @@ def test_no_test_replaces_pythonpath_for_its_subprocesses():
                  if path.name not in {"subprocess_env.py", Path(__file__).name}
                  and (lines := _pythonpath_writes(path.read_text()))}
     assert offenders == {}, f"set PYTHONPATH through subprocess_env.repo_first_on_pythonpath instead: {offenders}"
+
+
+def test_a_cpu_child_sees_no_gpu_and_gets_deepspeeds_cpu_accelerator():
+    environment = {"DS_ACCELERATOR": "cuda", "CUDA_VISIBLE_DEVICES": "0", "HOME": "/h"}
+    assert on_the_cpu(environment) == {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "HOME": "/h"}
+    assert environment["DS_ACCELERATOR"] == "cuda"  # the input is not changed

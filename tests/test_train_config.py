@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from longnet_dist.model import LongNetLM
 from longnet_dist.train.__main__ import CONFIG_DIR
 from longnet_dist.train.config import deepspeed_config, model_config, validate_config
-from subprocess_env import REPO, repo_first_on_pythonpath
+from subprocess_env import REPO, on_the_cpu, repo_first_on_pythonpath
 
 
 def make_config(*overrides: str):
@@ -100,7 +100,7 @@ def test_impossible_configs_raise_one_clear_value_error(overrides, world_size, m
 
 
 def run_cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled"))
+    env = on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled")))
     return subprocess.run([sys.executable, "-m", "longnet_dist.train", f"trainer.output_dir={tmp_path / 'run'}",
                            "logger=none", *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 

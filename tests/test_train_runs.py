@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from longnet_dist.distributed.testing import free_port
-from subprocess_env import REPO, repo_first_on_pythonpath
+from subprocess_env import REPO, on_the_cpu, repo_first_on_pythonpath
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -36,7 +36,7 @@ PARAM_RTOL = 2e-5
 
 
 def launch(output_dir: Path, *overrides: str, nproc: int = 1, wait: bool = True):
-    env = repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
+    env = on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")))
     module = ["-m", "longnet_dist.train", f"trainer.output_dir={output_dir}", *TINY, *overrides]
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

@@ -130,12 +130,11 @@ def _run_each(tmp_path, script: str, variable: str, values: tuple[str, ...], *ar
     import subprocess
     import sys
 
-    from subprocess_env import REPO, repo_first_on_pythonpath
+    from subprocess_env import REPO, on_the_cpu, repo_first_on_pythonpath
 
     results = {}
     for value in values:
-        env = {**repo_first_on_pythonpath(os.environ), variable: value, "DS_ACCELERATOR": "cpu",
-               "CUDA_VISIBLE_DEVICES": ""}
+        env = {**on_the_cpu(repo_first_on_pythonpath(os.environ)), variable: value}
         path = tmp_path / f"{variable}{value}.pt"
         run = subprocess.run([sys.executable, "-c", script, str(path), *args], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)

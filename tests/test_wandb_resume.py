@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from subprocess_env import REPO, repo_first_on_pythonpath
+from subprocess_env import REPO, on_the_cpu, repo_first_on_pythonpath
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("wandb")  # a dependency; a bare GPU image may lack it (`make gpu-suite`)
@@ -25,7 +25,8 @@ TINY = ["model=tiny", "data.seq_len=256", "attention=geometric", "attention.base
 
 
 def train(output_dir: Path, *overrides: str, run_id: str | None = None) -> str:
-    env = repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1"))
+    env = on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true",
+                                                   OMP_NUM_THREADS="1")))
     env.pop("WANDB_RUN_ID", None)
     if run_id is not None:
         env["WANDB_RUN_ID"] = run_id

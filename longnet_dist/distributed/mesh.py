@@ -40,8 +40,22 @@ def init_distributed(backend: str | None = None) -> None:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_own_gpu())
     dist.init_process_group(backend=backend, init_method="env://")
+
+
+def _own_gpu() -> int:
+    """This process's GPU under NCCL (LOCAL_RANK), after checking that the node has one for each of its
+    processes: NCCL refuses two ranks on one GPU, and CUDA's own error names neither the cause nor the fix."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    gpus = torch.cuda.device_count()
+    if max(processes, local_rank + 1) > gpus:
+        raise ValueError(
+            f"{max(processes, local_rank + 1)} processes on this node (LOCAL_WORLD_SIZE={processes}, "
+            f"LOCAL_RANK={local_rank}) but {gpus} visible GPU(s): NCCL needs a GPU for each; start at most "
+            f"{gpus} per node (torchrun --nproc_per_node {gpus}), or set distributed.backend=gloo to run on the CPU")
+    return local_rank
 
 
 def leave_distributed() -> None:
