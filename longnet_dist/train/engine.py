@@ -172,7 +172,7 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any]):
         fuse_bf16_gradient_clipping()
         if os.environ.get("LONGNET_DEVICE_OVERFLOW_CHECK", "1") != "0":
             keep_bf16_overflow_check_on_device()
-    ds_config = with_fused_torch_adam(ds_config, cuda=torch.cuda.is_available())
+    ds_config = with_fused_torch_adam(ds_config, cuda=not _engine_on_cpu())
     # DeepSpeed's throughput timer (on by default) synchronises the device at every forward and every optimizer
     # step, draining the GPU twice a step (host_reads.explicit_syncs found it); the trainer measures throughput
     # itself. A `timers` entry in the config wins.
