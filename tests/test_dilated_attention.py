@@ -13,12 +13,16 @@ from reference import reference_dilated_attention
 F64_TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-def make_inputs(B, N, H, D, dtype=torch.float64, seed=0, pad_fraction=0.0):
+def make_inputs(B, N, H, D, dtype=torch.float64, seed=0, pad_fraction=0.0, head_dim_strided=False):
+    """q, k, v (B, N, H, D) and a key padding mask; `head_dim_strided`: views of (B, N, D, H) leaves, whose head
+    dim has stride H (aten's flash kernels read a row's D values as contiguous: such inputs must be copied)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, N, H, D, generator=g, dtype=torch.float64) for _ in range(3))
     mask = None
     if pad_fraction > 0:
         mask = torch.rand(B, N, generator=g) >= pad_fraction
+    if head_dim_strided:
+        return [x.transpose(2, 3).contiguous().to(dtype).requires_grad_().transpose(2, 3) for x in (q, k, v)], mask
     return [x.to(dtype).requires_grad_() for x in (q, k, v)], mask
 
 
@@ -52,15 +56,16 @@ def configs(draw):
     return dict(B=draw(st.integers(1, 2)), N=N, H=draw(st.integers(1, 5)), D=draw(st.sampled_from([4, 8])),
                 segs=segs, rates=rates, causal=draw(st.booleans()),
                 pad=draw(st.sampled_from([0.0, 0.0, 0.3])), seed=draw(st.integers(0, 2**16)),
-                backend=draw(st.sampled_from(["cpu_flash", "chunked"])))
+                backend=draw(st.sampled_from(["cpu_flash", "chunked"])), strided=draw(st.sampled_from([False] * 3 + [True])))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
 def test_matches_dense_reference_float64(cfg):
     """Randomised: ragged tails, w > N, H not a multiple of r, several branches, causal or not,
-    random key padding, batch > 1, both kernels. Forward and all three gradients."""
-    (q, k, v), mask = make_inputs(cfg["B"], cfg["N"], cfg["H"], cfg["D"], seed=cfg["seed"], pad_fraction=cfg["pad"])
+    random key padding, batch > 1, both kernels, a head dim of stride 1 or not. Forward and all three gradients."""
+    (q, k, v), mask = make_inputs(cfg["B"], cfg["N"], cfg["H"], cfg["D"], seed=cfg["seed"], pad_fraction=cfg["pad"],
+                                  head_dim_strided=cfg["strided"])
     ours, ref = run_both(q, k, v, cfg["segs"], cfg["rates"], cfg["causal"], mask, cfg["backend"])
     assert_all_close(ours, ref, **F64_TOL)
 
@@ -240,3 +245,22 @@ def test_backward_in_chunks_of_segments_changes_no_bit(backend, causal, monkeypa
     for name, a, b in zip(("out", "dq", "dk", "dv"), whole[0], chunked[0]):
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
     assert_all_close(*chunked, **F64_TOL)
+
+
+@pytest.mark.parametrize("head_dim", [1, 4])
+def test_a_head_dim_of_another_stride_is_copied_first(head_dim):
+    """Views of a (B, N, D, H) buffer, and a packed (B, N, 3, D, H) one seen as (B, N, 3, H, D): aten's CPU flash
+    kernel read their rows as contiguous and returned garbage (errors of 1-6 here, up to 1e250: memory outside
+    the tensor). Now copied once at the entry; D = 1, whose lone column `contiguous()` leaves strided, too."""
+    from longnet_dist.attention import packed_dilated_attention
+
+    (q, k, v), _ = make_inputs(1, 16, 2, head_dim, head_dim_strided=True)
+    assert q.stride(-1) == 2 or head_dim == 1
+    if head_dim == 1:  # a lone column with a stride other than 1
+        q, k, v = (x.as_strided(x.shape, (*x.stride()[:-1], 7)) for x in (q, k, v))
+    ours, ref = run_both(q, k, v, [8], [1], True, None, "cpu_flash")
+    assert_all_close(ours, ref, **F64_TOL)
+    packed = torch.stack([x.detach() for x in (q, k, v)], 2).transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert packed.stride(-1) != 1 or head_dim == 1
+    out = packed_dilated_attention(packed, [8], [1], causal=True)
+    torch.testing.assert_close(out, ref[0], **F64_TOL)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -51,6 +52,9 @@ def _dilated_attention(qkv_views: tuple[Tensor, Tensor, Tensor], packed: Tensor 
         sequence_group = as_sequence_group(sequence_group)  # TypeError/ValueError for anything else
     segment_lengths, dilation_rates = check_branches(segment_lengths, dilation_rates)
     check_qkv(q, k, v, key_padding_mask)
+    if any(x.stride(-1) != 1 for x in qkv_views):  # aten's flash kernels read each row's D values as contiguous
+        packed, qkv_views = _rows_contiguous(packed, qkv_views)
+        q, k, v = qkv_views
     scale = check_scale(scale, q.shape[-1])
     kind = select_backend(q, backend)  # validates a forced backend before any work
     width = triton_width(q.shape[-1]) if kind == "triton" else q.shape[-1]
@@ -70,6 +74,18 @@ def _dilated_attention(qkv_views: tuple[Tensor, Tensor, Tensor], packed: Tensor 
     # sharded with "triton": local branches run fused, spanning ones aten's kernels (kernels.branch_backend)
     q, k, v = (packed, None, None) if packed is not None else (q, k, v)  # packed: one gradient (B, N, 3, H, D)
     return _DilatedAttentionFunction.apply(q, k, v, key_padding_mask, branches, bool(causal), scale, kind)
+
+
+def _rows_contiguous(packed: Tensor | None, qkv_views: tuple[Tensor, ...]) -> tuple[Tensor | None, tuple[Tensor, ...]]:
+    """(packed, views) copied so that the head dim has stride 1 (e.g. views of a (B, N, D, H) buffer): one copy of
+    the packed tensor, else of each view that needs it. A fresh tensor's strides, also where D = 1 (where
+    `contiguous()` would keep a view whose lone column has another stride)."""
+    def fresh(x: Tensor) -> Tensor:
+        return x if x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format)
+    if packed is not None:
+        packed = fresh(packed)
+        return packed, packed.unbind(2)
+    return None, tuple(fresh(x) for x in qkv_views)
 
 
 def _padded(qkv_views, packed, width, segment_lengths, dilation_rates, causal, key_padding_mask, scale,
