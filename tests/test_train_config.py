@@ -148,19 +148,44 @@ def test_peak_flops_auto_says_what_it_cannot_know(monkeypatch):
     assert 1e9 < peak < 1e14 and source.startswith("fp32 2048^3 matmul on")
 
 
-def test_a_missing_optional_package_is_one_clear_error_before_any_work(monkeypatch, tmp_path):
-    """wandb for the W&B logger (caught by the config check), datasets for file corpora: each a dependency that a
-    bare image may lack; the error names what needed it, the install line and the alternative."""
+def test_a_missing_package_is_one_clear_error_before_any_work(monkeypatch, tmp_path):
+    """wandb for the W&B logger, datasets for a file or hub corpus, tokenizers for a tokenizer.json: dependencies
+    that a bare image may lack. check_packages (the trainer's first step after validate_config, which checks the
+    config alone) names what needed the package, the install line and the alternative; prepare_corpus too."""
     from longnet_dist.data import prepare_corpus
+    from longnet_dist.train.config import check_packages
 
-    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails, as where it is not installed
-    monkeypatch.setitem(sys.modules, "datasets", None)
+    for name in ("wandb", "datasets", "tokenizers"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` fails, as where it is not installed
     cfg = make_config("logger=wandb", "logger.mode=offline")
+    validate_config(cfg, world_size=1)
     with pytest.raises(ImportError, match=r"logger=wandb \(mode 'offline'\) needs the `wandb` package, which is not "
                                           r"installed: `pip install wandb`, or use logger=none"):
-        validate_config(cfg, world_size=1)
-    validate_config(make_config("logger=wandb", "logger.mode=disabled"), world_size=1)  # never imports it
+        check_packages(cfg)
+    check_packages(make_config("logger=wandb", "logger.mode=disabled"))  # needs none of them
+    for override, package in ((f"data.source={tmp_path}", "datasets"), (f"data.tokenizer={tmp_path / 't.json'}",
+                                                                        "tokenizers")):
+        key = override.split("=")[0]
+        with pytest.raises(ImportError, match=rf"{key}='.*' needs the `{package}` package.*pip install {package}`, "
+                                              rf"or use {key}="):
+            check_packages(make_config("logger=none", override))
     (tmp_path / "a.txt").write_text("text")
     with pytest.raises(ImportError, match=r"source='.*a.txt' \(local files\) needs the `datasets` package.*"
                                           r"pip install datasets`, or use source='stdlib'"):
         prepare_corpus(str(tmp_path / "a.txt"), cache_dir=tmp_path / "cache")
+
+
+def test_the_cli_says_which_package_is_missing_in_one_line(tmp_path):
+    """The entry point prints check_packages' error alone (no traceback) and exits before any work."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None\n")
+    env = on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="offline")))
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker), env["PYTHONPATH"]])
+    result = subprocess.run([sys.executable, "-m", "longnet_dist.train", f"trainer.output_dir={tmp_path / 'run'}",
+                             "logger=wandb"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == ("longnet-train: logger=wandb (mode 'offline') needs the `wandb` "
+                                                      "package, which is not installed: `pip install wandb`, or use "
+                                                      "logger=none"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()

@@ -32,13 +32,17 @@ def _check_config_dir() -> None:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     # imported after Hydra has parsed the command line: `--help` stays fast
-    from .config import validate_config
+    from .config import check_packages, validate_config
     from .trainer import train
 
     try:
         validate_config(cfg)
     except ValueError as error:  # one line, no traceback: the message names the key and valid values
         sys.exit(f"longnet-train: invalid config: {error}")
+    try:
+        check_packages(cfg)
+    except ImportError as error:  # the package, what needs it, the install line and the alternative
+        sys.exit(f"longnet-train: {error}")
     train(cfg)
 
 

@@ -269,10 +269,20 @@ def _validate_deepspeed(ds_cfg: DictConfig) -> None:
                          "=1 (DeepSpeed's BF16_Optimizer; `deepspeed=bf16` sets both), not stage 0")
 
 
+def check_packages(cfg: DictConfig) -> None:
+    """One ImportError, before any work, for a package the run needs and this environment lacks: `wandb` for the
+    W&B logger, `datasets` for a corpus of files or from the hub, `tokenizers` for a tokenizer.json. (Apart from
+    validate_config, which checks the config alone.)"""
+    if cfg.logger.backend == "wandb" and cfg.logger.mode != "disabled":
+        ensure_installed("wandb", f"logger=wandb (mode {cfg.logger.mode!r})", "use logger=none")
+    if cfg.data.source != "stdlib":
+        ensure_installed("datasets", f"data.source={cfg.data.source!r}", "use data.source=stdlib")
+    if cfg.data.tokenizer != "bytes":
+        ensure_installed("tokenizers", f"data.tokenizer={cfg.data.tokenizer!r}", "use data.tokenizer=bytes")
+
+
 def _validate_logger(logger_cfg: DictConfig) -> None:
     if logger_cfg.backend not in LOGGER_BACKENDS:
         raise ValueError(f"logger.backend={logger_cfg.backend!r} is not one of {list(LOGGER_BACKENDS)}")
     if logger_cfg.backend == "wandb" and logger_cfg.mode not in WANDB_MODES:
         raise ValueError(f"logger.mode={logger_cfg.mode!r} is not one of {list(WANDB_MODES)}")
-    if logger_cfg.backend == "wandb" and logger_cfg.mode != "disabled":
-        ensure_installed("wandb", f"logger=wandb (mode {logger_cfg.mode!r})", "use logger=none")

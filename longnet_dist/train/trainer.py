@@ -26,7 +26,7 @@ from longnet_dist.distributed.objects import broadcast_from_rank0
 from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import deepspeed_config, describe_branches, model_config, validate_config
+from .config import check_packages, deepspeed_config, describe_branches, model_config, validate_config
 from .engine import build_engine, ensure_process_group, grad_norm_value, optimizer_advice, stage0_grad_norm
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss
@@ -133,6 +133,7 @@ def _train_step(engine, loader, sequence_group, gradient_accumulation_steps: int
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run training as configured; returns a summary dict (final step, last loss, run directory)."""
     validate_config(cfg)  # before any compute: one clear ValueError for a bad config
+    check_packages(cfg)  # and one ImportError for a package the run needs and this environment lacks
     # Stop signals are caught from the start: one that arrives during setup (data, engine, resume)
     # stops the run cleanly at the first step boundary instead of killing the process.
     with StopSignal() as stop:
