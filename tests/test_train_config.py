@@ -180,8 +180,7 @@ def test_the_cli_says_which_package_is_missing_in_one_line(tmp_path):
     blocker = tmp_path / "block"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None\n")
-    env = on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="offline")))
-    env["PYTHONPATH"] = os.pathsep.join([str(blocker), env["PYTHONPATH"]])
+    env = repo_first_on_pythonpath(on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="offline"))), blocker)
     result = subprocess.run([sys.executable, "-m", "longnet_dist.train", f"trainer.output_dir={tmp_path / 'run'}",
                              "logger=wandb"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
