@@ -6,6 +6,7 @@ start and saved in the run's config.yaml.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def test_resume_continues_the_same_wandb_run_offline(tmp_path):
 def test_a_fresh_start_in_the_same_directory_is_a_new_run(tmp_path):
     train(tmp_path, "trainer.max_steps=1")
     first_id = (tmp_path / "wandb_run_id").read_text().strip()
+    shutil.rmtree(tmp_path / "checkpoints")  # the way to start over in a run directory (else the start is refused)
     train(tmp_path, "trainer.max_steps=1", "resume=null")
     second_id = (tmp_path / "wandb_run_id").read_text().strip()
     assert second_id != first_id

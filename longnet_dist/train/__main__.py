@@ -23,6 +23,15 @@ NON_ZERO_RANK_OVERRIDES = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra
                            "hydra.job_logging.root.level=WARNING")
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a run raises for its input (a config value, the data, a checkpoint, an unstable run), each with a
+    message that says what to change: printed as one line."""
+    from .checkpoint import CheckpointError
+    from .faults import NonFiniteLossError, NonFiniteWeightsError
+
+    return ValueError, CheckpointError, NonFiniteLossError, NonFiniteWeightsError
+
+
 def _check_config_dir() -> None:
     if not (CONFIG_DIR / "train.yaml").is_file():
         sys.exit(f"longnet-train: no configs/train.yaml at {CONFIG_DIR}; install the package from a source "
@@ -43,7 +52,13 @@ def _hydra_main(cfg: DictConfig) -> None:
         check_packages(cfg)
     except ImportError as error:  # the package, what needs it, the install line and the alternative
         sys.exit(f"longnet-train: {error}")
-    train(cfg)
+    try:
+        train(cfg)
+    except _user_errors() as error:
+        if os.environ.get("LONGNET_TRACEBACK") == "1":
+            raise
+        # our own messages name the value and the way out; a traceback through Hydra would bury them
+        sys.exit(f"longnet-train: {type(error).__name__}: {error} (LONGNET_TRACEBACK=1 shows where)")
 
 
 def main() -> None:

@@ -124,6 +124,28 @@ class NonFiniteLossError(RuntimeError):
         self.step, self.value, self.diagnostics_path = step, value, diagnostics_path
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """A parameter held NaN or inf when a checkpoint was due: nothing is saved over the good checkpoints."""
+
+
+def check_finite_weights(module: torch.nn.Module, step: int, last_checkpoint: Path | None) -> None:
+    """NonFiniteWeightsError on every rank when any rank's parameters (under ZeRO-3 its partitions) hold NaN or
+    inf: an update that finite losses did not catch (the loss is taken before it), e.g. a learning rate far too
+    large. Saving them would let keep_last_checkpoints delete the good checkpoints. Collective."""
+    bad = next((name for name, param in module.named_parameters()
+                if not bool(torch.isfinite(getattr(param, "ds_tensor", param).detach()).all())), None)
+    rank, world = rank_and_world()
+    found = [bad] if world == 1 else [None] * world
+    if world > 1:
+        dist.all_gather_object(found, bad)
+    culprit = next(((r, name) for r, name in enumerate(found) if name is not None), None)
+    if culprit is not None:
+        raise NonFiniteWeightsError(
+            f"step {step}: parameter {culprit[1]} (rank {culprit[0]}) holds NaN or inf after the update, so no "
+            f"checkpoint was saved; the last one is {last_checkpoint}. A smaller trainer.lr (or trainer.grad_clip) "
+            f"and resume=auto continue from it")
+
+
 def check_nonfinite_policy(policy: str) -> None:
     """ValueError unless `policy` is one of NONFINITE_LOSS_POLICIES (call at start-up)."""
     if policy not in NONFINITE_LOSS_POLICIES:

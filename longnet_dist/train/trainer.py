@@ -29,12 +29,13 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import check_packages, deepspeed_config, describe_branches, model_config, validate_config
 from .engine import build_engine, ensure_process_group, grad_norm_value, optimizer_advice, stage0_grad_norm
 from .evaluate import bits_per_byte, evaluate
-from .faults import StopSignal, check_finite_loss
+from .faults import StopSignal, check_finite_loss, check_finite_weights
 from .host_reads import DeviceValue
 from .loss import sequence_parallel_loss
 from .metrics import MetricsLogger, peak_memory_bytes
 from .peak import resolve_peak_flops
 from .profiling import format_summary, phase, profiled, write_step_profile
+from .run_dir import check_fresh_start, check_resume_compatible
 from .state import client_state, resolve_resume, restore_rng
 
 IGNORE_INDEX = PAD_ID  # labels equal to the pad id carry no loss
@@ -140,6 +141,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _train(cfg, stop)
 
 
+def _resume_point(cfg: DictConfig, checkpoint_root: Path) -> Path | None:
+    """The checkpoint to resume from (None: fresh), after run_dir's checks: no fresh start over another run's
+    checkpoints, no resume with another model or optimizer layout."""
+    resume_from = resolve_resume(cfg.resume, checkpoint_root)
+    check_fresh_start(cfg.resume, resume_from, checkpoint_root)
+    if resume_from is not None:
+        check_resume_compatible(resume_from, cfg)
+    return resume_from
+
+
+def _decided_by_rank0(decide, is_main: bool):
+    """`decide()` on rank 0, its result on every rank; its ValueError raised on every rank alike (the other ranks
+    would otherwise wait for rank 0 in the next collective)."""
+    outcome = None
+    if is_main:
+        try:
+            outcome = ("ok", decide())
+        except ValueError as error:
+            outcome = ("error", str(error))
+    kind, value = broadcast_from_rank0(outcome)
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
 def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     trainer, data_cfg = cfg.trainer, cfg.data
     if trainer.num_threads is not None:
@@ -159,9 +185,10 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     checkpoint_root, diagnostics_dir = output_dir / "checkpoints", output_dir / "diagnostics"
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config["trainer"]["output_dir"] = str(output_dir)
+    # what to resume, decided (and checked against the run directory) before anything is written into it
+    resume_from = _decided_by_rank0(lambda: _resume_point(cfg, checkpoint_root), is_main)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(run_config), output_dir / "config.yaml")
 
     # ---- data: every rank reads only its slice of each sample
     corpus = prepare_corpus(data_cfg.source, cache_dir=data_cfg.cache_dir, tokenizer=data_cfg.tokenizer,
@@ -188,7 +215,6 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
 
     # ---- resume
     step, last_saved, last_eval, checkpoint = 0, None, None, None
-    resume_from = broadcast_from_rank0(resolve_resume(cfg.resume, checkpoint_root) if is_main else None)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
         step = int(state["step"])
@@ -197,6 +223,8 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         last_saved = last_eval = step  # nothing new to save or evaluate until a step runs
         checkpoint = resume_from
 
+    if is_main:  # once the start succeeded: a failed resume leaves the run's config.yaml that of its checkpoints
+        OmegaConf.save(OmegaConf.create(run_config), output_dir / "config.yaml")
     logger = MetricsLogger(output_dir, run_config["logger"], run_config, enabled=is_main,
                            resumed=resume_from is not None)
     logger.forget_after(step)
@@ -215,6 +243,7 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         logger.write(f"note: {advice}")
 
     def save(at_step: int) -> Path:
+        check_finite_weights(engine.module, at_step, checkpoint)
         return save_checkpoint(engine, checkpoint_root, at_step, client_state(
             at_step, train_loader.state_dict(), run_config), keep_last=trainer.keep_last_checkpoints)
 

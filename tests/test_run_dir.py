@@ -1,0 +1,100 @@
+"""A run directory keeps what it holds: a fresh start never writes over another run's checkpoints, a resume
+refuses a checkpoint of another model or optimizer layout (and leaves the run's config.yaml as it was), and
+weights that went NaN or inf are never saved over good checkpoints. Unit checks, then the CLI end to end."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from longnet_dist.train.faults import NonFiniteWeightsError, check_finite_weights
+from longnet_dist.train.run_dir import check_fresh_start, check_resume_compatible
+from subprocess_env import REPO, on_the_cpu, repo_first_on_pythonpath
+
+
+def test_a_fresh_start_over_another_runs_checkpoints_is_refused(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    check_fresh_start(None, None, root)  # nothing there yet
+    (root / "step_00000002").mkdir(parents=True)
+    (root / "step_00000004").mkdir()
+    with pytest.raises(ValueError, match=r"trainer.output_dir='.*run' already holds the checkpoints of a run \(newest "
+                                         r"step_00000004\); a fresh run \(resume=null\) would mix.*Use resume=auto"):
+        check_fresh_start(None, None, root)
+    with pytest.raises(ValueError, match=r"a run from .*elsewhere/step_00000009 would mix"):
+        check_fresh_start(str(tmp_path / "elsewhere"), tmp_path / "elsewhere" / "step_00000009", root)
+    check_fresh_start("auto", root / "step_00000004", root)  # continues it
+    check_fresh_start(str(root / "step_00000002"), root / "step_00000002", root)  # a roll-back within the run
+
+
+def test_a_resume_with_another_model_or_optimizer_layout_names_every_difference(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    saved = {"model": {"dim": 64, "num_layers": 2, "num_heads": 2, "mlp": "swiglu", "mlp_hidden_dim": None,
+                       "norm": "rmsnorm", "tie_embeddings": True, "compile": "auto"},
+             "data": {"tokenizer": "bytes"}, "deepspeed": {"zero_optimization": {"stage": 0}}}
+    OmegaConf.save(OmegaConf.create(saved), run / "config.yaml")
+    now = OmegaConf.create(saved)
+    now.model.compile = False  # not a layout change
+    check_resume_compatible(run / "checkpoints" / "step_00000002", now)
+    now.model.num_layers, now.deepspeed.zero_optimization.stage = 3, 1
+    with pytest.raises(ValueError, match=r"cannot resume from .*step_00000002: model.num_layers: 2 in the checkpoint's "
+                                         r"run, 3 now; deepspeed.zero_optimization.stage: 0 in the checkpoint's run, 1 "
+                                         r"now \(see .*config.yaml\)"):
+        check_resume_compatible(run / "checkpoints" / "step_00000002", now)
+    check_resume_compatible(tmp_path / "copied" / "step_00000002", now)  # no run config beside it: nothing to compare
+
+
+def test_weights_that_went_nan_or_inf_are_never_saved():
+    layer = torch.nn.Linear(3, 2)
+    check_finite_weights(layer, 5, None)
+    with torch.no_grad():
+        layer.bias[1] = math.inf
+    with pytest.raises(NonFiniteWeightsError, match=r"step 5: parameter bias \(rank 0\) holds NaN or inf after the "
+                                                    r"update, so no checkpoint was saved; the last one is .*step_3"):
+        check_finite_weights(layer, 5, Path("run/checkpoints/step_3"))
+
+
+def train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")))
+    return subprocess.run([sys.executable, "-m", "longnet_dist.train", f"trainer.output_dir={run}", "model=tiny",
+                           "data.seq_len=256", "attention.segment_lengths=[64,128,256]",
+                           "attention.dilation_rates=[1,2,4]", "trainer.max_steps=2", "trainer.eval_every=0",
+                           "logger=none", "trainer.num_threads=1", *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file() and ".hydra" not in path.parts}
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_in_one_line_and_the_run_directory_keeps_every_byte(tmp_path):
+    run = tmp_path / "run"
+    first = train(run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = digest(run)
+    assert "checkpoints/step_00000002/manifest.json" in before and "config.yaml" in before
+    refused = [train(run, "resume=null"), train(run, "model.num_layers=3"), train(run, "deepspeed=zero1")]
+    for result, message in zip(refused, ("already holds the checkpoints of a run (newest step_00000002)",
+                                         "model.num_layers: 2 in the checkpoint's run, 3 now",
+                                         "deepspeed.zero_optimization.stage: 0 in the checkpoint's run, 1 now")):
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert last_line(result).startswith("longnet-train: ValueError: ") and message in last_line(result)
+        assert "Traceback" not in result.stderr
+    assert digest(run) == before  # checkpoints, metrics and config.yaml as the first run left them
+    unstable = train(tmp_path / "unstable", "trainer.lr=1e9")  # NaN weights after the last update, losses finite
+    assert unstable.returncode == 1 and "NonFiniteWeightsError: step 2: parameter" in last_line(unstable), \
+        unstable.stderr[-3000:]
+    assert not (tmp_path / "unstable" / "checkpoints" / "step_00000002").exists()
