@@ -75,6 +75,26 @@ def test_from_checkpoint_gives_the_trained_models_logits(run_dirs, zero):
             torch.testing.assert_close(model(IDS), expected, rtol=0, atol=1e-6)
 
 
+def test_a_bf16_checkpoint_exports_its_fp32_master_weights(tmp_path):
+    """`deepspeed=bf16` (the GPU default: DeepSpeed's BF16_Optimizer, ZeRO-1) on two ranks: its optimizer files
+    are not ones zero_to_fp32 reads ("not a zero checkpoint"), so export and generate failed on them. The fp32
+    masters joined from both ranks' partitions round to exactly the bf16 weights the engine trained with."""
+    from longnet_dist.train.export import checkpoint_weights
+
+    run_multiprocess(_train_one_step_and_save, 2, str(tmp_path / "run"), run_config("bf16"), timeout=120)
+    folder = tmp_path / "run" / "checkpoints" / "step_00000001"
+    assert len(list(folder.glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2
+    weights, _ = checkpoint_weights(folder)
+    trained = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert set(weights) == set(trained) and all(weights[name].dtype == torch.float32 for name in weights)
+    assert all(torch.equal(weights[name].bfloat16(), trained[name]) for name in trained)
+    assert any(not torch.equal(weights[name], trained[name].float()) for name in trained)  # more than bf16 holds
+    exported = export(tmp_path / "run", tmp_path / "exported")
+    with torch.no_grad():
+        torch.testing.assert_close(LongNetLM.from_checkpoint(exported)(IDS), LongNetLM.from_checkpoint(folder)(IDS),
+                                   rtol=0, atol=0)
+
+
 def test_export_loads_without_deepspeed_and_gives_identical_logits(run_dirs, tmp_path):
     run_dir, expected = run_dirs["zero3"]
     export(run_dir, tmp_path / "exported")

@@ -4,6 +4,8 @@ A checkpoint folder holds DeepSpeed's files; the model weights come from
   ZeRO 0:    mp_rank_00_model_states.pt["module"] (whole weights, cast to fp32),
   ZeRO 1-3:  DeepSpeed's zero_to_fp32 utilities (the fp32 master weights gathered from every rank's
              optimizer shard; ZeRO-3 model-state files hold only placeholders),
+  bf16:      (`deepspeed=bf16`, DeepSpeed's BF16_Optimizer) its fp32 master weights, joined here
+             (`_bf16_master_weights`: zero_to_fp32 does not read its files),
 and the model shape from the resolved run config the trainer stores in every checkpoint. The
 vocabulary size is the embedding's row count. Loading runs in one process, on CPU first.
 """
@@ -37,6 +39,36 @@ def _model_states(folder: Path) -> dict[str, Any]:
     raise CheckpointError(f"{folder} has none of {list(MODEL_STATES)}: not a DeepSpeed checkpoint of this trainer")
 
 
+def _bf16_optimizer_files(folder: Path) -> list[Path]:
+    """The per-rank optimizer files of DeepSpeed's BF16_Optimizer (`deepspeed=bf16`: ZeRO-1, bf16, fp32 gradient
+    accumulation), rank order; zero_to_fp32 does not read them (\"not a zero checkpoint\")."""
+    files = folder.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt")
+    return sorted(files, key=lambda path: int(path.name.split("_")[4]))  # bf16_zero_pp_rank_{r}_mp_...
+
+
+def _bf16_master_weights(folder: Path, states: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint. Each parameter group is one flat fp32 vector, the
+    group's parameters one after another in `param_shapes` order, then padding, cut into one equal partition per
+    rank: the ranks' partitions joined in rank order give it back. Tied parameters (`shared_params`) and buffers
+    come from the model states."""
+    ranks = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             for path in _bf16_optimizer_files(folder)]
+    weights: dict[str, torch.Tensor] = {}
+    for group, shapes in enumerate(states["param_shapes"]):
+        flat = torch.cat([rank["single_partition_of_fp32_groups"][group] for rank in ranks])  # (group numel + pad,)
+        sizes = [shape.numel() for shape in shapes.values()]
+        if sum(sizes) > flat.numel():
+            raise CheckpointError(f"{folder}: parameter group {group} holds {flat.numel()} values in "
+                                  f"{len(ranks)} rank file(s), its parameters need {sum(sizes)}: a rank's file missing?")
+        for (name, shape), part in zip(shapes.items(), flat[: sum(sizes)].split(sizes)):
+            weights[name] = part.view(shape).clone()
+    for alias, source in (states.get("shared_params") or {}).items():
+        weights[alias] = weights[source]
+    for name in states.get("buffer_names") or []:
+        weights[name] = states["module"][name].float()
+    return weights
+
+
 def checkpoint_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(fp32 state dict of the whole model, resolved run config) of one checkpoint folder."""
     folder = Path(folder)
@@ -48,6 +80,8 @@ def checkpoint_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if stage == 0:
         weights = {name: tensor.float() for name, tensor in states["module"].items()}
+    elif _bf16_optimizer_files(folder):
+        weights = _bf16_master_weights(folder, states)
     else:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would detect, minus its warning
