@@ -3,7 +3,7 @@
 #
 #   launch/train.sh [launcher flags] [--] [hydra overrides...]
 #
-# Launcher flags (each also read from the environment variable in brackets):
+# Launcher flags, `--flag VALUE` or `--flag=VALUE` (each also read from the environment variable in brackets):
 #   --nproc-per-node N   [NPROC_PER_NODE]  processes on this node; default: the GPUs this node may use
 #                        (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES, nvidia-smi), else 1
 #   --nnodes N           [NNODES]          nodes in the job (default 1)
@@ -54,18 +54,27 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 
 while [ $# -gt 0 ]; do
-    case "$1" in
-        --nproc-per-node|--nproc_per_node) NPROC_PER_NODE="${2:?}"; shift 2 ;;
-        --nnodes) NNODES="${2:?}"; shift 2 ;;
-        --node-rank|--node_rank) NODE_RANK="${2:?}"; shift 2 ;;
-        --rdzv-endpoint|--rdzv_endpoint) RDZV_ENDPOINT="${2:?}"; shift 2 ;;
-        --rdzv-id|--rdzv_id) RDZV_ID="${2:?}"; shift 2 ;;
-        --master-addr|--master_addr) MASTER_ADDR="${2:?}"; shift 2 ;;
-        --master-port|--master_port) MASTER_PORT="${2:?}"; shift 2 ;;
-        --max-restarts|--max_restarts) MAX_RESTARTS="${2:?}"; shift 2 ;;
-        --) shift; break ;;
+    [ "$1" = -- ] && { shift; break; }
+    flag="${1%%=*}"  # --flag VALUE or --flag=VALUE
+    case "$flag" in
+        --nproc-per-node|--nproc_per_node) variable=NPROC_PER_NODE ;;
+        --nnodes) variable=NNODES ;;
+        --node-rank|--node_rank) variable=NODE_RANK ;;
+        --rdzv-endpoint|--rdzv_endpoint) variable=RDZV_ENDPOINT ;;
+        --rdzv-id|--rdzv_id) variable=RDZV_ID ;;
+        --master-addr|--master_addr) variable=MASTER_ADDR ;;
+        --master-port|--master_port) variable=MASTER_PORT ;;
+        --max-restarts|--max_restarts) variable=MAX_RESTARTS ;;
         *) break ;;  # the first other argument starts the trainer's (Hydra's) arguments
     esac
+    if [ "$flag" != "$1" ]; then
+        value="${1#*=}"; shift
+    else
+        value="${2-}"; shift $(( $# > 1 ? 2 : 1 ))
+        if [[ "$value" == --* ]]; then value=""; fi  # the next flag, not a value
+    fi
+    [ -n "$value" ] || die "$flag needs a value: $flag VALUE or $flag=VALUE"
+    printf -v "$variable" '%s' "$value"
 done
 
 if [ -z "$NPROC_PER_NODE" ]; then

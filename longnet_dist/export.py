@@ -15,14 +15,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="longnet-export", description=__doc__.split("\n\n")[1])
     parser.add_argument("checkpoint", help="run directory, checkpoints/ folder or checkpoints/step_XXXXXXXX folder")
     parser.add_argument("out_dir", help="folder to write model.safetensors and config.json into")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export already in out_dir")
     args = parser.parse_args(argv)
 
     from longnet_dist.train.checkpoint import CheckpointError
     from longnet_dist.train.export import export
 
     try:
-        out_dir = export(args.checkpoint, args.out_dir)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        out_dir = export(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    except (CheckpointError, ValueError) as error:
+        sys.exit(f"longnet-export: {error}")
+    except OSError as error:
+        if str(error.filename or "").startswith(args.out_dir):  # the output folder: not creatable or writable
+            sys.exit(f"longnet-export: cannot write the export into {args.out_dir!r}: {error.strerror}")
         sys.exit(f"longnet-export: {error}")
     print(f"exported {args.checkpoint} -> {out_dir}/model.safetensors + config.json")
 

@@ -95,6 +95,34 @@ def test_a_bf16_checkpoint_exports_its_fp32_master_weights(tmp_path):
                                    rtol=0, atol=0)
 
 
+def test_export_keeps_what_is_there_and_reads_only_intact_checkpoints(run_dirs, tmp_path):
+    """longnet-export refuses to replace an export (unless --overwrite) or to write into a file, and a checkpoint
+    with one byte changed (same size) is caught by its sha256 before the unpickler sees it; each one line."""
+    from longnet_dist.export import main
+
+    run_dir, _ = run_dirs["zero0"]
+    main([str(run_dir), str(tmp_path / "out")])
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"longnet-export: out_dir '.*out' already holds an exported model.*"
+                                         r"pass --overwrite"):
+        main([str(run_dir), str(tmp_path / "out")])
+    main([str(run_dir), str(tmp_path / "out"), "--overwrite"])
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before  # the same checkpoint, the same bytes
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"longnet-export: out_dir '.*a_file' is a file"):
+        main([str(run_dir), str(tmp_path / "a_file")])
+    with pytest.raises(SystemExit, match=r"longnet-export: cannot write the export into '/proc/.*"):
+        main([str(run_dir), "/proc/longnet_export_test"])
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    weights = damaged / "checkpoints" / "step_00000001" / "mp_rank_00_model_states.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=r"longnet-export: .*mp_rank_00_model_states.pt.*sha256"):
+        main([str(damaged / "checkpoints" / "step_00000001"), str(tmp_path / "out2")])
+
+
 def test_export_loads_without_deepspeed_and_gives_identical_logits(run_dirs, tmp_path):
     run_dir, expected = run_dirs["zero3"]
     export(run_dir, tmp_path / "exported")

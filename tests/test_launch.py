@@ -93,16 +93,41 @@ def test_flags_and_environment_choose_processes_and_rendezvous(echo_python):
     assert torchrun_options(result["argv"])[3] == "2" and result["shutdown_timeout"] == "60"
 
 
+def test_flags_also_take_the_equals_form(echo_python):
+    """`--flag=VALUE` is the launcher's flag as `--flag VALUE` is (not an argument for the trainer); a trainer
+    argument of that form after them still passes through untouched."""
+    spaced, _ = launch(echo_python, "--nproc-per-node", "3", "--nnodes", "2", "--rdzv-endpoint", "node01:29400",
+                       "--rdzv-id", "job7", "--max-restarts", "1", "model=tiny")
+    equals, _ = launch(echo_python, "--nproc-per-node=3", "--nnodes=2", "--rdzv-endpoint=node01:29400",
+                       "--rdzv_id=job7", "--max_restarts=1", "model=tiny")
+    assert equals["argv"] == spaced["argv"]
+    assert torchrun_options(equals["argv"]) == [
+        "--nnodes", "2", "--nproc-per-node", "3", "--max-restarts", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node01:29400", "--rdzv-id", "job7"]
+    result, _ = launch(echo_python, "--node_rank=1", "--master-addr=10.0.0.1", "--master_port=1234", "--nnodes=2",
+                       "--config-name=train", "a=b=c")
+    assert torchrun_options(result["argv"])[-6:] == ["--node-rank", "1", "--master-addr", "10.0.0.1",
+                                                     "--master-port", "1234"]
+    assert result["argv"][-2:] == ["--config-name=train", "a=b=c"]
+
+
 @pytest.mark.parametrize("args,env,message", [
     ((), {"NNODES": "2"}, "NNODES=2 needs a rendezvous"),
     (("--nproc-per-node", "two"), {}, "NPROC_PER_NODE must be a non-negative integer, got 'two'"),
+    (("--nproc-per-node=two",), {}, "NPROC_PER_NODE must be a non-negative integer, got 'two'"),
     ((), {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS must be a non-negative integer, got '-1'"),
+    (("--nproc-per-node",), {}, "launch/train.sh: --nproc-per-node needs a value: --nproc-per-node VALUE or "
+                                "--nproc-per-node=VALUE\n"),
+    (("--nproc-per-node=",), {}, "--nproc-per-node needs a value"),
+    (("--rdzv-endpoint", "--nnodes", "2"), {}, "--rdzv-endpoint needs a value"),
+    (("--nnodes=2", "--master_addr"), {}, "--master_addr needs a value"),
 ])
 def test_bad_launcher_settings_fail_before_starting(echo_python, args, env, message):
     clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV_KEYS}
     done = subprocess.run([str(LAUNCHER), *args], env={**clean, "PYTHON": str(echo_python), **env},
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and message in done.stderr and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_launcher_is_executable_bash():

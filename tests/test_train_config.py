@@ -92,11 +92,79 @@ def test_unknown_key_override_fails_in_hydra():
     (["resume=/no/such/checkpoint"], 1, "no such path"),
     (["trainer.peak_flops=fast"], 1, r"trainer.peak_flops='fast' must be 'auto' or a positive number"),
     (["trainer.peak_flops=-1"], 1, r"trainer.peak_flops=-1 must be 'auto' or a positive number"),
+    (["trainer.peak_flops=inf"], 1, r"trainer.peak_flops=inf must be 'auto' or a positive finite number"),
+    (["model.rotary_base=0"], 1, r"model.rotary_base=0 must be a finite number > 0 \(the rotary frequency base"),
+    (["model.rotary_base=-10000"], 1, r"model.rotary_base=-10000 must be a finite number > 0"),
+    (["model.rotary_base=nan"], 1, r"model.rotary_base=nan must be a finite number > 0"),
+    (["model.init_std=-0.02"], 1, r"model.init_std=-0.02 must be a finite number >= 0 \(e.g. 0.02\)"),
+    (["model.init_std=nan"], 1, r"model.init_std=nan must be a finite number >= 0"),
+    (["model.mlp_hidden_dim=0"], 1, r"model.mlp_hidden_dim=0 must be an integer >= 1, or null \(4\*dim for gelu"),
+    (["model.mlp_hidden_dim=-64"], 1, r"model.mlp_hidden_dim=-64 must be an integer >= 1, or null"),
+    (["trainer.lr=inf"], 1, r"trainer.lr=inf must be a finite number > 0"),
+    (["trainer.lr=nan"], 1, r"trainer.lr=nan must be a finite number > 0"),
+    (["trainer.lr=0"], 1, r"trainer.lr=0 must be a finite number > 0"),
+    (["trainer.min_lr_ratio=1.5"], 1, r"trainer.min_lr_ratio=1.5 must be a finite number in \[0, 1\]"),
+    (["trainer.eps=0"], 1, r"trainer.eps=0 must be a finite number > 0 \(AdamW's denominator term"),
+    (["trainer.eps=-1e-8"], 1, r"trainer.eps=-1e-08 must be a finite number > 0"),
+    (["trainer.eps=nan"], 1, r"trainer.eps=nan must be a finite number > 0"),
+    (["trainer.weight_decay=-0.1"], 1, r"trainer.weight_decay=-0.1 must be a finite number >= 0"),
+    (["trainer.weight_decay=nan"], 1, r"trainer.weight_decay=nan must be a finite number >= 0"),
+    (["trainer.grad_clip=nan"], 1, r"trainer.grad_clip=nan must be a finite number >= 0 \(gradient 2-norm clip; 0 "
+                                   r"disables it\)"),
+    (["trainer.grad_clip=inf"], 1, r"trainer.grad_clip=inf must be a finite number >= 0"),
+    (["trainer.grad_clip=-1"], 1, r"trainer.grad_clip=-1 must be a finite number >= 0"),
+    (["trainer.seed=-1"], 1, r"trainer.seed=-1 must be an integer in \[0, 4294967295\]"),
+    (["data.shuffle_seed=4294967296"], 1, r"data.shuffle_seed=4294967296 must be an integer in \[0, 4294967295\]"),
+    (["data.split_seed=-3"], 1, r"data.split_seed=-3 must be an integer in \[0, 4294967295\]"),
+    (["data.val_fraction=0"], 1, r"data.val_fraction=0 must be a finite number in \(0, 1\) \(the share of "
+                                 r"documents"),
+    (["data.val_fraction=1"], 1, r"data.val_fraction=1 must be a finite number in \(0, 1\)"),
+    (["data.val_fraction=nan"], 1, r"data.val_fraction=nan must be a finite number in \(0, 1\)"),
+    (["trainer.max_steps=2", "trainer.profile_step=3"], 1, r"trainer.profile_step=3 is after the last step "
+                                                           r"\(trainer.max_steps=2\), so nothing would be profiled; "
+                                                           r"use a step in \[1, 2\] or null"),
+    (["distributed.backend=mpi"], 1, r"distributed.backend='mpi' is not one of \[None, 'gloo', 'nccl'\]"),
+    (["distributed.backend=nccl"], 1, r"distributed.backend='nccl' needs CUDA and a torch built with NCCL \(CUDA is "
+                                      r"not available\); use null"),
+    (["attention.backend=tpu_flash"], 1, r"attention.backend='tpu_flash' is not one of \[None, 'cpu_flash', "
+                                         r"'cuda_flash', 'chunked', 'triton'\]"),
+    (["attention.backend=cuda_flash"], 1, r"attention.backend='cuda_flash' cannot run here: backend 'cuda_flash' "
+                                          r"needs CUDA tensors, got device cpu \(the model runs on the CPU: CUDA is "
+                                          r"not available\); use null \(the fastest kernel for the device\) or one "
+                                          r"of \['cpu_flash', 'chunked'\]"),
+    (["attention.backend=triton"], 1, r"attention.backend='triton' cannot run here: backend 'triton' needs CUDA "
+                                      r"tensors and the triton package"),
 ])
-def test_impossible_configs_raise_one_clear_value_error(overrides, world_size, message):
+def test_impossible_configs_raise_one_clear_value_error(overrides, world_size, message, monkeypatch):
+    """Without CUDA (as on a CPU machine, so that the cases of backends that need it fail alike everywhere)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cfg = make_config(*overrides)
     with pytest.raises(ValueError, match=message):
         validate_config(cfg, world_size=world_size)
+
+
+def test_attention_backends_are_checked_against_the_device_the_model_will_use(monkeypatch):
+    """With CUDA the model runs there (cpu_flash cannot), unless distributed.backend=gloo keeps it on the CPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"attention.backend='cpu_flash' cannot run here: backend 'cpu_flash' needs "
+                                         r"CPU tensors, got device cuda \(the model runs on CUDA\)"):
+        validate_config(make_config("attention.backend=cpu_flash"), world_size=1)
+    validate_config(make_config("attention.backend=cpu_flash", "distributed.backend=gloo"), world_size=1)
+    validate_config(make_config("attention.backend=cuda_flash"), world_size=1)
+    with pytest.raises(ValueError, match=r"attention.backend='cuda_flash' cannot run here: .* \(the model runs on "
+                                         r"the CPU: distributed.backend='gloo'\)"):
+        validate_config(make_config("attention.backend=cuda_flash", "distributed.backend=gloo"), world_size=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for backend in ("cpu_flash", "chunked"):
+        validate_config(make_config(f"attention.backend={backend}", "distributed.backend=gloo"), world_size=1)
+    validate_config(make_config("model.mlp_hidden_dim=128", "model.init_std=0", "trainer.grad_clip=0",
+                                "trainer.max_steps=5", "trainer.profile_step=5", "trainer.seed=4294967295"),
+                    world_size=1)
 
 
 def run_cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:

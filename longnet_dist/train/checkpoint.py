@@ -217,17 +217,18 @@ def checkpoints_root(path: Path) -> Path:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder `path` names: a step_XXXXXXXX folder (verified), or the newest complete one
-    under a checkpoints root or a run directory (its checkpoints/). CheckpointError naming what is wrong."""
+    """The checkpoint folder `path` names: a step_XXXXXXXX folder, or the newest complete one under a checkpoints
+    root or a run directory (its checkpoints/), verified byte for byte (sha256: a flipped byte would otherwise
+    reach the unpickler). CheckpointError naming what is wrong."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; expected a run directory, its checkpoints/ folder or a "
                               f"checkpoint folder (step_XXXXXXXX)")
     if (path / MANIFEST_NAME).exists() or (path / COMPLETE_NAME).exists() or _STEP_DIR.match(path.name):
-        verify_checkpoint(path)  # CorruptCheckpointError: unfinished, truncated, missing files
+        verify_checkpoint(path, checksums=True)  # CorruptCheckpointError: unfinished, truncated, altered, missing
         return path
     root = checkpoints_root(path)
-    latest = find_latest_checkpoint(root)
+    latest = find_latest_checkpoint(root, checksums=True)
     if latest is None:
         found = [folder.name for folder in list_checkpoints(root)]
         raise CheckpointError(f"no complete checkpoint in {root} (step_XXXXXXXX folders with a COMPLETE marker; "

@@ -1,8 +1,8 @@
 """The training config: key schema, start-up validation, and what it builds (model config, DeepSpeed dict).
 
 Values live in configs/ (Hydra groups); the dataclasses here only say which keys exist and their
-types, so a misspelt or mistyped key fails at start with a ValueError naming it. Every check here
-runs before any process group, data or model is touched.
+types, so a misspelt or mistyped key fails at start with a ValueError naming it; config_checks.py checks
+the values. Every check runs before any process group, data or model is touched.
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from longnet_dist.distributed import valid_sequence_parallel_sizes
 from longnet_dist.model import LongNetConfig
 from longnet_dist.optional import ensure_installed
 
-from .faults import check_nonfinite_policy
-from .peak import check_peak_flops
+from .config_checks import check_backends, check_data, check_integer, check_model_numbers, check_trainer
 
 TOP_LEVEL_KEYS = ("model", "attention", "data", "distributed", "deepspeed", "trainer", "logger", "resume")
 LOGGER_BACKENDS = ("wandb", "none")
@@ -167,11 +166,6 @@ def _check_keys_and_types(cfg: DictConfig) -> None:
             raise ValueError(f"bad value in config group {group!r} ({error.full_key}): {detail}") from None
 
 
-def _positive(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-
-
 def model_config(cfg: DictConfig, vocab_size: int) -> LongNetConfig:
     """The LongNetConfig of `cfg.model` + `cfg.attention` for a vocabulary of `vocab_size` ids."""
     model = cfg.model
@@ -217,32 +211,18 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
     world_size = world_size_from_env() if world_size is None else world_size
     data, trainer, dist_cfg, attention = cfg.data, cfg.trainer, cfg.distributed, cfg.attention
     sp = dist_cfg.sequence_parallel_size
-    _positive("distributed.sequence_parallel_size", sp)
+    check_integer("distributed.sequence_parallel_size", sp)
     if world_size % sp != 0:
         raise ValueError(f"distributed.sequence_parallel_size={sp} does not divide the world size {world_size} "
                          f"(processes launched); valid sizes: {valid_sequence_parallel_sizes(world_size)}")
     check_sequence_parallel_config(data.seq_len, sp, list(attention.segment_lengths), list(attention.dilation_rates))
+    check_model_numbers(cfg.model)
     model_config(cfg, vocab_size=2)  # the model's own checks (dim/heads, mlp, norm, ...)
-    _positive("data.micro_batch_size", data.micro_batch_size)
-    for key in ("max_steps", "gradient_accumulation_steps", "warmup_steps", "log_every", "save_every",
-                "eval_batches", "eval_position_buckets"):
-        _positive(f"trainer.{key}", trainer[key])
-    _positive("trainer.eval_every", trainer.eval_every, minimum=0)
-    if trainer.keep_last_checkpoints is not None:
-        _positive("trainer.keep_last_checkpoints", trainer.keep_last_checkpoints)
-    if trainer.num_threads is not None:
-        _positive("trainer.num_threads", trainer.num_threads)
-    if trainer.profile_step is not None:
-        _positive("trainer.profile_step", trainer.profile_step)
-    if not trainer.lr > 0 or not 0 <= trainer.min_lr_ratio <= 1 or trainer.weight_decay < 0 or trainer.grad_clip < 0:
-        raise ValueError(f"trainer.lr={trainer.lr} must be > 0, min_lr_ratio={trainer.min_lr_ratio} in [0, 1], "
-                         f"weight_decay={trainer.weight_decay} and grad_clip={trainer.grad_clip} >= 0")
-    if len(trainer.betas) != 2 or not all(0 <= b < 1 for b in trainer.betas):
-        raise ValueError(f"trainer.betas={list(trainer.betas)} must be two numbers in [0, 1)")
-    check_peak_flops(trainer.peak_flops)
-    check_nonfinite_policy(trainer.nonfinite_loss)
+    check_data(data)
+    check_trainer(trainer)
     _validate_deepspeed(cfg.deepspeed)
     _validate_logger(cfg.logger)
+    check_backends(cfg)  # distributed.backend and attention.backend, on this machine (its CUDA, triton)
     resume = cfg.resume
     if resume is not None and resume != "auto" and not Path(str(resume)).exists():
         raise ValueError(f"resume={resume!r}: no such path; use null (fresh start), 'auto' (latest complete "

@@ -118,8 +118,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), meta
 
 
-def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write `out_dir`/model.safetensors + config.json from a checkpoint (or run directory); return out_dir."""
+def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `out_dir`/model.safetensors + config.json from a checkpoint (or run directory); return out_dir.
+    An `out_dir` that holds an export already is refused unless `overwrite`; one that is a file, before any work."""
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"out_dir {str(target)!r} is a file; name a folder to write the export into")
+    if not overwrite and is_exported(target):
+        raise ValueError(f"out_dir {str(target)!r} already holds an exported model (config.json, model.safetensors); "
+                         f"pass --overwrite to replace it, or name another folder")
     model, meta = load_model(checkpoint)
     if meta["tokenizer"] != "bytes":
         Path(out_dir).mkdir(parents=True, exist_ok=True)
