@@ -102,6 +102,10 @@ def generate_text(cfg: DictConfig) -> str:
     from longnet_dist.train.export import load_model
 
     check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
+    if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int)):
+        raise ValueError(f"seed={cfg.seed!r} must be an integer or null (a fresh seed each run)")
+    if not isinstance(cfg.stop_at_eod, bool):
+        raise ValueError(f"stop_at_eod={cfg.stop_at_eod!r} must be true or false")
     device = resolve_device(str(cfg.device))
     if cfg.checkpoint is None:
         raise ValueError("checkpoint is required: a run directory, a checkpoint folder or an exported folder")

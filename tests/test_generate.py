@@ -215,5 +215,13 @@ def test_bad_inputs_give_clear_errors(run_dirs, tmp_path):
     save_exported(small, tmp_path / "small", {"tokenizer": "bytes", "seq_len": 64, "step": 0, "source": "test"})
     text = message(checkpoint=str(tmp_path / "small"), prompt="zz")
     assert "[122]" in text and "0..99" in text
+    assert "seed='abc' must be an integer or null" in message(seed="abc")
+    assert "stop_at_eod='maybe' must be true or false" in message(stop_at_eod="maybe")
+    damaged = tmp_path / "damaged"  # an exported folder whose files were damaged
+    shutil.copytree(tmp_path / "small", damaged)
+    (damaged / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert "model.safetensors cannot be read" in message(checkpoint=str(damaged))
+    (damaged / "config.json").write_text("{not json")
+    assert "config.json is not valid JSON" in message(checkpoint=str(damaged))
     result = cli(f"checkpoint={tmp_path / 'nowhere'}")
     assert result.returncode != 0 and "longnet-generate:" in result.stderr and "does not exist" in result.stderr

@@ -89,6 +89,7 @@ def test_unknown_key_override_fails_in_hydra():
     (["deepspeed=bf16", "deepspeed.zero_optimization.stage=0"], 1, "grad_accum_dtype=fp32 with bf16 needs"),
     (["deepspeed=bf16", "deepspeed.data_types.grad_accum_dtype=fp64"], 1, "grad_accum_dtype='fp64' must be"),
     (["logger.backend=tensorboard"], 1, "logger.backend='tensorboard'"),
+    (["trainer.output_dir="], 1, r"trainer.output_dir='' is empty: the run would write its checkpoints"),
     (["resume=/no/such/checkpoint"], 1, "no such path"),
     (["trainer.peak_flops=fast"], 1, r"trainer.peak_flops='fast' must be 'auto' or a positive number"),
     (["trainer.peak_flops=-1"], 1, r"trainer.peak_flops=-1 must be 'auto' or a positive number"),

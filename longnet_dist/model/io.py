@@ -54,10 +54,19 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if not is_exported(path):
         raise FileNotFoundError(f"{path} is not an exported model folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
                                 f"(written by `longnet-export CHECKPOINT OUT_DIR`)")
-    meta = json.loads((path / CONFIG_NAME).read_text())
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path / CONFIG_NAME} is not valid JSON ({error}); export the checkpoint again") from None
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path / CONFIG_NAME} has format {meta.get('format')!r}; this version reads "
                          f"{EXPORT_FORMAT!r}")
     model = LongNetLM(LongNetConfig(**meta.pop("model")))
-    load_model(model, str(path / WEIGHTS_NAME), strict=True, device=str(device))
+    try:
+        load_model(model, str(path / WEIGHTS_NAME), strict=True, device=str(device))
+    except RuntimeError:
+        raise  # the weights do not fit the model of config.json: torch names the tensors
+    except Exception as error:  # noqa: BLE001 - safetensors' own error types: a damaged file
+        raise ValueError(f"{path / WEIGHTS_NAME} cannot be read ({type(error).__name__}: {error}); export the "
+                         f"checkpoint again") from None
     return model.to(device).eval(), meta

@@ -59,6 +59,9 @@ def check_data(data: DictConfig) -> None:
 
 
 def check_trainer(trainer: DictConfig) -> None:
+    if not str(trainer.output_dir or "").strip():
+        raise ValueError(f"trainer.output_dir={trainer.output_dir!r} is empty: the run would write its checkpoints "
+                         f"and metrics into the current directory; name a folder (default: outputs/<date>_<time>)")
     for key in ("max_steps", "gradient_accumulation_steps", "warmup_steps", "log_every", "save_every",
                 "eval_batches", "eval_position_buckets"):
         check_integer(f"trainer.{key}", trainer[key])

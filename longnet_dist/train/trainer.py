@@ -238,6 +238,9 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         f"validation {corpus['validation'].num_tokens:,} | run dir {output_dir}"
         + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else ""))
     logger.write(describe_branches(cfg))
+    if step >= trainer.max_steps:
+        logger.write(f"note: resumed at step {step}, and trainer.max_steps={trainer.max_steps}: nothing to train; "
+                     f"raise trainer.max_steps to continue")
     advice = optimizer_advice(wrapper, on_gpu=next(engine.module.parameters()).is_cuda)
     if advice:
         logger.write(f"note: {advice}")
