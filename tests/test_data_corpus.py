@@ -68,6 +68,14 @@ def test_local_text_files_documents_joined_by_eod(text_dir, tmp_path):
         assert (token_file.vocab_size, token_file.eod_id, token_file.meta["pad_id"]) == (258, 256, 257)
 
 
+def test_a_text_file_that_is_not_utf8_is_named(text_dir, tmp_path):
+    """HF datasets said only "An error occurred while generating the dataset"."""
+    (text_dir / "doc99.txt").write_bytes(b"ok " + bytes(range(128, 256)))
+    with pytest.raises(ValueError, match=r"source='.*texts': .*doc99.txt is not UTF-8 text \(invalid start byte at "
+                                         r"byte 3\); text sources read UTF-8 files"):
+        prepare_corpus(str(text_dir), cache_dir=tmp_path / "cache")
+
+
 def test_jsonl_rows_are_documents_and_missing_field_is_named(tmp_path):
     pytest.importorskip("datasets")
     path = tmp_path / "rows.jsonl"

@@ -130,6 +130,18 @@ def _local_files(source: str) -> list[Path] | None:
     return None
 
 
+def _unreadable(files: list[Path], builder: str) -> str | None:
+    """Which file a failed build could not read, for text files (not UTF-8); None if none is found so."""
+    if builder != "text":
+        return None
+    for path in files:
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            return f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); text sources read UTF-8 files"
+    return None
+
+
 def _builder_for(files: list[Path], source: str) -> str:
     suffixes = sorted({path.suffix for path in files})
     builders = {DATASET_BUILDER_BY_SUFFIX.get(suffix) for suffix in suffixes}
@@ -154,10 +166,14 @@ def resolve_source(source: str, *, text_field: str, hf_cache_dir: Path) -> Stdli
 
         def load_local():
             datasets = require("datasets", f"source={source!r} (local files)", "use source='stdlib'")
-            return datasets.load_dataset(
-                builder, data_files=[str(p) for p in files], split="train",
-                cache_dir=str(hf_cache_dir), **options,
-            )
+            try:
+                return datasets.load_dataset(
+                    builder, data_files=[str(p) for p in files], split="train",
+                    cache_dir=str(hf_cache_dir), **options,
+                )
+            except datasets.exceptions.DatasetGenerationError as error:  # names neither the file nor the cause
+                problem = _unreadable(files, builder) or error.__cause__ or error
+                raise ValueError(f"source={source!r}: {problem}") from error
 
         return DatasetSource(f"local:{source}", load_local, text_field, stat_files=files)
 
