@@ -4,6 +4,7 @@ weights that went NaN or inf are never saved over good checkpoints. Unit checks,
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import subprocess
@@ -49,6 +50,21 @@ def test_a_resume_with_another_model_or_optimizer_layout_names_every_difference(
                                          r"now \(see .*config.yaml\)"):
         check_resume_compatible(run / "checkpoints" / "step_00000002", now)
     check_resume_compatible(tmp_path / "copied" / "step_00000002", now)  # no run config beside it: nothing to compare
+
+
+def test_a_zero_checkpoint_resumes_only_on_as_many_processes_as_wrote_it(tmp_path):
+    folder = tmp_path / "copied" / "step_00000002"
+    folder.mkdir(parents=True)
+    manifest = json.dumps({"world_size": 2, "files": {}}).encode()
+    (folder / "manifest.json").write_bytes(manifest)
+    (folder / "COMPLETE").write_text(hashlib.sha256(manifest).hexdigest())
+    config = OmegaConf.create({"deepspeed": {"zero_optimization": {"stage": 1}}})
+    check_resume_compatible(folder, config, world_size=2)
+    with pytest.raises(ValueError, match=r"cannot resume from .*step_00000002: 2 processes wrote its ZeRO-1 partitions, "
+                                         r"this run has 4 \(see .*manifest.json\)"):
+        check_resume_compatible(folder, config, world_size=4)
+    config.deepspeed.zero_optimization.stage = 0  # whole optimizer state in every rank's file: any world size
+    check_resume_compatible(folder, config, world_size=4)
 
 
 def test_weights_that_went_nan_or_inf_are_never_saved():

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .checkpoint import list_checkpoints
+from .checkpoint import CheckpointError, list_checkpoints, read_manifest
 
 # keys whose change makes a checkpoint unloadable or wrong for this run: the weights' shapes and meaning, the
 # vocabulary, and how DeepSpeed lays out the optimizer state
@@ -40,16 +40,26 @@ def _value(config: Any, dotted: str) -> Any:
     return OmegaConf.select(config, dotted, default=None)
 
 
-def check_resume_compatible(resume_from: Path, config: Any) -> None:
+def check_resume_compatible(resume_from: Path, config: Any, world_size: int = 1) -> None:
     """ValueError naming every RESUME_KEYS value that differs between this run's `config` and the run that
-    wrote `resume_from` (its run directory's config.yaml, written once a start succeeded); nothing to compare
-    when that file is missing (a checkpoint copied out of its run)."""
+    wrote `resume_from` (its run directory's config.yaml, written once a start succeeded; nothing to compare
+    when that file is missing, a checkpoint copied out of its run), and a ZeRO checkpoint (stage 1-3: the
+    optimizer state is partitioned over the ranks) written by another number of processes than `world_size`."""
+    changed = []
+    try:
+        saved_world = read_manifest(resume_from).get("world_size")
+    except CheckpointError:  # loading it says so, on every rank
+        saved_world = None
+    stage = _value(config, "deepspeed.zero_optimization.stage") or 0
+    if stage >= 1 and saved_world is not None and saved_world != world_size:
+        changed.append(f"{saved_world} processes wrote its ZeRO-{stage} partitions, this run has {world_size}")
     saved_path = resume_from.parent.parent / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = OmegaConf.load(saved_path)
-    changed = [f"{key}: {_value(saved, key)!r} in the checkpoint's run, {_value(config, key)!r} now"
-               for key in RESUME_KEYS if _value(saved, key) != _value(config, key)]
+    if saved_path.is_file():
+        saved = OmegaConf.load(saved_path)
+        changed += [f"{key}: {_value(saved, key)!r} in the checkpoint's run, {_value(config, key)!r} now"
+                    for key in RESUME_KEYS if _value(saved, key) != _value(config, key)]
+    else:
+        saved_path = resume_from / "manifest.json"
     if changed:
         raise ValueError(
             f"cannot resume from {resume_from}: " + "; ".join(changed) + f" (see {saved_path}). Resume with the "

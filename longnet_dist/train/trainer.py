@@ -141,13 +141,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _train(cfg, stop)
 
 
-def _resume_point(cfg: DictConfig, checkpoint_root: Path) -> Path | None:
+def _resume_point(cfg: DictConfig, checkpoint_root: Path, world_size: int) -> Path | None:
     """The checkpoint to resume from (None: fresh), after run_dir's checks: no fresh start over another run's
     checkpoints, no resume with another model or optimizer layout."""
     resume_from = resolve_resume(cfg.resume, checkpoint_root)
     check_fresh_start(cfg.resume, resume_from, checkpoint_root)
     if resume_from is not None:
-        check_resume_compatible(resume_from, cfg)
+        check_resume_compatible(resume_from, cfg, world_size)
     return resume_from
 
 
@@ -186,7 +186,7 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config["trainer"]["output_dir"] = str(output_dir)
     # what to resume, decided (and checked against the run directory) before anything is written into it
-    resume_from = _decided_by_rank0(lambda: _resume_point(cfg, checkpoint_root), is_main)
+    resume_from = _decided_by_rank0(lambda: _resume_point(cfg, checkpoint_root, mesh.world_size), is_main)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
 
