@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable, Mapping, Set as AbstractSet
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -12,9 +15,27 @@ def _is_positive_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+def check_flag(name: str, value) -> bool:
+    """A bool (numpy's too), else TypeError: `bool("False")` would be True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _int_list(name: str, values) -> list:
+    """`values` as a list, its integers (numpy's too) as Python ints; TypeError for a lone value, a string, a
+    mapping or a set (whose iteration order or keys would be taken silently)."""
+    if isinstance(values, (str, bytes, Mapping, AbstractSet, Tensor, np.ndarray)) or not isinstance(values, Iterable):
+        hint = " (e.g. .tolist())" if isinstance(values, (Tensor, np.ndarray)) else ""
+        raise TypeError(f"{name} must be a list of integers, e.g. [2048, 4096], got {type(values).__name__} "
+                        f"{values!r}{hint}")
+    return [int(x) if isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) else x for x in values]
+
+
 def check_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[list[int], list[int]]:
     """Validate the (w_i, r_i) lists; returns them as plain int lists."""
-    segment_lengths, dilation_rates = list(segment_lengths), list(dilation_rates)
+    segment_lengths, dilation_rates = _int_list("segment_lengths", segment_lengths), _int_list("dilation_rates",
+                                                                                                dilation_rates)
     if len(segment_lengths) == 0:
         raise ValueError("segment_lengths is empty; give at least one branch, e.g. segment_lengths=[2048], "
                          "dilation_rates=[1]")
@@ -35,6 +56,9 @@ def check_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> None:
     """q, k, v: same (B, N, H, D) shape, dtype and device; mask (B, N) bool."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("key_padding_mask", key_padding_mask)):
+        if not isinstance(x, Tensor) and not (x is None and name == "key_padding_mask"):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim), got {tuple(x.shape)}")
@@ -57,10 +81,15 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) 
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
 
 
-def check_scale(scale, head_dim: int) -> float:
+def check_scale(scale, head_dim: int, dtype: torch.dtype = torch.float64) -> float:
+    """The softmax scale: `scale`, or head_dim ** -0.5 by default; a positive number that `dtype` holds."""
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim} (q, k, v of shape (batch, seq, heads, head_dim))")
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number (default head_dim ** -0.5 = {head_dim ** -0.5:.4g}), "
-                         f"got {scale!r}")
+    largest = torch.finfo(dtype).max
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) \
+            or not 0 < scale <= largest:
+        raise ValueError(f"scale must be a positive finite number (default head_dim ** -0.5 = {head_dim ** -0.5:.4g}) "
+                         f"that {dtype} holds (at most {largest:.3g}), got {scale!r}")
     return float(scale)

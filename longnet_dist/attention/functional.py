@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_branches, check_qkv, check_scale
+from .checks import check_branches, check_flag, check_qkv, check_scale
 from .dilated import LocalBranch, _DilatedAttentionFunction
 from .kernels import select_backend, triton_width
 
@@ -37,6 +37,8 @@ def packed_dilated_attention(qkv: Tensor, segment_lengths: Sequence[int], dilati
     """`dilated_attention(*qkv.unbind(2), ...)` of a fused projection's qkv (B, N, 3, H, D): the same result
     and gradient. On the CPU kernels the gradient is accumulated in that packed layout, so no copy joins
     dq, dk and dv (the backward of `unbind`); the fused CUDA kernels take the three views as before."""
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor (batch, seq, 3, heads, head_dim), got {type(qkv).__name__}")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape (batch, seq, 3, heads, head_dim), got {tuple(qkv.shape)}")
     return _dilated_attention(qkv.unbind(2), qkv, segment_lengths, dilation_rates, causal, key_padding_mask, scale,
@@ -52,10 +54,13 @@ def _dilated_attention(qkv_views: tuple[Tensor, Tensor, Tensor], packed: Tensor 
         sequence_group = as_sequence_group(sequence_group)  # TypeError/ValueError for anything else
     segment_lengths, dilation_rates = check_branches(segment_lengths, dilation_rates)
     check_qkv(q, k, v, key_padding_mask)
+    causal = check_flag("causal", causal)
+    scale = check_scale(scale, q.shape[-1], q.dtype)
+    if q.shape[1] == 0:  # no rows: an empty output, still part of the graph
+        return q * 0
     if any(x.stride(-1) != 1 for x in qkv_views):  # aten's flash kernels read each row's D values as contiguous
         packed, qkv_views = _rows_contiguous(packed, qkv_views)
         q, k, v = qkv_views
-    scale = check_scale(scale, q.shape[-1])
     kind = select_backend(q, backend)  # validates a forced backend before any work
     width = triton_width(q.shape[-1]) if kind == "triton" else q.shape[-1]
     if width != q.shape[-1]:  # a head dim between the fused kernels' (16, 32, 64, 128): zero columns up to the next

@@ -1,12 +1,15 @@
 """DilatedAttention: multi-head self-attention layer built on `dilated_attention`."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .checks import check_branches
+from .checks import check_branches, check_flag
+from .kernels import BACKENDS
 from .functional import dilated_attention, packed_dilated_attention
 from .rotary import rotary_angles, rotate_packed, rotate_qk
 
@@ -18,8 +21,21 @@ class DilatedAttention(nn.Module):
                  *, causal: bool = True, rotary: bool = True, rotary_base: float = 10000.0, bias: bool = False,
                  backend: str | None = None):
         super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        causal, rotary, bias = (check_flag(name, value) for name, value in
+                                (("causal", causal), ("rotary", rotary), ("bias", bias)))
+        if rotary and (embed_dim // num_heads) % 2:
+            raise ValueError(f"rotary positions rotate pairs of columns: head_dim = embed_dim / num_heads = "
+                             f"{embed_dim} / {num_heads} = {embed_dim // num_heads} must be even (or rotary=False)")
+        if rotary and (isinstance(rotary_base, bool) or not isinstance(rotary_base, numbers.Real)
+                       or not math.isfinite(rotary_base) or rotary_base <= 0):
+            raise ValueError(f"rotary_base must be a finite number > 0 (e.g. 10000.0), got {rotary_base!r}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)} or None (the fastest for the device)")
         self.segment_lengths, self.dilation_rates = check_branches(segment_lengths, dilation_rates)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.causal, self.rotary, self.rotary_base, self.backend = causal, rotary, rotary_base, backend
@@ -42,6 +58,7 @@ class DilatedAttention(nn.Module):
                 packed: bool = False) -> tuple[Tensor, Tensor, Tensor] | Tensor:
         """x (B, N, E) -> q, k, v (B, N, H, D), q and k rotated: the token-wise part before attention.
         `packed`: one (B, N, 3, H, D) tensor instead (`rotate_packed`), for `attend_packed`."""
+        self._check_input(x, positions)
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
         qkv = self.qkv(x).view(B, N, 3, H, D)
@@ -54,6 +71,19 @@ class DilatedAttention(nn.Module):
             q, k = rotate_qk(qkv, rotary_tables).unbind(2)
             return q, k, qkv[:, :, 2]
         return qkv if packed else qkv.unbind(2)
+
+    def _check_input(self, x: Tensor, positions: Tensor | None) -> None:
+        """x (B, N, embed_dim) in the weights' dtype; positions (N,) integers: one clear error before the projection."""
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a tensor of shape (batch, seq, embed_dim={self.embed_dim}), got {shape}")
+        if x.dtype != self.qkv.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x is {x.dtype} but the layer's weights are {self.qkv.weight.dtype}: cast x, or the layer "
+                             f"(.to({x.dtype}))")
+        if positions is not None and (not isinstance(positions, Tensor) or positions.shape != (x.shape[1],)
+                                      or positions.is_floating_point() or positions.dtype == torch.bool):
+            got = f"{positions.dtype} {tuple(positions.shape)}" if isinstance(positions, Tensor) else type(positions).__name__
+            raise ValueError(f"positions must be an integer tensor of shape (seq,) = ({x.shape[1]},), got {got}")
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
                sequence_group=None) -> Tensor:
