@@ -47,6 +47,40 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, generator:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_generate_ids(prompt_ids, banned_ids, stop_id, seed, vocab_size: int) -> None:
+    """generate_ids' token arguments, before any compute: TypeError/ValueError naming the bad one."""
+    ids_range = f"0..{vocab_size - 1} (the model's vocabulary)"
+    if not isinstance(prompt_ids, (list, tuple)):
+        hint = "; for a tensor of ids pass ids.tolist()" if isinstance(prompt_ids, Tensor) else ""
+        raise TypeError(f"prompt_ids must be a list of Python ints (token ids in {ids_range}), got "
+                        f"{type(prompt_ids).__name__}{hint}")
+    not_ints = [token for token in prompt_ids if not _is_int(token)]
+    if not_ints:
+        raise TypeError(f"prompt_ids must be a list of Python ints (token ids in {ids_range}), but holds "
+                        f"{not_ints[:5]!r} (of type {type(not_ints[0]).__name__})")
+    bad = [token for token in prompt_ids if not 0 <= token < vocab_size]
+    if not prompt_ids or bad:
+        raise ValueError(f"prompt token ids {bad or prompt_ids} must be a non-empty list of ids in 0..{vocab_size - 1} "
+                         f"(the model's vocabulary)")
+    if not isinstance(banned_ids, (list, tuple, set, frozenset)) or not all(_is_int(token) for token in banned_ids):
+        raise TypeError(f"banned_ids={banned_ids!r} must be a tuple, list or set of int token ids in {ids_range}")
+    bad = sorted({token for token in banned_ids if not 0 <= token < vocab_size})
+    if bad:
+        raise ValueError(f"banned_ids {bad} are outside {ids_range}")
+    if len(set(banned_ids)) == vocab_size:
+        raise ValueError(f"banned_ids bans all {vocab_size} ids of the vocabulary: no token is left to generate")
+    if stop_id is not None and not (_is_int(stop_id) and 0 <= stop_id < vocab_size):
+        raise ValueError(f"stop_id={stop_id!r} must be None (no stop) or a token id in {ids_range}")
+    if seed is not None and not _is_int(seed):
+        raise TypeError(f"seed={seed!r} must be an integer or None (a fresh seed each call)")
+    if seed is not None and not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed={seed} must be in [-2**63, 2**64 - 1] (what torch.Generator.manual_seed takes)")
+
+
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, seed: int | None = 0, stop_id: int | None = None,
@@ -59,10 +93,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, temperatu
     """
     check_sampling(temperature, top_k, max_new_tokens)
     vocab_size = model.config.vocab_size
-    bad = [token for token in prompt_ids if not 0 <= token < vocab_size]
-    if not prompt_ids or bad:
-        raise ValueError(f"prompt token ids {bad or prompt_ids} must be a non-empty list of ids in 0..{vocab_size - 1} "
-                         f"(the model's vocabulary)")
+    check_generate_ids(prompt_ids, banned_ids, stop_id, seed, vocab_size)
     device = next(model.parameters()).device
     generator = None
     if temperature > 0 and seed is not None:
@@ -74,7 +105,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, temperatu
             step_logits.append(logits.clone())
         if banned_ids:
             logits = logits.clone()
-            logits[list(banned_ids)] = -math.inf
+            logits[sorted(set(banned_ids))] = -math.inf
         token = next_token(logits, temperature, top_k, generator)
         if token == stop_id:
             break
@@ -117,6 +148,12 @@ def generate_text(cfg: DictConfig) -> str:
     if bad:
         raise ValueError(f"prompt {cfg.prompt!r} has token ids {bad} outside the model's vocabulary "
                          f"0..{model.config.vocab_size - 1}: tokenizer {meta['tokenizer']!r} does not match the model")
+    outside = {name: getattr(tokenizer, name) for name in ("eod_id", "pad_id")
+               if getattr(tokenizer, name) >= model.config.vocab_size}
+    if outside:
+        raise ValueError(f"tokenizer {meta['tokenizer']!r} has {', '.join(f'{k}={v}' for k, v in outside.items())} "
+                         f"outside the model's vocabulary 0..{model.config.vocab_size - 1}: it does not match the "
+                         f"model")
     max_length = cfg.max_length if cfg.max_length is not None else meta["seq_len"]
     if len(prompt_ids) + cfg.max_new_tokens > max_length:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens={cfg.max_new_tokens} = "

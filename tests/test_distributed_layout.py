@@ -88,7 +88,8 @@ def test_every_rank_makes_the_same_new_group_calls(monkeypatch):
         recorded = calls[global_rank] = []
         monkeypatch.setattr(dist, "new_group", lambda ranks: recorded.append(list(ranks)) or f"pg{ranks}")
         replica = replicas[global_rank // 4]
-        group = SequenceGroup("sp-pg", replica, global_rank=global_rank, replica_rank_lists=replicas)
+        sp_process_group = dist.ProcessGroup(dist.HashStore(), global_rank % 4, 4)  # stands in for new_group's
+        group = SequenceGroup(sp_process_group, replica, global_rank=global_rank, replica_rank_lists=replicas)
         group.prepare_segment_subgroups([(0, 2)])
         sp_rank = global_rank % 4
         group.prepare_segment_subgroups([(2, 2), (0, 2), (sp_rank, 1), (0, 4)])  # (0, 2) again: no new call

@@ -215,6 +215,8 @@ def test_bad_inputs_give_clear_errors(run_dirs, tmp_path):
     save_exported(small, tmp_path / "small", {"tokenizer": "bytes", "seq_len": 64, "step": 0, "source": "test"})
     text = message(checkpoint=str(tmp_path / "small"), prompt="zz")
     assert "[122]" in text and "0..99" in text
+    text = message(checkpoint=str(tmp_path / "small"), prompt="ab")  # in range, but eod and pad are not
+    assert "tokenizer 'bytes' has eod_id=" in text and "outside the model's vocabulary 0..99" in text, text
     assert "seed='abc' must be an integer or null" in message(seed="abc")
     assert "stop_at_eod='maybe' must be true or false" in message(stop_at_eod="maybe")
     damaged = tmp_path / "damaged"  # an exported folder whose files were damaged

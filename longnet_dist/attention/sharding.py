@@ -42,8 +42,23 @@ def check_sequence_parallel_config(seq_len: int, sp_size: int, segment_lengths: 
                              f"rows (seq_len {seq_len} / sp {sp_size}); use a multiple of {local}, or a divisor")
 
 
+def _check_shards(seq_len, sp_size) -> None:
+    """seq_len rows sharded over sp_size ranks, l = seq_len / sp_size >= 1 rows each."""
+    if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
+        raise ValueError(f"sequence_parallel_size must be a positive integer, got {sp_size!r}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if seq_len % sp_size != 0:
+        raise ValueError(f"seq_len {seq_len} is not divisible by sequence_parallel_size {sp_size}: every rank holds "
+                         f"seq_len / sp rows (at least one); valid sp sizes for this seq_len include "
+                         f"{[d for d in _divisors(seq_len) if d <= 64]}")
+
+
 def spanning_ranks(seq_len: int, sp_size: int, segment_length: int) -> int:
     """G: how many ranks one segment of this branch spans (1 = the branch is local)."""
+    _check_shards(seq_len, sp_size)
+    if not isinstance(segment_length, int) or isinstance(segment_length, bool) or segment_length < 1:
+        raise ValueError(f"segment length {segment_length!r} must be a positive integer")
     local = seq_len // sp_size
     return max(1, min(segment_length, seq_len) // local)
 
@@ -51,6 +66,7 @@ def spanning_ranks(seq_len: int, sp_size: int, segment_length: int) -> int:
 def segment_spans(seq_len: int, sp_size: int, segment_lengths: Sequence[int]) -> list[tuple[int, int]]:
     """(first sp rank, rank count) of every multi-rank segment group the sharded branches use, sorted;
     the trainer hands them to `SequenceGroup.prepare_segment_subgroups` once at setup."""
+    _check_shards(seq_len, sp_size)
     spans: set[tuple[int, int]] = set()
     for w in segment_lengths:
         span = spanning_ranks(seq_len, sp_size, w)

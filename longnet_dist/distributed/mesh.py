@@ -28,8 +28,8 @@ def init_distributed(backend: str | None = None) -> None:
     """
     if dist.is_available() and dist.is_initialized():
         return
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    world_size = _env_int("WORLD_SIZE", 1, minimum=1, note="the number of processes; unset or 1: one")
+    if world_size == 1:
         return
     missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
@@ -37,6 +37,11 @@ def init_distributed(backend: str | None = None) -> None:
             f"WORLD_SIZE={world_size} but the environment lacks {missing}; launch with torchrun "
             f"(or set all of {list(_TORCHRUN_VARIABLES)})"
         )
+    rank = _env_int("RANK", 0, minimum=0, note="this process's global rank")
+    if rank >= world_size:
+        raise ValueError(f"environment variable RANK={rank} must be in 0..{world_size - 1} (this process's global "
+                         f"rank; WORLD_SIZE={world_size}); torchrun sets it")
+    _env_int("LOCAL_RANK", 0, minimum=0, note="this process's rank on its node")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -44,11 +49,26 @@ def init_distributed(backend: str | None = None) -> None:
     dist.init_process_group(backend=backend, init_method="env://")
 
 
+def _env_int(name: str, default: int, *, minimum: int, note: str) -> int:
+    """The integer environment variable `name` (`default` when unset); ValueError naming it and its value."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer >= {minimum} ({note}); "
+                         f"torchrun sets it")
+    return value
+
+
 def _own_gpu() -> int:
     """This process's GPU under NCCL (LOCAL_RANK), after checking that the node has one for each of its
     processes: NCCL refuses two ranks on one GPU, and CUDA's own error names neither the cause nor the fix."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    local_rank = _env_int("LOCAL_RANK", 0, minimum=0, note="this process's rank on its node")
+    processes = _env_int("LOCAL_WORLD_SIZE", local_rank + 1, minimum=1, note="the number of processes on this node")
     gpus = torch.cuda.device_count()
     if max(processes, local_rank + 1) > gpus:
         raise ValueError(
@@ -67,8 +87,14 @@ def leave_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _check_world_size(world_size) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be a positive integer (the number of processes)")
+
+
 def valid_sequence_parallel_sizes(world_size: int) -> list[int]:
     """Every sp size a world of `world_size` ranks can be split into (its divisors)."""
+    _check_world_size(world_size)
     return [size for size in range(1, world_size + 1) if world_size % size == 0]
 
 
@@ -77,6 +103,7 @@ def mesh_layout(world_size: int, sequence_parallel_size: int) -> tuple[list[list
 
     sp group k = ranks [k*sp, (k+1)*sp); dp group j = ranks j, j+sp, j+2*sp, ...
     """
+    _check_world_size(world_size)
     sp = sequence_parallel_size
     if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1 or world_size % sp != 0:
         raise ValueError(

@@ -66,6 +66,41 @@ def split_segment_group(parent, first: int, count: int):
                               device_types=_one_device_per_backend(parent))
 
 
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_ranks(global_ranks, global_rank) -> None:
+    if not isinstance(global_ranks, (list, tuple)) or not global_ranks or not all(map(_is_rank, global_ranks)) \
+            or len(set(global_ranks)) != len(global_ranks):
+        raise ValueError(f"global_ranks={global_ranks!r} must be a non-empty list of distinct global ranks (integers "
+                         f">= 0), in sequence-parallel rank order")
+    if not _is_rank(global_rank) or global_rank not in global_ranks:
+        raise ValueError(f"global rank {global_rank!r} is not a member of ranks {list(global_ranks)}")
+
+
+def _check_process_group(group, global_ranks) -> None:
+    """`group`: None for a group of one rank, else a torch ProcessGroup of len(global_ranks) ranks. Objects with
+    ProcessGroup's `split_group` (test stand-ins) pass unchecked."""
+    if group is None:
+        if len(global_ranks) != 1:
+            raise ValueError(f"a group of {len(global_ranks)} ranks {list(global_ranks)} needs a ProcessGroup")
+        return
+    process_group = getattr(dist, "ProcessGroup", None)
+    if process_group is not None and isinstance(group, process_group):
+        if group.size() != len(global_ranks):
+            raise ValueError(f"group has {group.size()} ranks but global_ranks {list(global_ranks)} lists "
+                             f"{len(global_ranks)}; pass the global ranks of that group, in its rank order")
+        return
+    if callable(getattr(group, "split_group", None)):
+        return
+    hint = ""
+    if type(group) is int and group == getattr(dist.GroupMember, "NON_GROUP_MEMBER", None):
+        hint = " (torch returns GroupMember.NON_GROUP_MEMBER to ranks outside a new group: pass this rank's own)"
+    raise TypeError(f"group must be a torch.distributed.ProcessGroup (or None for a group of one rank), got "
+                    f"{type(group).__name__} {group!r}{hint}")
+
+
 class SequenceGroup:
     """The sequence-parallel group of this rank, or a segment subgroup of it.
 
@@ -85,14 +120,22 @@ class SequenceGroup:
         replica_rank_lists: list[list[int]] | None = None,
         split_from_group: bool = False,
     ) -> None:
-        if global_rank not in global_ranks:
-            raise ValueError(f"global rank {global_rank} is not a member of ranks {global_ranks}")
-        if group is None and len(global_ranks) != 1:
-            raise ValueError(f"a group of {len(global_ranks)} ranks {global_ranks} needs a ProcessGroup")
+        _check_ranks(global_ranks, global_rank)
+        _check_process_group(group, global_ranks)
+        self._setup(group, global_ranks, global_rank, replica_rank_lists, split_from_group)
+
+    @classmethod
+    def _of_segment(cls, group, global_ranks: list[int], global_rank: int) -> SequenceGroup:
+        """A segment subgroup, whose process group torch made (new_group / split_group): not checked again."""
+        subgroup = cls.__new__(cls)
+        subgroup._setup(group, global_ranks, global_rank, None, False)
+        return subgroup
+
+    def _setup(self, group, global_ranks, global_rank, replica_rank_lists, split_from_group) -> None:
         self.group = group
         self.global_ranks = list(global_ranks)
         self.size = len(global_ranks)
-        self.rank = global_ranks.index(global_rank)
+        self.rank = self.global_ranks.index(global_rank)
         self._global_rank = global_rank
         self._replica_rank_lists = replica_rank_lists
         self._split_from_group = split_from_group
@@ -159,7 +202,7 @@ class SequenceGroup:
 
     def _add_subgroup(self, span: Span, process_group, ranks: list[int]) -> None:
         if self._global_rank in ranks:
-            self._subgroups[span] = SequenceGroup(process_group, ranks, global_rank=self._global_rank)
+            self._subgroups[span] = SequenceGroup._of_segment(process_group, ranks, self._global_rank)
 
     def segment_subgroup(self, first: int, count: int) -> SequenceGroup:
         """The subgroup of sp ranks [first, first + count), which must include this rank.
@@ -182,5 +225,5 @@ class SequenceGroup:
                     f"segment span {span} was not prepared (prepared: {sorted(self._prepared_spans)}); "
                     f"call prepare_segment_subgroups with it on every rank at setup"
                 )
-            self._subgroups[span] = SequenceGroup(None, [self._global_rank], global_rank=self._global_rank)
+            self._subgroups[span] = SequenceGroup._of_segment(None, [self._global_rank], self._global_rank)
         return self._subgroups[span]

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from longnet_dist.attention.checks import check_branches
 from longnet_dist.attention.rotary import rotary_angles
 
-from .dense import ATTENTION_IMPLS, attention_class
+from .dense import ATTENTION_IMPLS, attention_class, check_dense_options
 from .layers import MLPS, NORMS, default_mlp_hidden_dim, make_mlp, make_norm
 from .regions import checkpointing_policy, compile_enabled, compile_region, compile_setting, token_wise
 
@@ -62,15 +63,83 @@ class LongNetConfig:
             raise ValueError(f"model norm={self.norm!r} is not one of {list(NORMS)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"model attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}")
+        hidden = self.mlp_hidden_dim
+        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+            raise ValueError(f"model mlp_hidden_dim={hidden!r} must be a positive integer, or None (null in a config: "
+                             f"4*dim for gelu, 8/3*dim rounded up to a multiple of 64 for swiglu)")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"model tie_embeddings={self.tie_embeddings!r} must be True or False (whether the LM "
+                             f"head shares the embedding matrix)")
+        if not _is_finite_number(self.rotary_base) or self.rotary_base <= 0:
+            raise ValueError(f"model rotary_base={self.rotary_base!r} must be a finite number > 0 (the rotary "
+                             f"frequency base; e.g. 10000.0)")
+        if not _is_finite_number(self.init_std) or self.init_std < 0:
+            raise ValueError(f"model init_std={self.init_std!r} must be a finite number >= 0 (the standard deviation "
+                             f"of the initial weights; e.g. 0.02)")
         self.activation_checkpointing = checkpointing_policy(self.activation_checkpointing)
         self.compile = compile_setting(self.compile)
-        self.segment_lengths, self.dilation_rates = list(self.segment_lengths), list(self.dilation_rates)
+        self.segment_lengths, self.dilation_rates = check_branches(self.segment_lengths, self.dilation_rates)
         if self.mlp_hidden_dim is None:
             self.mlp_hidden_dim = default_mlp_hidden_dim(self.mlp, self.dim)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+
+def _is_finite_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# every integer dtype torch has (the unsigned ones past uint8 only in newer versions)
+INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64} |
+                           {getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)})
+
+
+def _integer_tensor(name: str, value, what: str) -> None:
+    """TypeError unless `value` is a tensor of an integer dtype (not bool); `what` describes it for the message."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(value).__name__}")
+    if value.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name} must be a tensor of an integer dtype (e.g. torch.long) {what}, got dtype "
+                        f"{value.dtype}")
+
+
+def _values_checked(tensor: Tensor) -> bool:
+    """Whether the values of `tensor` are checked: on the CPU only, where they are already on the host. Reading
+    them from an accelerator would make the host wait for it in every forward (train/host_reads.py); a meta
+    tensor has none, and code being compiled does not branch on data."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _all_true(valid: Tensor) -> bool:
+    """Whether every element of the (CPU) bool tensor `valid` is True, tested inside torch's own op: no value
+    of ours is read on the host unless one is False (then the caller builds its message)."""
+    try:
+        torch._assert_async(valid.all())
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_labels(labels, shape: tuple[int, ...], device: torch.device, vocab_size: int, ignore_index: int) -> Tensor:
+    """`labels` for the loss: an integer tensor of `shape` on `device` whose values (checked on the CPU) are ids in
+    0..vocab_size-1 or `ignore_index`; returned as int64 (what cross-entropy takes). TypeError/ValueError naming it."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index={ignore_index!r} must be an integer (the label whose tokens have no loss, "
+                        f"e.g. -100)")
+    _integer_tensor("labels", labels, f"{shape} of next-token ids (any integer dtype: cast to int64 for the loss)")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels shape {tuple(labels.shape)} must match input_ids {tuple(shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but input_ids on {device}; put them on one device")
+    labels = labels.long()
+    if _values_checked(labels) and not _all_true(((labels >= 0) & (labels < vocab_size)) | (labels == ignore_index)):
+        bad = labels[((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)]
+        raise ValueError(f"labels hold values outside 0..{vocab_size - 1} that are not ignore_index={ignore_index} "
+                         f"(min {int(bad.min())}, max {int(bad.max())}): each label is the id of the next token in "
+                         f"the model's vocabulary (vocab_size={vocab_size}), or ignore_index for no loss")
+    return labels
 
 
 class Block(nn.Module):
@@ -198,7 +267,12 @@ class LongNetLM(nn.Module):
 
         `positions` (N,) are the global positions of these rows (default arange(N)); with a
         `sequence_group`, input_ids is this rank's shard and attention spans the group.
+        input_ids and labels may have any integer dtype; their values (ids in 0..vocab_size-1, labels also
+        `ignore_index`) are checked for CPU tensors, before any compute (on an accelerator that would make the
+        host wait for it every step). Bad arguments raise one TypeError/ValueError naming them.
         """
+        input_ids, labels, positions, sequence_group = self._check_inputs(input_ids, labels, positions,
+                                                                          sequence_group, ignore_index)
         x = self.embed(input_ids)  # (B, N, E)
         self._compile_once(x.device)
         tables = rotary_tables_of(positions, x, self.config.head_dim, self.config.rotary_base)  # once for all layers
@@ -210,17 +284,51 @@ class LongNetLM(nn.Module):
             x = self._run_blocks(x, positions, sequence_group, tables, 0, len(self.blocks))
         if labels is None:
             return self.head(self.norm(x))
-        return self.token_losses(x, labels, ignore_index)
+        return self._token_losses(x, labels, ignore_index)
+
+    def _check_inputs(self, input_ids, labels, positions, sequence_group, ignore_index: int):
+        """forward's arguments checked (metadata; values of CPU tensors), before any compute: (input_ids as int32
+        or int64, labels as int64 or None, positions, sequence_group as attention takes it)."""
+        vocab_size = self.config.vocab_size
+        _integer_tensor("input_ids", input_ids, "(batch, seq) of token ids")
+        if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must have shape (batch, seq) with batch >= 1 and seq >= 1, got "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int32, torch.int64):  # the index dtypes nn.Embedding takes
+            input_ids = input_ids.long()
+        if _values_checked(input_ids) and not _all_true((input_ids >= 0) & (input_ids < vocab_size)):
+            raise ValueError(f"input_ids hold ids outside 0..{vocab_size - 1} (min {int(input_ids.min())}, max "
+                             f"{int(input_ids.max())}): every id must index the model's vocabulary "
+                             f"(vocab_size={vocab_size})")
+        shape, device = tuple(input_ids.shape), input_ids.device
+        if labels is not None:
+            labels = check_labels(labels, shape, device, vocab_size, ignore_index)
+        if positions is not None:
+            _integer_tensor("positions", positions, f"({shape[1]},) of the rows' global positions")
+            if tuple(positions.shape) != (shape[1],):
+                raise ValueError(f"positions must have shape (seq,) = ({shape[1]},) (one global position per row "
+                                 f"of input_ids {shape}, shared by the batch), got {tuple(positions.shape)}")
+            if positions.device != device:
+                raise ValueError(f"positions are on {positions.device} but input_ids on {device}; put them on one "
+                                 f"device")
+        if sequence_group is not None:  # the TypeError/ValueError attention would raise, before any compute
+            from longnet_dist.distributed.group_types import as_sequence_group  # floor 1 only when sharding
+
+            sequence_group = as_sequence_group(sequence_group)
+            if self.config.attention_impl == "dense":
+                check_dense_options(None, sequence_group)
+        return input_ids, labels, positions, sequence_group
 
     def token_losses(self, hidden: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
         """Cross-entropy per token, (B, N) float32, of the last block's output `hidden` (B, N, E).
 
         Final norm, LM head and loss run `token_chunk_size` rows at a time and are recomputed in the
-        backward pass: long sequences never hold all (B, N, V) logits.
+        backward pass: long sequences never hold all (B, N, V) logits. `labels` as forward takes them.
         """
-        if labels.shape != hidden.shape[:2]:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must match input_ids {tuple(hidden.shape[:2])}")
+        labels = check_labels(labels, tuple(hidden.shape[:2]), hidden.device, self.config.vocab_size, ignore_index)
+        return self._token_losses(hidden, labels, ignore_index)
 
+    def _token_losses(self, hidden: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
         chunk_size = self.config.token_chunk_size
         return token_wise(functools.partial(self.loss_rows, ignore_index=ignore_index), hidden, labels,
                           chunk_size=chunk_size, recompute=hidden.shape[1] > chunk_size)  # (B, N)

@@ -19,7 +19,7 @@ from longnet_dist.distributed import valid_sequence_parallel_sizes
 from longnet_dist.model import LongNetConfig
 from longnet_dist.optional import ensure_installed
 
-from .config_checks import check_backends, check_data, check_integer, check_model_numbers, check_trainer
+from .config_checks import check_backends, check_data, check_integer, check_trainer
 
 TOP_LEVEL_KEYS = ("model", "attention", "data", "distributed", "deepspeed", "trainer", "logger", "resume")
 LOGGER_BACKENDS = ("wandb", "none")
@@ -202,7 +202,10 @@ def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"WORLD_SIZE={value!r} must be a positive integer (torchrun sets it: the processes of the run)")
+    return int(value)
 
 
 def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
@@ -216,7 +219,6 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ValueError(f"distributed.sequence_parallel_size={sp} does not divide the world size {world_size} "
                          f"(processes launched); valid sizes: {valid_sequence_parallel_sizes(world_size)}")
     check_sequence_parallel_config(data.seq_len, sp, list(attention.segment_lengths), list(attention.dilation_rates))
-    check_model_numbers(cfg.model)
     model_config(cfg, vocab_size=2)  # the model's own checks (dim/heads, mlp, norm, ...)
     check_data(data)
     check_trainer(trainer)

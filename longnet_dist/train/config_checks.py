@@ -41,15 +41,6 @@ def check_seed(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be an integer in [0, {SEED_MAX}] (2**32 - 1)")
 
 
-def check_model_numbers(model: DictConfig) -> None:
-    check_number("model.rotary_base", model.rotary_base, 0, open_low=True,
-                 note=" (the rotary frequency base; e.g. 10000.0)")
-    check_number("model.init_std", model.init_std, 0, note=" (e.g. 0.02)")
-    if model.mlp_hidden_dim is not None:
-        check_integer("model.mlp_hidden_dim", model.mlp_hidden_dim,
-                      note=", or null (4*dim for gelu, 8/3*dim rounded up to 64 for swiglu)")
-
-
 def check_data(data: DictConfig) -> None:
     check_integer("data.micro_batch_size", data.micro_batch_size)
     check_number("data.val_fraction", data.val_fraction, 0, 1, open_low=True, open_high=True,
