@@ -20,14 +20,7 @@ def check_sequence_parallel_config(seq_len: int, sp_size: int, segment_lengths: 
     """Raise a ValueError naming the values when `seq_len` cannot be sharded over `sp_size` ranks
     for these branches; return None when it can."""
     segment_lengths, dilation_rates = check_branches(segment_lengths, dilation_rates)
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
-        raise ValueError(f"sequence_parallel_size must be a positive integer, got {sp_size!r}")
-    if seq_len % sp_size != 0:
-        raise ValueError(f"seq_len {seq_len} is not divisible by sequence_parallel_size {sp_size}: every rank holds "
-                         f"seq_len / sp rows; valid sp sizes for this seq_len include "
-                         f"{[d for d in _divisors(seq_len) if d <= 64]}")
+    _check_shards(seq_len, sp_size)
     if sp_size == 1:
         return
     local = seq_len // sp_size
@@ -44,10 +37,10 @@ def check_sequence_parallel_config(seq_len: int, sp_size: int, segment_lengths: 
 
 def _check_shards(seq_len, sp_size) -> None:
     """seq_len rows sharded over sp_size ranks, l = seq_len / sp_size >= 1 rows each."""
-    if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
-        raise ValueError(f"sequence_parallel_size must be a positive integer, got {sp_size!r}")
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if not isinstance(sp_size, int) or isinstance(sp_size, bool) or sp_size < 1:
+        raise ValueError(f"sequence_parallel_size must be a positive integer, got {sp_size!r}")
     if seq_len % sp_size != 0:
         raise ValueError(f"seq_len {seq_len} is not divisible by sequence_parallel_size {sp_size}: every rank holds "
                          f"seq_len / sp rows (at least one); valid sp sizes for this seq_len include "
