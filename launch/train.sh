@@ -85,6 +85,12 @@ for pair in "NPROC_PER_NODE=$NPROC_PER_NODE" "NNODES=$NNODES" "NODE_RANK=$NODE_R
     [[ "${pair#*=}" =~ ^[0-9]+$ ]] || die "${pair%%=*} must be a non-negative integer, got '${pair#*=}'"
 done
 [ "$NPROC_PER_NODE" -ge 1 ] || die "NPROC_PER_NODE must be at least 1"
+{ [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ]; } \
+    || die "MASTER_PORT must be a port number in 1..65535, got '$MASTER_PORT'"
+endpoint='^([^:]+|\[[0-9A-Fa-f:.]+\]):[0-9]+$'  # host:port, [IPv6]:port
+if [ -n "${RDZV_ENDPOINT:-}" ] && ! [[ "$RDZV_ENDPOINT" =~ $endpoint ]]; then
+    die "RDZV_ENDPOINT must be host:port (e.g. node001:29500), got '$RDZV_ENDPOINT'"
+fi
 
 command=("${PYTHON:-python3}" -m torch.distributed.run
          --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS")

@@ -121,6 +121,9 @@ def test_flags_also_take_the_equals_form(echo_python):
     (("--nproc-per-node=",), {}, "--nproc-per-node needs a value"),
     (("--rdzv-endpoint", "--nnodes", "2"), {}, "--rdzv-endpoint needs a value"),
     (("--nnodes=2", "--master_addr"), {}, "--master_addr needs a value"),
+    (("--master-port", "abc"), {}, "MASTER_PORT must be a port number in 1..65535, got 'abc'"),
+    ((), {"MASTER_PORT": "70000"}, "MASTER_PORT must be a port number in 1..65535, got '70000'"),
+    (("--rdzv-endpoint", "nohostport"), {}, "RDZV_ENDPOINT must be host:port (e.g. node001:29500), got 'nohostport'"),
 ])
 def test_bad_launcher_settings_fail_before_starting(echo_python, args, env, message):
     clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV_KEYS}

@@ -261,3 +261,15 @@ def test_the_cli_says_which_package_is_missing_in_one_line(tmp_path):
                                                       "package, which is not installed: `pip install wandb`, or use "
                                                       "logger=none"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_one_line_before_hydra_makes_it(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for target in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        result = subprocess.run([sys.executable, "-m", "longnet_dist.train", f"trainer.output_dir={target}",
+                                 "logger=none"], cwd=REPO, env=on_the_cpu(repo_first_on_pythonpath(dict(os.environ))),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip() == (f"longnet-train: invalid config: trainer.output_dir={str(target)!r}: "
+                                         f"{tmp_path / 'a_file'} is a file, not a folder; name a folder for the run "
+                                         f"(it is made if missing)")

@@ -61,8 +61,22 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(f"longnet-train: {type(error).__name__}: {error} (LONGNET_TRACEBACK=1 shows where)")
 
 
+def _check_output_dir_argument(argv: list[str]) -> None:
+    """A `trainer.output_dir=` override naming a file, or a path through one: Hydra makes that folder its run
+    directory before any of our code runs, and fails with a traceback of its own."""
+    values = [arg.split("=", 1)[1] for arg in argv if arg.startswith("trainer.output_dir=")]
+    if not values or not values[-1]:
+        return
+    path = Path(values[-1])
+    blocking = next((part for part in [path, *path.parents] if part.exists() and not part.is_dir()), None)
+    if blocking is not None:
+        sys.exit(f"longnet-train: invalid config: trainer.output_dir={values[-1]!r}: {blocking} is a file, not a "
+                 f"folder; name a folder for the run (it is made if missing)")
+
+
 def main() -> None:
     _check_config_dir()
+    _check_output_dir_argument(sys.argv[1:])
     if int(os.environ.get("RANK", "0")) != 0:
         sys.argv.extend(NON_ZERO_RANK_OVERRIDES)  # last override wins over the user's
     _hydra_main()
