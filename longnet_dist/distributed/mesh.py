@@ -28,7 +28,7 @@ def init_distributed(backend: str | None = None) -> None:
     """
     if dist.is_available() and dist.is_initialized():
         return
-    world_size = _env_int("WORLD_SIZE", 1, minimum=1, note="the number of processes; unset or 1: one")
+    world_size = world_size_from_env()
     if world_size == 1:
         return
     missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
@@ -41,12 +41,17 @@ def init_distributed(backend: str | None = None) -> None:
     if rank >= world_size:
         raise ValueError(f"environment variable RANK={rank} must be in 0..{world_size - 1} (this process's global "
                          f"rank; WORLD_SIZE={world_size}); torchrun sets it")
-    _env_int("LOCAL_RANK", 0, minimum=0, note="this process's rank on its node")
+    local_rank = _env_int("LOCAL_RANK", 0, minimum=0, note="this process's rank on its node")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(_own_gpu())
+        torch.cuda.set_device(_own_gpu(local_rank))
     dist.init_process_group(backend=backend, init_method="env://")
+
+
+def world_size_from_env() -> int:
+    """torchrun's WORLD_SIZE (1 when unset); ValueError naming it when it is not a positive integer."""
+    return _env_int("WORLD_SIZE", 1, minimum=1, note="the number of processes; unset or 1: one")
 
 
 def _env_int(name: str, default: int, *, minimum: int, note: str) -> int:
@@ -64,10 +69,9 @@ def _env_int(name: str, default: int, *, minimum: int, note: str) -> int:
     return value
 
 
-def _own_gpu() -> int:
-    """This process's GPU under NCCL (LOCAL_RANK), after checking that the node has one for each of its
+def _own_gpu(local_rank: int) -> int:
+    """This process's GPU under NCCL (`local_rank`), after checking that the node has one for each of its
     processes: NCCL refuses two ranks on one GPU, and CUDA's own error names neither the cause nor the fix."""
-    local_rank = _env_int("LOCAL_RANK", 0, minimum=0, note="this process's rank on its node")
     processes = _env_int("LOCAL_WORLD_SIZE", local_rank + 1, minimum=1, note="the number of processes on this node")
     gpus = torch.cuda.device_count()
     if max(processes, local_rank + 1) > gpus:

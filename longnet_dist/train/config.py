@@ -6,7 +6,6 @@ the values. Every check runs before any process group, data or model is touched.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from longnet_dist.attention import check_sequence_parallel_config, geometric_branches
 from longnet_dist.distributed import valid_sequence_parallel_sizes
+from longnet_dist.distributed.mesh import world_size_from_env
 from longnet_dist.model import LongNetConfig
 from longnet_dist.optional import ensure_installed
 
@@ -199,13 +199,6 @@ def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
             "warmup_min_ratio": 1.0 / warmup, "cos_min_ratio": float(trainer.min_lr_ratio)}},
     })
     return ds
-
-
-def world_size_from_env() -> int:
-    value = os.environ.get("WORLD_SIZE", "1")
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"WORLD_SIZE={value!r} must be a positive integer (torchrun sets it: the processes of the run)")
-    return int(value)
 
 
 def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longnet_dist.distributed.objects import rank_and_world
+from longnet_dist.distributed.objects import all_gather_object, rank_and_world
 
 from .host_reads import DeviceValue
 
@@ -134,11 +134,7 @@ def check_finite_weights(module: torch.nn.Module, step: int, last_checkpoint: Pa
     large. Saving them would let keep_last_checkpoints delete the good checkpoints. Collective."""
     bad = next((name for name, param in module.named_parameters()
                 if not bool(torch.isfinite(getattr(param, "ds_tensor", param).detach()).all())), None)
-    rank, world = rank_and_world()
-    found = [bad] if world == 1 else [None] * world
-    if world > 1:
-        dist.all_gather_object(found, bad)
-    culprit = next(((r, name) for r, name in enumerate(found) if name is not None), None)
+    culprit = next(((r, name) for r, name in enumerate(all_gather_object(bad)) if name is not None), None)
     if culprit is not None:
         raise NonFiniteWeightsError(
             f"step {step}: parameter {culprit[1]} (rank {culprit[0]}) holds NaN or inf after the update, so no "

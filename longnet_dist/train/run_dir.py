@@ -45,7 +45,7 @@ def check_resume_compatible(resume_from: Path, config: Any, world_size: int = 1)
     wrote `resume_from` (its run directory's config.yaml, written once a start succeeded; nothing to compare
     when that file is missing, a checkpoint copied out of its run), and a ZeRO checkpoint (stage 1-3: the
     optimizer state is partitioned over the ranks) written by another number of processes than `world_size`."""
-    changed = []
+    changed, sources = [], []
     try:
         saved_world = read_manifest(resume_from).get("world_size")
     except CheckpointError:  # loading it says so, on every rank
@@ -53,14 +53,15 @@ def check_resume_compatible(resume_from: Path, config: Any, world_size: int = 1)
     stage = _value(config, "deepspeed.zero_optimization.stage") or 0
     if stage >= 1 and saved_world is not None and saved_world != world_size:
         changed.append(f"{saved_world} processes wrote its ZeRO-{stage} partitions, this run has {world_size}")
+        sources.append(resume_from / "manifest.json")
     saved_path = resume_from.parent.parent / "config.yaml"
     if saved_path.is_file():
         saved = OmegaConf.load(saved_path)
-        changed += [f"{key}: {_value(saved, key)!r} in the checkpoint's run, {_value(config, key)!r} now"
-                    for key in RESUME_KEYS if _value(saved, key) != _value(config, key)]
-    else:
-        saved_path = resume_from / "manifest.json"
+        differences = [f"{key}: {_value(saved, key)!r} in the checkpoint's run, {_value(config, key)!r} now"
+                       for key in RESUME_KEYS if _value(saved, key) != _value(config, key)]
+        changed += differences
+        sources += [saved_path] if differences else []
     if changed:
         raise ValueError(
-            f"cannot resume from {resume_from}: " + "; ".join(changed) + f" (see {saved_path}). Resume with the "
-            "values it was trained with, or start fresh in a new trainer.output_dir")
+            f"cannot resume from {resume_from}: " + "; ".join(changed) + f" (see {', '.join(map(str, sources))}). "
+            "Resume with the values it was trained with, or start fresh in a new trainer.output_dir")
