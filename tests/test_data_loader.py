@@ -179,8 +179,13 @@ def test_resume_with_another_dp_sp_split_of_the_same_global_batch(tmp_path):
 def test_resume_refuses_a_changed_setup(tmp_path):
     token_file = positional_token_file(tmp_path, 2001)
     state = SequenceShardLoader(token_file, seq_len=16, micro_batch_size=2, seed=1).state_dict()
-    with pytest.raises(ValueError, match=r"seed: saved 1 vs now 2.*global_batch: saved 2 vs now 3"):
+    with pytest.raises(ValueError, match=r"seed \(data.shuffle_seed\): 1 in the checkpoint, 2 now; global_batch "
+                                         r"\(data.micro_batch_size x data-parallel size\): 2 in the checkpoint, 3 now"):
         SequenceShardLoader(token_file, seq_len=16, micro_batch_size=3, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"position of run/step_2, .*: seq_len \(data.seq_len\): 16 in run/step_2, 8"):
+        SequenceShardLoader(token_file, seq_len=8, micro_batch_size=2, seed=1).check_resumable(state, "run/step_2")
+    SequenceShardLoader(token_file, seq_len=16, micro_batch_size=1, dp_size=2, seed=1).check_resumable(state)
+    SequenceShardLoader(token_file, seq_len=16, micro_batch_size=3, seed=2).check_resumable(None)  # nothing recorded
 
 
 def test_validation_pass_is_fixed_and_finite(tmp_path):

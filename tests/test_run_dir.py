@@ -77,8 +77,9 @@ def test_weights_that_went_nan_or_inf_are_never_saved():
         check_finite_weights(layer, 5, Path("run/checkpoints/step_3"))
 
 
-def train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")))
+def train(run: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = on_the_cpu(repo_first_on_pythonpath(dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+                                                   **(env or {}))))
     return subprocess.run([sys.executable, "-m", "longnet_dist.train", f"trainer.output_dir={run}", "model=tiny",
                            "data.seq_len=256", "attention.segment_lengths=[64,128,256]",
                            "attention.dilation_rates=[1,2,4]", "trainer.max_steps=2", "trainer.eval_every=0",
@@ -109,6 +110,12 @@ def test_the_cli_refuses_in_one_line_and_the_run_directory_keeps_every_byte(tmp_
         assert result.returncode == 1, result.stderr[-3000:]
         assert last_line(result).startswith("longnet-train: ValueError: ") and message in last_line(result)
         assert "Traceback" not in result.stderr
+    # another batch or seq_len: the data position would mean other windows; refused before the engine is built
+    batch = train(run, "data.micro_batch_size=2", env={"LONGNET_TRACEBACK": "1"})
+    assert batch.returncode == 1 and ("ValueError: cannot resume the data position of " in batch.stderr
+                                      and "global_batch (data.micro_batch_size x data-parallel size): 1 in " in
+                                      batch.stderr and ", 2 now" in batch.stderr), batch.stderr[-3000:]
+    assert "_decided_by_rank0" in batch.stderr and "load_checkpoint" not in batch.stderr  # where it was refused
     assert digest(run) == before  # checkpoints, metrics and config.yaml as the first run left them
     unstable = train(tmp_path / "unstable", "trainer.lr=1e9")  # NaN weights after the last update, losses finite
     assert unstable.returncode == 1 and "NonFiniteWeightsError: step 2: parameter" in last_line(unstable), \

@@ -273,3 +273,44 @@ def test_an_output_dir_that_is_a_file_is_one_line_before_hydra_makes_it(tmp_path
         assert result.stderr.strip() == (f"longnet-train: invalid config: trainer.output_dir={str(target)!r}: "
                                          f"{tmp_path / 'a_file'} is a file, not a folder; name a folder for the run "
                                          f"(it is made if missing)")
+
+
+def test_under_torchrun_the_failure_summary_names_the_error_of_each_rank(tmp_path):
+    """torchrun prints a summary block after a worker fails; each rank's one-line error goes into its error file
+    so that block gives the cause instead of a link to torchrun's docs."""
+    from longnet_dist.distributed.testing import free_port
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                             "127.0.0.1", "--master_port", str(free_port()), "-m", "longnet_dist.train",
+                             f"trainer.output_dir={tmp_path / 'run'}", "trainer.lr=-1", "logger=none"],
+                            cwd=REPO, env=on_the_cpu(repo_first_on_pythonpath(dict(os.environ))), capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    causes = [line.strip() for line in result.stderr.splitlines() if line.strip().startswith("traceback :")]
+    assert causes == ["traceback : longnet-train: invalid config: trainer.lr=-1 must be a finite number > 0"] * 2, \
+        result.stderr[-3000:]
+
+
+def test_the_error_file_holds_a_user_error_line_and_an_unexpected_traceback(tmp_path, monkeypatch):
+    import json
+
+    from longnet_dist.train import __main__ as cli
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    with pytest.raises(SystemExit, match="^longnet-train: bad value$"):
+        cli._exit("longnet-train: bad value")
+    assert json.loads(error_file.read_text())["message"] == "longnet-train: bad value"
+    error_file.unlink()
+    try:
+        raise RuntimeError("kernel failed")
+    except RuntimeError as error:
+        cli._record_for_torchrun(error)
+    recorded = json.loads(error_file.read_text())["message"]
+    assert recorded["message"] == "RuntimeError: kernel failed"
+    assert 'raise RuntimeError("kernel failed")' in recorded["extraInfo"]["py_callstack"]
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    error_file.unlink()
+    with pytest.raises(SystemExit):
+        cli._exit("longnet-train: bad value")  # not under torchrun: no file
+    assert not error_file.exists()

@@ -21,6 +21,17 @@ import torch
 from .token_file import TokenFile
 
 
+# what must match for a saved position (epoch, batches consumed) to mean the same windows, with the config keys
+# that set each
+RESUME_SETTINGS = {
+    "seed": "data.shuffle_seed",
+    "shuffle": "training shuffles, evaluation does not",
+    "seq_len": "data.seq_len",
+    "num_windows": "the corpus: data.source, data.val_fraction, data.split_seed, data.tokenizer",
+    "global_batch": "data.micro_batch_size x data-parallel size",
+}
+
+
 def _check_count(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
@@ -158,16 +169,24 @@ class SequenceShardLoader:
             "global_batch": self.dp_size * self.micro_batch_size,
         }
 
+    def check_resumable(self, state: dict[str, Any] | None, where: str = "the checkpoint") -> None:
+        """ValueError naming each setting whose change would make `state`'s position mean other windows (None:
+        a checkpoint from before its manifest recorded the position, checked again when loaded)."""
+        if state is None:
+            return
+        current = self.state_dict()
+        mismatched = [name for name in RESUME_SETTINGS if state.get(name) != current[name]]
+        if "seq_len" in mismatched and "num_windows" in mismatched:
+            mismatched.remove("num_windows")  # follows from seq_len; the corpus may well be the same
+        if mismatched:
+            details = "; ".join(f"{name} ({RESUME_SETTINGS[name]}): {state.get(name)!r} in {where}, "
+                                f"{current[name]!r} now" for name in mismatched)
+            raise ValueError(
+                f"cannot resume the data position of {where}, the loader setup changed: {details}. Resume with the "
+                f"settings it was trained with, or start a new run in a new trainer.output_dir")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; the dp/sp split may differ as long as the global batch is the same."""
-        current = self.state_dict()
-        mismatched = {
-            name: (state.get(name), current[name])
-            for name in ("seed", "shuffle", "seq_len", "num_windows", "global_batch")
-            if state.get(name) != current[name]
-        }
-        if mismatched:
-            details = ", ".join(f"{name}: saved {saved!r} vs now {now!r}" for name, (saved, now) in mismatched.items())
-            raise ValueError(f"cannot resume the data position, the loader setup changed ({details})")
+        self.check_resumable(state)
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])

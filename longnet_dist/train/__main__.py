@@ -7,9 +7,12 @@ Examples (see docs/training.md):
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -32,9 +35,31 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ValueError, CheckpointError, NonFiniteLossError, NonFiniteWeightsError
 
 
+def _exit(message: str) -> NoReturn:
+    """Exit 1 with `message` as the run's one line. Under torchrun it also goes into this worker's error file
+    (TORCHELASTIC_ERROR_FILE), so the failure summary torchrun prints after it gives `message` as each rank's
+    cause instead of a link to its docs."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and not os.path.exists(error_file):
+        try:
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+        except OSError:
+            pass  # the line below still says it
+    sys.exit(message)
+
+
+def _record_for_torchrun(error: BaseException) -> None:
+    """An unexpected error's traceback into torchrun's error file (its @record decorator would never see it:
+    Hydra prints the traceback and exits)."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
+
+
 def _check_config_dir() -> None:
     if not (CONFIG_DIR / "train.yaml").is_file():
-        sys.exit(f"longnet-train: no configs/train.yaml at {CONFIG_DIR}; install the package from a source "
+        _exit(f"longnet-train: no configs/train.yaml at {CONFIG_DIR}; install the package from a source "
                  f"checkout with `pip install -e .` (configs/ lives at the repository root)")
 
 
@@ -47,18 +72,21 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         validate_config(cfg)
     except ValueError as error:  # one line, no traceback: the message names the key and valid values
-        sys.exit(f"longnet-train: invalid config: {error}")
+        _exit(f"longnet-train: invalid config: {error}")
     try:
         check_packages(cfg)
     except ImportError as error:  # the package, what needs it, the install line and the alternative
-        sys.exit(f"longnet-train: {error}")
+        _exit(f"longnet-train: {error}")
     try:
         train(cfg)
     except _user_errors() as error:
         if os.environ.get("LONGNET_TRACEBACK") == "1":
             raise
         # our own messages name the value and the way out; a traceback through Hydra would bury them
-        sys.exit(f"longnet-train: {type(error).__name__}: {error} (LONGNET_TRACEBACK=1 shows where)")
+        _exit(f"longnet-train: {type(error).__name__}: {error} (LONGNET_TRACEBACK=1 shows where)")
+    except Exception as error:
+        _record_for_torchrun(error)
+        raise
 
 
 def _check_output_dir_argument(argv: list[str]) -> None:
@@ -70,7 +98,7 @@ def _check_output_dir_argument(argv: list[str]) -> None:
     path = Path(values[-1])
     blocking = next((part for part in [path, *path.parents] if part.exists() and not part.is_dir()), None)
     if blocking is not None:
-        sys.exit(f"longnet-train: invalid config: trainer.output_dir={values[-1]!r}: {blocking} is a file, not a "
+        _exit(f"longnet-train: invalid config: trainer.output_dir={values[-1]!r}: {blocking} is a file, not a "
                  f"folder; name a folder for the run (it is made if missing)")
 
 

@@ -305,12 +305,14 @@ def save_checkpoint(
     *,
     keep_last: int | None = None,
     checksum: bool = True,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Save `engine` (+ `client_state`) as `checkpoint_root/step_{step:08d}`; every rank calls.
 
     DeepSpeed writes into a temp tag; after all ranks finish, they hash their share of the files,
     rank 0 writes the manifest and COMPLETE marker, fsyncs and renames the folder into place, then
-    removes all but the newest `keep_last` checkpoints. On failure (disk full included) the temp
+    removes all but the newest `keep_last` checkpoints. `manifest_extra` (JSON) goes into the manifest, where a
+    resume can read it before building anything. On failure (disk full included) the temp
     folder is removed on every rank and CheckpointError / CheckpointDiskFullError is raised.
     """
     if keep_last is not None and (isinstance(keep_last, bool) or keep_last < 1):
@@ -352,6 +354,7 @@ def save_checkpoint(
             "world_size": world,
             "client_state_keys": sorted(client_state),
             "files": {name: entry for _, part in gathered for name, entry in part.items()},
+            **(manifest_extra or {}),
         }
         try:
             _publish(temp, final, manifest, keep_last)

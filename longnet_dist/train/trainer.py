@@ -25,7 +25,7 @@ from longnet_dist.distributed import build_mesh, comm_stats, leave_distributed
 from longnet_dist.distributed.objects import broadcast_from_rank0
 from longnet_dist.model import LongNetLM, count_parameters, flops_per_token
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_manifest, save_checkpoint
 from .config import check_packages, deepspeed_config, describe_branches, model_config, validate_config
 from .engine import build_engine, ensure_process_group, grad_norm_value, optimizer_advice, stage0_grad_norm
 from .evaluate import bits_per_byte, evaluate
@@ -151,6 +151,14 @@ def _resume_point(cfg: DictConfig, checkpoint_root: Path, world_size: int) -> Pa
     return resume_from
 
 
+def _saved_data_position(folder: Path) -> dict[str, Any] | None:
+    """The data loader's position its manifest recorded (None for checkpoints saved before it did so)."""
+    try:
+        return read_manifest(folder).get("data")
+    except CheckpointError:  # loading it names the damage, on every rank
+        return None
+
+
 def _decided_by_rank0(decide, is_main: bool):
     """`decide()` on rank 0, its result on every rank; its ValueError raised on every rank alike (the other ranks
     would otherwise wait for rank 0 in the next collective)."""
@@ -199,6 +207,9 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     train_loader = SequenceShardLoader(corpus["train"], shuffle=True, **shard)
     # without evaluation (eval_every=0) the validation split need not hold one sample of seq_len
     val_loader = SequenceShardLoader(corpus["validation"], shuffle=False, **shard) if trainer.eval_every else None
+    if resume_from is not None:  # a changed seq_len, batch or corpus: refused now, not after the engine loaded
+        _decided_by_rank0(lambda: train_loader.check_resumable(_saved_data_position(resume_from),
+                                                               where=str(resume_from)), is_main)
     train_tokens_per_byte = _tokens_per_byte(corpus["train"])
     val_tokens_per_byte = _tokens_per_byte(corpus["validation"])
 
@@ -247,8 +258,9 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
 
     def save(at_step: int) -> Path:
         check_finite_weights(engine.module, at_step, checkpoint)
-        return save_checkpoint(engine, checkpoint_root, at_step, client_state(
-            at_step, train_loader.state_dict(), run_config), keep_last=trainer.keep_last_checkpoints)
+        data_position = train_loader.state_dict()  # also in the manifest: a resume checks it before the engine
+        return save_checkpoint(engine, checkpoint_root, at_step, client_state(at_step, data_position, run_config),
+                               keep_last=trainer.keep_last_checkpoints, manifest_extra={"data": data_position})
 
     def run_eval(at_step: int) -> dict[str, Any]:
         result = evaluate(engine, val_loader, num_batches=trainer.eval_batches, seq_len=data_cfg.seq_len,
