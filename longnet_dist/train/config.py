@@ -21,7 +21,8 @@ from longnet_dist.optional import ensure_installed
 
 from .config_checks import check_backends, check_data, check_integer, check_trainer
 
-TOP_LEVEL_KEYS = ("model", "attention", "data", "distributed", "deepspeed", "trainer", "logger", "resume")
+TOP_LEVEL_KEYS = ("model", "attention", "data", "distributed", "deepspeed", "trainer", "logger", "resume",
+                  "init_from")
 LOGGER_BACKENDS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 # DeepSpeed entries the trainer fills from trainer.* / data.* (one place for each value)
@@ -222,6 +223,10 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
     if resume is not None and resume != "auto" and not Path(str(resume)).exists():
         raise ValueError(f"resume={resume!r}: no such path; use null (fresh start), 'auto' (latest complete "
                          f"checkpoint of trainer.output_dir) or a checkpoint/run directory")
+    init_from = cfg.init_from
+    if init_from is not None and (not isinstance(init_from, str) or not Path(init_from).expanduser().exists()):
+        raise ValueError(f"init_from={init_from!r}: no such path; use null (weights initialised at random) or an "
+                         f"exported model folder, a checkpoint folder or a run directory to start from its weights")
 
 
 def _validate_deepspeed(ds_cfg: DictConfig) -> None:

@@ -35,6 +35,7 @@ from .loss import sequence_parallel_loss
 from .metrics import MetricsLogger, peak_memory_bytes
 from .peak import resolve_peak_flops
 from .profiling import format_summary, phase, profiled, write_step_profile
+from .init_weights import load_initial_weights, resolve_source
 from .run_dir import check_fresh_start, check_resume_compatible
 from .state import client_state, resolve_resume, restore_rng
 
@@ -160,17 +161,17 @@ def _saved_data_position(folder: Path) -> dict[str, Any] | None:
 
 
 def _decided_by_rank0(decide, is_main: bool):
-    """`decide()` on rank 0, its result on every rank; its ValueError raised on every rank alike (the other ranks
-    would otherwise wait for rank 0 in the next collective)."""
+    """`decide()` on rank 0, its result on every rank; its ValueError or CheckpointError raised on every rank alike
+    (the other ranks would otherwise wait for rank 0 in the next collective)."""
     outcome = None
     if is_main:
         try:
             outcome = ("ok", decide())
-        except ValueError as error:
-            outcome = ("error", str(error))
+        except (ValueError, CheckpointError) as error:
+            outcome = (type(error), str(error))
     kind, value = broadcast_from_rank0(outcome)
-    if kind == "error":
-        raise ValueError(value)
+    if kind != "ok":
+        raise kind(value)
     return value
 
 
@@ -217,6 +218,10 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     _seed_everything(trainer.seed)
     lm_config = model_config(cfg, vocab_size=corpus["train"].vocab_size)
     model = LongNetLM(lm_config)
+    initialised_from = None
+    if resume_from is None and cfg.init_from is not None:  # a fresh run from another run's weights
+        source = Path(_decided_by_rank0(lambda: str(resolve_source(cfg.init_from)), is_main))
+        initialised_from = (source, load_initial_weights(model, source, tokenizer=data_cfg.tokenizer))
     num_params, step_flops_per_token = count_parameters(model), flops_per_token(lm_config, data_cfg.seq_len)
     engine = build_engine(model, deepspeed_config(cfg))
     peak_flops, peak_source = resolve_peak_flops(trainer.peak_flops, engine.device,
@@ -247,7 +252,9 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
         f"({wrapper}) | MFU of {peak_flops / 1e12:.4g} TFLOP/s per device ({peak_source}) | "
         f"{tokens_per_step:,} tokens/step | train {corpus['train'].num_tokens:,} tokens, "
         f"validation {corpus['validation'].num_tokens:,} | run dir {output_dir}"
-        + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else ""))
+        + (f" | resumed from {resume_from} at step {step}" if resume_from is not None else "")
+        + (f" | weights from {initialised_from[0]} (step {initialised_from[1]['step']}, seq_len "
+           f"{initialised_from[1]['seq_len']})" if initialised_from is not None else ""))
     logger.write(describe_branches(cfg))
     if step >= trainer.max_steps:
         logger.write(f"note: resumed at step {step}, and trainer.max_steps={trainer.max_steps}: nothing to train; "
