@@ -152,7 +152,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_each_generated_step_has_the_logits_of_a_full_forward_pass(one_thread):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_each_generated_step_has_the_logits_of_a_full_forward_pass(one_thread, use_cache):
     torch.manual_seed(0)
     config = LongNetConfig(vocab_size=50, dim=32, num_layers=2, num_heads=4, segment_lengths=[4, 8, 16],
                            dilation_rates=[1, 2, 4])  # ragged segments and every head offset get exercised
@@ -160,7 +161,8 @@ def test_each_generated_step_has_the_logits_of_a_full_forward_pass(one_thread):
     prompt = [3, 1, 4, 1, 5]
     for temperature, top_k in ((0.8, 5), (0.0, None)):
         step_logits: list[torch.Tensor] = []
-        new = generate_ids(model, prompt, 20, temperature=temperature, top_k=top_k, seed=1, step_logits=step_logits)
+        new = generate_ids(model, prompt, 20, temperature=temperature, top_k=top_k, seed=1, step_logits=step_logits,
+                           use_cache=use_cache)
         assert len(new) == len(step_logits) == 20
         with torch.no_grad():
             full = model(torch.tensor([prompt + new]))[0]  # (25, V) one pass over the whole text
@@ -219,6 +221,7 @@ def test_bad_inputs_give_clear_errors(run_dirs, tmp_path):
     assert "tokenizer 'bytes' has eod_id=" in text and "outside the model's vocabulary 0..99" in text, text
     assert "seed='abc' must be an integer or null" in message(seed="abc")
     assert "stop_at_eod='maybe' must be true or false" in message(stop_at_eod="maybe")
+    assert "use_cache=1 must be true or false" in message(use_cache=1)
     damaged = tmp_path / "damaged"  # an exported folder whose files were damaged
     shutil.copytree(tmp_path / "small", damaged)
     (damaged / "model.safetensors").write_bytes(b"\xff" * 64)

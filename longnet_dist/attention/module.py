@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_branches, check_flag
+from .decode import dilated_attention_step
 from .kernels import BACKENDS
 from .functional import dilated_attention, packed_dilated_attention
 from .rotary import rotary_angles, rotate_packed, rotate_qk
@@ -93,6 +94,13 @@ class DilatedAttention(nn.Module):
     def attend_packed(self, qkv: Tensor, *, key_padding_mask: Tensor | None = None, sequence_group=None) -> Tensor:
         """`attend(*qkv.unbind(2))` of a packed projection qkv (B, N, 3, H, D), its gradient kept packed."""
         return packed_dilated_attention(qkv, **self._options(key_padding_mask, sequence_group))
+
+    def attend_step(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, position: int) -> Tensor:
+        """Row `position` (B, H, D) of causal attention, its query q (B, H, D) against the cached rows 0..position
+        (B, >= position + 1, H, D) each: generation with a key/value cache (attention/decode.py)."""
+        if not self.causal:
+            raise ValueError("attend_step computes causal attention; this layer has causal=False")
+        return dilated_attention_step(q, k_cache, v_cache, position, self.segment_lengths, self.dilation_rates)
 
     def _options(self, key_padding_mask: Tensor | None, sequence_group) -> dict:
         return dict(segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates, causal=self.causal,

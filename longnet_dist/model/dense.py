@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longnet_dist.attention import DilatedAttention
+from longnet_dist.attention.decode import dilated_attention_step
 
 ATTENTION_IMPLS = ("dilated", "dense")
 
@@ -21,6 +22,11 @@ class DenseAttention(DilatedAttention):
 
     def attend_packed(self, qkv: Tensor, *, key_padding_mask: Tensor | None = None, sequence_group=None) -> Tensor:
         return self.attend(*qkv.unbind(2), key_padding_mask=key_padding_mask, sequence_group=sequence_group)
+
+
+    def attend_step(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, position: int) -> Tensor:
+        """Row `position` attends every row 0..position: one branch of one segment holding them all, r = 1."""
+        return dilated_attention_step(q, k_cache, v_cache, position, [position + 1], [1])
 
 
 def check_dense_options(key_padding_mask: Tensor | None, sequence_group) -> None:

@@ -22,6 +22,7 @@ from longnet_dist.attention.checks import check_branches
 from longnet_dist.attention.rotary import rotary_angles
 
 from .dense import ATTENTION_IMPLS, attention_class, check_dense_options
+from .cache import KVCache
 from .layers import MLPS, NORMS, default_mlp_hidden_dim, make_mlp, make_norm
 from .regions import checkpointing_policy, compile_enabled, compile_region, compile_setting, token_wise
 
@@ -179,13 +180,16 @@ class Block(nn.Module):
         self.after_attention = compile_region(self._after_attention, backend, fullgraph)
 
     def forward(self, x: Tensor, positions: Tensor | None, sequence_group=None,
-                rotary_tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x (B, N, E) -> (B, N, E); `rotary_tables` (cos, sin), each (1, N, 1, D/2), default from positions."""
+                rotary_tables: tuple[Tensor, Tensor] | None = None, cache: tuple[KVCache, int] | None = None) -> Tensor:
+        """x (B, N, E) -> (B, N, E); `rotary_tables` (cos, sin), each (1, N, 1, D/2), default from positions.
+        `cache` (KVCache, this block's layer index): generation, the rows' keys and values kept (model/cache.py)."""
         if rotary_tables is None:
             rotary_tables = rotary_tables_of(positions, x, self.attn.head_dim, self.rotary_base)
         qkv = token_wise(self.before_attention, x, *rotary_tables, chunk_size=self.chunk_before,
                          recompute=self.recompute_before)  # (B, N, 3, H, D), or q, k, v (B, N, H, D) each
-        if self.packed:
+        if cache is not None:
+            attn = cache[0].attend(cache[1], self.attn, qkv)  # (B, N, H, D)
+        elif self.packed:
             attn = self.attn.attend_packed(qkv, sequence_group=sequence_group)  # (B, N, H, D)
         else:
             attn = self.attn.attend(*qkv, sequence_group=sequence_group)
@@ -244,16 +248,23 @@ class LongNetLM(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), label_rows, ignore_index=ignore_index, reduction="none")
 
     def _run_blocks(self, x: Tensor, positions: Tensor | None, sequence_group, tables: tuple[Tensor, Tensor],
-                    start: int, count: int) -> Tensor:
+                    start: int, count: int, cache: KVCache | None = None) -> Tensor:
         """Blocks start .. start + count - 1. In a checkpointed group of several blocks each block is
         checkpointed too: recomputing the group keeps only its blocks' inputs, one block's intermediates."""
         nested = count > 1 and self.config.activation_checkpointing == "full" and torch.is_grad_enabled()
-        for block in self.blocks[start:start + count]:
+        for index, block in enumerate(self.blocks[start:start + count], start):
             if nested:
                 x = checkpoint(block, x, positions, sequence_group, tables, use_reentrant=False)
             else:
-                x = block(x, positions, sequence_group, tables)
+                x = block(x, positions, sequence_group, tables, None if cache is None else (cache, index))
         return x
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty key/value cache for generating `batch` sequences of up to `capacity` rows (prompt included),
+        in the weights' dtype and device: pass it to forward as `cache`."""
+        weight = self.embed.weight
+        return KVCache(self.config.num_layers, batch, capacity, self.config.num_heads, self.config.head_dim,
+                       weight.dtype, weight.device)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -262,7 +273,7 @@ class LongNetLM(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: Tensor, *, labels: Tensor | None = None, positions: Tensor | None = None,
-                sequence_group=None, ignore_index: int = -100) -> Tensor:
+                sequence_group=None, ignore_index: int = -100, cache: KVCache | None = None) -> Tensor:
         """input_ids (B, N) -> logits (B, N, V); with `labels` (B, N) -> per-token losses (B, N) float32.
 
         `positions` (N,) are the global positions of these rows (default arange(N)); with a
@@ -270,9 +281,13 @@ class LongNetLM(nn.Module):
         input_ids and labels may have any integer dtype; their values (ids in 0..vocab_size-1, labels also
         `ignore_index`) are checked for CPU tensors, before any compute (on an accelerator that would make the
         host wait for it every step). Bad arguments raise one TypeError/ValueError naming them.
+        With a `cache` (`new_cache`; generation, no gradient) input_ids are the rows after those it holds, at the
+        positions that follow; it keeps their keys and values, and the logits equal a pass over all rows.
         """
         input_ids, labels, positions, sequence_group = self._check_inputs(input_ids, labels, positions,
                                                                           sequence_group, ignore_index)
+        if cache is not None:
+            return self._forward_cached(input_ids, labels, positions, sequence_group, cache)
         x = self.embed(input_ids)  # (B, N, E)
         self._compile_once(x.device)
         tables = rotary_tables_of(positions, x, self.config.head_dim, self.config.rotary_base)  # once for all layers
@@ -285,6 +300,20 @@ class LongNetLM(nn.Module):
         if labels is None:
             return self.head(self.norm(x))
         return self._token_losses(x, labels, ignore_index)
+
+    def _forward_cached(self, input_ids: Tensor, labels, positions, sequence_group, cache: KVCache) -> Tensor:
+        """forward with a cache: logits (B, n, V) of rows cache.length .. cache.length + n - 1."""
+        if labels is not None or positions is not None or sequence_group is not None or torch.is_grad_enabled():
+            raise ValueError("forward with a cache is for generation: no labels, positions or sequence_group, and "
+                             "no gradient (run it under torch.no_grad() or torch.inference_mode())")
+        cache.check_rows(*input_ids.shape)
+        x = self.embed(input_ids)  # (B, n, E)
+        self._compile_once(x.device)
+        positions = torch.arange(cache.length, cache.length + input_ids.shape[1], device=x.device)
+        tables = rotary_tables_of(positions, x, self.config.head_dim, self.config.rotary_base)
+        x = self._run_blocks(x, positions, None, tables, 0, len(self.blocks), cache)
+        cache.advance(input_ids.shape[1])
+        return self.head(self.norm(x))
 
     def _check_inputs(self, input_ids, labels, positions, sequence_group, ignore_index: int):
         """forward's arguments checked (metadata; values of CPU tensors), before any compute: (input_ids as int32
