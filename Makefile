@@ -21,7 +21,7 @@ setup:
 # thread each; then every other test on two workers, a file at a time per worker (--dist loadfile: a file's module
 # and session fixtures, its SLURM cluster or trained runs, are made once, in one worker; the tests start ranks and
 # servers of their own on free ports). Both always run.
-INTERPRETED := tests/test_triton_kernels.py tests/test_triton_nesting.py
+INTERPRETED := tests/test_triton_kernels.py tests/test_triton_nesting.py tests/test_triton_head_dims.py
 test: setup
 	status=0; \
 	OMP_NUM_THREADS=1 WANDB_MODE=disabled $(PYTHON) -m pytest $(INTERPRETED) -q -n 2 || status=$$?; \

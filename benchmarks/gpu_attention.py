@@ -263,7 +263,7 @@ def main() -> None:
                              "dilated 32K and 1M points with the winner (`make gpu-dq-fused`)")
     parser.add_argument("--heads", type=int, default=12, help="attention heads (default 12, the paper's)")
     parser.add_argument("--head-dim", type=int, default=64,
-                        help="head dim up to 128 (default 64; other than 16, 32, 64, 128 padded to the next), e.g. "
+                        help="head dim up to 128 (default 64; others run tiles of the next of 16, 32, 64, 128, masked), e.g. "
                              "`--heads 6 --head-dim 128`, the same FLOPs")
     parser.add_argument("--tag", default="", help="results go to gpu_attention_<tag>.json/png")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and PNG")

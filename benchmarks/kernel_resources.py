@@ -51,7 +51,7 @@ from common import RESULTS  # noqa: E402
 from gpu_kernels import CANDIDATES  # noqa: E402  (the block shapes gpu_attention.py --tune tries)
 from longnet_dist.attention import fused_launch, fused_settings  # noqa: E402
 from longnet_dist.attention.kernels import triton_dilated as kern  # noqa: E402
-from longnet_dist.attention.kernels import triton_rows  # noqa: E402
+from longnet_dist.attention.kernels import triton_rows, triton_width  # noqa: E402
 from longnet_dist.attention.nesting import KernelFold  # noqa: E402
 
 SHAPE = dict(batch=1, seq_len=262144, heads=12, head_dim=64, w=8192, r=4)  # --head-dim sets head_dim
@@ -146,7 +146,7 @@ def launch_of(kernel: str, blocks: fused_settings.Blocks) -> tuple:
         outputs = tuple(meta_tensor(B, N, H, D, dtype=DTYPE) for _ in range(3))
         covering["out"] = outputs[0] if fn_name == "_fwd" else outputs
     saved = dict(fused_settings.TUNED), fused_settings.DQ_MODE
-    fused_settings.TUNED[(blocks_key(kernel), DTYPE == torch.float32, D)] = blocks
+    fused_settings.TUNED[(blocks_key(kernel), DTYPE == torch.float32, triton_width(D))] = blocks  # by tile width
     try:
         with recording() as recorders:
             if fn_name == "_fwd":
@@ -237,7 +237,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100, "
                         "89: L40S / RTX 4090, 100: B200, 120: RTX 5090)")
-    parser.add_argument("--head-dim", type=int, default=64, choices=[16, 32, 64, 128])
+    parser.add_argument("--head-dim", type=int, default=64, choices=range(1, 129), metavar="1..128",
+                        help="rows of this many values (tiles of the next of 16, 32, 64, 128, the rest masked)")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--defaults", action="store_true", help="only the block shapes in use")
     parser.add_argument("--results", type=Path, default=RESULTS,

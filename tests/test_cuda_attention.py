@@ -34,7 +34,7 @@ def test_fused_kernel_matches_reference(dtype, causal, pad):
 @pytest.mark.parametrize("head_dim", [16, 32, 96, 128])
 def test_fused_kernel_at_every_head_dim_matches_reference(dtype, head_dim):
     """The head dims besides 64 that the fused kernels take (kernels.TRITON_HEAD_DIMS), 128 with blocks of its own
-    (fused_settings.WIDE_HEAD_BLOCKS), and 96, padded to 128 with zero columns (functional._padded); causal with
+    (fused_settings.WIDE_HEAD_BLOCKS), and 96, in tiles of 128 with the columns past 96 masked; causal with
     key padding, r = 1 covering every row (16-bit: written last)."""
     shape = {**SHAPE, "D": head_dim}
     errors = dilated_errors("cuda", **shape, causal=True, pad=0.25, dtype=dtype, backend="triton")

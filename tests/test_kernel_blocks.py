@@ -1,5 +1,5 @@
 """How the fused kernels' launches choose their blocks: per head dim and dtype (a head dim between the kernels'
-padded to the next), from a tuning file, smaller for small causal launches, and smaller again where a GPU refuses
+runs in tiles of the next), from a tuning file, smaller for small causal launches, and smaller again where a GPU refuses
 them for lack of shared memory. On CPU through
 Triton's interpreter (and on CUDA when present); and the blocks at head_dim 128 compiled for GPUs this machine need
 not have (benchmarks/kernel_resources.py; head_dim 64 on sm_90 in tests/test_gpu_check_tools.py).
@@ -265,26 +265,33 @@ def test_a_tuning_step_skips_blocks_a_gpu_refuses(monkeypatch):
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.float16, 4e-3)], ids=str)
 @pytest.mark.parametrize("head_dim, width", [(24, 32), (48, 64)])
-def test_a_head_dim_between_the_kernels_is_padded_to_the_next(dtype, tolerance, head_dim, width, monkeypatch):
-    """head_dim 24 runs the kernels of 32, 48 those of 64, on rows padded with zero columns (the scale stays
-    head_dim's): forward and gradients against the float64 reference, causal, key padding, ragged tails, r not
-    dividing w. Tolerances as in test_triton_kernels.py (fp32: summation order; fp16: 11-bit inputs and P)."""
-    from longnet_dist.attention import fused
+def test_a_head_dim_between_the_kernels_runs_in_tiles_of_the_next(dtype, tolerance, head_dim, width, monkeypatch):
+    """head_dim 24 runs the kernels' tiles of 32, 48 those of 64, over its rows as they are (the columns past the
+    rows' end masked, kernels/triton_columns.py; tests/test_triton_head_dims.py has more): forward and gradients
+    against the float64 reference, causal, key padding, ragged tails, r not dividing w. Tolerances as in
+    test_triton_kernels.py (fp32: summation order; fp16: 11-bit inputs and P)."""
+    from longnet_dist.attention import fused, fused_launch
 
-    widths, run = [], fused.fused_dilated_attention
+    widths, run, launched, real = [], fused.fused_dilated_attention, set(), fused_launch.launch
 
     def recording(q, *args):
         widths.append(q.shape[-1])
         return run(q, *args)
 
+    def launch(kernel, grid, pointers, *scalars, **meta):
+        launched.add((meta["D"], meta["HEAD_DIM"]))
+        return real(kernel, grid, pointers, *scalars, **meta)
+
     monkeypatch.setattr(fused, "fused_dilated_attention", recording)
+    monkeypatch.setattr(fused_launch, "launch", launch)
     errors = dilated_errors(DEVICE, 2, 100, 3, head_dim, [12, 32, 128], [1, 3, 6], True, 0.3, dtype)
-    assert widths == [width] and max(errors.values()) < tolerance, errors
+    assert widths == [head_dim] and launched == {(width, head_dim)} and max(errors.values()) < tolerance, errors
 
 
-def test_a_padded_head_dim_keeps_the_packed_gradient(monkeypatch):
-    """packed_dilated_attention at head_dim 24: the packed (B, N, 3, H, 24) tensor padded once, bit for bit the
-    result and gradient of the three tensors padded one by one (dQ by a kernel of its own: reproducible on a GPU)."""
+def test_a_head_dim_between_the_kernels_keeps_the_packed_gradient(monkeypatch):
+    """packed_dilated_attention at head_dim 24 (tiles of 32): the packed (B, N, 3, H, 24) tensor's views read in
+    place, bit for bit the result and gradient of the three tensors (dQ by a kernel of its own: reproducible on a
+    GPU)."""
     from longnet_dist.attention import fused_settings
 
     monkeypatch.setattr(fused_settings, "DQ_MODE", "kernel")

@@ -84,9 +84,9 @@ def test_memory_savers_give_the_same_loss_and_gradients(overrides):
                          ids=["head_dim_16", "head_dim_16_checkpointed", "head_dim_24_padded"])
 def test_the_fused_kernels_train_the_model_as_the_cpu_kernels_do(checkpointing, dim):
     """The model on the fused Triton kernels (CUDA's default; here through the interpreter, fp32): q and k
-    from rotary, v a strided view of the qkv projection, recomputed under checkpointing; at head_dim 24 on the
-    kernels of 32 (zero columns). The loss and every parameter's gradient equal the model on aten's CPU kernels
-    (fp32: summation order only)."""
+    from rotary, v a strided view of the qkv projection, recomputed under checkpointing; at head_dim 24 in the
+    kernels' tiles of 32 (columns past 24 masked). The loss and every parameter's gradient equal the model on aten's
+    CPU kernels (fp32: summation order only)."""
     ids = tokens()
     settings = dict(activation_checkpointing=checkpointing, segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4],
                     dim=dim)

@@ -66,10 +66,10 @@ CASES = {
     # above): (16, 2) nests in (8, 1)
     "sp4_causal_mask_fp32_triton_shared": dict(FIVE_BRANCHES, head_dim=16, causal=True, mask=True,
                                                dtype=torch.float32, backend="triton", share_keys=True),
-    # head_dim 8, between the kernels' widths: padded to 16 before sharding (functional._padded), packed; the
-    # spanning branches' gathers carry the padded columns (comm_volume at 16)
-    "sp4_causal_mask_fp32_triton_padded": dict(FIVE_BRANCHES, causal=True, mask=True, dtype=torch.float32,
-                                               backend="triton", packed=True, padded_to=16),
+    # head_dim 8, between the kernels' widths: the local branches' rows read in place in tiles of 16 (columns past
+    # 8 masked, no padding), packed; the spanning branches' gathers carry the 8 columns (comm_volume at 8)
+    "sp4_causal_mask_fp32_triton_head_dim_8": dict(FIVE_BRANCHES, causal=True, mask=True, dtype=torch.float32,
+                                                   backend="triton", packed=True),
     "doubling_N64_P2": dict(DOUBLING, sp=2),
     "doubling_N128_P4": dict(DOUBLING, sp=4),
 }
@@ -217,7 +217,7 @@ def test_unprepared_subgroup_is_a_clear_error(rank_results):
 
 def _expected_volume(case: dict, sp_rank: int):
     return comm_volume(batch=case["batch"], local_len=case["local_len"], sp_size=case["sp"], sp_rank=sp_rank,
-                       num_heads=case["heads"], head_dim=case.get("padded_to", case["head_dim"]),
+                       num_heads=case["heads"], head_dim=case["head_dim"],
                        element_size=torch.empty(0, dtype=case["dtype"]).element_size(),
                        segment_lengths=case["segs"], dilation_rates=case["rates"], key_padding_mask=case["mask"])
 

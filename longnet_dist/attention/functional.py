@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .checks import check_branches, check_flag, check_qkv, check_scale
 from .dilated import LocalBranch, _DilatedAttentionFunction
-from .kernels import select_backend, triton_width
+from .kernels import select_backend
 
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
@@ -62,11 +62,13 @@ def _dilated_attention(qkv_views: tuple[Tensor, Tensor, Tensor], packed: Tensor 
         packed, qkv_views = _rows_contiguous(packed, qkv_views)
         q, k, v = qkv_views
     kind = select_backend(q, backend)  # validates a forced backend before any work
-    width = triton_width(q.shape[-1]) if kind == "triton" else q.shape[-1]
-    if width != q.shape[-1]:  # a head dim between the fused kernels' (16, 32, 64, 128): zero columns up to the next
-        return _padded(qkv_views, packed, width, segment_lengths, dilation_rates, causal, key_padding_mask, scale,
-                       sequence_group)
     local = sequence_group is None or sequence_group.size == 1
+    # Any head dim up to 128 runs fused as it is: the kernels' tiles are the next of 16, 32, 64, 128 wide, their
+    # columns past the rows' end masked (kernels/triton_columns.py). Sharded, the spanning branches run aten's CUDA
+    # kernels, whose flash kernel takes only head dims that are multiples of 8: those others are padded to one
+    if kind == "triton" and not local and q.device.type == "cuda" and q.shape[-1] % 8:
+        return _padded(qkv_views, packed, -(-q.shape[-1] // 8) * 8, segment_lengths, dilation_rates, causal,
+                       key_padding_mask, scale, sequence_group)
     if local and kind == "triton":  # every branch in one fused kernel family, rows read in place
         from .fused import fused_dilated_attention  # imports triton: only when it runs
         return fused_dilated_attention(q, k, v, list(zip(segment_lengths, dilation_rates)), bool(causal), scale,
@@ -95,10 +97,9 @@ def _rows_contiguous(packed: Tensor | None, qkv_views: tuple[Tensor, ...]) -> tu
 
 def _padded(qkv_views, packed, width, segment_lengths, dilation_rates, causal, key_padding_mask, scale,
             sequence_group) -> Tensor:
-    """Dilated attention with the head dim D padded by zero columns to `width`, that of a fused kernel: a zero
-    column adds nothing to q.k (the scale stays D's), and the output's padded columns, sums of zero values, are
-    cut off; autograd pads dO and cuts the gradients back the same way. Costs the copies and (width - D) / D more
-    products; aten's kernels (backend="cuda_flash") copy every branch's rows instead."""
+    """Dilated attention with the head dim D padded by zero columns to `width` (a sharded run whose aten kernels
+    need it): a zero column adds nothing to q.k (the scale stays D's), and the output's padded columns, sums of
+    zero values, are cut off; autograd pads dO and cuts the gradients back the same way. Costs the copies."""
     head_dim = qkv_views[0].shape[-1]
     grow = (0, width - head_dim)
     if packed is not None:  # (B, N, 3, H, width): one copy, still one packed gradient

@@ -15,9 +15,11 @@ the rows they write in a byte each, so the accumulators need no fill.
 Memory: the fp32 accumulators are the only buffers of size N beyond inputs and outputs. For long
 sequences they cover a group of heads at a time (`head_group`), so one layer's forward+backward
 holds about as much as dense flash attention: q, k, v, out, dO, dq, dk, dv in the input dtype plus
-fp32 accumulators no larger than one of those tensors. Without an r = 1 branch (or with a second chain) a 16-bit
-pass stores each group's accumulators into its heads of the outputs with one row-wise launch per tensor
-(fused_launch.store_heads); with one, that branch writes the output, dK and dV (dQ too when a dQ launch computes it).
+fp32 accumulators no larger than one of those tensors, all at the rows' head dim (one between the kernels' widths,
+e.g. 80, runs in tiles of the next, 128, whose extra columns the kernels mask: no padded copies). Without an r = 1
+branch (or with a second chain) a 16-bit pass stores each group's accumulators into its heads of the outputs with one
+row-wise launch per tensor (fused_launch.store_heads); with one, that branch writes the output, dK and dV (dQ too when
+a dQ launch computes it).
 
 How each launch runs (block shapes, how dQ is computed, TMA loads, small launches, a second chain of
 branches on side streams) is read from fused_settings.py at every call.

@@ -1,7 +1,9 @@
 """One launch of a fused kernel (kernels/triton_dilated.py) per branch: grids, block shapes and the
 meta-parameters each launch takes from fused_settings.py (how dQ is computed, TMA loads, small
 launches). fused.py chains these launches over the branches for one device; dilated.LocalBranch runs
-them for a rank's local branches when the sequence is sharded.
+them for a rank's local branches when the sequence is sharded. Rows of any head dim up to 128 are read and written
+in place: the kernels' tiles are the next width of kernels.TRITON_HEAD_DIMS, their columns past the rows' end
+masked (`_columns`), so every buffer here has the rows' head dim.
 """
 from __future__ import annotations
 
@@ -16,9 +18,19 @@ from triton.runtime.errors import OutOfResources
 
 from . import fused_settings as settings
 from .kernels import triton_dilated as kern
-from .kernels import triton_rows
+from .kernels import triton_rows, triton_width
 from .kernels.launch import launch
 from .nesting import KernelFold
+
+
+@functools.lru_cache(maxsize=None)
+def _columns(head_dim: int) -> dict[str, int]:
+    """A launch's D, the width of its tiles (kernels.triton_width: 80 and 96 run in tiles of 128), and HEAD_DIM, that
+    of its rows (kernels/triton_columns.py). (Cached: one dict per head dim; launches only read it.)"""
+    width = triton_width(head_dim)
+    if width is None:
+        raise ValueError(f"the fused kernels take head dims up to 128, not {head_dim}")
+    return {"D": width, "HEAD_DIM": head_dim}
 
 
 def _small(grid: tuple[int, int], causal: bool, multiprocessors: int) -> bool:
@@ -42,7 +54,7 @@ def _fitted(key: str, dtype: torch.dtype, head_dim: int, device: torch.device, g
     """go(blocks) with `key`'s blocks on `device`. When the GPU refuses them for lack of shared memory (Triton's
     OutOfResources, raised at a kernel's first launch on a device, before it runs), go again with
     settings.smaller_blocks, which that device then keeps (settings.FITTED), and say so once (unless
-    settings.FIT_REFUSED_BLOCKS is off: a tuning sweep's)."""
+    settings.FIT_REFUSED_BLOCKS is off: a tuning sweep's). Blocks go by the tiles' width (settings.blocks_for)."""
     first = blocks = settings.blocks_for(key, dtype, head_dim, device)
     while True:
         try:
@@ -56,7 +68,7 @@ def _fitted(key: str, dtype: torch.dtype, head_dim: int, device: torch.device, g
                 raise RuntimeError(f"the fused attention kernel {key!r} ({dtype}, head_dim {head_dim}) does not fit "
                                    f"{device}'s shared memory even with blocks {_shape(blocks)}: {error}. Use "
                                    "backend='cuda_flash' (aten's kernels) or a head_dim of 64 or less") from error
-            settings.FITTED[(key, dtype == torch.float32, head_dim, device)] = blocks = smaller
+            settings.FITTED[(key, dtype == torch.float32, triton_width(head_dim), device)] = blocks = smaller
     if blocks is not first:
         warnings.warn(f"fused attention: {device} refused the {key!r} kernel's blocks {_shape(first)} ({dtype}, "
                       f"head_dim {head_dim}) for lack of shared memory; it runs with {_shape(blocks)} instead",
@@ -145,7 +157,7 @@ def forward_branch(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, acc: Te
             kern._fwd, grid, (q, k, v, lse if keep is None else keep, nest, acc, lse, target), *_strides3(q),
             *_strides3(k), *_strides3(v), *_strides3(acc), *_strides3(lse), *_strides3(target), N, N, min(w, N), r,
             head0, heads, num_blocks, scale * kern.LOG2E, parent_w, **nest_meta,  # keep's batch stride: N
-            CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, LAST=out is not None, D=D,
+            CAUSAL=causal, HAS_KEEP=keep is not None, FIRST=first, LAST=out is not None, **_columns(D),
             BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, PRECISION=_precision(q.dtype),
             num_warps=blocks.num_warps, num_stages=blocks.num_stages,
             BLOCK_MAJOR=_small(grid, causal, _multiprocessors(q.device)), **loads)
@@ -163,8 +175,8 @@ def backward_prep(out: Tensor, grad_out: Tensor, lse: Tensor, marks: int = 0) ->
     delta, lse2 = (torch.empty(B, H, N, dtype=torch.float32, device=out.device) for _ in range(2))
     flags = torch.empty(marks, B, H, N, dtype=torch.uint8, device=out.device) if marks else delta  # (unread: 0)
     grid, block = _row_launch(B * N * H)
-    launch(triton_rows._bwd_prep, grid, (out, grad_out, lse, delta, lse2, flags), B * N * H, N, H, D=D, BLOCK=block,
-           PLANES=marks)
+    launch(triton_rows._bwd_prep, grid, (out, grad_out, lse, delta, lse2, flags), B * N * H, N, H, **_columns(D),
+           BLOCK=block, PLANES=marks)
     planes = flags.transpose(2, 3).unbind(0) if marks else ()
     return delta.transpose(1, 2), lse2.transpose(1, 2), *planes  # (B, N, H) views
 
@@ -186,13 +198,15 @@ def backward_branch(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, lse2: Ten
     _check_covering(r, first=first, last=out is not None)
     B, N, heads, D = q.shape
     fuse_dq = _fused_dq(q.device)
+    if fuse_dq == 2 and not _aligned(dq):  # e.g. a head dim of 10: fp32 rows of 40 bytes; TMA wants 16-byte steps
+        fuse_dq = 1
     flags_kv, flags_q = marks if marks is not None else (delta, delta)  # (unread without marks)
     out_q, out_k, out_v = out if out is not None else (dq, dk, dv)
     # the strides both launches share; each adds its output's, keep's batch stride N and the sequence length N
     inputs = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out), *_strides3(lse2), *_strides3(dq))
     nest, parent_w, nest_meta = _nest_args(fold, q.device, delta)
-    meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, D=D, PRECISION=_precision(q.dtype), FIRST=first,
-                MARKED=marks is not None, LAST=out is not None, **nest_meta)
+    meta = dict(CAUSAL=causal, HAS_KEEP=keep is not None, **_columns(D), PRECISION=_precision(q.dtype),
+                FIRST=first, MARKED=marks is not None, LAST=out is not None, **nest_meta)
     keep_arg = keep if keep is not None else delta
     multiprocessors = _multiprocessors(q.device)
     key, small = _dkdv_key(N, w, r, heads, B, q.dtype, D, causal, multiprocessors, q.device, fuse_dq != 0)
@@ -238,8 +252,12 @@ def _tma_ok(*rows: Tensor) -> bool:
     device = rows[0].device
     if not kern.interpreted() and not (device.type == "cuda" and _tma_ready(device)):
         return False
-    return all(x.data_ptr() % 16 == 0 and all(n * x.element_size() % 16 == 0 for n in (*x.stride()[:3], x.shape[3]))
-               for x in rows)
+    return all(_aligned(x) for x in rows)
+
+
+def _aligned(x: Tensor) -> bool:
+    """Whether a (B, N, H', D) tensor's base address, strides and rows are 16-byte multiples (TMA descriptors)."""
+    return x.data_ptr() % 16 == 0 and all(n * x.element_size() % 16 == 0 for n in (*x.stride()[:3], x.shape[3]))
 
 
 def _loop_loads(kernel: str, loop_rows: tuple[Tensor, ...], own_rows: tuple[Tensor, ...], splittable: bool) -> dict:
@@ -289,8 +307,8 @@ def merge_chains(acc: Tensor, lse: Tensor, side_acc: Tensor, side_lse: Tensor, o
     """out = the Eq. 9-10 merge of two chains' mixtures of the same rows, and lse updated to match, in one
     launch. acc, side_acc (B, N, H, D) fp32 and lse, side_lse (B, N, H), contiguous; out may be acc."""
     grid, block = _row_launch(lse.numel())
-    launch(triton_rows._merge_chains, grid, (acc, lse, side_acc, side_lse, out), lse.numel(), D=acc.shape[-1],
-           BLOCK=block)
+    launch(triton_rows._merge_chains, grid, (acc, lse, side_acc, side_lse, out), lse.numel(),
+           **_columns(acc.shape[-1]), BLOCK=block)
 
 
 def store_heads(part: Tensor, total: Tensor, head0: int) -> None:
@@ -302,7 +320,7 @@ def store_heads(part: Tensor, total: Tensor, head0: int) -> None:
                          f"not strides {part.stride()} and {total.stride()}")
     grid, block = _row_launch(B * N * group)
     launch(triton_rows._store_heads, grid, (part, total), B * N * group, group, part.stride(1) // D, total.shape[2],
-           head0, D=D, BLOCK=block)
+           head0, **_columns(D), BLOCK=block)
 
 
 def key_bytes(key_padding_mask: Tensor | None) -> Tensor | None:

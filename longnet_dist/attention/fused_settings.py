@@ -16,6 +16,7 @@ import torch
 
 from . import nesting
 from .kernels import triton_dilated as kern
+from .kernels import triton_width
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,11 @@ DEFAULT_BLOCKS = {
     ("dkdv_small", True): Blocks(32, 16, 4, 2),
     ("dq", True): Blocks(64, 32, 8, 2),
 }
-# Head dims above 64 (128). With the blocks above, the 16-bit dK/dV kernel spills 2.4 KiB of registers per thread
-# on sm_90 and 6.6 KiB on sm_80, and asks for 113 KiB of shared memory: more than sm_86, sm_89 and sm_120 GPUs
-# (L40S, RTX 4090, RTX 5090) give a program (99 KiB), so the backward could not launch there; fp32 spilled 2.8-14 KiB.
+# Head dims above 64, which run in tiles of 128 (80 and 96 too: kernels.triton_width; blocks go by the tiles' width,
+# which sets the registers and shared memory a program needs). With the blocks above, the 16-bit dK/dV kernel spills
+# 2.4 KiB of registers per thread on sm_90 and 6.6 KiB on sm_80, and asks for 113 KiB of shared memory: more than
+# sm_86, sm_89 and sm_120 GPUs (L40S, RTX 4090, RTX 5090) give a program (99 KiB), so the backward could not launch
+# there; fp32 spilled 2.8-14 KiB.
 # These compile for sm_80, sm_89 and sm_90 within each one's shared memory (and within 99 KiB but for 16-bit on
 # sm_90, which has 227), the 16-bit kernels without spills (48 bytes in two variants), fp32 with at most 1 KiB
 # (kernel_resources.py --head-dim 128, benchmarks/results/kernel_resources_sm*_d128_*.json); untimed.
@@ -133,7 +136,7 @@ TMA_LOADS: frozenset[str] = frozenset({"fwd", "dkdv"})
 # (DQ_MODE "kernel" or "stream"). Written without a GPU (stop 31), so empty until `gpu_attention.py --tune` (or
 # `make gpu-tune-late`) times each kernel with and without it, and the split 7-product backward against "tma".
 WARP_SPECIALIZE: frozenset[str] = frozenset()
-TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, head_dim) -> blocks, set by a tuning sweep
+TUNED: dict[tuple[str, bool, int], Blocks] = {}  # (kernel, fp32?, tile width) -> blocks, set by a tuning sweep
 TUNING_ENV = "LONGNET_KERNEL_TUNING"  # a kernel_tuning.json to install at import (see load_tuning)
 
 
@@ -156,7 +159,8 @@ def load_tuning(path: str | os.PathLike) -> None:
         if (kernel, False) not in DEFAULT_BLOCKS or len(shape) != 4 or not all(int(x) > 0 for x in shape):
             raise ValueError(f"{path}: blocks[{kernel!r}]={shape!r}; want one of fwd, dkdv, dkdv_dq, dkdv_small, dq "
                              "mapped to [block_m, block_n, num_warps, num_stages] (positive integers)")
-        blocks[(kernel, False, int(data["head_dim"]))] = Blocks(*(int(x) for x in shape))
+        width = triton_width(int(data["head_dim"])) or int(data["head_dim"])  # blocks go by the tiles' width
+        blocks[(kernel, False, width)] = Blocks(*(int(x) for x in shape))
     waves = data.get("small_launch_waves", SMALL_LAUNCH_WAVES)
     if isinstance(waves, bool) or not isinstance(waves, int) or waves < 0:
         raise ValueError(f"{path}: small_launch_waves={waves!r} must be an integer >= 0 (0: never)")
@@ -179,18 +183,20 @@ def load_tuning(path: str | os.PathLike) -> None:
 
 def blocks_for(kernel: str, dtype: torch.dtype, head_dim: int, device: torch.device | None = None) -> Blocks:
     """The blocks of `kernel`'s launches in `dtype` at `head_dim` on `device`: those that replaced blocks the device
-    refused (FITTED), else the interpreter's, a tuning sweep's (TUNED) or the defaults for the head dim."""
+    refused (FITTED), else the interpreter's, a tuning sweep's (TUNED) or the defaults for the head dim. A head dim
+    between the kernels' widths takes those of its tiles' width (80: 128's), which FITTED and TUNED are keyed by."""
     fp32 = dtype == torch.float32
-    fitted = FITTED.get((kernel, fp32, head_dim, device))
+    width = triton_width(head_dim) or head_dim
+    fitted = FITTED.get((kernel, fp32, width, device))
     if fitted is not None:
         return fitted
     if kern.interpreted():
         return INTERPRETER_BLOCKS
-    defaults = WIDE_HEAD_BLOCKS if head_dim > 64 else DEFAULT_BLOCKS
-    return TUNED.get((kernel, fp32, head_dim), defaults[(kernel, fp32)])
+    defaults = WIDE_HEAD_BLOCKS if width > 64 else DEFAULT_BLOCKS
+    return TUNED.get((kernel, fp32, width), defaults[(kernel, fp32)])
 
 
-# (kernel, fp32?, head_dim, device) -> the blocks that replaced ones the device refused for lack of shared memory
+# (kernel, fp32?, tile width, device) -> the blocks that replaced ones the device refused for lack of shared memory
 # (fused_launch._fitted: a tuning file from a larger GPU, a head dim or dtype nobody compiled for this one)
 FITTED: dict[tuple[str, bool, int, torch.device | None], Blocks] = {}
 # Whether a refused launch runs again with smaller blocks (False: Triton's OutOfResources reaches the caller, as a

@@ -35,12 +35,13 @@ from torch import Tensor
 from . import aten, chunked
 
 BACKENDS = ("cpu_flash", "cuda_flash", "chunked", "triton")
-TRITON_HEAD_DIMS = (16, 32, 64, 128)  # the fused kernel's head dims (tl.dot blocks are powers of two >= 16)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # the fused kernel's tile widths (tl.dot blocks are powers of two >= 16)
 
 
 def triton_width(head_dim: int) -> int | None:
-    """The fused kernels' head dim that runs `head_dim`: itself, or the next of TRITON_HEAD_DIMS, to which the
-    rows are padded with zero columns (functional.py); None above 128."""
+    """The width of the fused kernels' tiles for rows of `head_dim` values: itself, or the next of TRITON_HEAD_DIMS,
+    the columns past the rows' end masked in the kernels (triton_columns.py: the rows are read and written in place,
+    never padded); None above 128."""
     return next((width for width in TRITON_HEAD_DIMS if width >= head_dim), None)
 
 
@@ -72,7 +73,7 @@ def select_backend(q: Tensor, backend: str | None = None) -> str:
                 raise ValueError(f"backend 'triton' runs float16, bfloat16 and float32, got {q.dtype}")
             if triton_width(q.shape[-1]) is None:
                 raise ValueError(f"backend 'triton' needs head_dim <= {TRITON_HEAD_DIMS[-1]} (it runs {TRITON_HEAD_DIMS} "
-                                 f"and pads the others up to the next), got {q.shape[-1]}")
+                                 f"and pads the others up to the next in its tiles, masked), got {q.shape[-1]}")
         return backend
     if q.device.type == "cpu" and q.dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         return "cpu_flash"

@@ -10,12 +10,15 @@ in-loop reductions the pass refuses).
 In a 16-bit backward the covering r = 1 branch runs last and writes dK, dV (and dQ from `_bwd_dq`) in the
 gradients' dtype (LAST); the branches before it mark each row they write in a byte per (position, head) that
 `_bwd_prep` cleared (MARKED), so the fp32 accumulators need no fill and no store pass follows (`_add_rows`).
+Tiles are D columns wide, rows HEAD_DIM (triton_columns.py): the gradients' columns past HEAD_DIM are products
+of zero columns (0), and never stored.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .triton_columns import _columns, _load_tile, _tile_mask
 from .triton_nesting import _apart, _nest_factor, _nest_flags, _regions
 from .triton_slots import (_block_rows, _key_stretches, _load_rows, _own_block, _own_rows, _past_gap, _program_block,
                            _slot_rows, placement)
@@ -26,15 +29,17 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, strid
                 stride_gn, row0, r, offs_n, key_ok, lo, hi, gap_at, gap, n_slots, scale2, scale, seg_n, parent_w,
                 flags_n, c_j, m_j, inv, CAUSAL: tl.constexpr, MASKED: tl.constexpr, FUSE_DQ: tl.constexpr,
                 HAS_KEEP: tl.constexpr, CHILD: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
-                D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr = False):
-    offs_d = tl.arange(0, D)
+                D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                WS: tl.constexpr = False):
+    offs_d, cols = _columns(D, HEAD_DIM)
     for step in tl.range(lo, hi - gap, BLOCK_M, warp_specialize=WS):
         start = _past_gap(step, gap_at, gap, CHILD and not CAUSAL)
         offs_m, m_ok, pos_m = _block_rows(start, BLOCK_M, row0, r, n_slots)
         if TMA:  # q_src, do_src: descriptors (_slot_rows)
             q, do = q_src.load([start, 0]), do_src.load([start, 0])
         else:
-            q, do = _load_rows(q_src, pos_m, m_ok, stride_qn, D), _load_rows(do_src, pos_m, m_ok, stride_don, D)
+            q = _load_rows(q_src, pos_m, m_ok, stride_qn, D, HEAD_DIM)
+            do = _load_rows(do_src, pos_m, m_ok, stride_don, D, HEAD_DIM)
         lse2 = tl.load(lse_base + pos_m * stride_ln, mask=m_ok, other=float("inf"))  # missing rows: P = 0
         delta = tl.load(delta_base + pos_m * stride_ln, mask=m_ok, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale2 - lse2[None, :])  # (BN, BM)
@@ -56,25 +61,25 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, strid
             if FUSE_DQ == 2:  # one bulk reduction of the tile (TMA); slots past the end are out of bounds
                 dq_out.atomic_add([start, 0], dq)
             else:  # an atomic add per element (dq_out: this (batch, head)'s fp32 dQ rows)
-                tl.atomic_add(dq_out + pos_m[:, None] * stride_gn + offs_d[None, :], dq, mask=m_ok[:, None],
-                              sem="relaxed")
+                tl.atomic_add(dq_out + pos_m[:, None] * stride_gn + offs_d[None, :], dq,
+                              mask=_tile_mask(m_ok[:, None], cols[None, :], HEAD_DIM < D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _add_rows(x, y, XA, YA, FLAGS, XO, YO, b64, hh, pos, ok, stride_gb, stride_gn, stride_gh, stride_lb, stride_ln,
-              stride_lh, stride_yb, stride_yn, stride_yh, D: tl.constexpr, TWO: tl.constexpr, FIRST: tl.constexpr,
-              MARKED: tl.constexpr, LAST: tl.constexpr):
+              stride_lh, stride_yb, stride_yn, stride_yh, D: tl.constexpr, HEAD_DIM: tl.constexpr, TWO: tl.constexpr,
+              FIRST: tl.constexpr, MARKED: tl.constexpr, LAST: tl.constexpr):
     """A program's gradient rows of this branch, x (and y: TWO) (BLOCK, D) fp32 at positions `pos` (existing where
     `ok`) of one (batch, head), into the fp32 accumulators XA (YA), added to what the branches before put there.
     FIRST: the covering r = 1 branch, run first, writes them (nothing before). MARKED: the accumulators are not
     filled; a row's byte in FLAGS (the layout of LSE2) says whether a branch before wrote it, and this one sets it.
     LAST: the covering branch, run last, writes the sums into XO (YO), the gradients in their dtype, instead: no
-    store pass after the branches."""
-    offs_d = tl.arange(0, D)
+    store pass after the branches. Only the first HEAD_DIM of the D columns are read and written."""
+    offs_d, cols = _columns(D, HEAD_DIM)
     g_off = b64 * stride_gb + hh * stride_gh + pos[:, None] * stride_gn + offs_d[None, :]
     f_ptrs = FLAGS + b64 * stride_lb + hh * stride_lh + pos * stride_ln
-    rows = ok[:, None]
+    rows = _tile_mask(ok[:, None], cols[None, :], HEAD_DIM < D)
     if not FIRST:
         earlier = rows
         if MARKED:  # unwritten rows hold anything: not read
@@ -102,9 +107,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA, FLAGS, DKO, D
               stride_gb, stride_gn, stride_gh, stride_yb, stride_yn, stride_yh, stride_keep,
               N, w, r, head0, heads, num_n_blocks, scale2, scale, parent_w,
               CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FUSE_DQ: tl.constexpr, FIRST: tl.constexpr,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_MAJOR: tl.constexpr, TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0,
-              WS: tl.constexpr = False, MARKED: tl.constexpr = False, LAST: tl.constexpr = False):
+              D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr, TMA: tl.constexpr, CHILD: tl.constexpr = False,
+              NESTED: tl.constexpr = 0, WS: tl.constexpr = False, MARKED: tl.constexpr = False,
+              LAST: tl.constexpr = False):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_n, hh, row0, n_slots = _program_block(pid, num_n_blocks, heads, N, w, r, head0, False, BLOCK_MAJOR)
     if not WS:  # (no early return under warp specialisation: see the loop below)
@@ -126,20 +132,20 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA, FLAGS, DKO, D
                                                                     head0 + hh, parent_w, NESTED)
     b64 = b.to(tl.int64)
     k = _own_rows(K + b64 * stride_kb + hh * stride_kh, row0, r, stride_kn, n_slots, pid_n * BLOCK_N, pos_n, n_ok,
-                  BLOCK_N, D, WS)
+                  BLOCK_N, D, HEAD_DIM, WS)
     v = _own_rows(V + b64 * stride_vb + hh * stride_vh, row0, r, stride_vn, n_slots, pid_n * BLOCK_N, pos_n, n_ok,
-                  BLOCK_N, D, WS)
+                  BLOCK_N, D, HEAD_DIM, WS)
     q_src = Q + b64 * stride_qb + hh * stride_qh
     do_src = DO + b64 * stride_dob + hh * stride_doh
     if TMA:  # the query loop's tiles through descriptors
-        q_src = _slot_rows(q_src, row0, r, stride_qn, n_slots, BLOCK_M, D)
-        do_src = _slot_rows(do_src, row0, r, stride_don, n_slots, BLOCK_M, D)
+        q_src = _slot_rows(q_src, row0, r, stride_qn, n_slots, BLOCK_M, D, HEAD_DIM)
+        do_src = _slot_rows(do_src, row0, r, stride_don, n_slots, BLOCK_M, D, HEAD_DIM)
     lse_base = LSE2 + b64 * stride_lb + hh * stride_lh
     delta_base = DELTA + b64 * stride_lb + hh * stride_lh
     dq_out = DQA + b64 * stride_gb + hh * stride_gh
-    if FUSE_DQ == 2:  # this (segment, head)'s dQ slots as a TMA descriptor: (n_slots, D), row stride r rows
-        dq_out = tl.make_tensor_descriptor(dq_out + row0.to(tl.int64) * stride_gn, shape=[n_slots, D],
-                                           strides=[r * stride_gn, 1], block_shape=[BLOCK_M, D])
+    if FUSE_DQ == 2:  # this (segment, head)'s dQ slots as a TMA descriptor: (n_slots, HEAD_DIM), row stride r rows;
+        # the reductions leave out what lies past its bounds (slots past the end, columns past HEAD_DIM)
+        dq_out = _slot_rows(dq_out, row0, r, stride_gn, n_slots, BLOCK_M, D, HEAD_DIM)
     keep = n_ok
     if HAS_KEEP:  # a padded key is attended by no query: its gradient is 0
         keep = keep & (tl.load(KEEP + b64 * stride_keep + pos_n, mask=n_ok, other=0) != 0)
@@ -155,34 +161,35 @@ def _bwd_dkdv(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DKA, DVA, DQA, FLAGS, DKO, D
         dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
                              stride_ln, stride_gn, row0, r, offs_n, keep, q_lo, q_hi, gap_at, gap, n_slots, scale2,
                              scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, True, FUSE_DQ, HAS_KEEP, CHILD,
-                             NESTED, BLOCK_M, D, PRECISION, TMA, True)
+                             NESTED, BLOCK_M, D, HEAD_DIM, PRECISION, TMA, True)
     else:
         if not CAUSAL:  # (causal: a = lo)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
                                  stride_ln, stride_gn, row0, r, offs_n, keep, lo, a, a, 0, n_slots, scale2, scale,
                                  seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP, CHILD,
-                                 NESTED, BLOCK_M, D, PRECISION, TMA)
+                                 NESTED, BLOCK_M, D, HEAD_DIM, PRECISION, TMA)
         if CHILD or CAUSAL:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
                                  stride_ln, stride_gn, row0, r, offs_n, keep, m0, m1, gap_at, gap, n_slots, scale2,
                                  scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, True, FUSE_DQ, HAS_KEEP,
-                                 CHILD, NESTED, BLOCK_M, D, PRECISION, TMA)
+                                 CHILD, NESTED, BLOCK_M, D, HEAD_DIM, PRECISION, TMA)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_out, stride_qn, stride_don,
                                  stride_ln, stride_gn, row0, r, offs_n, keep, d, n_slots, n_slots, 0, n_slots, scale2,
                                  scale, seg_n, parent_w, flags_n, c_j, m_j, inv, CAUSAL, False, FUSE_DQ, HAS_KEEP,
-                                 CHILD, NESTED, BLOCK_M, D, PRECISION, TMA)
+                                 CHILD, NESTED, BLOCK_M, D, HEAD_DIM, PRECISION, TMA)
     dk = tl.where(keep[:, None], dk * scale, 0.0)
     dv = tl.where(keep[:, None], dv, 0.0)
     _add_rows(dk, dv, DKA, DVA, FLAGS, DKO, DVO, b64, hh, pos_n, n_ok, stride_gb, stride_gn, stride_gh, stride_lb,
-              stride_ln, stride_lh, stride_yb, stride_yn, stride_yh, D, True, FIRST, MARKED, LAST)
+              stride_ln, stride_lh, stride_yb, stride_yn, stride_yh, D, HEAD_DIM, True, FIRST, MARKED, LAST)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, lo, hi, gap_at,
               gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
               HAS_KEEP: tl.constexpr, CHILD: tl.constexpr, NESTED: tl.constexpr, BLOCK_N: tl.constexpr,
-              D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr = False):
-    offs_d = tl.arange(0, D)
+              D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+              WS: tl.constexpr = False):
+    offs_d, cols = _columns(D, HEAD_DIM)
     for step in tl.range(lo, hi - gap, BLOCK_N, warp_specialize=WS):
         start = _past_gap(step, gap_at, gap, CHILD and not CAUSAL)
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -190,12 +197,11 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride
         pos_n = (row0 + offs_n * r).to(tl.int64)
         if TMA:  # k_src, v_src: descriptors (_slot_rows)
             k_t, v_t = tl.trans(k_src.load([start, 0])), tl.trans(v_src.load([start, 0]))            # (D, BN)
-        elif MASKED:
-            k_t = tl.load(k_src + pos_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-            v_t = tl.load(v_src + pos_n[None, :] * stride_vn + offs_d[:, None], mask=n_ok[None, :], other=0.0)
-        else:  # [0, full): every key slot exists
-            k_t = tl.load(k_src + pos_n[None, :] * stride_kn + offs_d[:, None])
-            v_t = tl.load(v_src + pos_n[None, :] * stride_vn + offs_d[:, None])
+        else:  # MASKED or not ([0, full): every key slot exists)
+            k_t = _load_tile(k_src + pos_n[None, :] * stride_kn + offs_d[:, None], n_ok[None, :], cols[:, None],
+                             MASKED, HEAD_DIM < D)
+            v_t = _load_tile(v_src + pos_n[None, :] * stride_vn + offs_d[:, None], n_ok[None, :], cols[:, None],
+                             MASKED, HEAD_DIM < D)
         p = tl.exp2(tl.dot(q, k_t, input_precision=PRECISION) * scale2 - lse2[:, None])     # (BM, BN)
         if MASKED:
             allowed = n_ok[None, :]
@@ -222,9 +228,9 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA, FLAGS, DQO,
             stride_gb, stride_gn, stride_gh, stride_yb, stride_yn, stride_yh, stride_keep,
             N, w, r, head0, heads, num_m_blocks, scale2, scale, parent_w,
             CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, FIRST: tl.constexpr, D: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_MAJOR: tl.constexpr,
-            TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0, WS: tl.constexpr = False,
-            MARKED: tl.constexpr = False, LAST: tl.constexpr = False):
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+            BLOCK_MAJOR: tl.constexpr, TMA: tl.constexpr, CHILD: tl.constexpr = False, NESTED: tl.constexpr = 0,
+            WS: tl.constexpr = False, MARKED: tl.constexpr = False, LAST: tl.constexpr = False):
     pid, b = tl.program_id(0), tl.program_id(1)
     pid_m, hh, row0, n_slots = _program_block(pid, num_m_blocks, heads, N, w, r, head0, True, BLOCK_MAJOR)
     if not WS:  # (no early return under warp specialisation: see _fwd)
@@ -238,31 +244,31 @@ def _bwd_dq(Q, K, V, DO, LSE2, DELTA, KEEP, NEST, DQA, FLAGS, DQO,
                                                                     head0 + hh, parent_w, NESTED)
     b64 = b.to(tl.int64)
     q = _own_rows(Q + b64 * stride_qb + hh * stride_qh, row0, r, stride_qn, n_slots, pid_m * BLOCK_M, pos_m, m_ok,
-                  BLOCK_M, D, WS)
+                  BLOCK_M, D, HEAD_DIM, WS)
     do = _own_rows(DO + b64 * stride_dob + hh * stride_doh, row0, r, stride_don, n_slots, pid_m * BLOCK_M, pos_m,
-                   m_ok, BLOCK_M, D, WS)
+                   m_ok, BLOCK_M, D, HEAD_DIM, WS)
     l_off = b64 * stride_lb + hh * stride_lh + pos_m * stride_ln
     lse2 = tl.load(LSE2 + l_off, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + l_off, mask=m_ok, other=0.0)
     k_src = K + b64 * stride_kb + hh * stride_kh
     v_src = V + b64 * stride_vb + hh * stride_vh
     if TMA:  # the key loop's tiles through descriptors
-        k_src = _slot_rows(k_src, row0, r, stride_kn, n_slots, BLOCK_N, D)
-        v_src = _slot_rows(v_src, row0, r, stride_vn, n_slots, BLOCK_N, D)
+        k_src = _slot_rows(k_src, row0, r, stride_kn, n_slots, BLOCK_N, D, HEAD_DIM)
+        v_src = _slot_rows(v_src, row0, r, stride_vn, n_slots, BLOCK_N, D, HEAD_DIM)
     keep_base = KEEP + b64 * stride_keep
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     if WS:  # one loop, every block masked, as in _fwd
         hi = tl.where(pid_m * BLOCK_M >= n_slots, gap, m1)
         dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0, hi,
                        gap_at, gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True, HAS_KEEP,
-                       CHILD, NESTED, BLOCK_N, D, PRECISION, TMA, True)
+                       CHILD, NESTED, BLOCK_N, D, HEAD_DIM, PRECISION, TMA, True)
     else:
         dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, 0, a, a,
                        0, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, False, HAS_KEEP, CHILD,
-                       NESTED, BLOCK_N, D, PRECISION, TMA)
+                       NESTED, BLOCK_N, D, HEAD_DIM, PRECISION, TMA)
         dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, keep_base, stride_kn, stride_vn, row0, r, offs_m, m0, m1,
                        gap_at, gap, n_slots, scale2, seg_m, parent_w, flags_m, c_j, m_j, inv, CAUSAL, True, HAS_KEEP,
-                       CHILD, NESTED, BLOCK_N, D, PRECISION, TMA)
+                       CHILD, NESTED, BLOCK_N, D, HEAD_DIM, PRECISION, TMA)
     dq = dq * scale  # (the second pair of arguments is unused: TWO False)
     _add_rows(dq, dq, DQA, DQA, FLAGS, DQO, DQO, b64, hh, pos_m, m_ok, stride_gb, stride_gn, stride_gh, stride_lb,
-              stride_ln, stride_lh, stride_yb, stride_yn, stride_yh, D, False, FIRST, MARKED, LAST)
+              stride_ln, stride_lh, stride_yb, stride_yn, stride_yh, D, HEAD_DIM, False, FIRST, MARKED, LAST)

@@ -2,13 +2,15 @@
 over and in which stretches, and how it reads their rows (pointers, or TMA descriptors over one (segment, head)).
 
 Branch (w, r): segment j covers positions [j*w, min((j+1)*w, N)); head h keeps slots k = 0, 1, ... at
-positions j*w + s + k*r, s = h mod r (Eq. 13-15), while they lie inside the segment.
+positions j*w + s + k*r, s = h mod r (Eq. 13-15), while they lie inside the segment. A row tile is D columns wide
+and a row HEAD_DIM (triton_columns.py).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .triton_columns import _columns, _load_tile
 from .triton_nesting import _nest_setup, _regions
 
 
@@ -68,17 +70,21 @@ def _key_range(pid_m, n_slots, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def _load_rows(base, pos, ok, stride_n, D: tl.constexpr):
-    """(BLOCK, D) rows at positions `pos` of one (batch, head): each row's D values are contiguous."""
-    return tl.load(base + pos[:, None] * stride_n + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+def _load_rows(base, pos, ok, stride_n, D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(BLOCK, D) tile of the rows at positions `pos` of one (batch, head): each row's HEAD_DIM values are
+    contiguous; missing rows and the columns past HEAD_DIM read 0."""
+    offs_d, cols = _columns(D, HEAD_DIM)
+    return _load_tile(base + pos[:, None] * stride_n + offs_d[None, :], ok[:, None], cols[None, :], True,
+                      HEAD_DIM < D)
 
 
 @triton.jit
-def _slot_rows(base, row0, r, stride_n, n_slots, BLOCK: tl.constexpr, D: tl.constexpr):
-    """One (segment, head)'s slots of a (B, N, H, D) tensor as a TMA descriptor: an (n_slots, D) matrix with
-    row stride r * stride_n, read in (BLOCK, D) tiles by the tensor-memory accelerator, which fills slots past
-    the end with zeros (what the masked pointer loads give)."""
-    return tl.make_tensor_descriptor(base + row0.to(tl.int64) * stride_n, shape=[n_slots, D],
+def _slot_rows(base, row0, r, stride_n, n_slots, BLOCK: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One (segment, head)'s slots of a (B, N, H, HEAD_DIM) tensor as a TMA descriptor: an (n_slots, HEAD_DIM)
+    matrix with row stride r * stride_n, read in (BLOCK, D) tiles by the tensor-memory accelerator, which fills
+    what lies out of bounds, slots past the end and columns past HEAD_DIM, with zeros (what the masked pointer
+    loads give), and leaves it out of a store or reduction (FUSE_DQ 2) through the descriptor."""
+    return tl.make_tensor_descriptor(base + row0.to(tl.int64) * stride_n, shape=[n_slots, HEAD_DIM],
                                      strides=[r * stride_n, 1], block_shape=[BLOCK, D])
 
 
@@ -94,13 +100,13 @@ def _own_block(first, BLOCK: tl.constexpr, row0, r, n_slots, NEST, h, parent_w, 
 
 @triton.jit
 def _own_rows(base, row0, r, stride_n, n_slots, first, pos, ok, BLOCK: tl.constexpr, D: tl.constexpr,
-              TMA: tl.constexpr):
+              HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
     """A program's own (BLOCK, D) rows, slots first.. (positions `pos`, existing where `ok`) of one (batch, head):
     through a TMA descriptor (TMA: what a warp-specialised loop's partitions need, _slot_rows) or pointer loads."""
     if TMA:
-        return _slot_rows(base, row0, r, stride_n, n_slots, BLOCK, D).load([first, 0])
+        return _slot_rows(base, row0, r, stride_n, n_slots, BLOCK, D, HEAD_DIM).load([first, 0])
     else:
-        return _load_rows(base, pos, ok, stride_n, D)
+        return _load_rows(base, pos, ok, stride_n, D, HEAD_DIM)
 
 
 @triton.jit
