@@ -94,3 +94,16 @@ def test_the_cache_refuses_what_it_cannot_do():
     layer = DilatedAttention(8, 2, [4], [1], causal=False)
     with pytest.raises(ValueError, match=r"attend_step computes causal attention; this layer has causal=False"):
         layer.attend_step(torch.zeros(1, 2, 4), torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
+
+
+def test_the_cached_path_runs_eager(monkeypatch):
+    """Generation feeds a new shape each call; regions compiled for static shapes would compile again for each, so a
+    forward with a cache never asks for compilation (config.compile=True here: a full forward would compile)."""
+    model = LongNetLM(LongNetConfig(vocab_size=10, dim=8, num_layers=1, num_heads=2, segment_lengths=[4],
+                                    dilation_rates=[1], compile=True)).eval()
+    monkeypatch.setattr(model, "_compile_once", lambda device: pytest.fail("the cached path compiled"))
+    cache = model.new_cache(batch=1, capacity=3)
+    with torch.no_grad():
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    assert model.compiled is None

@@ -308,7 +308,8 @@ class LongNetLM(nn.Module):
                              "no gradient (run it under torch.no_grad() or torch.inference_mode())")
         cache.check_rows(*input_ids.shape)
         x = self.embed(input_ids)  # (B, n, E)
-        self._compile_once(x.device)
+        # no _compile_once: generation feeds a new shape each call (the prompt, then one row), which regions compiled
+        # for static shapes would compile again; a model that compiled in a full forward keeps its regions
         positions = torch.arange(cache.length, cache.length + input_ids.shape[1], device=x.device)
         tables = rotary_tables_of(positions, x, self.config.head_dim, self.config.rotary_base)
         x = self._run_blocks(x, positions, None, tables, 0, len(self.blocks), cache)
