@@ -89,6 +89,17 @@ def test_the_cache_refuses_what_it_cannot_do():
         with pytest.raises(ValueError, match=r"the cache holds 3 of its 4 rows; 2 more do not fit: make it with "
                                              r"capacity >= 5"):
             model(ids[:, :2], cache=cache)
+        bigger = LongNetLM(LongNetConfig(vocab_size=10, dim=16, num_layers=2, num_heads=4, segment_lengths=[4],
+                                         dilation_rates=[1])).eval()
+        with pytest.raises(ValueError, match=r"the cache does not fit this model \(layers 1 vs the model's 2, heads 2 "
+                                             r"vs the model's 4\): make it with this model's new_cache"):
+            bigger(ids, cache=model.new_cache(batch=1, capacity=4))
+        with pytest.raises(ValueError, match=r"dtype torch.float32 vs the model's torch.float64"):
+            LongNetLM(model.config).double()(ids, cache=model.new_cache(batch=1, capacity=4))
+    with torch.inference_mode():
+        made_there = model.new_cache(batch=1, capacity=4)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"made under torch.inference_mode\(\); use it there too"):
+        model(ids, cache=made_there)
     with pytest.raises(ValueError, match=r"capacity=0 must be a positive integer"):
         model.new_cache(batch=1, capacity=0)
     layer = DilatedAttention(8, 2, [4], [1], causal=False)

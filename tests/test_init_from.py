@@ -19,7 +19,7 @@ import torch
 from longnet_dist.distributed.testing import free_port
 from longnet_dist.model import LongNetConfig, LongNetLM
 from longnet_dist.model.io import save_exported
-from longnet_dist.train.init_weights import load_initial_weights, resolve_source
+from longnet_dist.train.init_weights import load_initial_weights, resolve_init_source, tokenizer_id
 from subprocess_env import REPO, on_the_cpu, repo_first_on_pythonpath
 
 
@@ -37,9 +37,9 @@ def exported(tmp_path: Path, model: LongNetLM, tokenizer: str = "bytes") -> Path
 def test_the_weights_arrive_exactly_and_the_branches_may_differ(tmp_path):
     donor = tiny(0)
     folder = exported(tmp_path, donor)
-    assert resolve_source(str(folder)) == folder
+    assert resolve_init_source(str(folder)) == folder
     model = tiny(1, segment_lengths=[128, 256], dilation_rates=[1, 2], rotary_base=5e5)  # attention may change
-    meta = load_initial_weights(model, folder, tokenizer="bytes")
+    meta = load_initial_weights(model, folder, tokenizer="bytes", tokenizer_name="bytes")
     assert (meta["step"], meta["seq_len"]) == (7, 256)
     theirs = donor.state_dict()
     assert all(torch.equal(tensor, theirs[name]) for name, tensor in model.state_dict().items())
@@ -52,25 +52,37 @@ def test_another_model_shape_or_tokenizer_is_refused_before_a_weight_is_copied(t
     with pytest.raises(ValueError, match=r"init_from='.*export': its weights do not fit this run's model: model "
                                          r"num_layers: 2 there, 3 here; model mlp: 'swiglu' there, 'gelu' here\. Set "
                                          r"these as that run had them"):
-        load_initial_weights(model, folder, tokenizer="bytes")
+        load_initial_weights(model, folder, tokenizer="bytes", tokenizer_name="bytes")
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
     vocab = tmp_path / "tokenizer.json"
     vocab.write_text("{}")
-    with pytest.raises(ValueError, match=r"data.tokenizer: 'bytes' there, '.*tokenizer.json' here \(another "
-                                         r"vocabulary\)"):
-        load_initial_weights(tiny(1), folder, tokenizer=str(vocab))
+    name = tokenizer_id(str(vocab))
+    assert name.startswith("hf-") and tokenizer_id(str(tmp_path / "elsewhere.json")) is None
+    with pytest.raises(ValueError, match=r"data.tokenizer: 'bytes' \(bytes\) there, '.*tokenizer.json' \(hf-\w{16}\) "
+                                         r"here: another vocabulary"):
+        load_initial_weights(tiny(1), folder, tokenizer=str(vocab), tokenizer_name=name)
 
 
-def test_a_missing_source_is_a_config_error():
+def test_config_errors_and_a_missing_source():
+    """An empty init_from or one beside an explicit resume path fails the config check; a path that does not exist
+    fails where a fresh start resolves it (a rerun that resumes its own checkpoints never looks for it)."""
     from hydra import compose, initialize_config_dir
 
     from longnet_dist.train.__main__ import CONFIG_DIR
     from longnet_dist.train.config import validate_config
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["init_from=/no/such/run", "logger=none"])
+    def config(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("train", overrides=[*overrides, "logger=none"])
+
+    validate_config(config("init_from=/no/such/run"))
     with pytest.raises(ValueError, match=r"init_from='/no/such/run': no such path; use null"):
-        validate_config(cfg)
+        resolve_init_source("/no/such/run")
+    with pytest.raises(ValueError, match=r"init_from='': use null \(weights initialised at random\) or the path"):
+        validate_config(config("init_from=''"))
+    with pytest.raises(ValueError, match=r"resume='/tmp' and init_from='/tmp': a resume continues that checkpoint's "
+                                         r"weights and optimizer, so init_from would be ignored"):
+        validate_config(config("init_from=/tmp", "resume=/tmp"))
 
 
 TINY = ["model=tiny", "attention.segment_lengths=[64,128,256]", "attention.dilation_rates=[1,2,4]",
@@ -104,6 +116,7 @@ def test_a_run_continues_at_a_longer_seq_len_from_another_runs_weights(tmp_path)
     assert "weights from" not in fresh
     # same data, same order: the trained weights start 0.6 nats lower than a random start (measured 4.36 vs 5.33)
     assert first_loss(tmp_path / "long") < first_loss(tmp_path / "fresh") - 0.5
+    (tmp_path / "short").rename(tmp_path / "gone")  # a requeued job needs its own checkpoints only
     again = train(tmp_path / "long", *longer[:-1], "trainer.max_steps=3", f"init_from={tmp_path / 'short'}",
                   nproc=2)
     assert "resumed from" in again and "weights from" not in again  # its own checkpoint wins over init_from

@@ -121,3 +121,23 @@ def test_the_cli_refuses_in_one_line_and_the_run_directory_keeps_every_byte(tmp_
     assert unstable.returncode == 1 and "NonFiniteWeightsError: step 2: parameter" in last_line(unstable), \
         unstable.stderr[-3000:]
     assert not (tmp_path / "unstable" / "checkpoints" / "step_00000002").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_with_a_longer_schedule_takes_its_lr_and_counts_tokens_as_they_ran(tmp_path):
+    """Continuing past the end (max_steps 4 -> 6) with twice the gradient accumulation: step 5 takes the new
+    schedule's lr (that of a 6-step run at step 5, not the 4-step run's last one, which the loaded optimizer state
+    holds) and tokens_seen adds each step's own tokens (4 x 256, then 2 x 512)."""
+    def logged(run: Path) -> dict[int, dict]:
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {line["step"]: line for line in lines if "lr" in line}
+
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    for result in (train(run, "trainer.max_steps=4", "trainer.log_every=1"),
+                   train(run, "trainer.max_steps=6", "trainer.log_every=1", "trainer.gradient_accumulation_steps=2"),
+                   train(fresh, "trainer.max_steps=6", "trainer.log_every=1")):
+        assert result.returncode == 0, result.stderr[-3000:]
+    continued, expected = logged(run), logged(fresh)
+    assert continued[5]["lr"] == expected[5]["lr"] and continued[6]["lr"] == expected[6]["lr"]
+    assert continued[4]["lr"] != expected[4]["lr"]  # the 4-step schedule had reached its floor
+    assert [continued[step]["tokens_seen"] for step in (4, 5, 6)] == [1024, 1536, 2048]

@@ -183,7 +183,8 @@ class SequenceShardLoader:
                                 f"{current[name]!r} now" for name in mismatched)
             raise ValueError(
                 f"cannot resume the data position of {where}, the loader setup changed: {details}. Resume with the "
-                f"settings it was trained with, or start a new run in a new trainer.output_dir")
+                f"settings it was trained with, or start a new run from its weights in a new trainer.output_dir "
+                f"(init_from=<that checkpoint>: the optimizer and the data position start anew)")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; the dp/sp split may differ as long as the global batch is the same."""

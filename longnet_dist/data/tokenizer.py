@@ -47,6 +47,11 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
+def file_tokenizer_name(path: str | Path) -> str:
+    """The name a tokenizer.json goes by (corpus cache keys, checkpoints): 'hf-' and 16 hex digits of its sha256."""
+    return f"hf-{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
+
+
 class HFTokenizer:
     """A `tokenizers` tokenizer.json. EOD and PAD are appended after its vocabulary:
     eod_id = n, pad_id = n + 1, vocab_size = n + 2 (n = the file's vocabulary size)."""
@@ -59,8 +64,7 @@ class HFTokenizer:
         self.eod_id = base_vocab
         self.pad_id = base_vocab + 1
         self.vocab_size = base_vocab + 2
-        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
-        self.name = f"hf-{digest}"
+        self.name = file_tokenizer_name(self.path)
 
     def encode(self, text: str | bytes) -> np.ndarray:
         return self.encode_batch([text])[0]

@@ -25,6 +25,22 @@ class KVCache:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.batch, self.capacity, self.length = batch, capacity, 0
 
+    def check_model(self, num_layers: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+        """ValueError unless this cache was made for a model of these layers, heads, head dim, dtype and device
+        (LongNetLM.new_cache), and can be written here (a cache made under torch.inference_mode() only there)."""
+        keys = self.keys[0]  # (batch, capacity, H, D)
+        made = (len(self.keys), keys.shape[2], keys.shape[3], keys.dtype, keys.device)
+        wanted = (num_layers, num_heads, head_dim, dtype, device)
+        if made != wanted:
+            names = ("layers", "heads", "head_dim", "dtype", "device")
+            raise ValueError("the cache does not fit this model (" + ", ".join(
+                f"{name} {a} vs the model's {b}" for name, a, b in zip(names, made, wanted) if a != b)
+                + "): make it with this model's new_cache")
+        if keys.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError("the cache was made under torch.inference_mode(); use it there too (or make it under "
+                             "torch.no_grad())")
+
     def check_rows(self, batch: int, rows: int) -> None:
         """ValueError unless `rows` more rows of `batch` sequences fit."""
         if batch != self.batch:

@@ -306,6 +306,9 @@ class LongNetLM(nn.Module):
         if labels is not None or positions is not None or sequence_group is not None or torch.is_grad_enabled():
             raise ValueError("forward with a cache is for generation: no labels, positions or sequence_group, and "
                              "no gradient (run it under torch.no_grad() or torch.inference_mode())")
+        weight = self.embed.weight
+        cache.check_model(self.config.num_layers, self.config.num_heads, self.config.head_dim, weight.dtype,
+                          weight.device)
         cache.check_rows(*input_ids.shape)
         x = self.embed(input_ids)  # (B, n, E)
         # no _compile_once: generation feeds a new shape each call (the prompt, then one row), which regions compiled

@@ -202,12 +202,14 @@ def find_latest_checkpoint(checkpoint_root: str | os.PathLike, *, checksums: boo
     Incomplete or corrupt folders are skipped with a warning naming them (so a resume falls back to
     the previous good checkpoint); *.tmp-* folders of unfinished saves are never considered.
     """
-    for folder in reversed(list_checkpoints(checkpoint_root)):
+    folders = list_checkpoints(checkpoint_root)
+    for index in range(len(folders) - 1, -1, -1):
         try:
-            verify_checkpoint(folder, checksums=checksums)
-            return folder
+            verify_checkpoint(folders[index], checksums=checksums)
+            return folders[index]
         except CorruptCheckpointError as exc:
-            logger.warning("skipping checkpoint %s: %s; falling back to an older one", folder, exc)
+            fallback = "falling back to an older one" if index else "and there is no older one"
+            logger.warning("skipping checkpoint %s: %s; %s", folders[index], exc, fallback)
     return None
 
 
@@ -231,8 +233,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     latest = find_latest_checkpoint(root, checksums=True)
     if latest is None:
         found = [folder.name for folder in list_checkpoints(root)]
-        raise CheckpointError(f"no complete checkpoint in {root} (step_XXXXXXXX folders with a COMPLETE marker; "
-                              f"found {found or 'none'})")
+        raise CheckpointError(f"no complete checkpoint in {root}: " + (
+            f"{', '.join(found)} failed their checks (damaged or unfinished: the warnings above say how)" if found
+            else "no step_XXXXXXXX folder with a COMPLETE marker"))
     return latest
 
 

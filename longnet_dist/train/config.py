@@ -223,10 +223,14 @@ def validate_config(cfg: DictConfig, world_size: int | None = None) -> None:
     if resume is not None and resume != "auto" and not Path(str(resume)).exists():
         raise ValueError(f"resume={resume!r}: no such path; use null (fresh start), 'auto' (latest complete "
                          f"checkpoint of trainer.output_dir) or a checkpoint/run directory")
-    init_from = cfg.init_from
-    if init_from is not None and (not isinstance(init_from, str) or not Path(init_from).expanduser().exists()):
-        raise ValueError(f"init_from={init_from!r}: no such path; use null (weights initialised at random) or an "
-                         f"exported model folder, a checkpoint folder or a run directory to start from its weights")
+    init_from = cfg.init_from  # whether it exists is checked on a fresh start only: a rerun resumes its own checkpoints
+    if init_from is not None and (not isinstance(init_from, str) or not init_from.strip()):
+        raise ValueError(f"init_from={init_from!r}: use null (weights initialised at random) or the path of an exported "
+                         f"model folder, a checkpoint folder or a run directory to start from its weights")
+    if init_from is not None and resume not in (None, "auto"):
+        raise ValueError(f"resume={resume!r} and init_from={init_from!r}: a resume continues that checkpoint's weights "
+                         f"and optimizer, so init_from would be ignored; give one of them (resume=auto with init_from: "
+                         f"start from init_from, then continue this run's own checkpoints)")
 
 
 def _validate_deepspeed(ds_cfg: DictConfig) -> None:

@@ -72,6 +72,8 @@ def _bf16_master_weights(folder: Path, states: dict[str, Any]) -> dict[str, torc
 def checkpoint_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(fp32 state dict of the whole model, resolved run config) of one checkpoint folder."""
     folder = Path(folder)
+    if not torch.cuda.is_available():  # unpickling DeepSpeed's files imports it: say what it would detect, so that
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # it prints no warning (on stdout, before generated text)
     states = _model_states(folder)
     run_config = states.get("config")
     if not isinstance(run_config, dict):
@@ -83,8 +85,6 @@ def checkpoint_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     elif _bf16_optimizer_files(folder):
         weights = _bf16_master_weights(folder, states)
     else:
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would detect, minus its warning
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         chatter = io.StringIO()

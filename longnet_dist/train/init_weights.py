@@ -13,36 +13,50 @@ checkpoints resumes those instead (a requeued job continues itself; it does not 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from longnet_dist.data.tokenizer import file_tokenizer_name
 from longnet_dist.model import LongNetLM
 from longnet_dist.model.io import is_exported
 from longnet_dist.model.layers import default_mlp_hidden_dim
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import read_manifest, resolve_checkpoint
 from .export import load_model
 
 # LongNetConfig fields that shape the weights or give them their meaning (the rest may change between runs)
 WEIGHT_FIELDS = ("vocab_size", "dim", "num_layers", "num_heads", "mlp", "mlp_hidden_dim", "norm", "tie_embeddings")
 
 
-def resolve_source(init_from: str) -> Path:
+def resolve_init_source(init_from: str) -> Path:
     """The folder `init_from` names (an export, or a complete checkpoint found and verified byte for byte);
-    CheckpointError naming what is wrong."""
+    ValueError for a path that does not exist, CheckpointError naming what is wrong with one that does."""
     path = Path(str(init_from)).expanduser()
+    if not path.exists():
+        raise ValueError(f"init_from={str(init_from)!r}: no such path; use null (weights initialised at random) or an "
+                         f"exported model folder, a checkpoint folder or a run directory to start from its weights")
     return path if is_exported(path) else resolve_checkpoint(path)
 
 
-def _tokenizer_identity(spec: str) -> str:
-    """'bytes', or a tokenizer file's sha256 (its path when the file is gone: compared as a name then)."""
-    path = Path(spec).expanduser()
-    if spec == "bytes" or not path.is_file():
+def tokenizer_id(spec: str) -> str | None:
+    """The name a corpus records for tokenizer `spec` (data/tokenizer.py): 'bytes', or file_tokenizer_name of the
+    file; None for a file that is not there (e.g. a relative path given in another directory)."""
+    if spec == "bytes":
         return spec
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    path = Path(spec).expanduser()
+    return file_tokenizer_name(path) if path.is_file() else None
+
+
+def _source_tokenizer_id(source: Path, meta: dict[str, Any]) -> str | None:
+    """The tokenizer id of the run that wrote `source`: recorded in a checkpoint's manifest (since stop 35), else
+    that of the file its config names, as found from here (an export carries the file itself)."""
+    if not is_exported(source):
+        recorded = read_manifest(source).get("tokenizer")
+        if recorded is not None:
+            return recorded
+    return tokenizer_id(str(meta["tokenizer"]))
 
 
 def _shape_fields(model: LongNetLM) -> dict[str, Any]:
@@ -52,16 +66,19 @@ def _shape_fields(model: LongNetLM) -> dict[str, Any]:
     return {name: fields[name] for name in WEIGHT_FIELDS}
 
 
-def load_initial_weights(model: LongNetLM, source: Path, tokenizer: str) -> dict[str, Any]:
-    """Copy the weights of `source` (resolve_source) into `model`; return the source's meta (step, seq_len,
-    tokenizer, source). ValueError, before any weight is copied, naming each model setting and the tokenizer
-    where the two runs differ."""
+def load_initial_weights(model: LongNetLM, source: Path, tokenizer: str, tokenizer_name: str) -> dict[str, Any]:
+    """Copy the weights of `source` (resolve_init_source) into `model`; return the source's meta (step, seq_len,
+    tokenizer, source). `tokenizer`: this run's data.tokenizer, `tokenizer_name` its id (tokenizer_id). ValueError,
+    before any weight is copied, naming each model setting and the tokenizer where the two runs differ (a
+    tokenizer file that cannot be found from here is compared by the vocabulary size alone)."""
     donor, meta = load_model(source)
     theirs, ours = _shape_fields(donor), _shape_fields(model)
     changed = [f"model {name}: {theirs[name]!r} there, {ours[name]!r} here" for name in WEIGHT_FIELDS
                if theirs[name] != ours[name]]
-    if _tokenizer_identity(str(meta["tokenizer"])) != _tokenizer_identity(str(tokenizer)):
-        changed.append(f"data.tokenizer: {meta['tokenizer']!r} there, {tokenizer!r} here (another vocabulary)")
+    their_tokenizer = _source_tokenizer_id(source, meta)
+    if their_tokenizer is not None and their_tokenizer != tokenizer_name:
+        changed.append(f"data.tokenizer: {meta['tokenizer']!r} ({their_tokenizer}) there, {tokenizer!r} "
+                       f"({tokenizer_name}) here: another vocabulary")
     if changed:
         raise ValueError(f"init_from={str(source)!r}: its weights do not fit this run's model: " + "; ".join(changed)
                          + ". Set these as that run had them, or start without init_from")

@@ -62,6 +62,10 @@ def check_resume_compatible(resume_from: Path, config: Any, world_size: int = 1)
         changed += differences
         sources += [saved_path] if differences else []
     if changed:
+        model_changed = any(line.startswith(("model.", "data.tokenizer")) for line in changed)
+        way_out = ("start fresh in a new trainer.output_dir" if model_changed else
+                   "start a new run from its weights in a new trainer.output_dir (init_from=<that checkpoint>: the "
+                   "optimizer starts anew)")
         raise ValueError(
             f"cannot resume from {resume_from}: " + "; ".join(changed) + f" (see {', '.join(map(str, sources))}). "
-            "Resume with the values it was trained with, or start fresh in a new trainer.output_dir")
+            f"Resume with the values it was trained with, or {way_out}")

@@ -31,11 +31,11 @@ from .engine import build_engine, ensure_process_group, grad_norm_value, optimiz
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss, check_finite_weights
 from .host_reads import DeviceValue
+from .init_weights import load_initial_weights, resolve_init_source
 from .loss import sequence_parallel_loss
 from .metrics import MetricsLogger, peak_memory_bytes
 from .peak import resolve_peak_flops
 from .profiling import format_summary, phase, profiled, write_step_profile
-from .init_weights import load_initial_weights, resolve_source
 from .run_dir import check_fresh_start, check_resume_compatible
 from .state import client_state, resolve_resume, restore_rng
 
@@ -152,6 +152,15 @@ def _resume_point(cfg: DictConfig, checkpoint_root: Path, world_size: int) -> Pa
     return resume_from
 
 
+def _schedule_lr(engine) -> None:
+    """Set the optimizer's learning rate to this run's schedule at the loaded step. The loaded optimizer state holds
+    the lr the saving run last set, and the scheduler would only set its own after the next step: a resume with
+    another trainer.lr or trainer.max_steps (to continue past the end) would take its first step at the old lr."""
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        scheduler.step(scheduler.last_batch_iteration)  # the same iteration again: only the lr is set
+
+
 def _saved_data_position(folder: Path) -> dict[str, Any] | None:
     """The data loader's position its manifest recorded (None for checkpoints saved before it did so)."""
     try:
@@ -220,8 +229,9 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     model = LongNetLM(lm_config)
     initialised_from = None
     if resume_from is None and cfg.init_from is not None:  # a fresh run from another run's weights
-        source = Path(_decided_by_rank0(lambda: str(resolve_source(cfg.init_from)), is_main))
-        initialised_from = (source, load_initial_weights(model, source, tokenizer=data_cfg.tokenizer))
+        source = Path(_decided_by_rank0(lambda: str(resolve_init_source(cfg.init_from)), is_main))
+        initialised_from = (source, load_initial_weights(model, source, tokenizer=data_cfg.tokenizer,
+                                                         tokenizer_name=corpus["train"].meta["tokenizer"]))
     num_params, step_flops_per_token = count_parameters(model), flops_per_token(lm_config, data_cfg.seq_len)
     engine = build_engine(model, deepspeed_config(cfg))
     peak_flops, peak_source = resolve_peak_flops(trainer.peak_flops, engine.device,
@@ -230,12 +240,15 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     tokens_per_step = data_cfg.seq_len * data_cfg.micro_batch_size * gas * mesh.dp_size
 
     # ---- resume
-    step, last_saved, last_eval, checkpoint = 0, None, None, None
+    step, last_saved, last_eval, checkpoint, tokens_seen = 0, None, None, None, 0
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
         step = int(state["step"])
+        # counted as the steps ran: gradient_accumulation_steps may differ from the run that saved it
+        tokens_seen = int(state.get("tokens_seen", step * tokens_per_step))
         train_loader.load_state_dict(state["data"])
         restore_rng(state["rng"])
+        _schedule_lr(engine)
         last_saved = last_eval = step  # nothing new to save or evaluate until a step runs
         checkpoint = resume_from
 
@@ -266,8 +279,9 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     def save(at_step: int) -> Path:
         check_finite_weights(engine.module, at_step, checkpoint)
         data_position = train_loader.state_dict()  # also in the manifest: a resume checks it before the engine
-        return save_checkpoint(engine, checkpoint_root, at_step, client_state(at_step, data_position, run_config),
-                               keep_last=trainer.keep_last_checkpoints, manifest_extra={"data": data_position})
+        return save_checkpoint(engine, checkpoint_root, at_step, client_state(
+            at_step, data_position, run_config, tokens_seen=tokens_seen), keep_last=trainer.keep_last_checkpoints,
+            manifest_extra={"data": data_position, "tokenizer": corpus["train"].meta["tokenizer"]})
 
     def run_eval(at_step: int) -> dict[str, Any]:
         result = evaluate(engine, val_loader, num_batches=trainer.eval_batches, seq_len=data_cfg.seq_len,
@@ -287,7 +301,7 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
             with profiled(engine.device, enabled=is_main and trainer.profile_step == step + 1) as found:
                 loss, grad_norm, lr = _train_step(engine, train_loader, mesh.sequence_group, gas, step + 1,
                                                   trainer.nonfinite_loss, diagnostics_dir)
-            step += 1
+            step, tokens_seen = step + 1, tokens_seen + tokens_per_step
             if found:  # this step ran under torch.profiler (rank 0): its time includes the profiler's
                 path = write_step_profile(output_dir, step, found, {"tokens": tokens_per_step})
                 logger.write(format_summary(f"step {step} profiled ({path})", found["summary"], found["seconds"]))
@@ -309,7 +323,7 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
                     "mfu": step_flops_per_token * tokens_per_s / (peak_flops * mesh.world_size),
                     "attn_comm_bytes_per_step": (_comm_bytes() - interval.comm_bytes_at_start) / interval.steps,
                     "peak_mem_bytes": peak_memory_bytes(engine.device),
-                    "tokens_seen": step * tokens_per_step, "elapsed_s": time.perf_counter() - started,
+                    "tokens_seen": tokens_seen, "elapsed_s": time.perf_counter() - started,
                 })
                 interval = Interval(comm_bytes_at_start=_comm_bytes())
             if trainer.eval_every and step % trainer.eval_every == 0:
