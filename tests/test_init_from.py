@@ -39,10 +39,11 @@ def test_the_weights_arrive_exactly_and_the_branches_may_differ(tmp_path):
     folder = exported(tmp_path, donor)
     assert resolve_init_source(str(folder)) == folder
     model = tiny(1, segment_lengths=[128, 256], dilation_rates=[1, 2], rotary_base=5e5)  # attention may change
-    meta = load_initial_weights(model, folder, tokenizer="bytes", tokenizer_name="bytes")
+    meta, weights = load_initial_weights(model, folder, tokenizer="bytes", tokenizer_name="bytes")
     assert (meta["step"], meta["seq_len"]) == (7, 256)
     theirs = donor.state_dict()
     assert all(torch.equal(tensor, theirs[name]) for name, tensor in model.state_dict().items())
+    assert all(torch.equal(tensor, theirs[name]) for name, tensor in weights.items())
 
 
 def test_another_model_shape_or_tokenizer_is_refused_before_a_weight_is_copied(tmp_path):
@@ -120,3 +121,22 @@ def test_a_run_continues_at_a_longer_seq_len_from_another_runs_weights(tmp_path)
     again = train(tmp_path / "long", *longer[:-1], "trainer.max_steps=3", f"init_from={tmp_path / 'short'}",
                   nproc=2)
     assert "resumed from" in again and "weights from" not in again  # its own checkpoint wins over init_from
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [["deepspeed=bf16"], ["deepspeed=zero2", "deepspeed.bf16.enabled=true"]])
+def test_a_bf16_run_starts_from_the_fp32_weights_not_their_rounding(tmp_path, engine):
+    """A 16-bit engine builds its fp32 master weights from the module cast to bf16; init_from writes the source's fp32
+    values into them (BF16_Optimizer, and ZeRO-2's optimizer, two ranks each holding a partition). With lr 1e-30 one
+    step changes no fp32 value, so the saved masters equal the source's weights bit for bit (rounded: off by up to
+    4e-3)."""
+    from longnet_dist.train.export import checkpoint_weights
+
+    train(tmp_path / "fp32", "data.seq_len=256", "trainer.max_steps=3")
+    train(tmp_path / "bf16", "data.seq_len=256", "trainer.max_steps=1", "trainer.lr=1e-30", *engine,
+          f"init_from={tmp_path / 'fp32'}", nproc=2)
+    source, _ = checkpoint_weights(tmp_path / "fp32" / "checkpoints" / "step_00000003")
+    masters, _ = checkpoint_weights(tmp_path / "bf16" / "checkpoints" / "step_00000001")
+    assert set(masters) <= set(source)
+    assert all(torch.equal(masters[name], source[name]) for name in masters)
+    assert any(not torch.equal(source[name].bfloat16().float(), source[name]) for name in masters)  # bf16 would differ

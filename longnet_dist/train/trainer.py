@@ -31,7 +31,7 @@ from .engine import build_engine, ensure_process_group, grad_norm_value, optimiz
 from .evaluate import bits_per_byte, evaluate
 from .faults import StopSignal, check_finite_loss, check_finite_weights
 from .host_reads import DeviceValue
-from .init_weights import load_initial_weights, resolve_init_source
+from .init_weights import load_initial_weights, resolve_init_source, write_master_weights
 from .loss import sequence_parallel_loss
 from .metrics import MetricsLogger, peak_memory_bytes
 from .peak import resolve_peak_flops
@@ -230,10 +230,14 @@ def _train(cfg: DictConfig, stop: StopSignal) -> dict[str, Any]:
     initialised_from = None
     if resume_from is None and cfg.init_from is not None:  # a fresh run from another run's weights
         source = Path(_decided_by_rank0(lambda: str(resolve_init_source(cfg.init_from)), is_main))
-        initialised_from = (source, load_initial_weights(model, source, tokenizer=data_cfg.tokenizer,
-                                                         tokenizer_name=corpus["train"].meta["tokenizer"]))
+        meta, initial_weights = load_initial_weights(model, source, tokenizer=data_cfg.tokenizer,
+                                                     tokenizer_name=corpus["train"].meta["tokenizer"])
+        initialised_from = (source, meta)
     num_params, step_flops_per_token = count_parameters(model), flops_per_token(lm_config, data_cfg.seq_len)
     engine = build_engine(model, deepspeed_config(cfg))
+    if initialised_from is not None:
+        write_master_weights(engine, initial_weights)  # a 16-bit engine's fp32 masters: the source's, not rounded
+        del initial_weights
     peak_flops, peak_source = resolve_peak_flops(trainer.peak_flops, engine.device,
                                                  sixteen_bit=engine.bfloat16_enabled() or engine.fp16_enabled())
     gas = trainer.gradient_accumulation_steps
