@@ -138,7 +138,7 @@ def generate_text(cfg: DictConfig) -> str:
     from longnet_dist.train.export import load_model
 
     check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
-    if cfg.seed is not None and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int)):
+    if cfg.seed is not None and not _is_int(cfg.seed):
         raise ValueError(f"seed={cfg.seed!r} must be an integer or null (a fresh seed each run)")
     for name in ("stop_at_eod", "use_cache"):
         if not isinstance(cfg[name], bool):

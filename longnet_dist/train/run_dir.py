@@ -10,10 +10,11 @@ from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, list_checkpoints, read_manifest
 
-# keys whose change makes a checkpoint unloadable or wrong for this run: the weights' shapes and meaning, the
-# vocabulary, and how DeepSpeed lays out the optimizer state
-RESUME_KEYS = ("model.dim", "model.num_layers", "model.num_heads", "model.mlp", "model.mlp_hidden_dim", "model.norm",
-               "model.tie_embeddings", "data.tokenizer", "deepspeed.zero_optimization.stage", "deepspeed.bf16.enabled")
+# keys whose change makes a checkpoint unloadable or wrong for this run: the weights' shapes and meaning and the
+# vocabulary (no run can start from such weights), and how DeepSpeed lays out the optimizer state (init_from can)
+WEIGHT_KEYS = ("model.dim", "model.num_layers", "model.num_heads", "model.mlp", "model.mlp_hidden_dim", "model.norm",
+               "model.tie_embeddings", "data.tokenizer")
+RESUME_KEYS = (*WEIGHT_KEYS, "deepspeed.zero_optimization.stage", "deepspeed.bf16.enabled")
 
 
 def check_fresh_start(resume: str | None, resume_from: Path | None, checkpoint_root: Path) -> None:
@@ -45,7 +46,7 @@ def check_resume_compatible(resume_from: Path, config: Any, world_size: int = 1)
     wrote `resume_from` (its run directory's config.yaml, written once a start succeeded; nothing to compare
     when that file is missing, a checkpoint copied out of its run), and a ZeRO checkpoint (stage 1-3: the
     optimizer state is partitioned over the ranks) written by another number of processes than `world_size`."""
-    changed, sources = [], []
+    changed, sources, weights_changed = [], [], False
     try:
         saved_world = read_manifest(resume_from).get("world_size")
     except CheckpointError:  # loading it says so, on every rank
@@ -57,13 +58,13 @@ def check_resume_compatible(resume_from: Path, config: Any, world_size: int = 1)
     saved_path = resume_from.parent.parent / "config.yaml"
     if saved_path.is_file():
         saved = OmegaConf.load(saved_path)
-        differences = [f"{key}: {_value(saved, key)!r} in the checkpoint's run, {_value(config, key)!r} now"
-                       for key in RESUME_KEYS if _value(saved, key) != _value(config, key)]
-        changed += differences
-        sources += [saved_path] if differences else []
+        keys = [key for key in RESUME_KEYS if _value(saved, key) != _value(config, key)]
+        changed += [f"{key}: {_value(saved, key)!r} in the checkpoint's run, {_value(config, key)!r} now"
+                    for key in keys]
+        sources += [saved_path] if keys else []
+        weights_changed = any(key in WEIGHT_KEYS for key in keys)
     if changed:
-        model_changed = any(line.startswith(("model.", "data.tokenizer")) for line in changed)
-        way_out = ("start fresh in a new trainer.output_dir" if model_changed else
+        way_out = ("start fresh in a new trainer.output_dir" if weights_changed else
                    "start a new run from its weights in a new trainer.output_dir (init_from=<that checkpoint>: the "
                    "optimizer starts anew)")
         raise ValueError(
